@@ -1,0 +1,21 @@
+"""shardstream client: deterministic, exactly-once batches from a fleet of workers."""
+
+from shardstream.client._loader import Loader, LoaderConfig, LoaderStatistics
+from shardstream.client._planner import PlanOptions, RankPlan, Read, Window, plan_epoch
+from shardstream.client._sync import SyncLoader
+from shardstream.client._wire import DatasetDesc, ShardDesc, check_health
+
+__all__ = [
+    "DatasetDesc",
+    "Loader",
+    "LoaderConfig",
+    "LoaderStatistics",
+    "PlanOptions",
+    "RankPlan",
+    "Read",
+    "ShardDesc",
+    "SyncLoader",
+    "Window",
+    "check_health",
+    "plan_epoch",
+]

@@ -1,0 +1,226 @@
+"""One epoch of one rank: planned reads in, exact batches out, in plan order.
+
+    feed ──starts reads (bounded)──> fetch tasks ──> ReorderBuffer ──> produce
+                                                                        │
+    consumer <── bounded queue of batches (prefetch) <── Rebatcher <────┘
+
+Every task belongs to the epoch's TaskGroup, which lives in one task owned
+by the Loader. Errors travel down the batch queue and are raised in the
+consumer; the end of the epoch is the end of iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardstream.client._fetch import FetchCounters, FetchOptions, fetch
+from shardstream.client._planner import RankPlan, Read
+from shardstream.client._pool import WorkerPool
+from shardstream.client._rebatch import Batch, Rebatcher
+from shardstream.client._reorder import ReorderBuffer
+from shardstream.client._wire import Piece, ShardDesc
+from shardstream.client.errors import ProtocolError
+
+
+@dataclass
+class EpochCounters:
+    batches: int = 0
+    records: int = 0
+    bytes: int = 0
+    wait_seconds: float = 0.0  # time the consumer waited for a batch
+    max_reorder_depth: int = 0
+
+    def add(self, other: EpochCounters) -> None:
+        self.batches += other.batches
+        self.records += other.records
+        self.bytes += other.bytes
+        self.wait_seconds += other.wait_seconds
+        self.max_reorder_depth = max(self.max_reorder_depth, other.max_reorder_depth)
+
+
+class _End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    error: BaseException
+
+
+_END = _End()
+
+
+class EpochIterator:
+    """`async for batch in loader.epoch(e)`: dict[str, ndarray] batches, in plan order."""
+
+    def __init__(
+        self,
+        plan: RankPlan,
+        shards: tuple[ShardDesc, ...],
+        *,
+        pool: WorkerPool,
+        fetch_options: FetchOptions,
+        max_inflight: int,
+        reads_ahead: int,
+        prefetch_batches: int,
+        spawn: Callable[[Any], asyncio.Task[None]],
+        counters: FetchCounters,
+    ) -> None:
+        self.plan = plan
+        self._shards = shards
+        self._pool = pool
+        self._fetch_options = fetch_options
+        self._max_inflight = max_inflight
+        # A shuffle window is delivered only once all its reads are in.
+        widest = max((len(w.reads) for w in plan.windows), default=1)
+        self._reads_ahead = max(reads_ahead, widest)
+        self._queue: asyncio.Queue[Batch | _End | _Failure] = asyncio.Queue(prefetch_batches)
+        self._spawn = spawn
+        self._task: asyncio.Task[None] | None = None
+        self._finished = False
+        self.completed = False  # iterated to its end
+        self._fetch_counters = counters
+        self.counters = EpochCounters()
+        self._emitted = 0
+        self._ready = asyncio.Event()  # a fetch put data in the reorder buffer
+        self._progress = asyncio.Event()  # the consumer freed a read slot
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def __aiter__(self) -> EpochIterator:
+        return self
+
+    async def __anext__(self) -> Batch:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._task is None:
+            self._task = self._spawn(self._run())
+        t0 = time.perf_counter()
+        item = await self._queue.get()
+        self.counters.wait_seconds += time.perf_counter() - t0
+        if isinstance(item, _End):
+            self._finished = self.completed = True
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self._finished = True
+            raise item.error
+        c = self.counters
+        c.batches += 1
+        c.records += len(next(iter(item.values())))
+        c.bytes += sum(a.nbytes for a in item.values())
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the epoch early: cancel its reads (idempotent)."""
+        self._finished = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            await self._produce()
+        except asyncio.CancelledError:
+            raise
+        except BaseExceptionGroup as group:
+            await self._queue.put(_Failure(_first_error(group)))
+        except Exception as exc:
+            await self._queue.put(_Failure(exc))
+        else:
+            await self._queue.put(_END)
+
+    async def _produce(self) -> None:
+        reads = self.plan.reads
+        buffer: ReorderBuffer[Piece] = ReorderBuffer([r.count for r in reads], self._reads_ahead)
+        rebatcher = Rebatcher(self.plan.batch_size)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._feed(tg, reads, buffer))
+            ready: deque[Piece] = deque()  # released in plan order, not yet used
+            for window in self.plan.windows:
+                pieces: list[Piece] = []
+                got = 0
+                while got < window.records:  # reads never straddle windows
+                    if not ready:
+                        items = buffer.pop()
+                        if not items:
+                            self._ready.clear()
+                            await self._ready.wait()
+                            continue
+                        ready.extend(items)
+                        self._progress.set()
+                        self.counters.max_reorder_depth = max(
+                            self.counters.max_reorder_depth, buffer.depth() + len(ready)
+                        )
+                    piece = ready.popleft()
+                    got += piece.count
+                    if window.take is None:
+                        await self._emit(rebatcher.push(piece.arrays))
+                    else:
+                        pieces.append(piece)
+                if window.take is not None:
+                    arrays = {
+                        k: np.concatenate([p.arrays[k] for p in pieces])[window.take]
+                        for k in pieces[0].arrays
+                    }
+                    await self._emit(rebatcher.push(arrays))
+            last = rebatcher.flush()
+            if last is not None:
+                await self._emit([last])
+        if self._emitted != self.plan.batches:
+            raise ProtocolError(
+                f"epoch {self.plan.epoch} produced {self._emitted} batches, "
+                f"the plan has {self.plan.batches}"
+            )
+
+    async def _emit(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            self._emitted += 1
+            await self._queue.put(batch)
+
+    async def _feed(
+        self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece]
+    ) -> None:
+        slots = asyncio.Semaphore(self._max_inflight)
+
+        def put(seq: int, offset: int, piece: Piece) -> None:
+            buffer.put(seq, offset, piece.count, piece)
+            self._ready.set()
+
+        async def one(read: Read) -> None:
+            try:
+                await fetch(
+                    read,
+                    self._shards[read.shard],
+                    pool=self._pool,
+                    options=self._fetch_options,
+                    put=put,
+                    counters=self._fetch_counters,
+                )
+            finally:
+                slots.release()
+
+        for read in reads:
+            while not buffer.admits(read.seq):
+                self._progress.clear()
+                await self._progress.wait()
+            await slots.acquire()
+            tg.create_task(one(read))
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group

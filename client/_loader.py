@@ -1,0 +1,301 @@
+"""The Loader: one rank's view of a dataset served by a fleet of workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field, fields
+from types import TracebackType
+from typing import Any
+
+from shardstream.client._epoch import EpochCounters, EpochIterator
+from shardstream.client._fetch import FetchCounters, FetchOptions
+from shardstream.client._planner import PlanOptions, RankPlan, Remainder, plan_epoch
+from shardstream.client._pool import WorkerPool
+from shardstream.client._wire import DatasetDesc
+from shardstream.client.errors import ConfigError
+from shardstream.v1.codec import FieldSpec, record_bytes
+
+log = logging.getLogger("shardstream.client")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoaderConfig:
+    """A rank's loader options. The plan options decide which batches a rank gets;
+    the rest only how fast and with how much memory."""
+
+    dataset: str
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0  # base of every shuffle
+    shuffle: bool = False  # permute shard order per (seed, epoch)
+    shuffle_window: int = 0  # >1: also shuffle records in windows of this many (memory!)
+    remainder: Remainder = "drop"  # N % world_size records: "drop" or "pad" (wrap around)
+    drop_last: bool = False  # drop each rank's last partial batch
+    read_bytes: int = 8 * MiB  # target size of one read (a slice of a shard)
+    max_inflight_reads: int = 8  # read streams running at once, over all workers
+    reads_ahead: int = 16  # reads started but not consumed: bounds memory
+    prefetch_batches: int = 4  # batches ready before the consumer asks
+    chunk_bytes: int = 1 * MiB  # target bytes per streamed message
+    max_message_bytes: int = 16 * MiB  # gRPC max receive size (>= the workers' messages)
+    describe_timeout: float = 30.0  # seconds to wait for workers to describe the dataset
+    idle_timeout: float = 30.0  # seconds a read may go without data before resuming elsewhere
+    retry_deadline: float = 120.0  # seconds without progress before giving up on a read
+    backoff_base: float = 0.1  # first backoff after a worker fails, doubling...
+    backoff_cap: float = 5.0  # ...up to this many seconds
+    keepalive_seconds: float = 10.0  # HTTP/2 ping interval detecting dead connections
+    channel_options: tuple[tuple[str, int | str], ...] = field(default=())  # extra gRPC options
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+        if not self.dataset:
+            raise ConfigError("dataset must be a non-empty name")
+        for name in (
+            "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_ahead",
+            "prefetch_batches", "chunk_bytes", "max_message_bytes", "describe_timeout",
+            "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
+        ):  # fmt: skip
+            positive(name)
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.reads_ahead < self.max_inflight_reads:
+            raise ConfigError(
+                f"reads_ahead ({self.reads_ahead}) must be >= max_inflight_reads "
+                f"({self.max_inflight_reads})"
+            )
+        try:
+            self.plan_options()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shuffle_window=self.shuffle_window,
+            remainder=self.remainder,
+            drop_last=self.drop_last,
+        )
+
+    def grpc_options(self) -> list[tuple[str, int | str]]:
+        ka = int(self.keepalive_seconds * 1000)
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", ka),
+            ("grpc.keepalive_timeout_ms", max(1000, ka // 2)),
+            ("grpc.http2.ping_timeout_ms", max(1000, ka // 2)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.enable_retries", 0),  # reads are resumed by the client itself
+            ("grpc.use_local_subchannel_pool", 1),  # one connection per worker channel
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(self.backoff_cap * 1000)),
+            *self.channel_options,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderStatistics:
+    """What a loader has delivered so far (`Loader.statistics()`)."""
+
+    epochs_completed: int
+    batches: int
+    records: int
+    bytes: int
+    wait_seconds: float  # time the consumer spent waiting for a batch
+    resumes: int  # reads continued elsewhere after a failure, cut or drain
+    resumes_by_worker: dict[str, int]
+    max_reorder_depth: int
+
+
+class Loader:
+    """Streams one rank's batches of a dataset from a fleet of workers.
+
+        async with Loader(["w1:50051", "w2:50051"], dataset="train", batch_size=64,
+                          rank=r, world_size=n, seed=7, shuffle=True) as loader:
+            for epoch in range(3):
+                async for batch in loader.epoch(epoch):
+                    ...  # dict[str, numpy.ndarray], first dimension = batch
+
+    Batches may be read-only views of received messages; copy what you modify.
+    """
+
+    def __init__(self, addresses: Sequence[str] | str, **options: Any) -> None:
+        if isinstance(addresses, str):
+            addresses = [a for a in addresses.split(",") if a]
+        if not addresses:
+            raise ConfigError("at least one worker address is needed")
+        if len(set(addresses)) != len(addresses):
+            raise ConfigError(f"worker addresses must be distinct, got {list(addresses)}")
+        known = {f.name for f in fields(LoaderConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
+        self.config = LoaderConfig(**options)
+        self.addresses = tuple(addresses)
+        self._pool: WorkerPool | None = None
+        self._desc: DatasetDesc | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._current: EpochIterator | None = None
+        self._fetch_counters = FetchCounters()
+        self._past = EpochCounters()  # epochs before the current one
+        self._epochs_completed = 0
+        self._state = "new"
+
+    # lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and check that the workers agree on the dataset."""
+        if self._state != "new":
+            raise RuntimeError(f"Loader.start() on a loader that is {self._state}")
+        self._state = "starting"
+        cfg = self.config
+        self._pool = WorkerPool(
+            self.addresses,
+            dataset=cfg.dataset,
+            channel_options=cfg.grpc_options(),
+            backoff_base=cfg.backoff_base,
+            backoff_cap=cfg.backoff_cap,
+            describe_timeout=cfg.describe_timeout,
+        )
+        try:
+            self._desc = await self._pool.start()
+            self.plan(0)  # refuse impossible options now, not at the first epoch
+        except BaseException:
+            await self.aclose()
+            raise
+        self._state = "open"
+
+    async def aclose(self) -> None:
+        """Cancel running reads and close connections (idempotent)."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._current is not None:
+            await self._current.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.aclose()
+
+    async def __aenter__(self) -> Loader:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # data ------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> DatasetDesc:
+        if self._desc is None:
+            raise RuntimeError("the loader is not started; use `async with Loader(...)`")
+        return self._desc
+
+    @property
+    def schema(self) -> tuple[FieldSpec, ...]:
+        return self.dataset.schema
+
+    def plan(self, epoch: int) -> RankPlan:
+        """This rank's plan for an epoch (pure; no I/O)."""
+        desc = self.dataset
+        cfg = self.config
+        per_record = max(1, record_bytes(desc.schema))
+        read_records = max(1, cfg.read_bytes // per_record)
+        if read_records >= cfg.batch_size:  # reads aligned to batches: zero-copy batches
+            read_records -= read_records % cfg.batch_size
+        try:
+            return plan_epoch(
+                [s.records for s in desc.shards],
+                epoch=epoch,
+                rank=cfg.rank,
+                world_size=cfg.world_size,
+                options=cfg.plan_options(),
+                read_records=read_records,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def batches_per_epoch(self) -> int:
+        """Batches every rank gets in an epoch (the same on every rank)."""
+        return self.plan(0).batches
+
+    def epoch(self, epoch: int) -> EpochIterator:
+        """The batches of one epoch, as an async iterator. Starting an epoch stops
+        the previous one if it is still running."""
+        if self._state != "open":
+            raise RuntimeError(f"Loader.epoch() on a loader that is {self._state}")
+        assert self._pool is not None
+        if self._current is not None:
+            if not self._current.finished:
+                self._spawn(self._current.aclose())
+            self._past.add(self._current.counters)
+            self._epochs_completed += self._current.completed
+        cfg = self.config
+        plan = self.plan(epoch)
+        per_record = max(1, record_bytes(self.dataset.schema))
+        chunk = max(1, cfg.chunk_bytes // per_record)
+        if chunk >= cfg.batch_size:
+            chunk -= chunk % cfg.batch_size
+        iterator = EpochIterator(
+            plan,
+            self.dataset.shards,
+            pool=self._pool,
+            fetch_options=FetchOptions(
+                dataset=cfg.dataset,
+                seed=cfg.seed,
+                max_chunk_records=chunk,
+                idle_timeout=cfg.idle_timeout,
+                retry_deadline=cfg.retry_deadline,
+            ),
+            max_inflight=cfg.max_inflight_reads,
+            reads_ahead=cfg.reads_ahead,
+            prefetch_batches=cfg.prefetch_batches,
+            spawn=self._spawn,
+            counters=self._fetch_counters,
+        )
+        self._current = iterator
+        return iterator
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def statistics(self) -> LoaderStatistics:
+        total = EpochCounters()
+        total.add(self._past)
+        completed = self._epochs_completed
+        if self._current is not None:
+            total.add(self._current.counters)
+            completed += self._current.completed
+        fc = self._fetch_counters
+        return LoaderStatistics(
+            epochs_completed=completed,
+            batches=total.batches,
+            records=total.records,
+            bytes=total.bytes,
+            wait_seconds=total.wait_seconds,
+            resumes=fc.resumes,
+            resumes_by_worker=dict(fc.retries_by_worker or {}),
+            max_reorder_depth=total.max_reorder_depth,
+        )

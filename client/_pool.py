@@ -1,0 +1,181 @@
+"""Connections to the workers: least-outstanding choice, backoff, agreement checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardstream.client._wire import RETRYABLE, DatasetDesc, WorkerStub, worker_error
+from shardstream.client.errors import DatasetMismatchError, WorkersUnavailableError
+
+log = logging.getLogger("shardstream.client")
+
+
+@dataclass(eq=False)
+class Conn:
+    """One worker address and what the client knows of it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: WorkerStub
+    outstanding: int = 0  # reads running on it
+    failures: int = 0  # consecutive failures, for backoff
+    down_until: float = 0.0  # loop time before which it gets no reads
+    last_error: str = ""
+    verified: bool = False  # it described the dataset as the others do
+    excluded: str = ""  # why it never gets reads (it disagrees on the dataset)
+    assigned: int = field(default=0)  # reads ever given, for tie-breaking
+
+
+def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
+    """What differs between two descriptions, in a few words."""
+    if a.schema != b.schema:
+        return f"schema [{', '.join(map(str, a.schema))}] vs [{', '.join(map(str, b.schema))}]"
+    ids_a, ids_b = [s.id for s in a.shards], [s.id for s in b.shards]
+    if ids_a != ids_b:
+        only_a = sorted(set(ids_a) - set(ids_b))[:3]
+        only_b = sorted(set(ids_b) - set(ids_a))[:3]
+        return (
+            f"{len(ids_a)} vs {len(ids_b)} shards "
+            f"(only in the first: {only_a}, only in the second: {only_b})"
+        )
+    for sa, sb in zip(a.shards, b.shards, strict=True):
+        if sa.records != sb.records:
+            return f"shard {sa.id!r} has {sa.records} vs {sb.records} records"
+        if sa.fingerprint != sb.fingerprint:
+            return f"shard {sa.id!r} has fingerprint {sa.fingerprint} vs {sb.fingerprint}"
+    return f"fingerprint {a.fingerprint} vs {b.fingerprint}"
+
+
+class WorkerPool:
+    """Chooses a worker for each read: healthy, agreeing, least outstanding."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        dataset: str,
+        channel_options: Sequence[tuple[str, int | str]],
+        backoff_base: float,
+        backoff_cap: float,
+        describe_timeout: float,
+    ) -> None:
+        self.dataset = dataset
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._describe_timeout = describe_timeout
+        self.conns: list[Conn] = []
+        for address in addresses:
+            channel = grpc.aio.insecure_channel(address, options=list(channel_options))
+            self.conns.append(Conn(address, channel, WorkerStub(channel)))
+        self.desc: DatasetDesc | None = None
+        self._rng = random.Random()
+
+    async def start(self) -> DatasetDesc:
+        """Describe the dataset on every worker; refuse if those that answer disagree."""
+        results = await asyncio.gather(
+            *(c.stub.describe(self.dataset, timeout=self._describe_timeout) for c in self.conns),
+            return_exceptions=True,
+        )
+        answered: list[tuple[Conn, DatasetDesc]] = []
+        failed: dict[str, str] = {}
+        for conn, res in zip(self.conns, results, strict=True):
+            if isinstance(res, grpc.aio.AioRpcError) and res.code() not in RETRYABLE:
+                raise worker_error(res, worker=conn.address, dataset=self.dataset)
+            if isinstance(res, grpc.aio.AioRpcError):
+                failed[conn.address] = f"{res.code().name}: {res.details()}"
+                conn.last_error = failed[conn.address]
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                answered.append((conn, res))
+        if not answered:
+            raise WorkersUnavailableError(
+                f"no worker described dataset {self.dataset!r} within {self._describe_timeout}s",
+                failed,
+            )
+        ref_conn, ref = answered[0]
+        for conn, desc in answered[1:]:
+            if desc.fingerprint != ref.fingerprint or desc.shards != ref.shards:
+                raise DatasetMismatchError(
+                    f"workers disagree on dataset {self.dataset!r}: {ref_conn.address} and "
+                    f"{conn.address} differ: {describe_difference(ref, desc)}"
+                )
+        for conn, _ in answered:
+            conn.verified = True
+        for address, err in failed.items():
+            log.warning("worker %s did not answer at start (%s); will try it later", address, err)
+        self.desc = ref
+        return ref
+
+    async def _verify(self, conn: Conn) -> bool:
+        assert self.desc is not None
+        try:
+            desc = await conn.stub.describe(self.dataset, timeout=self._describe_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE:
+                conn.excluded = f"{exc.code().name}: {exc.details()}"
+                log.error("worker %s cannot serve dataset %r: %s", conn.address, self.dataset,
+                          conn.excluded)  # fmt: skip
+            else:
+                self.mark_down(conn, f"{exc.code().name}: {exc.details()}")
+            return False
+        if desc.fingerprint != self.desc.fingerprint or desc.shards != self.desc.shards:
+            conn.excluded = describe_difference(self.desc, desc)
+            log.error(
+                "worker %s serves a different dataset %r (%s); it gets no reads",
+                conn.address,
+                self.dataset,
+                conn.excluded,
+            )
+            return False
+        conn.verified = True
+        return True
+
+    async def acquire(self, deadline: float, attempts: dict[str, str]) -> Conn:
+        """The best worker for a new read; waits out backoff until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            ready = [c for c in self.conns if not c.excluded and c.down_until <= now]
+            if ready:
+                conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
+                if not conn.verified and not await self._verify(conn):
+                    attempts[conn.address] = conn.excluded or conn.last_error
+                    continue
+                conn.outstanding += 1
+                conn.assigned += 1
+                return conn
+            waiting = [c.down_until for c in self.conns if not c.excluded]
+            if not waiting or now >= deadline:
+                for c in self.conns:
+                    attempts.setdefault(c.address, c.excluded or c.last_error or "not tried")
+                raise WorkersUnavailableError(
+                    f"no worker could serve dataset {self.dataset!r} before the retry deadline",
+                    attempts,
+                )
+            await asyncio.sleep(max(0.0, min(min(waiting), deadline) - now))
+
+    def release(self, conn: Conn) -> None:
+        conn.outstanding -= 1
+
+    def mark_ok(self, conn: Conn) -> None:
+        conn.failures = 0
+
+    def mark_down(self, conn: Conn, error: str, *, delay: float | None = None) -> None:
+        """Give a worker no new reads for a while (capped exponential backoff, jittered)."""
+        conn.failures += 1
+        conn.last_error = error
+        if delay is None:
+            delay = min(self._backoff_cap, self._backoff_base * 2 ** (conn.failures - 1))
+            delay *= 0.5 + self._rng.random() / 2
+        conn.down_until = asyncio.get_running_loop().time() + delay
+        log.info("worker %s: %s; no new reads for %.2fs", conn.address, error, delay)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.channel.close() for c in self.conns))

@@ -1,0 +1,93 @@
+"""Reordering: chunks of many concurrent reads in, one plan-ordered stream out.
+
+A small pure class keyed by read sequence number. Reads may complete in any
+order; the chunks of one read arrive in record order (a resumed read goes on
+from the first record not yet received). Anything else is a bug or a stale
+stream and raises `ReorderError`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class ReorderError(RuntimeError):
+    """A chunk that does not fit: duplicate, gap, or outside the window."""
+
+
+class ReorderBuffer(Generic[T]):
+    """Releases items in (read seq, offset) order; holds at most `window` reads open.
+
+    `counts[seq]` is the number of records read `seq` brings. `put` accepts an
+    item of `n` records at `offset` within its read; `pop` returns the items
+    that are next in plan order.
+    """
+
+    def __init__(self, counts: Sequence[int], window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be positive, got {window}")
+        self._counts = list(counts)
+        self._window = window
+        self._received = [0] * len(self._counts)
+        self._pending: dict[int, deque[tuple[int, T]]] = {}
+        self._head = 0  # first read not yet fully released
+        self._released = 0  # records of the head read already released
+
+    @property
+    def head(self) -> int:
+        """Sequence number of the first read not yet fully released."""
+        return self._head
+
+    @property
+    def done(self) -> bool:
+        return self._head >= len(self._counts)
+
+    def depth(self) -> int:
+        """Items held, waiting for an earlier read."""
+        return sum(len(q) for q in self._pending.values())
+
+    def admits(self, seq: int) -> bool:
+        """Whether read `seq` may be started now (it is within the window)."""
+        return seq < self._head + self._window
+
+    def received(self, seq: int) -> int:
+        """Records of read `seq` received so far: where a resumed read starts."""
+        return self._received[seq]
+
+    def put(self, seq: int, offset: int, n: int, item: T) -> None:
+        if not 0 <= seq < len(self._counts):
+            raise ReorderError(f"read {seq} is not in the plan ({len(self._counts)} reads)")
+        if not self.admits(seq):
+            raise ReorderError(f"read {seq} is past the window (head {self._head})")
+        expected = self._received[seq]
+        if offset != expected:
+            kind = "duplicate" if offset < expected else "gap"
+            raise ReorderError(
+                f"read {seq}: {kind}: got records from {offset}, expected {expected}"
+            )
+        if n < 1 or expected + n > self._counts[seq]:
+            raise ReorderError(
+                f"read {seq}: {n} records at {offset} overrun its {self._counts[seq]} records"
+            )
+        self._received[seq] = expected + n
+        self._pending.setdefault(seq, deque()).append((n, item))
+
+    def pop(self) -> list[T]:
+        """Items now next in plan order (possibly none)."""
+        out: list[T] = []
+        while not self.done:
+            queue = self._pending.get(self._head)
+            while queue:
+                n, item = queue.popleft()
+                self._released += n
+                out.append(item)
+            if self._released < self._counts[self._head]:
+                break
+            self._pending.pop(self._head, None)
+            self._head += 1
+            self._released = 0
+        return out

@@ -1,0 +1,211 @@
+"""The client's side of the wire: the only client module that touches `*_pb2`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from shardstream.client.errors import (
+    AccessDeniedError,
+    DataLossError,
+    InvalidRequestError,
+    NotFoundError,
+    ProtocolError,
+    ShardChangedError,
+    WorkerError,
+)
+from shardstream.v1 import shardstream_pb2 as pb
+from shardstream.v1.codec import FieldSpec, dtype_from_code
+
+SERVICE = "shardstream.v1.Worker"
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDesc:
+    id: str
+    records: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetDesc:
+    """What a worker says of a dataset."""
+
+    name: str
+    format: str
+    shards: tuple[ShardDesc, ...]
+    schema: tuple[FieldSpec, ...]
+    fingerprint: str
+
+    @property
+    def total_records(self) -> int:
+        return sum(s.records for s in self.shards)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Records [start, start + count) of a shard, decoded to arrays."""
+
+    start: int
+    count: int
+    arrays: Arrays
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    records_sent: int
+    draining: bool
+
+
+def _dataset_desc(info: pb.DatasetInfo) -> DatasetDesc:
+    return DatasetDesc(
+        name=info.name,
+        format=info.format,
+        shards=tuple(ShardDesc(s.id, s.records, s.fingerprint) for s in info.shards),
+        schema=tuple(
+            FieldSpec(name=f.name, dtype=dtype_from_code(f.dtype).name, shape=tuple(f.shape))
+            for f in info.schema
+        ),
+        fingerprint=info.fingerprint,
+    )
+
+
+def encode_read(
+    *,
+    dataset: str,
+    shard: str,
+    start: int,
+    count: int,
+    seed: int,
+    fingerprint: str,
+    max_chunk_records: int,
+) -> bytes:
+    return pb.ReadRequest(
+        dataset=dataset,
+        shard=shard,
+        start=start,
+        count=count,
+        seed=seed,
+        shard_fingerprint=fingerprint,
+        max_chunk_records=max_chunk_records,
+    ).SerializeToString()
+
+
+def decode_response(data: bytes) -> Piece | End:
+    """Turn one streamed message into a Piece (arrays over the message) or an End."""
+    msg = pb.ReadResponse.FromString(data)
+    kind = msg.WhichOneof("kind")
+    if kind == "end":
+        return End(msg.end.records_sent, msg.end.reason == pb.END_REASON_DRAINING)
+    if kind != "chunk":
+        raise ProtocolError("a streamed message is neither a chunk nor an end")
+    chunk = msg.chunk
+    arrays: Arrays = {}
+    for t in chunk.tensors:
+        try:
+            dtype = dtype_from_code(t.dtype)
+        except ValueError as exc:
+            raise ProtocolError(f"tensor {t.name!r}: {exc}") from None
+        shape = tuple(t.shape)
+        if not shape or shape[0] != chunk.count:
+            raise ProtocolError(f"tensor {t.name!r} has shape {shape} in a chunk of {chunk.count}")
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if len(t.data) != expected:
+            raise ProtocolError(
+                f"tensor {t.name!r}: {len(t.data)} bytes, shape {shape} of {dtype} needs {expected}"
+            )
+        arrays[t.name] = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return Piece(chunk.start, chunk.count, arrays)
+
+
+class WorkerStub:
+    """The Worker service's methods on one channel, with our codecs."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.read = channel.unary_stream(
+            f"/{SERVICE}/Read", request_serializer=None, response_deserializer=None
+        )
+        self._describe = channel.unary_unary(
+            f"/{SERVICE}/DescribeDataset",
+            request_serializer=pb.DescribeDatasetRequest.SerializeToString,
+            response_deserializer=pb.DatasetInfo.FromString,
+        )
+        self._list = channel.unary_unary(
+            f"/{SERVICE}/ListDatasets",
+            request_serializer=pb.ListDatasetsRequest.SerializeToString,
+            response_deserializer=pb.ListDatasetsResponse.FromString,
+        )
+
+    async def describe(self, dataset: str, *, timeout: float) -> DatasetDesc:
+        info = await self._describe(
+            pb.DescribeDatasetRequest(dataset=dataset), timeout=timeout, wait_for_ready=True
+        )
+        return _dataset_desc(info)
+
+    async def list_datasets(self, *, timeout: float) -> list[DatasetDesc]:
+        reply = await self._list(pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True)
+        return [_dataset_desc(d) for d in reply.datasets]
+
+
+# Status codes after which the same read may succeed elsewhere or later.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,  # RST_STREAM, GOAWAY mid-stream
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,  # cancelled by the server or a proxy, not by us
+    }
+)
+
+_ERRORS: Mapping[grpc.StatusCode, type[WorkerError]] = {
+    grpc.StatusCode.DATA_LOSS: DataLossError,
+    grpc.StatusCode.FAILED_PRECONDITION: ShardChangedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.UNAUTHENTICATED: AccessDeniedError,
+    grpc.StatusCode.PERMISSION_DENIED: AccessDeniedError,
+}
+
+
+def worker_error(exc: grpc.aio.AioRpcError, *, worker: str, dataset: str = "") -> WorkerError:
+    """The typed error for a non-retryable status, with the worker's details."""
+    meta = {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+    record = meta.get("shardstream-record")
+    cls = _ERRORS.get(exc.code(), WorkerError)
+    return cls(
+        exc.details() or exc.code().name,
+        worker=worker,
+        dataset=meta.get("shardstream-dataset") or dataset,
+        shard=meta.get("shardstream-shard", ""),
+        record=int(record) if record and record.isdigit() else None,
+        code=exc.code().name,
+    )
+
+
+async def check_health(
+    address: str, service: str = "", *, timeout: float = 5.0
+) -> tuple[bool, str]:
+    """Ask a worker's standard health service; (serving?, a one-line reason)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    what = f"{address} service {service!r}" if service else address
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            return False, f"{what}: {exc.code().name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"

@@ -1,0 +1,128 @@
+"""The `shardstream` command: worker, make-dataset, health, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shardstream.client._wire import WorkerStub, check_health
+
+
+def _health(args: argparse.Namespace) -> int:
+    from shardstream.server.cli import run_async
+
+    result: list[tuple[bool, str]] = []
+
+    async def probe() -> int:
+        result.append(await check_health(args.address, args.service, timeout=args.timeout))
+        return 0
+
+    run_async(probe)
+    ok, reason = result[0]
+    print(reason, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import grpc
+
+    from shardstream.server.cli import run_async
+
+    async def show() -> int:
+        async with grpc.aio.insecure_channel(args.address) as channel:
+            stub = WorkerStub(channel)
+            try:
+                if args.dataset:
+                    datasets = [await stub.describe(args.dataset, timeout=args.timeout)]
+                else:
+                    datasets = await stub.list_datasets(timeout=args.timeout)
+            except grpc.aio.AioRpcError as exc:
+                print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        for ds in datasets:
+            print(f"dataset {ds.name}: format {ds.format}, {len(ds.shards)} shards, "
+                  f"{ds.total_records} records, fingerprint {ds.fingerprint}")  # fmt: skip
+            print(f"  schema: {', '.join(map(str, ds.schema))}")
+            shown = ds.shards if args.dataset else ds.shards[:5]
+            for s in shown:
+                print(f"  {s.id}: {s.records} records, fingerprint {s.fingerprint}")
+            if len(shown) < len(ds.shards):
+                print(f"  ... {len(ds.shards) - len(shown)} more (name the dataset to see all)")
+        return 0
+
+    return run_async(show)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from shardstream.client._demo import DemoOptions, run_demo
+
+    return run_demo(
+        DemoOptions(
+            records=args.records,
+            shards=args.shards,
+            workers=args.workers,
+            ranks=args.ranks,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            processes=args.processes,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shardstream.server.cli import add_make_dataset_args, add_worker_args
+
+    parser = argparse.ArgumentParser(prog="shardstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="serve datasets to clients")
+    add_worker_args(p)
+    p = sub.add_parser("make-dataset", help="write synthetic shards")
+    add_make_dataset_args(p)
+    p = sub.add_parser("health", help="exit 0 iff a worker reports SERVING")
+    _add_health_args(p)
+    p = sub.add_parser("inspect", help="show a worker's datasets, shards, counts, schema")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("dataset", nargs="?", default="")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("demo", help="run everything locally on generated data")
+    p.add_argument("--records", type=int, default=20_000)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--processes", type=int, default=1, help="decoding processes per worker")
+    return parser
+
+
+def _add_health_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        from shardstream.server.cli import worker_command
+
+        return worker_command(args)
+    if args.command == "make-dataset":
+        from shardstream.server.cli import make_dataset_command
+
+        return make_dataset_command(args)
+    commands = {"health": _health, "inspect": _inspect, "demo": _demo}
+    return commands[args.command](args)
+
+
+def health_main(argv: Sequence[str] | None = None) -> int:
+    """`shardstream-health HOST:PORT [--service NAME]`, for container health checks."""
+    parser = argparse.ArgumentParser(prog="shardstream-health", description=health_main.__doc__)
+    _add_health_args(parser)
+    return _health(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""shardstream worker: serves dataset shards as typed tensor streams over gRPC."""
+
+from shardstream.server._config import DatasetSpec, WorkerConfig
+from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
+from shardstream.server._synth import make_dataset
+from shardstream.server._worker import Worker
+
+__all__ = [
+    "DatasetSpec",
+    "DecodeError",
+    "Decoder",
+    "ShardMeta",
+    "Worker",
+    "WorkerConfig",
+    "make_dataset",
+    "register_decoder",
+]

@@ -1,0 +1,3 @@
+from shardstream.server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The catalog: the datasets a worker serves, indexed once at start-up.
+
+Shard ids are paths relative to the data root with '/' separators. Nothing
+outside the data root is ever indexed or read: globs are relative, and files
+(or symlinks) resolving outside the root are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardstream.server._config import DatasetSpec
+from shardstream.server._decoders import DecodeError, ShardMeta, decoder_ref, format_for_path
+from shardstream.server._tasks import decoder
+from shardstream.v1.codec import FieldSpec, record_bytes
+
+__all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "fingerprint_file"]
+
+_SAMPLE = 64 * 1024  # bytes hashed at each end of a shard for its fingerprint
+
+
+class CatalogError(Exception):
+    """A dataset cannot be served as configured (start-up refuses)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    id: str
+    path: Path
+    records: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    name: str
+    format: str
+    decoder: str  # "module:Class", loadable in any decoding process
+    shards: tuple[Shard, ...]
+    schema: tuple[FieldSpec, ...]
+    fingerprint: str
+    by_id: dict[str, Shard] = field(repr=False, compare=False)
+
+    @property
+    def total_records(self) -> int:
+        return sum(s.records for s in self.shards)
+
+    @property
+    def record_bytes(self) -> int:
+        return record_bytes(self.schema)
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    root: Path
+    datasets: dict[str, Dataset]
+
+
+IndexFn = Callable[[str, Path], Awaitable[tuple[ShardMeta, str]]]
+
+
+def index_shard(ref: str, path: Path) -> tuple[ShardMeta, str]:
+    """Index one shard (runs in a decoding process): its meta and fingerprint."""
+    meta = decoder(ref).index(path)
+    return meta, fingerprint_file(path, meta)
+
+
+def fingerprint_file(path: Path, meta: ShardMeta) -> str:
+    """A content fingerprint: size, record count, schema and the first and last 64 KiB."""
+    h = hashlib.blake2b(digest_size=12)
+    size = path.stat().st_size
+    h.update(f"{size}:{meta.records}:{';'.join(map(str, meta.schema))}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(_SAMPLE))
+        if size > _SAMPLE:
+            f.seek(max(_SAMPLE, size - _SAMPLE))
+            h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def resolve_files(root: Path, spec: DatasetSpec) -> list[tuple[str, Path]]:
+    """(shard id, path) of the files a dataset's glob matches, sorted by id."""
+    real_root = root.resolve()
+    found = []
+    for path in root.glob(spec.pattern):
+        if not path.is_file():
+            continue
+        real = path.resolve()
+        if not real.is_relative_to(real_root):
+            raise CatalogError(
+                f"dataset {spec.name!r}: {path} resolves to {real}, outside the data root "
+                f"{real_root}; refusing to serve it"
+            )
+        found.append((path.relative_to(root).as_posix(), real))
+    found.sort()
+    if not found:
+        raise CatalogError(f"dataset {spec.name!r}: no file under {root} matches {spec.pattern!r}")
+    return found
+
+
+async def build_dataset(
+    root: Path, spec: DatasetSpec, index: IndexFn, max_record_bytes: int
+) -> Dataset:
+    files = await asyncio.to_thread(resolve_files, root, spec)
+    formats = {spec.format or format_for_path(sid) for sid, _ in files}
+    if len(formats) != 1:
+        raise CatalogError(
+            f"dataset {spec.name!r} mixes formats {sorted(formats)}; give one as NAME=GLOB:FORMAT"
+        )
+    (fmt,) = formats
+    try:
+        ref = decoder_ref(fmt)
+    except ValueError as exc:
+        raise CatalogError(f"dataset {spec.name!r}: {exc}") from None
+    try:
+        metas = await asyncio.gather(*(index(ref, path) for _, path in files))
+    except DecodeError as exc:
+        raise CatalogError(f"dataset {spec.name!r}: cannot index a shard: {exc}") from exc
+    shards = tuple(
+        Shard(id=sid, path=path, records=meta.records, fingerprint=fp)
+        for (sid, path), (meta, fp) in zip(files, metas, strict=True)
+    )
+    schema = metas[0][0].schema
+    for (sid, _), (meta, _) in zip(files, metas, strict=True):
+        if meta.schema != schema:
+            raise CatalogError(
+                f"dataset {spec.name!r}: shard {sid!r} has schema "
+                f"[{', '.join(map(str, meta.schema))}], but shard {files[0][0]!r} has "
+                f"[{', '.join(map(str, schema))}]"
+            )
+    if record_bytes(schema) > max_record_bytes:
+        raise CatalogError(
+            f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
+            f"a message may carry ({max_record_bytes}); raise --max-message-bytes"
+        )
+    return Dataset(
+        name=spec.name,
+        format=fmt,
+        decoder=ref,
+        shards=shards,
+        schema=schema,
+        fingerprint=dataset_fingerprint(shards, schema),
+        by_id={s.id: s for s in shards},
+    )
+
+
+def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for s in shards:
+        h.update(f"{s.id}\0{s.records}\0{s.fingerprint}\n".encode())
+    h.update(";".join(map(str, schema)).encode())
+    return h.hexdigest()
+
+
+async def build_catalog(
+    root: Path, specs: Sequence[DatasetSpec], index: IndexFn, max_record_bytes: int
+) -> Catalog:
+    root = await asyncio.to_thread(_absolute_root, root)
+    datasets = {}
+    for spec in specs:
+        datasets[spec.name] = await build_dataset(root, spec, index, max_record_bytes)
+    return Catalog(root=root, datasets=datasets)
+
+
+def _absolute_root(root: Path) -> Path:
+    if not root.is_dir():
+        raise CatalogError(f"data root {root} is not a directory")
+    return root.absolute()

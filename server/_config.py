@@ -1,0 +1,83 @@
+"""Worker configuration: frozen, validated; argv and env are parsed in `cli`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1 << 20
+
+__all__ = ["DatasetSpec", "WorkerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetSpec:
+    """A dataset a worker serves: a name, a glob under the data root, a format."""
+
+    name: str
+    pattern: str  # glob relative to the data root, e.g. "train/*.npz"
+    format: str | None = None  # None: inferred from each file's suffix
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "=:/\0"):
+            raise ValueError(f"dataset name must be non-empty without '=:/', got {self.name!r}")
+        if not self.pattern:
+            raise ValueError(f"dataset {self.name!r}: the glob must be non-empty")
+        if self.pattern.startswith("/") or ".." in Path(self.pattern).parts:
+            raise ValueError(
+                f"dataset {self.name!r}: the glob {self.pattern!r} must stay inside the data root "
+                "(relative, no '..')"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        """Parse `NAME=GLOB` or `NAME=GLOB:FORMAT` (the worker's --dataset flag)."""
+        name, sep, rest = text.partition("=")
+        if not sep:
+            raise ValueError(f"--dataset must look like NAME=GLOB[:FORMAT], got {text!r}")
+        pattern, colon, fmt = rest.rpartition(":")
+        if not colon:
+            pattern, fmt = rest, ""
+        return cls(name=name.strip(), pattern=pattern, format=fmt or None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerConfig:
+    """Everything a worker needs; every default is meant for production use."""
+
+    data_root: Path
+    datasets: tuple[DatasetSpec, ...]
+    host: str = "127.0.0.1"  # use 0.0.0.0 / [::] to serve other machines
+    port: int = 50051  # 0 picks a free port
+    processes: int = 1  # decoding processes (spawned); 0 decodes in threads of this process
+    max_message_bytes: int = 4 * MiB  # gRPC max send/receive message size
+    chunk_bytes: int = 1 * MiB  # target size of one streamed chunk (<= max message)
+    max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
+    grace_seconds: float = 10.0  # on SIGTERM: time running streams get to end cleanly
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("a worker needs at least one dataset (--dataset NAME=GLOB)")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.processes < 0:
+            raise ValueError(f"processes must be >= 0, got {self.processes}")
+        if self.max_message_bytes < 64 * 1024:
+            raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
+        if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
+            raise ValueError(
+                f"chunk_bytes must be in (0, max_message_bytes / 2 = "
+                f"{self.max_message_bytes // 2}], got {self.chunk_bytes}"
+            )
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams must be positive, got {self.max_streams}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"

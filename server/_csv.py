@@ -1,0 +1,276 @@
+"""The csv shard format: one record per line, numeric comma-separated columns, no header.
+
+OneFlow-style part files (`part-000`, ...) have no suffix, so a dataset names
+the format explicitly: `NAME=part-*:csv`.
+
+The fields come from `_schema.json` next to the shard, in column order::
+
+    {"fields": [{"name": "id", "dtype": "int64", "shape": []},
+                {"name": "image", "dtype": "uint8", "shape": [32, 32, 3]}]}
+
+Each field takes prod(shape) consecutive columns (1 for a scalar). Without the
+file, column 0 is `id` (int64) and the others form `features` (float64 vector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
+from shardstream.v1.codec import FieldSpec
+
+__all__ = ["SCHEMA_FILE", "CsvDecoder"]
+
+SCHEMA_FILE = "_schema.json"
+_STRIDE = 1024  # the sparse index keeps the byte offset of every _STRIDE-th line
+_MAX_INDEXED = 256  # shards whose index an instance keeps
+_SCHEMA_EXAMPLE = '{"fields": [{"name": "id", "dtype": "int64", "shape": []}, ...]}'
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Index:
+    stamp: tuple[int, int, int | None]  # shard (size, mtime_ns), schema file mtime_ns
+    records: int
+    columns: int
+    schema: tuple[FieldSpec, ...]
+    offsets: tuple[int, ...]  # byte offset of lines 0, _STRIDE, 2 * _STRIDE, ...
+
+
+def _stamp(path: Path) -> tuple[int, int, int | None]:
+    st = os.stat(path)
+    try:
+        schema_mtime: int | None = os.stat(path.parent / SCHEMA_FILE).st_mtime_ns
+    except FileNotFoundError:
+        schema_mtime = None
+    return (st.st_size, st.st_mtime_ns, schema_mtime)
+
+
+def _width(field: FieldSpec) -> int:
+    return int(np.prod(field.shape, dtype=np.int64))
+
+
+def _load_schema(path: Path) -> tuple[FieldSpec, ...] | None:
+    file = path.parent / SCHEMA_FILE
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{file} is not valid JSON ({e}); expected {_SCHEMA_EXAMPLE}") from None
+    fields = doc.get("fields") if isinstance(doc, dict) else None
+    if not isinstance(fields, list) or not fields:
+        raise DecodeError(f"{file} needs a non-empty list `fields`, like {_SCHEMA_EXAMPLE}")
+    specs: list[FieldSpec] = []
+    for i, entry in enumerate(fields):
+        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str)
+        ok = ok and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+        if not ok or not all(type(d) is int for d in entry["shape"]):
+            raise DecodeError(
+                f"{file}: fields[{i}] must be an object with a string `name`, a string "
+                f"`dtype` and a list of integers `shape` ([] for a scalar), got {entry!r}"
+            )
+        try:
+            specs.append(
+                FieldSpec(name=entry["name"], dtype=entry["dtype"], shape=tuple(entry["shape"]))
+            )
+        except ValueError as e:
+            raise DecodeError(f"{file}: fields[{i}]: {e}") from None
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise DecodeError(f"{file}: field names must be unique, got {names}")
+    return tuple(specs)
+
+
+def _default_schema(columns: int) -> tuple[FieldSpec, ...]:
+    id_field = FieldSpec(name="id", dtype="int64", shape=())
+    if columns == 1:
+        return (id_field,)
+    return (id_field, FieldSpec(name="features", dtype="float64", shape=(columns - 1,)))
+
+
+def _parse_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype a column is parsed as before the range check and cast."""
+    if dtype.kind == "f" or (dtype.kind == "u" and dtype.itemsize == 8):
+        return dtype
+    return np.dtype(np.int64)  # bool and the other integers
+
+
+def _decode_lines(path: Path, raw: list[bytes], start: int, columns: int) -> list[str]:
+    texts: list[str] = []
+    for i, line in enumerate(raw):
+        record = start + i
+        where = f"{path}: record {record} (line {record + 1})"
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise DecodeError(f"{where} is not UTF-8 text", record=record) from None
+        if not text.strip():
+            raise DecodeError(f"{where} is empty; every line must hold one record", record=record)
+        if text.count(",") + 1 != columns:
+            raise DecodeError(
+                f"{where} has {text.count(',') + 1} columns, expected {columns} "
+                "like the first line and the schema",
+                record=record,
+            )
+        texts.append(text)
+    return texts
+
+
+def _loadtxt(
+    path: Path, texts: list[str], start: int, dtype: np.dtype[Any], cols: list[int]
+) -> Any:
+    try:
+        return np.loadtxt(texts, delimiter=",", dtype=dtype, usecols=cols, comments=None, ndmin=2)
+    except ValueError as e:
+        error = e
+    for i, text in enumerate(texts):  # slow path: find the bad line
+        try:
+            np.loadtxt([text], delimiter=",", dtype=dtype, usecols=cols, comments=None, ndmin=2)
+        except ValueError as e:
+            why = re.sub(r" at row \d+, column (\d+)", r" in column \1", str(e))
+            raise DecodeError(
+                f"{path}: record {start + i} (line {start + i + 1}): {why}", record=start + i
+            ) from None
+    raise DecodeError(f"{path}: records [{start}, {start + len(texts)}): {error}")
+
+
+def _parse(
+    path: Path, texts: list[str], start: int, schema: tuple[FieldSpec, ...]
+) -> dict[str, np.ndarray[Any, Any]]:
+    count = len(texts)
+    out = {f.name: np.empty((count, *f.shape), np.dtype(f.dtype).newbyteorder("<")) for f in schema}
+    groups: dict[np.dtype[Any], list[tuple[FieldSpec, int]]] = {}
+    column = 0
+    for field in schema:
+        groups.setdefault(_parse_dtype(np.dtype(field.dtype)), []).append((field, column))
+        column += _width(field)
+    for parse_dtype, members in groups.items():
+        cols = [c for f, lo in members for c in range(lo, lo + _width(f))]
+        if not cols or not count:
+            continue
+        table = _loadtxt(path, texts, start, parse_dtype, cols)
+        pos = 0
+        for field, lo in members:
+            values = table[:, pos : pos + _width(field)]
+            pos += _width(field)
+            target = np.dtype(field.dtype)
+            if target != parse_dtype:
+                low, high = (
+                    (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
+                )
+                bad = np.argwhere((values < low) | (values > high))
+                if bad.size:
+                    row, col = (int(x) for x in bad[0])
+                    raise DecodeError(
+                        f"{path}: record {start + row} (line {start + row + 1}): value "
+                        f"{values[row, col]} in column {lo + col + 1} is out of range for field "
+                        f"{field.name!r} ({target.name}: {low}..{high})",
+                        record=start + row,
+                    )
+            out[field.name].reshape(count, _width(field))[...] = values
+    return out
+
+
+def _build_index(path: Path) -> _Index:
+    stamp = _stamp(path)
+    schema = _load_schema(path)
+    offsets: list[int] = []
+    records = pos = 0
+    first: bytes | None = None
+    with open(path, "rb") as f:
+        for line in f:
+            if records % _STRIDE == 0:
+                offsets.append(pos)
+            if first is None:
+                first = line
+            pos += len(line)
+            records += 1
+    if first is None:
+        if schema is None:
+            raise DecodeError(
+                f"{path} is empty and there is no {SCHEMA_FILE} next to it, so its fields "
+                "are unknown; add the schema file or remove the empty shard"
+            )
+        columns = sum(_width(f) for f in schema)
+    else:
+        text = first.decode("utf-8", "replace").rstrip("\r\n")
+        columns = text.count(",") + 1
+        schema = schema or _default_schema(columns)
+        width = sum(_width(f) for f in schema)
+        if columns != width:
+            parts = " + ".join(f"{f.name} {_width(f)}" for f in schema)
+            raise DecodeError(
+                f"{path}: record 0 (line 1) has {columns} columns but the fields of "
+                f"{path.parent / SCHEMA_FILE} take {width} ({parts}); fix the schema or the data",
+                record=0,
+            )
+        _parse(path, _decode_lines(path, [first], 0, columns), 0, schema)
+    return _Index(
+        stamp=stamp, records=records, columns=columns, schema=schema, offsets=tuple(offsets)
+    )
+
+
+@register_decoder
+class CsvDecoder(Decoder):
+    """Decoder of numeric csv shards (one record per line, no header)."""
+
+    name = "csv"
+    suffixes = (".csv",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._indexes: OrderedDict[Path, _Index] = OrderedDict()
+
+    def index(self, path: Path) -> ShardMeta:
+        idx = self._index(path)
+        return ShardMeta(records=idx.records, schema=idx.schema)
+
+    def read(self, path: Path, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        if start < 0 or count < 0:
+            raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
+        idx = self._index(path)
+        if start + count > idx.records:
+            raise DecodeError(
+                f"{path} has {idx.records} records, cannot read [{start}, {start + count}); "
+                "did the shard change since it was indexed?",
+                record=max(start, idx.records),
+            )
+        raw: list[bytes] = []
+        if count:
+            with open(path, "rb") as f:
+                block = start // _STRIDE
+                f.seek(idx.offsets[block])
+                for _ in range(start - block * _STRIDE):
+                    if not f.readline():
+                        raise DecodeError(f"{path} ends before record {start}", record=start)
+                while len(raw) < count:
+                    line = f.readline()
+                    if not line:
+                        first = start + len(raw)
+                        raise DecodeError(f"{path} ends before record {first}", record=first)
+                    raw.append(line)
+        return _parse(path, _decode_lines(path, raw, start, idx.columns), start, idx.schema)
+
+    def _index(self, path: Path) -> _Index:
+        stamp = _stamp(path)
+        with self._lock:
+            cached = self._indexes.get(path)
+            if cached is not None and cached.stamp == stamp:
+                self._indexes.move_to_end(path)
+                return cached
+        idx = _build_index(path)
+        with self._lock:
+            self._indexes[path] = idx
+            self._indexes.move_to_end(path)
+            while len(self._indexes) > _MAX_INDEXED:
+                self._indexes.popitem(last=False)
+        return idx

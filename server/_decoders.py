@@ -1,0 +1,142 @@
+"""The decoder interface: how a worker turns one shard file into records.
+
+A format is one class::
+
+    class MyFormat(Decoder):
+        name = "myformat"
+        suffixes = (".my",)
+
+        def index(self, path: Path) -> ShardMeta:
+            ...  # count records, report the schema; called once per shard at start-up
+
+        def read(self, path: Path, start: int, count: int) -> dict[str, np.ndarray]:
+            ...  # records [start, start + count): one array per field, first dim = count
+
+Decoders run in worker processes (never on the event loop). An instance may
+cache per-shard state (open files, offsets) between `read` calls; it is
+created with no arguments in every decoding process. Errors in the data are
+raised as `DecodeError`, naming the record where known.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from shardstream.v1.codec import FieldSpec
+
+__all__ = [
+    "DecodeError",
+    "Decoder",
+    "ShardMeta",
+    "decoder_class",
+    "decoder_ref",
+    "load_decoder",
+    "register_decoder",
+]
+
+
+class DecodeError(Exception):
+    """The shard's content is bad: corrupt, truncated, or not matching its schema.
+
+    `record` is the index (within the shard) of the first bad record, when known.
+    """
+
+    def __init__(self, message: str, *, record: int | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep `record` across process boundaries
+        return (_rebuild_decode_error, (str(self), self.record))
+
+
+def _rebuild_decode_error(message: str, record: int | None) -> DecodeError:
+    return DecodeError(message, record=record)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMeta:
+    """What indexing one shard found: its record count and schema."""
+
+    records: int
+    schema: tuple[FieldSpec, ...]
+
+
+class Decoder(abc.ABC):
+    """Base class of shard formats; see the module docstring."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def index(self, path: Path) -> ShardMeta:
+        """Count the records of a shard and describe their fields."""
+
+    @abc.abstractmethod
+    def read(self, path: Path, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
+        """Decode records [start, start + count) of a shard."""
+
+
+_REGISTRY: dict[str, type[Decoder]] = {}
+
+
+def register_decoder(cls: type[Decoder]) -> type[Decoder]:
+    """Make a decoder class available by its `name` (usable as a class decorator)."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"decoder class {cls.__qualname__} must set a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def decoder_class(format_name: str) -> type[Decoder]:
+    """The registered decoder class for a format name."""
+    _load_builtin()
+    try:
+        return _REGISTRY[format_name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ValueError(f"unknown shard format {format_name!r}; known formats: {known}") from None
+
+
+def decoder_ref(format_name: str) -> str:
+    """An importable "module:Class" reference to a format's decoder, for other processes."""
+    cls = decoder_class(format_name)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load_decoder(ref: str) -> Decoder:
+    """A new decoder instance from a `decoder_ref` (imports its module if needed)."""
+    import importlib
+
+    module, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Decoder)):
+        raise TypeError(f"{ref} is not a Decoder subclass")
+    return obj()
+
+
+def format_for_path(path: str) -> str:
+    """The format whose decoder claims the file name's suffix."""
+    _load_builtin()
+    for name, cls in sorted(_REGISTRY.items()):
+        if any(path.endswith(s) for s in cls.suffixes):
+            return name
+    known = ", ".join(
+        f"{n} ({'/'.join(c.suffixes) or 'no suffix'})" for n, c in sorted(_REGISTRY.items())
+    )
+    raise ValueError(
+        f"cannot infer the format of {path!r} from its name; "
+        f"give it as NAME=GLOB:FORMAT (known: {known})"
+    )
+
+
+def _load_builtin() -> None:
+    # The built-in formats register themselves on import.
+    from shardstream.server import _csv, _npz  # noqa: F401

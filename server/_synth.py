@@ -1,0 +1,137 @@
+"""Synthetic datasets for tests and benchmarks.
+
+Every record has `id` (int64, its global index in shard-name order), `label`
+(int64, id % 10) and `image` (uint8, the given per-record shape, pseudo-random
+from a generator seeded with (seed, shard index)). The content depends only on
+(seed, shards, records, shape), not on the format, so the same arguments give
+the same records as npz and as csv.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from shardstream.server._csv import SCHEMA_FILE
+
+__all__ = ["FORMATS", "make_dataset"]
+
+FORMATS: tuple[str, ...] = ("npz", "csv")
+_PATTERNS = {"npz": re.compile(r"shard-\d+\.npz"), "csv": re.compile(r"part-\d+")}
+
+
+def make_dataset(
+    directory: Path,
+    *,
+    shards: int,
+    records: int,
+    shape: tuple[int, ...],
+    format: str = "npz",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write `records` synthetic records spread over `shards` shard files; their paths.
+
+    npz shards are `shard-00000.npz`, ... (written with `np.savez`, arrays id,
+    label, image); csv shards are OneFlow-style `part-000`, ... with the
+    columns id, label and the image flattened in C order, plus `_schema.json`.
+    Shards get records // shards records each, the first records % shards one
+    more. A directory that already holds shards of the format is refused
+    unless `overwrite` is true, which also removes shards beyond the new count.
+    """
+    _validate(shards=shards, records=records, shape=shape, format=format, seed=seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p for p in directory.iterdir() if _PATTERNS[format].fullmatch(p.name))
+    if existing and not overwrite:
+        raise ValueError(
+            f"{directory} already holds {len(existing)} {format} shard file(s) "
+            f"({existing[0].name}, ...); use an empty directory or pass overwrite=True"
+        )
+    width = max(5 if format == "npz" else 3, len(str(shards - 1)))
+    base, extra = divmod(records, shards)
+    paths: list[Path] = []
+    first_id = 0
+    for index in range(shards):
+        count = base + (1 if index < extra else 0)
+        ids = np.arange(first_id, first_id + count, dtype=np.int64)
+        first_id += count
+        rng = np.random.default_rng([seed, index])
+        image = rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)
+        arrays: dict[str, np.ndarray[Any, Any]] = {"id": ids, "label": ids % 10, "image": image}
+        if format == "npz":
+            path = directory / f"shard-{index:0{width}d}.npz"
+            _write_atomic(path, functools.partial(_write_npz, arrays=arrays))
+        else:
+            path = directory / f"part-{index:0{width}d}"
+            _write_atomic(path, functools.partial(_write_csv, arrays=arrays))
+        paths.append(path)
+    if format == "csv":
+        fields = [
+            {"name": "id", "dtype": "int64", "shape": []},
+            {"name": "label", "dtype": "int64", "shape": []},
+            {"name": "image", "dtype": "uint8", "shape": list(shape)},
+        ]
+        text = '{"fields": [\n' + ",\n".join(f"  {json.dumps(f)}" for f in fields) + "\n]}\n"
+        _write_atomic(directory / SCHEMA_FILE, lambda f: f.write(text.encode()))
+    for stale in set(existing) - set(paths):
+        stale.unlink(missing_ok=True)
+    return paths
+
+
+def _validate(*, shards: int, records: int, shape: tuple[int, ...], format: str, seed: int) -> None:
+    for name, value in (("shards", shards), ("records", records), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"`{name}` must be an int, got {value!r}")
+    if shards < 1:
+        raise ValueError(f"`shards` must be at least 1, got {shards}")
+    if records < shards:
+        raise ValueError(
+            f"`records` must be at least `shards` ({shards}) so that no shard is empty, "
+            f"got {records}"
+        )
+    if seed < 0:
+        raise ValueError(f"`seed` must be non-negative, got {seed}")
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(
+            f"`shape` must be a tuple of positive ints (() for a scalar), got {shape!r}"
+        )
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
+def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    np.savez(f, id=arrays["id"], label=arrays["label"], image=arrays["image"])
+
+
+def _write_csv(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    count = len(arrays["id"])
+    table = np.concatenate(
+        [arrays["id"][:, None], arrays["label"][:, None], arrays["image"].reshape(count, -1)],
+        axis=1,
+        dtype=np.int64,
+    )
+    np.savetxt(f, table, fmt="%d", delimiter=",")
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file under a temporary name in its directory, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,150 @@
+"""The worker's side of the wire: the only server module that touches `*_pb2`.
+
+Chunks are serialized by hand: the protobuf header bytes followed by each
+array's memory, so tensor data is copied once (into the message) and never
+goes through a protobuf object. The result is ordinary protobuf on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+import numpy as np
+
+from shardstream.v1 import shardstream_pb2 as pb
+from shardstream.v1.codec import dtype_code
+
+if TYPE_CHECKING:
+    from shardstream.server._catalog import Dataset
+    from shardstream.server._servicer import WorkerServicer
+
+SERVICE = "shardstream.v1.Worker"
+
+# Bytes a chunk needs beyond its tensor data: tags, lengths, names, shapes.
+CHUNK_OVERHEAD = 1024
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def _int_key(field: int) -> bytes:
+    return _varint(field << 3)
+
+
+def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """A serialized `ReadResponse{chunk}` holding records [start, start + count)."""
+    count = len(next(iter(arrays.values())))
+    body: list[bytes | memoryview] = [_int_key(1), _varint(start), _int_key(2), _varint(count)]
+    for name, array in arrays.items():
+        a = np.ascontiguousarray(array)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        name_b = name.encode()
+        shape = b"".join(_varint(d) for d in a.shape)
+        header = b"".join(
+            [
+                _len_key(1), _varint(len(name_b)), name_b,
+                _int_key(2), _varint(dtype_code(a.dtype)),
+                _len_key(3), _varint(len(shape)), shape,
+                _len_key(4), _varint(a.nbytes),
+            ]
+        )  # fmt: skip
+        body += [_len_key(3), _varint(len(header) + a.nbytes), header]
+        body.append(a.reshape(-1).view(np.uint8).data)
+    size = sum(len(b) for b in body)
+    return b"".join([_len_key(1), _varint(size), *body])
+
+
+def encode_end(records_sent: int, *, draining: bool) -> bytes:
+    reason = pb.END_REASON_DRAINING if draining else pb.END_REASON_COMPLETE
+    end = pb.End(records_sent=records_sent, reason=reason)
+    return pb.ReadResponse(end=end).SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadArgs:
+    """A decoded ReadRequest."""
+
+    dataset: str
+    shard: str
+    start: int
+    count: int
+    seed: int = 0
+    shard_fingerprint: str = ""
+    max_chunk_records: int = 0
+
+
+def _read_args(data: bytes) -> ReadArgs:
+    r = pb.ReadRequest.FromString(data)
+    return ReadArgs(
+        dataset=r.dataset,
+        shard=r.shard,
+        start=r.start,
+        count=r.count,
+        seed=r.seed,
+        shard_fingerprint=r.shard_fingerprint,
+        max_chunk_records=r.max_chunk_records,
+    )
+
+
+def dataset_info(ds: Dataset) -> pb.DatasetInfo:
+    return pb.DatasetInfo(
+        name=ds.name,
+        format=ds.format,
+        shards=[
+            pb.ShardInfo(id=s.id, records=s.records, fingerprint=s.fingerprint) for s in ds.shards
+        ],
+        schema=[
+            pb.FieldSpec(name=f.name, dtype=cast(Any, dtype_code(f.dtype)), shape=f.shape)
+            for f in ds.schema
+        ],
+        fingerprint=ds.fingerprint,
+        total_records=ds.total_records,
+    )
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def service_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
+    """The Worker service, with hand-serialized chunks, for `server.add_generic_rpc_handlers`."""
+    describe: Callable[[str, Any], Awaitable[Dataset]] = servicer.describe
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Read": grpc.unary_stream_rpc_method_handler(
+                servicer.read, request_deserializer=_read_args, response_serializer=_identity
+            ),
+            "DescribeDataset": grpc.unary_unary_rpc_method_handler(
+                describe,
+                request_deserializer=lambda b: pb.DescribeDatasetRequest.FromString(b).dataset,
+                response_serializer=lambda ds: dataset_info(ds).SerializeToString(),
+            ),
+            "ListDatasets": grpc.unary_unary_rpc_method_handler(
+                servicer.list_datasets,
+                request_deserializer=pb.ListDatasetsRequest.FromString,
+                response_serializer=lambda dss: pb.ListDatasetsResponse(
+                    datasets=[dataset_info(d) for d in dss]
+                ).SerializeToString(),
+            ),
+        },
+    )

@@ -1,0 +1,90 @@
+"""Shared fixtures: generated datasets, in-process workers, worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader
+from shardstream.server import DatasetSpec, Worker, WorkerConfig, make_dataset
+from shardstream.server._process import WorkerProcess
+
+RECORDS = 2_000
+SHARDS = 8
+SHAPE = (4, 4, 3)
+
+
+@pytest.fixture(scope="session")
+def npz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("npz")
+    make_dataset(root, shards=SHARDS, records=RECORDS, shape=SHAPE, format="npz")
+    return root
+
+
+@pytest.fixture(scope="session")
+def csv_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("csv")
+    make_dataset(root, shards=5, records=1_003, shape=(2, 3), format="csv")
+    return root
+
+
+def worker_config(
+    root: Path, datasets: Sequence[str] = ("train=*.npz",), **kw: object
+) -> WorkerConfig:
+    options: dict[str, object] = {"processes": 0, "port": 0, "chunk_bytes": 16 * 1024}
+    options.update(kw)
+    return WorkerConfig(
+        data_root=root,
+        datasets=tuple(DatasetSpec.parse(d) for d in datasets),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_workers(
+    root: Path, n: int, datasets: Sequence[str] = ("train=*.npz",), **kw: object
+) -> AsyncIterator[list[Worker]]:
+    """`n` in-process workers on the test's own event loop, on ephemeral ports."""
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [
+            await stack.enter_async_context(Worker(worker_config(root, datasets, **kw)))
+            for _ in range(n)
+        ]
+        yield workers
+
+
+@contextlib.contextmanager
+def worker_processes(root: Path, n: int, *extra: str) -> Iterator[list[WorkerProcess]]:
+    """`n` real `shardstream worker` processes (killed on exit)."""
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                WorkerProcess.start(
+                    [
+                        "--data-root",
+                        str(root),
+                        "--dataset",
+                        "train=*.npz",
+                        "--processes",
+                        "0",
+                        "--chunk-bytes",
+                        "16384",
+                        *extra,
+                    ]
+                )
+            )
+            for _ in range(n)
+        ]
+        yield procs
+
+
+async def collect_epoch(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
+    return [batch async for batch in loader.epoch(epoch)]
+
+
+def ids_of(batches: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    return np.concatenate([b["id"] for b in batches]) if batches else np.array([], np.int64)

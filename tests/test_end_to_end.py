@@ -1,0 +1,183 @@
+"""End to end: real gRPC workers on ephemeral ports, real loaders, real data."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader, SyncLoader
+from shardstream.client.errors import ConfigError, DatasetMismatchError, NotFoundError
+from shardstream.server import make_dataset
+
+from conftest import RECORDS, SHAPE, collect_epoch, ids_of, running_workers
+
+
+async def run_ranks(
+    addresses: list[str], world_size: int, epochs: int, **options: object
+) -> dict[tuple[int, int], list[dict[str, np.ndarray]]]:
+    """{(rank, epoch): batches} for every rank, ranks running concurrently."""
+    out: dict[tuple[int, int], list[dict[str, np.ndarray]]] = {}
+
+    async def rank(r: int) -> None:
+        async with Loader(
+            addresses, dataset="train", rank=r, world_size=world_size, **options
+        ) as loader:
+            for e in range(epochs):
+                out[(r, e)] = await collect_epoch(loader, e)
+
+    async with asyncio.TaskGroup() as tg:
+        for r in range(world_size):
+            tg.create_task(rank(r))
+    return out
+
+
+async def test_three_workers_four_ranks_exactly_once_and_deterministic(npz_root: Path) -> None:
+    opts = {"batch_size": 32, "seed": 7, "shuffle": True, "read_bytes": 4096}
+    async with running_workers(npz_root, 3) as workers:
+        many = await run_ranks([w.address for w in workers], 4, 2, **opts)
+        one = await run_ranks([workers[0].address], 4, 2, **opts)
+
+    for epoch in range(2):
+        ids = np.concatenate([ids_of(many[(r, epoch)]) for r in range(4)])
+        assert len(ids) == RECORDS
+        assert np.array_equal(np.sort(ids), np.arange(RECORDS))  # exactly once
+        steps = {len(many[(r, epoch)]) for r in range(4)}
+        assert steps == {-(-RECORDS // 4 // 32)}  # equal steps (500 records: 15 full + 1 of 20)
+        for r in range(4):
+            a, b = many[(r, epoch)], one[(r, epoch)]
+            assert np.array_equal(ids_of(a), ids_of(b))  # 3 workers == 1 worker
+            for batch in a:
+                # Fields stay aligned: the synthetic label is id % 10, the image derives from id.
+                assert np.array_equal(batch["label"], batch["id"] % 10)
+                assert batch["image"].shape == (len(batch["id"]), *SHAPE)
+                assert batch["image"].dtype == np.uint8
+    for r in range(4):
+        assert not np.array_equal(ids_of(many[(r, 0)]), ids_of(many[(r, 1)]))
+
+
+async def test_batches_match_the_plan_and_the_shards(npz_root: Path) -> None:
+    """Contents, not just ids: each delivered row equals the record on disk."""
+    shards = sorted(npz_root.glob("*.npz"))
+    images = np.concatenate([np.load(p)["image"] for p in shards])
+    async with (
+        running_workers(npz_root, 2) as workers,
+        Loader(
+            [w.address for w in workers],
+            dataset="train",
+            batch_size=50,
+            rank=1,
+            world_size=3,
+            seed=3,
+            shuffle=True,
+            shuffle_window=64,
+            drop_last=True,
+        ) as loader,
+    ):
+        batches = await collect_epoch(loader, 0)
+        plan = loader.plan(0)
+    assert len(batches) == plan.batches == (RECORDS // 3) // 50
+    assert all(len(b["id"]) == 50 for b in batches)
+    ids = ids_of(batches)
+    assert len(np.unique(ids)) == len(ids)
+    for batch in batches:
+        assert np.array_equal(batch["image"], images[batch["id"]])
+
+
+async def test_pad_and_keep_last_partial_batch(tmp_path: Path) -> None:
+    make_dataset(tmp_path, shards=3, records=101, shape=(2,))
+    async with running_workers(tmp_path, 2) as workers:
+        out = await run_ranks(
+            [w.address for w in workers], 4, 1, batch_size=10, remainder="pad", drop_last=False
+        )
+    per_rank = [ids_of(out[(r, 0)]) for r in range(4)]
+    assert [len(x) for x in per_rank] == [26] * 4  # ceil(101 / 4)
+    assert [len(b["id"]) for b in out[(0, 0)]] == [10, 10, 6]
+    ids = np.concatenate(per_rank)
+    assert set(ids.tolist()) == set(range(101))
+    assert np.array_equal(ids[101:], np.arange(3))  # the pad wraps around to the start
+
+
+async def test_csv_dataset(csv_root: Path) -> None:
+    async with running_workers(csv_root, 2, datasets=("train=part-*:csv",)) as workers:
+        out = await run_ranks([w.address for w in workers], 2, 1, batch_size=16, shuffle=True)
+    ids = np.concatenate([ids_of(out[(r, 0)]) for r in range(2)])
+    # 1003 // 2 * 2: one record, the last of the shuffled sequence, is dropped.
+    assert len(ids) == 1_002 and len(np.unique(ids)) == 1_002
+    assert set(ids.tolist()) <= set(range(1_003))
+    batch = out[(0, 0)][0]
+    assert batch["image"].shape == (16, 2, 3)
+    assert batch["image"].dtype == np.uint8
+
+
+async def test_sync_loader_yields_the_async_batches(npz_root: Path) -> None:
+    async with running_workers(npz_root, 2) as workers:
+        addresses = [w.address for w in workers]
+        opts = {
+            "dataset": "train",
+            "batch_size": 64,
+            "rank": 1,
+            "world_size": 2,
+            "seed": 5,
+            "shuffle": True,
+        }
+        async with Loader(addresses, **opts) as loader:
+            expected = ids_of(await collect_epoch(loader, 1))
+
+        def sync_run() -> tuple[np.ndarray, int]:
+            with SyncLoader(addresses, **opts) as sync:
+                got = ids_of(list(sync.epoch(1)))
+                # Leaving an epoch early stops it; the next one starts cleanly.
+                for _ in sync.epoch(0):
+                    break
+                return got, len(list(sync.epoch(0)))
+
+        got, n0 = await asyncio.to_thread(sync_run)
+    assert np.array_equal(got, expected)
+    assert n0 == -(-(RECORDS // 2) // 64)
+
+
+async def test_break_early_then_next_epoch(npz_root: Path) -> None:
+    async with (
+        running_workers(npz_root, 1) as workers,
+        Loader([workers[0].address], dataset="train", batch_size=8, prefetch_batches=2) as loader,
+    ):
+        async for _ in loader.epoch(0):
+            break
+        full = await collect_epoch(loader, 0)
+        stats = loader.statistics()
+    assert np.array_equal(ids_of(full), np.arange(RECORDS))
+    assert stats.epochs_completed == 1
+    assert stats.records == RECORDS + 8
+    assert stats.resumes == 0
+
+
+async def test_workers_that_disagree_are_refused_by_name(npz_root: Path, tmp_path: Path) -> None:
+    make_dataset(tmp_path, shards=8, records=RECORDS + 1, shape=SHAPE)
+    async with running_workers(npz_root, 1) as a, running_workers(tmp_path, 1) as b:
+        with pytest.raises(DatasetMismatchError) as info:
+            async with Loader([a[0].address, b[0].address], dataset="train", batch_size=8):
+                pass
+    message = str(info.value)
+    assert a[0].address in message and b[0].address in message
+    assert "shard-00000.npz" in message and "records" in message
+
+
+async def test_unknown_dataset_is_a_typed_error(npz_root: Path) -> None:
+    async with running_workers(npz_root, 1) as workers:
+        with pytest.raises(NotFoundError) as info:
+            async with Loader([workers[0].address], dataset="nope", batch_size=8):
+                pass
+    assert info.value.worker == workers[0].address
+    assert "unknown dataset 'nope'" in str(info.value)
+
+
+async def test_options_are_validated_before_connecting() -> None:
+    with pytest.raises(ConfigError, match="batch_size must be positive, got 0"):
+        Loader(["127.0.0.1:1"], dataset="train", batch_size=0)
+    with pytest.raises(ConfigError, match="rank must be in"):
+        Loader(["127.0.0.1:1"], dataset="train", batch_size=1, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="unknown loader option"):
+        Loader(["127.0.0.1:1"], dataset="train", batch_size=1, shuffel=True)
