@@ -120,12 +120,15 @@ async def fetch(
                 pool.mark_ok(conn)
         except TimeoutError:
             _give_up(pool, conn, attempts, f"no data for {options.idle_timeout:g}s", counters)
+            pool.suspect(conn)  # silent: maybe frozen; wait for its health service
         except _Cut as exc:
             _give_up(pool, conn, attempts, str(exc), counters)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE:
                 raise worker_error(exc, worker=conn.address, dataset=options.dataset) from None
             _give_up(pool, conn, attempts, f"{exc.code().name}: {exc.details()}", counters)
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                pool.suspect(conn)
         finally:
             call.cancel()
             pool.release(conn)

@@ -1,8 +1,17 @@
-"""Connections to the workers: least-outstanding choice, backoff, agreement checks."""
+"""Connections to the workers: health, agreement, least-outstanding choice, backoff.
+
+Each worker has a channel and a task that watches its health service. A
+worker gets new reads only while its last health report was SERVING, it is not
+in backoff after a failure, and it described the dataset as the others do.
+A worker that drains (NOT_SERVING) or dies is left alone; when it is back
+(SERVING again, e.g. restarted on the same port) it is described again before
+it gets reads, so a worker restarted with other data is never used.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -10,7 +19,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from shardstream.client._wire import RETRYABLE, DatasetDesc, WorkerStub, worker_error
+from shardstream.client._wire import (
+    RETRYABLE,
+    DatasetDesc,
+    HealthWatch,
+    WorkerStub,
+    worker_error,
+)
 from shardstream.client.errors import DatasetMismatchError, WorkersUnavailableError
 
 log = logging.getLogger("shardstream.client")
@@ -23,6 +38,10 @@ class Conn:
     address: str
     channel: grpc.aio.Channel
     stub: WorkerStub
+    health: HealthWatch
+    serving: bool = True  # last health report (assumed until the first one)
+    watch_call: grpc.aio.UnaryStreamCall | None = None
+    rewatch: bool = False  # the watch call was cancelled to ask again
     outstanding: int = 0  # reads running on it
     failures: int = 0  # consecutive failures, for backoff
     down_until: float = 0.0  # loop time before which it gets no reads
@@ -72,9 +91,11 @@ class WorkerPool:
         self.conns: list[Conn] = []
         for address in addresses:
             channel = grpc.aio.insecure_channel(address, options=list(channel_options))
-            self.conns.append(Conn(address, channel, WorkerStub(channel)))
+            self.conns.append(Conn(address, channel, WorkerStub(channel), HealthWatch(channel)))
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
+        self._changed = asyncio.Event()  # a worker became available
+        self._watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> DatasetDesc:
         """Describe the dataset on every worker; refuse if those that answer disagree."""
@@ -108,10 +129,49 @@ class WorkerPool:
                 )
         for conn, _ in answered:
             conn.verified = True
+        for conn in self.conns:
+            conn.serving = conn.verified
         for address, err in failed.items():
             log.warning("worker %s did not answer at start (%s); will try it later", address, err)
         self.desc = ref
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._watch(c)) for c in self.conns]
         return ref
+
+    async def _watch(self, conn: Conn) -> None:
+        """Keep `conn.serving` current from the worker's health service."""
+        while True:
+            call = conn.watch_call = conn.health.watch()
+            try:
+                async for reply in call:
+                    serving = conn.health.is_serving(reply)
+                    if serving and not conn.serving:
+                        log.info("worker %s is serving", conn.address)
+                        self._changed.set()
+                    elif not serving and conn.serving:
+                        log.info("worker %s is not serving; no new reads", conn.address)
+                    conn.serving = serving
+                conn.last_error = "health watch ended"
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not conn.rewatch or (task is not None and task.cancelling()):
+                    raise
+            except grpc.aio.AioRpcError as exc:
+                conn.last_error = f"{exc.code().name}: {exc.details()}"
+            finally:
+                call.cancel()
+            if not conn.rewatch:  # the worker went away: describe it again when back
+                conn.verified = False
+                await asyncio.sleep(self._backoff_base)
+            conn.rewatch = False
+            conn.serving = False
+
+    def suspect(self, conn: Conn) -> None:
+        """No reads for `conn` until its health service answers SERVING again."""
+        conn.serving = False
+        conn.rewatch = True
+        if conn.watch_call is not None:
+            conn.watch_call.cancel()
 
     async def _verify(self, conn: Conn) -> bool:
         assert self.desc is not None
@@ -142,7 +202,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            ready = [c for c in self.conns if not c.excluded and c.down_until <= now]
+            ready = [
+                c for c in self.conns if not c.excluded and c.serving and c.down_until <= now
+            ]
             if ready:
                 conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
                 if not conn.verified and not await self._verify(conn):
@@ -151,15 +213,18 @@ class WorkerPool:
                 conn.outstanding += 1
                 conn.assigned += 1
                 return conn
-            waiting = [c.down_until for c in self.conns if not c.excluded]
-            if not waiting or now >= deadline:
+            if now >= deadline or all(c.excluded for c in self.conns):
                 for c in self.conns:
-                    attempts.setdefault(c.address, c.excluded or c.last_error or "not tried")
+                    attempts.setdefault(c.address, c.excluded or c.last_error or "not serving")
                 raise WorkersUnavailableError(
                     f"no worker could serve dataset {self.dataset!r} before the retry deadline",
                     attempts,
                 )
-            await asyncio.sleep(max(0.0, min(min(waiting), deadline) - now))
+            backoffs = [c.down_until for c in self.conns if c.serving and not c.excluded]
+            wake = min([*backoffs, deadline])
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
 
     def release(self, conn: Conn) -> None:
         conn.outstanding -= 1
@@ -178,4 +243,7 @@ class WorkerPool:
         log.info("worker %s: %s; no new reads for %.2fs", conn.address, error, delay)
 
     async def aclose(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(c.channel.close() for c in self.conns))

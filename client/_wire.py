@@ -209,3 +209,21 @@ async def check_health(
             return False, f"{what}: {exc.code().name}: {exc.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"
+
+
+class HealthWatch:
+    """`Watch` on a worker's health service: an async iterator of SERVING or not."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._stub = health_pb2_grpc.HealthStub(channel)
+        self._request = health_pb2.HealthCheckRequest(service=SERVICE)
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+
+    def watch(self) -> grpc.aio.UnaryStreamCall:
+        """A new Watch call; it waits for the worker to be reachable."""
+        return self._stub.Watch(self._request, wait_for_ready=True)
+
+    def is_serving(self, reply: Any) -> bool:
+        return bool(reply.status == self._serving)

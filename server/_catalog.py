@@ -33,6 +33,7 @@ class Shard:
     path: Path
     records: int
     fingerprint: str
+    stamp: tuple[int, int]  # (size, mtime_ns) when indexed: reads refuse a changed file
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +61,21 @@ class Catalog:
     datasets: dict[str, Dataset]
 
 
-IndexFn = Callable[[str, Path], Awaitable[tuple[ShardMeta, str]]]
+@dataclass(frozen=True, slots=True)
+class Indexed:
+    meta: ShardMeta
+    fingerprint: str
+    stamp: tuple[int, int]
 
 
-def index_shard(ref: str, path: Path) -> tuple[ShardMeta, str]:
-    """Index one shard (runs in a decoding process): its meta and fingerprint."""
+IndexFn = Callable[[str, Path], Awaitable[Indexed]]
+
+
+def index_shard(ref: str, path: Path) -> Indexed:
+    """Index one shard (runs in a decoding process): meta, fingerprint, file stamp."""
+    st = path.stat()
     meta = decoder(ref).index(path)
-    return meta, fingerprint_file(path, meta)
+    return Indexed(meta, fingerprint_file(path, meta), (st.st_size, st.st_mtime_ns))
 
 
 def fingerprint_file(path: Path, meta: ShardMeta) -> str:
@@ -121,11 +130,13 @@ async def build_dataset(
     except DecodeError as exc:
         raise CatalogError(f"dataset {spec.name!r}: cannot index a shard: {exc}") from exc
     shards = tuple(
-        Shard(id=sid, path=path, records=meta.records, fingerprint=fp)
-        for (sid, path), (meta, fp) in zip(files, metas, strict=True)
-    )
-    schema = metas[0][0].schema
-    for (sid, _), (meta, _) in zip(files, metas, strict=True):
+        Shard(id=sid, path=path, records=ix.meta.records, fingerprint=ix.fingerprint,
+              stamp=ix.stamp)
+        for (sid, path), ix in zip(files, metas, strict=True)
+    )  # fmt: skip
+    schema = metas[0].meta.schema
+    for (sid, _), ix in zip(files, metas, strict=True):
+        meta = ix.meta
         if meta.schema != schema:
             raise CatalogError(
                 f"dataset {spec.name!r}: shard {sid!r} has schema "

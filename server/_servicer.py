@@ -17,7 +17,7 @@ import grpc
 from shardstream.server._catalog import Catalog, Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import DecodeError
-from shardstream.server._tasks import read_chunk
+from shardstream.server._tasks import ShardChanged, read_chunk
 from shardstream.server._wire import CHUNK_OVERHEAD, ReadArgs, encode_end
 
 log = logging.getLogger("shardstream.worker")
@@ -80,7 +80,16 @@ class WorkerServicer:
 
     def _validate(self, args: ReadArgs) -> tuple[Dataset, Shard]:
         ds = self._dataset(args.dataset)
-        shard = ds.by_id.get(args.shard)
+        sid = args.shard
+        if "\0" in sid or sid.startswith(("/", "\\")) or ".." in sid.replace("\\", "/").split("/"):
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"shard id {sid!r} would leave the data root; shard ids are the relative "
+                "paths that DescribeDataset lists",
+                dataset=ds.name,
+                shard=sid,
+            )
+        shard = ds.by_id.get(sid)
         if shard is None:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
@@ -116,8 +125,6 @@ class WorkerServicer:
         return n
 
     async def read(self, args: ReadArgs, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[bytes] | None = None
         async with _StatusOnError(context):
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the worker is draining")
@@ -130,45 +137,60 @@ class WorkerServicer:
             self.active += 1
             self.idle.clear()
             try:
-                step = self._chunk_records(ds, args)
-                end = args.start + args.count
-                starts = range(args.start, end, step)
-
-                def submit(s: int) -> asyncio.Future[bytes]:
-                    n = min(step, end - s)
-                    return loop.run_in_executor(
-                        self._executor, read_chunk, ds.decoder, shard.path, s, n, ds.schema
-                    )
-
-                sent = 0
-                pending = submit(starts[0]) if starts else None
-                for i, s in enumerate(starts):
-                    assert pending is not None
-                    try:
-                        data = await pending
-                    except DecodeError as exc:
-                        raise RequestError(
-                            grpc.StatusCode.DATA_LOSS,
-                            f"dataset {ds.name!r}, shard {shard.id!r}, record "
-                            f"{exc.record if exc.record is not None else s}: {exc}",
-                            dataset=ds.name,
-                            shard=shard.id,
-                            record=exc.record if exc.record is not None else s,
-                        ) from exc
-                    pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
-                    yield data
-                    sent += min(step, end - s)
-                    if self.is_draining() and sent < args.count:
-                        log.info("draining: ending a stream of %s at record %d", shard.id, s)
-                        yield encode_end(sent, draining=True)
-                        return
-                yield encode_end(sent, draining=False)
+                async for message in self._stream(ds, shard, args):
+                    yield message
             finally:
-                if pending is not None:
-                    pending.cancel()
                 self.active -= 1
                 if self.active == 0:
                     self.idle.set()
+
+    async def _stream(self, ds: Dataset, shard: Shard, args: ReadArgs) -> AsyncIterator[bytes]:
+        """Chunks of [start, start + count), decoding one chunk ahead, then the end."""
+        loop = asyncio.get_running_loop()
+        step = self._chunk_records(ds, args)
+        end = args.start + args.count
+        starts = range(args.start, end, step)
+
+        def submit(s: int) -> asyncio.Future[bytes]:
+            return loop.run_in_executor(
+                self._executor, read_chunk, ds.decoder, shard.path, shard.stamp,
+                s, min(step, end - s), ds.schema,
+            )  # fmt: skip
+
+        pending = submit(starts[0]) if starts else None
+        sent = 0
+        try:
+            for i, s in enumerate(starts):
+                assert pending is not None
+                try:
+                    data = await pending
+                except (DecodeError, ShardChanged) as exc:
+                    raise _data_error(ds, shard, s, exc) from exc
+                pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
+                yield data
+                sent += min(step, end - s)
+                if self.is_draining() and sent < args.count:
+                    log.info("draining: ending a stream of %s at record %d", shard.id, s + step)
+                    yield encode_end(sent, draining=True)
+                    return
+            yield encode_end(sent, draining=False)
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> RequestError:
+    code, record = grpc.StatusCode.FAILED_PRECONDITION, start
+    if isinstance(exc, DecodeError):
+        code = grpc.StatusCode.DATA_LOSS
+        record = start if exc.record is None else exc.record
+    return RequestError(
+        code,
+        f"dataset {ds.name!r}, shard {shard.id!r}, record {record}: {exc}",
+        dataset=ds.name,
+        shard=shard.id,
+        record=record,
+    )
 
 
 class _StatusOnError:

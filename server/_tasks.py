@@ -35,10 +35,28 @@ def decoder(ref: str) -> Decoder:
     return found
 
 
+class ShardChanged(Exception):
+    """The shard file is not the one that was indexed (size or mtime differ)."""
+
+
 def read_chunk(
-    ref: str, path: Path, start: int, count: int, schema: tuple[FieldSpec, ...]
+    ref: str,
+    path: Path,
+    stamp: tuple[int, int],
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
 ) -> bytes:
     """Decode records [start, start + count) of a shard into a serialized chunk."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ShardChanged(f"the shard cannot be opened any more: {exc.strerror}") from None
+    if (st.st_size, st.st_mtime_ns) != stamp:
+        raise ShardChanged(
+            f"the shard changed since it was indexed (size {stamp[0]} -> {st.st_size} bytes); "
+            "restart the worker to index it again"
+        )
     arrays = decoder(ref).read(path, start, count)
     check_arrays(arrays, schema, start, count)
     return encode_chunk(start, arrays)

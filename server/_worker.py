@@ -22,9 +22,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shardstream.server._catalog import build_catalog, index_shard
+from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
-from shardstream.server._decoders import ShardMeta
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._tasks import process_ready
 from shardstream.server._wire import SERVICE, service_handler
@@ -106,7 +105,7 @@ class Worker:
 
         executor = self._executor
 
-        async def index(ref: str, path: Path) -> tuple[ShardMeta, str]:
+        async def index(ref: str, path: Path) -> Indexed:
             return await loop.run_in_executor(executor, index_shard, ref, path)
 
         t0 = time.perf_counter()
