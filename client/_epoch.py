@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shardstream.client._fetch import FetchCounters, FetchOptions, fetch
+from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
 from shardstream.client._planner import RankPlan, Read
 from shardstream.client._pool import WorkerPool
 from shardstream.client._rebatch import Batch, Rebatcher
@@ -72,8 +72,10 @@ class EpochIterator:
         prefetch_batches: int,
         spawn: Callable[[Any], asyncio.Task[None]],
         counters: FetchCounters,
+        empty: Batch,
     ) -> None:
         self.plan = plan
+        self._empty = empty
         self._shards = shards
         self._pool = pool
         self._fetch_options = fetch_options
@@ -141,13 +143,15 @@ class EpochIterator:
 
     async def _produce(self) -> None:
         reads = self.plan.reads
-        buffer: ReorderBuffer[Piece] = ReorderBuffer([r.count for r in reads], self._reads_ahead)
-        rebatcher = Rebatcher(self.plan.batch_size)
+        buffer: ReorderBuffer[Piece | Hole] = ReorderBuffer(
+            [r.count for r in reads], self._reads_ahead
+        )
+        rebatcher = Rebatcher(self.plan.batch_size, self._empty)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._feed(tg, reads, buffer))
-            ready: deque[Piece] = deque()  # released in plan order, not yet used
+            ready: deque[Piece | Hole] = deque()  # released in plan order, not yet used
             for window in self.plan.windows:
-                pieces: list[Piece] = []
+                pieces: list[Piece | Hole] = []
                 got = 0
                 while got < window.records:  # reads never straddle windows
                     if not ready:
@@ -163,16 +167,14 @@ class EpochIterator:
                         )
                     piece = ready.popleft()
                     got += piece.count
-                    if window.take is None:
-                        await self._emit(rebatcher.push(piece.arrays))
-                    else:
+                    if window.take is not None:
                         pieces.append(piece)
+                    elif isinstance(piece, Hole):
+                        await self._emit(rebatcher.push_holes(piece.count))
+                    else:
+                        await self._emit(rebatcher.push(piece.arrays))
                 if window.take is not None:
-                    arrays = {
-                        k: np.concatenate([p.arrays[k] for p in pieces])[window.take]
-                        for k in pieces[0].arrays
-                    }
-                    await self._emit(rebatcher.push(arrays))
+                    await self._emit(_shuffled(rebatcher, pieces, window.take))
             last = rebatcher.flush()
             if last is not None:
                 await self._emit([last])
@@ -188,11 +190,11 @@ class EpochIterator:
             await self._queue.put(batch)
 
     async def _feed(
-        self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece]
+        self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece | Hole]
     ) -> None:
         slots = asyncio.Semaphore(self._max_inflight)
 
-        def put(seq: int, offset: int, piece: Piece) -> None:
+        def put(seq: int, offset: int, piece: Piece | Hole) -> None:
             buffer.put(seq, offset, piece.count, piece)
             self._ready.set()
 
@@ -215,6 +217,23 @@ class EpochIterator:
                 await self._progress.wait()
             await slots.acquire()
             tg.create_task(one(read))
+
+
+def _shuffled(
+    rebatcher: Rebatcher, pieces: list[Piece | Hole], take: np.ndarray[Any, Any]
+) -> list[Batch]:
+    """Push a whole window's records in `take` order; skipped records stay holes."""
+    data = [p for p in pieces if isinstance(p, Piece)]
+    if not data:
+        return rebatcher.push_holes(len(take))
+    arrays = {k: np.concatenate([p.arrays[k] for p in data]) for k in data[0].arrays}
+    if len(data) == len(pieces):
+        return rebatcher.push({k: v[take] for k, v in arrays.items()})
+    valid = np.concatenate([np.full(p.count, isinstance(p, Piece)) for p in pieces])
+    row = np.cumsum(valid) - 1  # slot -> row in `arrays`
+    mask = valid[take]
+    rows = row[take][mask]
+    return rebatcher.push({k: v[rows] for k, v in arrays.items()}, mask)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -10,8 +10,9 @@ cancelled, so nothing it would still send is ever seen.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -26,7 +27,9 @@ from shardstream.client._wire import (
     encode_read,
     worker_error,
 )
-from shardstream.client.errors import ProtocolError
+from shardstream.client.errors import DataLossError, ProtocolError
+
+log = logging.getLogger("shardstream.client")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,12 +39,23 @@ class FetchOptions:
     max_chunk_records: int
     idle_timeout: float  # seconds without a message before a stream is given up
     retry_deadline: float  # seconds without progress before WorkersUnavailableError
+    on_error: str = "raise"  # "skip": a record the worker cannot decode becomes a Hole
+
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """Records [start, start + count) of a shard that were skipped as bad."""
+
+    start: int
+    count: int
 
 
 @dataclass
 class FetchCounters:
     resumes: int = 0  # reads continued on a fresh stream after a failure or drain
     retries_by_worker: dict[str, int] | None = None
+    skipped: int = 0  # records skipped as bad (on_error="skip")
+    skipped_seen: set[tuple[str, int]] = field(default_factory=set)  # logged once each
 
     def count(self, address: str) -> None:
         self.resumes += 1
@@ -56,7 +70,7 @@ async def fetch(
     *,
     pool: WorkerPool,
     options: FetchOptions,
-    put: Callable[[int, int, Piece], None],
+    put: Callable[[int, int, Piece | Hole], None],
     counters: FetchCounters,
 ) -> None:
     """Stream `read` into `put(seq, offset, piece)` until every record arrived."""
@@ -64,13 +78,21 @@ async def fetch(
     received = 0
     attempts: dict[str, str] = {}
     deadline = loop.time() + options.retry_deadline
+    end_of_read = read.start + read.count
+    bad: set[int] = set()  # records (shard indices) to skip
     while received < read.count:
+        position = read.start + received
+        if position in bad:
+            put(read.seq, received, Hole(position, 1))
+            received += 1
+            continue
+        wanted = min([b for b in bad if b > position], default=end_of_read) - position
         conn = await pool.acquire(deadline, attempts)
         request = encode_read(
             dataset=options.dataset,
             shard=shard.id,
-            start=read.start + received,
-            count=read.count - received,
+            start=position,
+            count=wanted,
             seed=options.seed,
             fingerprint=shard.fingerprint,
             max_chunk_records=options.max_chunk_records,
@@ -85,7 +107,7 @@ async def fetch(
                 if msg is grpc.aio.EOF:
                     break
                 try:
-                    item = _decode(msg, read, received)
+                    item = _decode(msg, read.start + received, position + wanted)
                 except ProtocolError as exc:
                     raise ProtocolError(
                         str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
@@ -109,9 +131,9 @@ async def fetch(
             if end.draining:
                 pool.mark_down(conn, "draining", delay=options.retry_deadline)
                 counters.count(conn.address)
-            elif received != read.count:
+            elif sent_here != wanted:
                 raise ProtocolError(
-                    f"the stream ended complete after {received} of {read.count} records",
+                    f"the stream ended complete after {sent_here} of {wanted} records",
                     worker=conn.address,
                     dataset=options.dataset,
                     shard=shard.id,
@@ -125,7 +147,22 @@ async def fetch(
             _give_up(pool, conn, attempts, str(exc), counters)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE:
-                raise worker_error(exc, worker=conn.address, dataset=options.dataset) from None
+                error = worker_error(exc, worker=conn.address, dataset=options.dataset)
+                record = error.record
+                if (
+                    options.on_error == "skip"
+                    and isinstance(error, DataLossError)
+                    and record is not None
+                    and read.start + received <= record < end_of_read
+                    and record not in bad
+                ):
+                    bad.add(record)
+                    counters.skipped += 1
+                    if (shard.id, record) not in counters.skipped_seen:
+                        counters.skipped_seen.add((shard.id, record))
+                        log.warning("skipping a bad record: %s", error)
+                    continue
+                raise error from None
             _give_up(pool, conn, attempts, f"{exc.code().name}: {exc.details()}", counters)
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 pool.suspect(conn)
@@ -146,13 +183,14 @@ def _give_up(
     counters.count(conn.address)
 
 
-def _decode(msg: bytes, read: Read, received: int) -> Piece | End:
+def _decode(msg: bytes, expected: int, limit: int) -> Piece | End:
+    """A streamed message, checked to continue the read at `expected`, not past `limit`."""
     item = decode_response(msg)
-    if isinstance(item, Piece):
-        expected = read.start + received
-        if item.start != expected or item.count < 1 or received + item.count > read.count:
-            raise ProtocolError(
-                f"chunk of records [{item.start}, {item.start + item.count}) does not continue "
-                f"the read at {expected} ({read.count - received} records left)"
-            )
+    if isinstance(item, Piece) and (
+        item.start != expected or item.count < 1 or item.start + item.count > limit
+    ):
+        raise ProtocolError(
+            f"chunk of records [{item.start}, {item.start + item.count}) does not continue "
+            f"the request at {expected} (up to {limit})"
+        )
     return item

@@ -7,7 +7,9 @@ import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from shardstream.client._epoch import EpochCounters, EpochIterator
 from shardstream.client._fetch import FetchCounters, FetchOptions
@@ -36,6 +38,8 @@ class LoaderConfig:
     shuffle_window: int = 0  # >1: also shuffle records in windows of this many (memory!)
     remainder: Remainder = "drop"  # N % world_size records: "drop" or "pad" (wrap around)
     drop_last: bool = False  # drop each rank's last partial batch
+    on_error: Literal["raise", "skip"] = "raise"  # records a worker cannot decode: raise, or
+    # skip them (their batch is that much shorter; the number of batches never changes)
     read_bytes: int = 8 * MiB  # target size of one read (a slice of a shard)
     max_inflight_reads: int = 8  # read streams running at once, over all workers
     reads_ahead: int = 16  # reads started but not consumed: bounds memory
@@ -64,6 +68,8 @@ class LoaderConfig:
             "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
         ):  # fmt: skip
             positive(name)
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         if self.reads_ahead < self.max_inflight_reads:
@@ -117,6 +123,8 @@ class LoaderStatistics:
     resumes: int  # reads continued elsewhere after a failure, cut or drain
     resumes_by_worker: dict[str, int]
     max_reorder_depth: int
+    records_skipped: int  # bad records left out (on_error="skip")
+    reads_in_flight: dict[str, int]  # reads running now, by worker
 
 
 class Loader:
@@ -265,12 +273,14 @@ class Loader:
                 max_chunk_records=chunk,
                 idle_timeout=cfg.idle_timeout,
                 retry_deadline=cfg.retry_deadline,
+                on_error=cfg.on_error,
             ),
             max_inflight=cfg.max_inflight_reads,
             reads_ahead=cfg.reads_ahead,
             prefetch_batches=cfg.prefetch_batches,
             spawn=self._spawn,
             counters=self._fetch_counters,
+            empty={f.name: np.empty((0, *f.shape), dtype=f.dtype) for f in self.schema},
         )
         self._current = iterator
         return iterator
@@ -298,4 +308,8 @@ class Loader:
             resumes=fc.resumes,
             resumes_by_worker=dict(fc.retries_by_worker or {}),
             max_reorder_depth=total.max_reorder_depth,
+            records_skipped=fc.skipped,
+            reads_in_flight={c.address: c.outstanding for c in self._pool.conns}
+            if self._pool is not None
+            else {},
         )

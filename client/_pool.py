@@ -202,9 +202,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            ready = [
-                c for c in self.conns if not c.excluded and c.serving and c.down_until <= now
-            ]
+            ready = [c for c in self.conns if not c.excluded and c.serving and c.down_until <= now]
             if ready:
                 conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
                 if not conn.verified and not await self._verify(conn):
