@@ -54,6 +54,7 @@ class WorkerConfig:
     chunk_bytes: int = 1 * MiB  # target size of one streamed chunk (<= max message)
     max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # on SIGTERM: time running streams get to end cleanly
+    decoders: tuple[str, ...] = ()  # "module:Class" plug-in formats to import and register
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -74,6 +75,9 @@ class WorkerConfig:
             )
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be positive, got {self.max_streams}")
+        for ref in self.decoders:
+            if ":" not in ref:
+                raise ValueError(f"--decoder must look like module:Class, got {ref!r}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
 

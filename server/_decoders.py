@@ -122,6 +122,23 @@ def load_decoder(ref: str) -> Decoder:
     return obj()
 
 
+def register_plugins(refs: tuple[str, ...] = ()) -> list[str]:
+    """Register decoders named "module:Class", and those of installed packages that
+    declare the entry-point group `shardstream.decoders`. Returns the format names."""
+    from importlib.metadata import entry_points
+
+    names = []
+    for ep in entry_points(group="shardstream.decoders"):
+        names.append(register_decoder(ep.load()).name)
+    for ref in refs:
+        try:
+            cls = type(load_decoder(ref))
+        except (ImportError, AttributeError, TypeError) as exc:
+            raise ValueError(f"cannot load decoder {ref!r}: {exc}") from exc
+        names.append(register_decoder(cls).name)
+    return names
+
+
 def format_for_path(path: str) -> str:
     """The format whose decoder claims the file name's suffix."""
     _load_builtin()

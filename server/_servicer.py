@@ -205,9 +205,17 @@ class _StatusOnError:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if not isinstance(exc, RequestError):
             return
-        metadata = [("shardstream-dataset", exc.dataset), ("shardstream-shard", exc.shard)]
+        metadata = [
+            ("shardstream-dataset", _header_safe(exc.dataset)),
+            ("shardstream-shard", _header_safe(exc.shard)),
+        ]
         if exc.record is not None:
             metadata.append(("shardstream-record", str(exc.record)))
         if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
             log.warning("%s: %s", exc.code.name, exc)
         await self._context.abort(exc.code, str(exc), trailing_metadata=tuple(metadata))
+
+
+def _header_safe(value: str) -> str:
+    """Printable ASCII (gRPC metadata refuses anything else), escaped, bounded."""
+    return value.encode("unicode_escape").decode("ascii")[:512]

@@ -9,6 +9,7 @@ one instance per decoder (decoders cache per-shard state such as open files).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ from shardstream.server._wire import encode_chunk
 from shardstream.v1.codec import FieldSpec
 
 _decoders: dict[str, Decoder] = {}
+
+
+def process_init() -> None:
+    """Decoding processes leave signals to the server process, which drains them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def process_ready() -> int:

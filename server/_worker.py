@@ -24,8 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
+from shardstream.server._decoders import register_plugins
 from shardstream.server._servicer import WorkerServicer
-from shardstream.server._tasks import process_ready
+from shardstream.server._tasks import process_init, process_ready
 from shardstream.server._wire import SERVICE, service_handler
 
 log = logging.getLogger("shardstream.worker")
@@ -79,9 +80,14 @@ class Worker:
         self._state = "starting"
         cfg = self.config
         loop = asyncio.get_running_loop()
+        plugins = register_plugins(cfg.decoders)
+        if plugins:
+            log.info("plug-in formats: %s", ", ".join(plugins))
         if cfg.processes:
             ctx = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(cfg.processes, mp_context=ctx)
+            self._executor = ProcessPoolExecutor(
+                cfg.processes, mp_context=ctx, initializer=process_init
+            )
             pids = await asyncio.gather(
                 *(loop.run_in_executor(self._executor, process_ready) for _ in range(cfg.processes))
             )

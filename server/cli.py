@@ -86,6 +86,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="seconds running streams get to end on SIGTERM [SHARDSTREAM_GRACE]",
     )
     p.add_argument(
+        "--decoder",
+        action="append",
+        dest="decoders",
+        metavar="MODULE:CLASS",
+        default=None,
+        help="a plug-in format to load; repeatable [SHARDSTREAM_DECODERS, space-separated]",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING [SHARDSTREAM_LOG_LEVEL]",
@@ -106,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         chunk_bytes=args.chunk_bytes,
         max_streams=args.max_streams,
         grace_seconds=args.grace,
+        decoders=tuple(args.decoders or (_env("DECODERS") or "").split()),
     )
 
 
@@ -166,7 +175,7 @@ def worker_command(args: argparse.Namespace) -> int:
         return 2
     try:
         return run_async(lambda: serve(config))
-    except CatalogError as exc:
+    except (CatalogError, ValueError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
     except OSError as exc:

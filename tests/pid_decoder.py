@@ -4,6 +4,7 @@ decoding process's pid, to show which processes decode."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shardstream.server import Decoder, ShardMeta, register_decoder
+from shardstream.server._npz import NpzDecoder
 from shardstream.v1.codec import FieldSpec
 
 
@@ -36,3 +38,15 @@ class PidDecoder(Decoder):
             "id": np.arange(base + start, base + start + count, dtype=np.int64),
             "pid": np.full(count, os.getpid(), dtype=np.int64),
         }
+
+
+class SlowNpz(NpzDecoder):
+    """npz that takes a few milliseconds per read, so streams are in flight when a
+    test injects a fault. Not registered here: workers load it with --decoder."""
+
+    name = "slownpz"
+    suffixes = ()
+
+    def read(self, path: Path, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
+        time.sleep(0.004)  # simulated decode cost
+        return super().read(path, start, count)

@@ -1,0 +1,263 @@
+"""Exactly once through real faults: worker processes killed, frozen, drained, restarted.
+
+Workers are real `shardstream worker` processes decoding with a slow npz decoder
+(a few ms per chunk), so that reads are in flight when a fault strikes. Each
+fault fires from the consuming loop of rank 0 at the first batch after which
+the target worker has reads running for that rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardstream.client import Loader
+from shardstream.server import make_dataset
+from shardstream.server._process import WorkerProcess
+
+TESTS = Path(__file__).parent
+RECORDS = 12_000
+WORLD = 4
+OPTIONS = {
+    "batch_size": 50,
+    "seed": 11,
+    "shuffle": True,
+    "read_bytes": 64 * 1024,
+    "chunk_bytes": 16 * 1024,
+    "max_inflight_reads": 6,
+    "reads_ahead": 8,
+    "prefetch_batches": 2,
+    "idle_timeout": 2.0,
+    "keepalive_seconds": 1.0,
+    "backoff_base": 0.05,
+    "backoff_cap": 0.5,
+    "retry_deadline": 60.0,
+}
+Fault = Callable[[Loader], Awaitable[bool]]  # returns True once it has fired
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    make_dataset(root, shards=12, records=RECORDS, shape=(16, 16, 3))
+    return root
+
+
+def start_worker(root: Path, *extra: str) -> WorkerProcess:
+    return WorkerProcess.start(
+        ["--data-root", str(root), "--dataset", "train=*.npz:slownpz", "--decoder",
+         "pid_decoder:SlowNpz", "--processes", "0", "--chunk-bytes", "16384", *extra],
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))},
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def fleet(root: Path, n: int, *extra: str) -> Iterator[list[WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+    try:
+        for _ in range(n):
+            workers.append(start_worker(root, *extra))
+        yield workers
+    finally:
+        for w in workers:
+            w.signal(signal.SIGCONT)
+            w.close()
+
+
+async def run_epochs(
+    addresses: list[str], epochs: list[int], fault: Fault | None = None, **overrides: object
+) -> tuple[dict[tuple[int, int], np.ndarray], list[Loader]]:
+    """{(rank, epoch): ids in delivery order} for WORLD concurrent ranks."""
+    out: dict[tuple[int, int], np.ndarray] = {}
+    loaders = [
+        Loader(addresses, dataset="train", rank=r, world_size=WORLD, **{**OPTIONS, **overrides})
+        for r in range(WORLD)
+    ]
+    fired = False
+
+    async def rank(loader: Loader) -> None:
+        nonlocal fired
+        for e in epochs:
+            ids = []
+            async for batch in loader.epoch(e):
+                ids.append(batch["id"])
+                if fault is not None and loader.config.rank == 0 and not fired:
+                    fired = await fault(loader)
+            out[(loader.config.rank, e)] = np.concatenate(ids)
+
+    try:
+        for loader in loaders:
+            await loader.start()
+        async with asyncio.TaskGroup() as tg:
+            for loader in loaders:
+                tg.create_task(rank(loader))
+    finally:
+        for loader in loaders:
+            await loader.aclose()
+    assert fault is None or fired, "the fault never fired: no read was in flight"
+    return out, loaders
+
+
+def assert_exactly_once(out: dict[tuple[int, int], np.ndarray], epoch: int) -> None:
+    ids = np.concatenate([out[(r, epoch)] for r in range(WORLD)])
+    assert len(ids) == RECORDS
+    assert np.array_equal(np.sort(ids), np.arange(RECORDS))
+    assert len({len(out[(r, epoch)]) for r in range(WORLD)}) == 1
+
+
+def when_busy(target: WorkerProcess, action: Callable[[], Awaitable[None]]) -> Fault:
+    async def fault(loader: Loader) -> bool:
+        if loader.statistics().reads_in_flight.get(target.address, 0) == 0:
+            return False
+        await action()
+        return True
+
+    return fault
+
+
+async def test_kill_9_one_of_three_workers(root: Path) -> None:
+    with fleet(root, 3) as workers:
+        addresses = [w.address for w in workers]
+        reference, _ = await run_epochs(addresses, [0])
+        victim = workers[1]
+
+        async def kill() -> None:
+            victim.signal(signal.SIGKILL)
+
+        out, loaders = await run_epochs(addresses, [0], when_busy(victim, kill))
+    assert_exactly_once(out, 0)
+    for r in range(WORLD):
+        assert np.array_equal(out[(r, 0)], reference[(r, 0)])  # order as if nothing happened
+    assert loaders[0].statistics().resumes_by_worker.get(victim.address, 0) >= 1
+
+
+async def test_kill_all_workers_and_restart_them_on_the_same_ports(root: Path) -> None:
+    with fleet(root, 3) as workers:
+        addresses = [w.address for w in workers]
+
+        async def kill_all_and_restart() -> None:
+            ports = [w.port for w in workers]
+            for w in workers:
+                w.signal(signal.SIGKILL)
+            for w in workers:
+                w.close()
+
+            def restart() -> list[WorkerProcess]:
+                return [start_worker(root, "--port", str(p)) for p in ports]
+
+            workers[:] = await asyncio.to_thread(restart)
+
+        out, loaders = await run_epochs(
+            addresses, [0, 1], when_busy(workers[0], kill_all_and_restart)
+        )
+        assert [w.address for w in workers] == addresses
+    assert_exactly_once(out, 0)
+    assert_exactly_once(out, 1)
+    assert loaders[0].statistics().resumes >= 1
+
+
+async def test_sigstop_worker_is_routed_around_and_sigcont_duplicates_nothing(root: Path) -> None:
+    with fleet(root, 3) as workers:
+        addresses = [w.address for w in workers]
+        victim = workers[2]
+        stopped_at: list[float] = []
+
+        async def freeze() -> None:
+            victim.signal(signal.SIGSTOP)
+            stopped_at.append(time.monotonic())
+
+        out, loaders = await run_epochs(addresses, [0], when_busy(victim, freeze))
+        detected = time.monotonic() - stopped_at[0]
+        victim.signal(signal.SIGCONT)
+        # After SIGCONT the worker's late data must not show up anywhere: run again.
+        again, _ = await run_epochs(addresses, [0, 1])
+    assert_exactly_once(out, 0)
+    assert_exactly_once(again, 0)
+    assert_exactly_once(again, 1)
+    for r in range(WORLD):
+        assert np.array_equal(out[(r, 0)], again[(r, 0)])
+    stats = loaders[0].statistics()
+    assert stats.resumes_by_worker.get(victim.address, 0) >= 1
+    print(f"\nSIGSTOP: epoch finished {detected:.2f}s after the freeze "
+          f"(idle_timeout {OPTIONS['idle_timeout']}s)")  # fmt: skip
+
+
+async def test_sigterm_drain_mid_epoch(root: Path) -> None:
+    with fleet(root, 3, "--grace", "5") as workers:
+        addresses = [w.address for w in workers]
+        victim = workers[0]
+        seen: dict[str, float] = {}
+        async with grpc.aio.insecure_channel(victim.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+            async def drain() -> None:
+                seen["signal"] = time.monotonic()
+                victim.signal(signal.SIGTERM)
+                reply = await asyncio.wait_for(watch.read(), 5)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                seen["not_serving"] = time.monotonic()
+
+            # Long reads (~30 chunks each), so a read in flight is mid-stream at SIGTERM.
+            out, loaders = await run_epochs(
+                addresses, [0], when_busy(victim, drain), read_bytes=512 * 1024
+            )
+            watch.cancel()
+        code = await asyncio.to_thread(victim.proc.wait, 10)
+        seen["exited"] = time.monotonic()
+    assert code == 0
+    assert seen["not_serving"] - seen["signal"] < 1.0
+    assert seen["exited"] - seen["signal"] < 5.0 + 1.0  # within the grace period (+ start-up slack)
+    assert_exactly_once(out, 0)
+    cut = sum(ld.statistics().resumes_by_worker.get(victim.address, 0) for ld in loaders)
+    ended = sum("draining: ending a stream" in line for line in victim.log)
+    print(
+        f"\ndrain: NOT_SERVING after {seen['not_serving'] - seen['signal']:.3f}s, exit 0 after "
+        f"{seen['exited'] - seen['signal']:.2f}s; {ended} streams ended early, {cut} resumed"
+    )
+    assert ended >= 1 and cut >= ended
+
+
+async def test_many_clients_against_a_small_stream_cap(root: Path) -> None:
+    with fleet(root, 1, "--max-streams", "2") as workers:
+        out, loaders = await run_epochs([workers[0].address], [0], max_inflight_reads=4)
+    assert_exactly_once(out, 0)
+    assert any(ld.statistics().resumes > 0 for ld in loaders)  # RESOURCE_EXHAUSTED, retried
+
+
+def rss_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    return rss_kb * 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_breaking_out_of_epochs_releases_worker_resources(root: Path) -> None:
+    with fleet(root, 1) as (worker,):
+        async with Loader([worker.address], dataset="train", **OPTIONS) as loader:
+
+            async def cycles(n: int) -> None:
+                for i in range(n):
+                    async for _ in loader.epoch(i % 5):
+                        break
+
+            await cycles(20)  # warm up: connections, caches, allocator
+            before = rss_and_fds(worker.pid)
+            await cycles(200)
+            ids = np.concatenate([b["id"] async for b in loader.epoch(3)])
+            after = rss_and_fds(worker.pid)
+    growth = (after[0] - before[0]) / 2**20
+    print(f"\n200 early breaks: worker RSS {before[0] / 2**20:.1f} -> {after[0] / 2**20:.1f} MiB "
+          f"({growth:+.1f}), open fds {before[1]} -> {after[1]}")  # fmt: skip
+    assert np.array_equal(np.sort(ids), np.arange(RECORDS))  # world size 1: everything
+    assert after[1] <= before[1] + 4
+    assert growth < 32
