@@ -261,3 +261,24 @@ async def test_breaking_out_of_epochs_releases_worker_resources(root: Path) -> N
     assert np.array_equal(np.sort(ids), np.arange(RECORDS))  # world size 1: everything
     assert after[1] <= before[1] + 4
     assert growth < 32
+
+
+async def test_all_workers_gone_for_good_is_a_clear_error(root: Path) -> None:
+    from shardstream.client.errors import WorkersUnavailableError
+
+    with fleet(root, 2) as workers:
+        addresses = [w.address for w in workers]
+
+        async def kill_all() -> None:
+            for w in workers:
+                w.signal(signal.SIGKILL)
+
+        with pytest.raises(ExceptionGroup) as info:  # one error per rank
+            await run_epochs(addresses, [0], when_busy(workers[0], kill_all), retry_deadline=3.0)
+    errors = info.value.exceptions
+    assert errors  # the first ranks to fail; the task group cancels the others
+    for error in errors:
+        assert isinstance(error, WorkersUnavailableError)
+        assert set(error.attempts) == set(addresses)
+        assert all(addr in str(error) for addr in addresses)
+    print(f"\n{errors[0]}")
