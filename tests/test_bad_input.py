@@ -168,3 +168,12 @@ async def test_csv_schema_file_must_match_the_columns(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="part-000"):
         async with running_workers(tmp_path, 1, datasets=("train=part-*:csv",)):
             pass
+
+
+async def test_truncated_npz_shard_refuses_start_naming_shard_and_record(tmp_path: Path) -> None:
+    make_dataset(tmp_path, shards=2, records=40, shape=(64,))
+    path = tmp_path / "shard-00001.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CatalogError, match=r"shard-00001.npz is truncated: .* at record \d+ of 20"):
+        async with running_workers(tmp_path, 1):
+            pass

@@ -282,3 +282,15 @@ async def test_all_workers_gone_for_good_is_a_clear_error(root: Path) -> None:
         assert set(error.attempts) == set(addresses)
         assert all(addr in str(error) for addr in addresses)
     print(f"\n{errors[0]}")
+
+
+async def test_second_sigterm_exits_at_once(root: Path) -> None:
+    with fleet(root, 1, "--grace", "60") as (worker,):
+        async with Loader([worker.address], dataset="train", **OPTIONS) as loader:
+            epoch = loader.epoch(0)
+            await anext(epoch)  # streams are open now, and the consumer pauses
+            worker.signal(signal.SIGTERM)  # drain: would wait up to 60 s for open streams
+            worker.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(worker.proc.wait, 10)
+            await epoch.aclose()
+    assert code == 128 + signal.SIGTERM
