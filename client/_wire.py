@@ -8,7 +8,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from shardstream.client._chunkparse import is_chunk, parse_chunk
 from shardstream.client.errors import (
     AccessDeniedError,
     DataLossError,
@@ -98,30 +100,21 @@ def encode_read(
 
 
 def decode_response(data: bytes) -> Piece | End:
-    """Turn one streamed message into a Piece (arrays over the message) or an End."""
-    msg = pb.ReadResponse.FromString(data)
+    """Turn one streamed message into a Piece (arrays viewing the message) or an End."""
+    if is_chunk(data):
+        try:
+            start, count, arrays = parse_chunk(data)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed chunk: {exc}") from None
+        return Piece(start, count, arrays)
+    try:
+        msg = pb.ReadResponse.FromString(data)
+    except DecodeError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
     kind = msg.WhichOneof("kind")
     if kind == "end":
         return End(msg.end.records_sent, msg.end.reason == pb.END_REASON_DRAINING)
-    if kind != "chunk":
-        raise ProtocolError("a streamed message is neither a chunk nor an end")
-    chunk = msg.chunk
-    arrays: Arrays = {}
-    for t in chunk.tensors:
-        try:
-            dtype = dtype_from_code(t.dtype)
-        except ValueError as exc:
-            raise ProtocolError(f"tensor {t.name!r}: {exc}") from None
-        shape = tuple(t.shape)
-        if not shape or shape[0] != chunk.count:
-            raise ProtocolError(f"tensor {t.name!r} has shape {shape} in a chunk of {chunk.count}")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if len(t.data) != expected:
-            raise ProtocolError(
-                f"tensor {t.name!r}: {len(t.data)} bytes, shape {shape} of {dtype} needs {expected}"
-            )
-        arrays[t.name] = np.frombuffer(t.data, dtype=dtype).reshape(shape)
-    return Piece(chunk.start, chunk.count, arrays)
+    raise ProtocolError("a streamed message is neither a chunk nor an end")
 
 
 class WorkerStub:

@@ -86,3 +86,39 @@ def test_field_spec_validation() -> None:
         FieldSpec(name="x", dtype="uint8", shape=(-1,))
     with pytest.raises(ValueError, match="cannot travel"):
         FieldSpec(name="x", dtype="object", shape=())
+
+
+def test_chunk_parser_accepts_any_valid_encoding() -> None:
+    """Unpacked shapes, fields out of order, unknown fields of every wire type."""
+    from shardstream.server._wire import _int_key, _len_key, _varint
+
+    values = np.arange(6, dtype=np.int16).reshape(3, 2)
+    data = values.tobytes()
+    unknown = (
+        _int_key(9) + _varint(5) + _varint(9 << 3 | 1) + b"\0" * 8
+        + _varint(9 << 3 | 5) + b"\0" * 4 + _len_key(9) + _varint(2) + b"zz"
+    )  # fmt: skip
+    tensor = (
+        _len_key(4) + _varint(len(data)) + data + unknown
+        + _int_key(3) + _varint(3) + _int_key(3) + _varint(2)  # unpacked shape
+        + _int_key(2) + _varint(dtype_code("int16")) + _len_key(1) + _varint(1) + b"v"
+    )  # fmt: skip
+    chunk = _len_key(3) + _varint(len(tensor)) + tensor + _int_key(2) + _varint(3) + unknown
+    chunk += _int_key(1) + _varint(40)
+    message = _len_key(1) + _varint(len(chunk)) + chunk
+    reference = pb.ReadResponse.FromString(message)  # it is valid protobuf
+    assert reference.chunk.start == 40 and list(reference.chunk.tensors[0].shape) == [3, 2]
+    piece = decode_response(message)
+    assert isinstance(piece, Piece)
+    assert (piece.start, piece.count) == (40, 3)
+    assert np.array_equal(piece.arrays["v"], values)
+    assert not piece.arrays["v"].flags.writeable  # a view of the message, not a copy
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17, 30])
+def test_truncated_messages_are_protocol_errors(cut: int) -> None:
+    from shardstream.client.errors import ProtocolError
+
+    data = encode_chunk(0, {"x": np.arange(4, dtype=np.int32)})
+    with pytest.raises(ProtocolError):
+        decode_response(data[:cut])

@@ -1,0 +1,132 @@
+"""Zero-copy parsing of `ReadResponse{chunk}` messages.
+
+A generic protobuf parser copies every `bytes` field (once into its arena,
+again into a Python object). Tensor data is nearly all of a chunk, so this
+parser walks the wire format itself and returns numpy arrays that are views
+of the received message (`numpy.frombuffer`): no copy at all. It accepts any
+valid encoding of the message (field order, packed or unpacked shapes,
+unknown fields); anything else is a `ValueError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shardstream.v1.codec import dtype_from_code
+
+# Field numbers, from shardstream.proto.
+_RESPONSE_CHUNK = 1
+_CHUNK_START, _CHUNK_COUNT, _CHUNK_TENSORS = 1, 2, 3
+_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3, 4
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Any:
+    """(field number, wire type, value or (start, stop) of a length-delimited field)."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield field, wire, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise ValueError(f"field {field} runs past the end of its message")
+            yield field, wire, (pos, pos + n)
+            pos += n
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos != end:
+        raise ValueError("a field runs past the end of its message")
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def is_chunk(data: bytes) -> bool:
+    """Whether a ReadResponse holds a chunk (its first field is field 1)."""
+    return len(data) > 0 and data[0] == (_RESPONSE_CHUNK << 3 | 2)
+
+
+def parse_chunk(data: bytes) -> tuple[int, int, dict[str, np.ndarray[Any, Any]]]:
+    """(start, count, arrays) of a serialized `ReadResponse{chunk}`; arrays view `data`."""
+    buf = memoryview(data)
+    chunk: tuple[int, int] | None = None
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == _RESPONSE_CHUNK and wire == 2:
+            chunk = value  # last one wins, as in protobuf
+    if chunk is None:
+        raise ValueError("not a chunk")
+    start = count = 0
+    tensors = []
+    for field, wire, value in _fields(buf, *chunk):
+        if field == _CHUNK_START and wire == 0:
+            start = _signed(value)
+        elif field == _CHUNK_COUNT and wire == 0:
+            count = _signed(value)
+        elif field == _CHUNK_TENSORS and wire == 2:
+            tensors.append(value)
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    for span in tensors:
+        name, array = _tensor(data, buf, span)
+        if not array.ndim or array.shape[0] != count:
+            raise ValueError(f"tensor {name!r} has shape {array.shape} in a chunk of {count}")
+        arrays[name] = array
+    return start, count, arrays
+
+
+def _tensor(
+    data: bytes, buf: memoryview, span: tuple[int, int]
+) -> tuple[str, np.ndarray[Any, Any]]:
+    name = ""
+    code = 0
+    shape: list[int] = []
+    payload = (0, 0)
+    for field, wire, value in _fields(buf, *span):
+        if field == _TENSOR_NAME and wire == 2:
+            name = bytes(buf[value[0] : value[1]]).decode()
+        elif field == _TENSOR_DTYPE and wire == 0:
+            code = value
+        elif field == _TENSOR_SHAPE and wire == 2:  # packed
+            pos, stop = value
+            while pos < stop:
+                dim, pos = _varint(buf, pos, stop)
+                shape.append(_signed(dim))
+        elif field == _TENSOR_SHAPE and wire == 0:
+            shape.append(_signed(value))
+        elif field == _TENSOR_DATA and wire == 2:
+            payload = value
+    try:
+        dtype = dtype_from_code(code)
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r}: {exc}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has a negative dimension in {tuple(shape)}")
+    nbytes = payload[1] - payload[0]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes != expected:
+        raise ValueError(
+            f"tensor {name!r}: {nbytes} bytes, shape {tuple(shape)} of {dtype} needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=payload[0])
+    return name, array.reshape(shape)
