@@ -175,6 +175,7 @@ class EpochIterator:
                         await self._emit(rebatcher.push(piece.arrays))
                 if window.take is not None:
                     await self._emit(_shuffled(rebatcher, pieces, window.take))
+            await self._emit(rebatcher.push_holes(self.plan.trailing_holes))
             last = rebatcher.flush()
             if last is not None:
                 await self._emit([last])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, Literal
@@ -13,10 +13,12 @@ import numpy as np
 
 from shardstream.client._epoch import EpochCounters, EpochIterator
 from shardstream.client._fetch import FetchCounters, FetchOptions
-from shardstream.client._planner import PlanOptions, RankPlan, Remainder, plan_epoch
+from shardstream.client._planner import PlanOptions, RankPlan, Remainder
 from shardstream.client._pool import WorkerPool
+from shardstream.client._resume import Interruption, resume_plan
+from shardstream.client._state import PLAN_KEYS, LoaderState
 from shardstream.client._wire import DatasetDesc
-from shardstream.client.errors import ConfigError
+from shardstream.client.errors import ConfigError, StateMismatchError
 from shardstream.v1.codec import FieldSpec, record_bytes
 
 log = logging.getLogger("shardstream.client")
@@ -139,7 +141,14 @@ class Loader:
     Batches may be read-only views of received messages; copy what you modify.
     """
 
-    def __init__(self, addresses: Sequence[str] | str, **options: Any) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str] | str,
+        *,
+        state: Mapping[str, Any] | None = None,
+        override_state_checks: bool = False,
+        **options: Any,
+    ) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
         if not addresses:
@@ -160,6 +169,10 @@ class Loader:
         self._past = EpochCounters()  # epochs before the current one
         self._epochs_completed = 0
         self._state = "new"
+        self._resume: LoaderState | None = None  # applies to the epoch it names
+        self._pending_state = state
+        self._override = override_state_checks
+        self._running_history: tuple[Interruption, ...] = ()  # of the current epoch's plan
 
     # lifecycle -------------------------------------------------------------
 
@@ -179,6 +192,8 @@ class Loader:
         )
         try:
             self._desc = await self._pool.start()
+            if self._pending_state is not None:
+                self.load_state_dict(self._pending_state, override=self._override)
             self.plan(0)  # refuse impossible options now, not at the first epoch
         except BaseException:
             await self.aclose()
@@ -223,24 +238,83 @@ class Loader:
         return self.dataset.schema
 
     def plan(self, epoch: int) -> RankPlan:
-        """This rank's plan for an epoch (pure; no I/O)."""
+        """This rank's plan for an epoch (pure; no I/O); the rest of it after a restored state."""
         desc = self.dataset
         cfg = self.config
         per_record = max(1, record_bytes(desc.schema))
         read_records = max(1, cfg.read_bytes // per_record)
         if read_records >= cfg.batch_size:  # reads aligned to batches: zero-copy batches
             read_records -= read_records % cfg.batch_size
+        history = self._history(epoch)
         try:
-            return plan_epoch(
+            return resume_plan(
                 [s.records for s in desc.shards],
                 epoch=epoch,
                 rank=cfg.rank,
                 world_size=cfg.world_size,
                 options=cfg.plan_options(),
                 read_records=read_records,
+                history=history,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _history(self, epoch: int) -> tuple[Interruption, ...]:
+        if self._resume is None or self._resume.epoch != epoch:
+            return ()
+        return self._resume.interruptions()
+
+    # state -----------------------------------------------------------------
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch to continue with: 0, or the one a restored state points at."""
+        return 0 if self._resume is None else self._resume.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position: restoring it (also with another world size, when every rank
+        saved at the same step) yields exactly the rest of the epoch."""
+        cfg = self.config
+        epoch, batches = 0, 0
+        history: tuple[Interruption, ...] = ()
+        if self._current is not None:
+            it = self._current
+            epoch, batches, history = it.plan.epoch, it.counters.batches, self._running_history
+            if it.completed:
+                epoch, batches, history = epoch + 1, 0, ()
+        elif self._resume is not None:
+            epoch, history = self._resume.epoch, self._resume.interruptions()
+        options = {k: getattr(cfg, k) for k in PLAN_KEYS}
+        return LoaderState(
+            dataset=cfg.dataset,
+            fingerprint=self.dataset.fingerprint,
+            epoch=epoch,
+            batches=batches,
+            world_size=cfg.world_size,
+            rank=cfg.rank,
+            history=history,
+            options=options,
+        ).to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
+        """Continue from a saved position: `epoch(state["epoch"])` yields the rest of that
+        epoch. Refuses a state of another dataset or plan options unless `override`."""
+        loaded = LoaderState.from_dict(state)
+        cfg = self.config
+        diffs = loaded.check(
+            dataset=cfg.dataset,
+            fingerprint=self.dataset.fingerprint,
+            options={k: getattr(cfg, k) for k in PLAN_KEYS},
+        )
+        if diffs and not override:
+            raise StateMismatchError(
+                "the saved state does not fit this loader: "
+                + "; ".join(diffs)
+                + " (pass override=True to continue from its epoch and step anyway)"
+            )
+        if diffs:
+            log.warning("restoring a state that differs: %s", "; ".join(diffs))
+        self._resume = loaded
 
     def batches_per_epoch(self) -> int:
         """Batches every rank gets in an epoch (the same on every rank)."""
@@ -259,6 +333,7 @@ class Loader:
             self._epochs_completed += self._current.completed
         cfg = self.config
         plan = self.plan(epoch)
+        self._running_history = self._history(epoch)
         per_record = max(1, record_bytes(self.dataset.schema))
         chunk = max(1, cfg.chunk_bytes // per_record)
         if chunk >= cfg.batch_size:

@@ -63,14 +63,21 @@ class Read:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Window:
-    """Reads whose records are concatenated, then delivered in `take` order (None: as read)."""
+    """Reads whose records are concatenated, then the rows `take` delivered in that order
+    (None: all, as read). A `take` may leave rows out (a resumed, partly delivered window)."""
 
     reads: tuple[Read, ...]
     take: np.ndarray[Any, np.dtype[np.intp]] | None = None
 
     @property
     def records(self) -> int:
+        """Records read (a `take` may deliver fewer of them, in another order)."""
         return sum(r.count for r in self.reads)
+
+    @property
+    def delivered(self) -> int:
+        """Records delivered."""
+        return self.records if self.take is None else len(self.take)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -84,6 +91,7 @@ class RankPlan:
     records: int  # records this rank delivers this epoch
     batches: int  # equal on every rank
     windows: tuple[Window, ...]
+    trailing_holes: int = 0  # empty slots after the last record (an elastic resume's short part)
 
     @property
     def reads(self) -> tuple[Read, ...]:
@@ -91,7 +99,7 @@ class RankPlan:
 
     @property
     def last_batch_size(self) -> int:
-        return self.records - (self.batches - 1) * self.batch_size
+        return self.records + self.trailing_holes - (self.batches - 1) * self.batch_size
 
 
 def rank_records(total: int, world_size: int, options: PlanOptions) -> tuple[int, int]:

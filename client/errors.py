@@ -3,6 +3,7 @@
     ShardstreamError
      ├── ConfigError              bad loader options (also a ValueError)
      ├── DatasetMismatchError     workers disagree on a dataset's shards, counts or schema
+ ├── StateMismatchError       a saved loader state does not fit this dataset or these options
      ├── WorkersUnavailableError  no worker could serve a read before the retry deadline
      └── WorkerError              a worker refused or failed a request; never retried
           ├── DataLossError       corrupt or truncated shard, record not matching the schema
@@ -32,6 +33,7 @@ __all__ = [
     "ProtocolError",
     "ShardChangedError",
     "ShardstreamError",
+    "StateMismatchError",
     "WorkerError",
     "WorkersUnavailableError",
 ]
@@ -47,6 +49,10 @@ class ConfigError(ShardstreamError, ValueError):
 
 class DatasetMismatchError(ShardstreamError):
     """Workers describe the same dataset differently."""
+
+
+class StateMismatchError(ShardstreamError):
+    """A saved state was made for another dataset, seed, batch size or plan option."""
 
 
 class WorkersUnavailableError(ShardstreamError):

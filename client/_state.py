@@ -1,0 +1,92 @@
+"""A rank's position as a small JSON-serialisable dict, and its checks.
+
+    {"version": 1, "dataset": "train", "fingerprint": "...", "epoch": 3, "batches": 120,
+     "world_size": 4, "rank": 1, "history": [], "options": {"seed": 7, "batch_size": 64, ...}}
+
+`batches` are the batches of `epoch` already consumed; `history` lists earlier
+interruptions of the same epoch (world size and batches at each), so that a
+job resumed with another world size and interrupted again still resumes
+exactly. A state saved after an epoch's last batch points at the next epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shardstream.client._resume import Interruption
+from shardstream.client.errors import StateMismatchError
+
+VERSION = 1
+# Options that decide which records a rank gets: a state only fits the same ones.
+PLAN_KEYS = ("seed", "batch_size", "shuffle", "shuffle_window", "remainder", "drop_last")
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderState:
+    dataset: str
+    fingerprint: str
+    epoch: int
+    batches: int
+    world_size: int
+    rank: int
+    history: tuple[Interruption, ...]
+    options: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "dataset": self.dataset,
+            "fingerprint": self.fingerprint,
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "history": [[h.world_size, h.batches] for h in self.history],
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> LoaderState:
+        try:
+            if state["version"] != VERSION:
+                raise StateMismatchError(
+                    f"state version {state['version']!r} is not supported (this loader: {VERSION})"
+                )
+            out = cls(
+                dataset=str(state["dataset"]),
+                fingerprint=str(state["fingerprint"]),
+                epoch=int(state["epoch"]),
+                batches=int(state["batches"]),
+                world_size=int(state["world_size"]),
+                rank=int(state["rank"]),
+                history=tuple(Interruption(int(w), int(b)) for w, b in state["history"]),
+                options=dict(state["options"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateMismatchError(f"not a shardstream loader state: {exc!r}") from None
+        if out.epoch < 0 or out.batches < 0 or out.world_size < 1:
+            raise StateMismatchError(f"a state with impossible values: {state}")
+        return out
+
+    def interruptions(self) -> tuple[Interruption, ...]:
+        """Everything that cut this epoch short, for `resume_plan`."""
+        if self.batches == 0 and not self.history:
+            return ()
+        return (*self.history, Interruption(self.world_size, self.batches))
+
+    def check(self, *, dataset: str, fingerprint: str, options: Mapping[str, Any]) -> list[str]:
+        """How this state differs from a loader's dataset and plan options."""
+        diffs = []
+        if dataset != self.dataset:
+            diffs.append(f"dataset {self.dataset!r} vs {dataset!r}")
+        if fingerprint != self.fingerprint:
+            diffs.append(
+                f"dataset fingerprint {self.fingerprint} vs {fingerprint} "
+                "(shards or counts changed)"
+            )
+        for key in PLAN_KEYS:
+            if self.options.get(key) != options.get(key):
+                diffs.append(f"{key} {self.options.get(key)!r} vs {options.get(key)!r}")
+        return diffs
