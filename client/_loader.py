@@ -310,7 +310,8 @@ class Loader:
             raise StateMismatchError(
                 "the saved state does not fit this loader: "
                 + "; ".join(diffs)
-                + " (pass override=True to continue from its epoch and step anyway)"
+                + " (to continue from its epoch and step anyway: load_state_dict(state, "
+                "override=True), or Loader(..., override_state_checks=True))"
             )
         if diffs:
             log.warning("restoring a state that differs: %s", "; ".join(diffs))

@@ -1,0 +1,130 @@
+"""Resume with real processes and workers: a rank killed with SIGKILL and restarted from
+its last saved state; elastic world-size changes; refused states."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader
+from shardstream.client.errors import StateMismatchError
+
+from conftest import RECORDS, collect_epoch, ids_of, running_workers, worker_processes
+
+CONSUMER = Path(__file__).parent / "rank_consumer.py"
+
+
+def consume(addresses: str, *args: str, kill_after: int | None = None) -> list[dict]:
+    """Run a rank process; with `kill_after`, SIGKILL it once that many lines arrived."""
+    proc = subprocess.Popen(
+        [sys.executable, str(CONSUMER), addresses, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines: list[dict] = []
+    try:
+        assert proc.stdout is not None
+        for text in proc.stdout:
+            lines.append(json.loads(text))
+            if kill_after is not None and len(lines) == kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if kill_after is None:
+        assert proc.returncode == 0
+    return lines
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rank_killed_and_restarted_from_its_state_continues_exactly(
+    npz_root: Path, tmp_path: Path, seed: int
+) -> None:
+    with worker_processes(npz_root, 2) as workers:
+        addresses = ",".join(w.address for w in workers)
+        args = ["--rank", "1", "--world", "2", "--epochs", "2", "--seed", str(seed)]
+        reference = consume(addresses, *args)
+        k = random.Random(seed).randrange(1, len(reference) - 1)
+        first = consume(addresses, *args, kill_after=k)
+        state_file = tmp_path / "state.json"
+        state_file.write_text(json.dumps(first[-1]["state"]))
+        rest = consume(addresses, *args, "--state", str(state_file))
+    got = [(line["epoch"], line["ids"]) for line in first + rest]
+    assert got == [(line["epoch"], line["ids"]) for line in reference]
+    assert len(reference) == 2 * -(-(RECORDS // 2) // 16)
+
+
+@pytest.mark.parametrize(("old", "new"), [(4, 3), (2, 4)])
+async def test_elastic_resume_re_splits_the_rest_exactly_once(
+    npz_root: Path, old: int, new: int
+) -> None:
+    opts = {"dataset": "train", "batch_size": 20, "seed": 4, "shuffle": True, "shuffle_window": 50}
+    async with running_workers(npz_root, 2) as workers:
+        addresses = [w.address for w in workers]
+        seen: list[np.ndarray] = []
+        states = []
+        k = 7
+        for r in range(old):
+            async with Loader(addresses, rank=r, world_size=old, **opts) as loader:
+                epoch = loader.epoch(0)
+                for _ in range(k):
+                    seen.append((await anext(epoch))["id"])
+                states.append(loader.state_dict())
+                await epoch.aclose()
+        assert all(s["batches"] == k and s["epoch"] == 0 for s in states)
+        steps = set()
+        next_epoch = []
+        for r in range(new):
+            async with Loader(addresses, rank=r, world_size=new, state=states[0], **opts) as loader:
+                assert loader.start_epoch == 0
+                rest = await collect_epoch(loader, 0)
+                steps.add(len(rest))
+                seen += [b["id"] for b in rest]
+                next_epoch.append(ids_of(await collect_epoch(loader, 1)))
+    ids = np.concatenate(seen)
+    per_rank = RECORDS // old * old  # the original epoch's records (drop remainder)
+    assert len(ids) == per_rank and len(np.unique(ids)) == per_rank
+    assert len(steps) == 1  # equal steps on the new ranks
+    later = np.concatenate(next_epoch)  # the next epoch uses the new world size normally
+    assert len(later) == RECORDS // new * new and len(np.unique(later)) == len(later)
+
+
+async def test_mismatched_state_is_refused_naming_the_difference(npz_root: Path) -> None:
+    async with running_workers(npz_root, 1) as (worker,):
+        async with Loader([worker.address], dataset="train", batch_size=8, seed=1) as loader:
+            epoch = loader.epoch(0)
+            await anext(epoch)
+            state = loader.state_dict()
+            await epoch.aclose()
+        json.dumps(state)  # JSON-serialisable
+        with pytest.raises(StateMismatchError, match=r"seed 1 vs 2; batch_size 8 vs 16"):
+            async with Loader(
+                [worker.address], dataset="train", batch_size=16, seed=2, state=state
+            ):
+                pass
+        doctored = {**state, "fingerprint": "0" * 24}
+        with pytest.raises(
+            StateMismatchError, match=r"fingerprint .* \(shards or counts changed\)"
+        ):
+            async with Loader(
+                [worker.address], dataset="train", batch_size=8, seed=1, state=doctored
+            ):
+                pass
+        async with Loader(
+            [worker.address], dataset="train", batch_size=8, seed=1, state=doctored,
+            override_state_checks=True,
+        ) as loader:  # fmt: skip
+            rest = await collect_epoch(loader, 0)
+        assert len(rest) == RECORDS // 8 - 1
+        with pytest.raises(StateMismatchError, match="not a shardstream loader state"):
+            async with Loader([worker.address], dataset="train", batch_size=8, state={"x": 1}):
+                pass
