@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
+from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import RankPlan, Read
 from shardstream.client._pool import WorkerPool
 from shardstream.client._rebatch import Batch, Rebatcher
@@ -73,9 +74,11 @@ class EpochIterator:
         spawn: Callable[[Any], asyncio.Task[None]],
         counters: FetchCounters,
         empty: Batch,
+        ledger: LedgerWriter | None = None,
     ) -> None:
         self.plan = plan
         self._empty = empty
+        self._ledger = ledger
         self._shards = shards
         self._pool = pool
         self._fetch_options = fetch_options
@@ -111,19 +114,28 @@ class EpochIterator:
         self.counters.wait_seconds += time.perf_counter() - t0
         if isinstance(item, _End):
             self._finished = self.completed = True
+            self._close_ledger()
             raise StopAsyncIteration
         if isinstance(item, _Failure):
             self._finished = True
+            self._close_ledger()
             raise item.error
         c = self.counters
+        if self._ledger is not None:
+            self._ledger.batch(c.batches)
         c.batches += 1
         c.records += len(next(iter(item.values())))
         c.bytes += sum(a.nbytes for a in item.values())
         return item
 
+    def _close_ledger(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+
     async def aclose(self) -> None:
         """Stop the epoch early: cancel its reads (idempotent)."""
         self._finished = True
+        self._close_ledger()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

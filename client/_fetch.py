@@ -40,6 +40,7 @@ class FetchOptions:
     idle_timeout: float  # seconds without a message before a stream is given up
     retry_deadline: float  # seconds without progress before WorkersUnavailableError
     on_error: str = "raise"  # "skip": a record the worker cannot decode becomes a Hole
+    journal: Callable[[dict[str, object]], None] | None = None  # resumes and skips, for a ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ async def fetch(
             if end.draining:
                 pool.mark_down(conn, "draining", delay=options.retry_deadline)
                 counters.count(conn.address)
+                _journal(options, conn, shard, read.start + received, "draining")
             elif sent_here != wanted:
                 raise ProtocolError(
                     f"the stream ended complete after {sent_here} of {wanted} records",
@@ -141,10 +143,13 @@ async def fetch(
             else:
                 pool.mark_ok(conn)
         except TimeoutError:
-            _give_up(pool, conn, attempts, f"no data for {options.idle_timeout:g}s", counters)
+            why = f"no data for {options.idle_timeout:g}s"
+            _give_up(pool, conn, attempts, why, counters)
+            _journal(options, conn, shard, read.start + received, why)
             pool.suspect(conn)  # silent: maybe frozen; wait for its health service
         except _Cut as exc:
             _give_up(pool, conn, attempts, str(exc), counters)
+            _journal(options, conn, shard, read.start + received, str(exc))
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE:
                 error = worker_error(exc, worker=conn.address, dataset=options.dataset)
@@ -158,12 +163,16 @@ async def fetch(
                 ):
                     bad.add(record)
                     counters.skipped += 1
+                    if options.journal is not None:
+                        options.journal({"kind": "skip", "shard": shard.id, "record": record})
                     if (shard.id, record) not in counters.skipped_seen:
                         counters.skipped_seen.add((shard.id, record))
                         log.warning("skipping a bad record: %s", error)
                     continue
                 raise error from None
-            _give_up(pool, conn, attempts, f"{exc.code().name}: {exc.details()}", counters)
+            why = f"{exc.code().name}: {exc.details()}"
+            _give_up(pool, conn, attempts, why, counters)
+            _journal(options, conn, shard, read.start + received, why)
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 pool.suspect(conn)
         finally:
@@ -173,6 +182,14 @@ async def fetch(
 
 class _Cut(Exception):
     pass
+
+
+def _journal(options: FetchOptions, conn: Conn, shard: ShardDesc, record: int, why: str) -> None:
+    if options.journal is not None:
+        options.journal(
+            {"kind": "resume", "worker": conn.address, "shard": shard.id, "record": record,
+             "why": why}
+        )  # fmt: skip
 
 
 def _give_up(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from shardstream.client._epoch import EpochCounters, EpochIterator
 from shardstream.client._fetch import FetchCounters, FetchOptions
+from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import PlanOptions, RankPlan, Remainder
 from shardstream.client._pool import WorkerPool
 from shardstream.client._resume import Interruption, resume_plan
@@ -54,6 +56,7 @@ class LoaderConfig:
     backoff_base: float = 0.1  # first backoff after a worker fails, doubling...
     backoff_cap: float = 5.0  # ...up to this many seconds
     keepalive_seconds: float = 10.0  # HTTP/2 ping interval detecting dead connections
+    ledger_dir: str | None = None  # write what this rank receives, per epoch (`shardstream audit`)
     channel_options: tuple[tuple[str, int | str], ...] = field(default=())  # extra gRPC options
 
     def __post_init__(self) -> None:
@@ -339,6 +342,9 @@ class Loader:
         chunk = max(1, cfg.chunk_bytes // per_record)
         if chunk >= cfg.batch_size:
             chunk -= chunk % cfg.batch_size
+        ledger = None
+        if cfg.ledger_dir is not None:
+            ledger = LedgerWriter(Path(cfg.ledger_dir), self._ledger_header(plan), plan)
         iterator = EpochIterator(
             plan,
             self.dataset.shards,
@@ -350,6 +356,7 @@ class Loader:
                 idle_timeout=cfg.idle_timeout,
                 retry_deadline=cfg.retry_deadline,
                 on_error=cfg.on_error,
+                journal=None if ledger is None else ledger.event,
             ),
             max_inflight=cfg.max_inflight_reads,
             reads_ahead=cfg.reads_ahead,
@@ -357,9 +364,25 @@ class Loader:
             spawn=self._spawn,
             counters=self._fetch_counters,
             empty={f.name: np.empty((0, *f.shape), dtype=f.dtype) for f in self.schema},
+            ledger=ledger,
         )
         self._current = iterator
         return iterator
+
+    def _ledger_header(self, plan: RankPlan) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "dataset": cfg.dataset,
+            "fingerprint": self.dataset.fingerprint,
+            "shard_ids": [s.id for s in self.dataset.shards],
+            "shard_records": [s.records for s in self.dataset.shards],
+            "options": {k: getattr(cfg, k) for k in PLAN_KEYS},
+            "epoch": plan.epoch,
+            "world_size": plan.world_size,
+            "rank": plan.rank,
+            "batches": plan.batches,
+            "history": [[h.world_size, h.batches] for h in self._history(plan.epoch)],
+        }
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,10 +1,11 @@
-"""The `shardstream` command: worker, make-dataset, health, inspect, demo."""
+"""The `shardstream` command: worker, make-dataset, health, inspect, audit, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shardstream.client._wire import WorkerStub, check_health
 
@@ -70,6 +71,29 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from shardstream.client._ledger import audit
+
+    ok = True
+    try:
+        for ep in audit(args.directory):
+            ok &= ep.ok
+            verdict = "exactly once" if ep.ok else "NOT exactly once"
+            print(f"epoch {ep.epoch}: {ep.received} records received of {ep.expected} planned, "
+                  f"{ep.resumes} resumed reads: {verdict}")  # fmt: skip
+            for sid, start, n in ep.missing[: args.limit]:
+                print(f"  missing    {sid} [{start}, {start + n})")
+            for sid, start, n, times in ep.duplicated[: args.limit]:
+                print(f"  duplicated {sid} [{start}, {start + n}) x{times}")
+            hidden = len(ep.missing) + len(ep.duplicated) - 2 * args.limit
+            if hidden > 0:
+                print("  ... and more ranges (--limit)")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"shardstream audit: {exc}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shardstream.server.cli import add_make_dataset_args, add_worker_args
 
@@ -86,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("dataset", nargs="?", default="")
     p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("audit", help="check a delivery ledger: every record exactly once")
+    p.add_argument("directory", type=Path, metavar="LEDGER_DIR")
+    p.add_argument("--limit", type=int, default=20, help="ranges shown per kind")
     p = sub.add_parser("demo", help="run everything locally on generated data")
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--shards", type=int, default=8)
@@ -113,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shardstream.server.cli import make_dataset_command
 
         return make_dataset_command(args)
-    commands = {"health": _health, "inspect": _inspect, "demo": _demo}
+    commands = {"health": _health, "inspect": _inspect, "demo": _demo, "audit": _audit}
     return commands[args.command](args)
 
 

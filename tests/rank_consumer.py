@@ -23,12 +23,13 @@ async def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", default="")
+    p.add_argument("--ledger", default=None)
     args = p.parse_args()
     state = json.loads(Path(args.state).read_text()) if args.state else None
     async with Loader(
         args.addresses.split(","), dataset="train", batch_size=16, rank=args.rank,
         world_size=args.world, seed=args.seed, shuffle=True, shuffle_window=40,
-        read_bytes=4096, state=state,
+        read_bytes=4096, state=state, ledger_dir=args.ledger,
     ) as loader:  # fmt: skip
         for epoch in range(loader.start_epoch, args.epochs):
             async for batch in loader.epoch(epoch):

@@ -128,3 +128,70 @@ async def test_mismatched_state_is_refused_naming_the_difference(npz_root: Path)
         with pytest.raises(StateMismatchError, match="not a shardstream loader state"):
             async with Loader([worker.address], dataset="train", batch_size=8, state={"x": 1}):
                 pass
+
+
+async def test_ledger_audit_passes_through_a_worker_kill_and_flags_a_doctored_ledger(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from shardstream.client.cli import main as cli
+    from shardstream.server import make_dataset
+
+    ledger = tmp_path / "ledger"
+    make_dataset(tmp_path / "data", shards=6, records=3000, shape=(8, 8, 3))
+    with worker_processes(tmp_path / "data", 3) as workers:
+        addresses = [w.address for w in workers]
+        opts = {"dataset": "train", "batch_size": 25, "seed": 3, "shuffle": True,
+                "shuffle_window": 64, "read_bytes": 8192, "chunk_bytes": 2048,
+                "ledger_dir": str(ledger), "backoff_base": 0.05}  # fmt: skip
+        killed = False
+
+        async def rank(r: int) -> None:
+            nonlocal killed
+            async with Loader(addresses, rank=r, world_size=3, **opts) as loader:
+                for epoch in range(2):
+                    async for _ in loader.epoch(epoch):
+                        inflight = loader.statistics().reads_in_flight.get(addresses[1], 0)
+                        if r == 0 and epoch == 0 and not killed and inflight:
+                            workers[1].signal(signal.SIGKILL)
+                            killed = True
+
+        await asyncio.gather(*(rank(r) for r in range(3)))
+    assert killed
+    assert cli(["audit", str(ledger)]) == 0
+    files = sorted((ledger / "epoch-00000").glob("*.jsonl"))
+    assert len(files) == 3
+    assert any('"kind":"resume"' in f.read_text() for f in files)
+    # Doctor rank 2's ledger: its first batch delivered again as its last.
+    lines = files[2].read_text().splitlines()
+    first_batch = next(json.loads(t) for t in lines if '"kind":"batch"' in t)
+    files[2].write_text("\n".join([*lines, json.dumps(first_batch)]) + "\n")
+    from shardstream.client._ledger import audit
+
+    (epoch0, epoch1) = list(audit(ledger))
+    assert epoch1.ok and not epoch0.ok and not epoch0.missing
+    duplicated = {(sid, x) for sid, a, n, _ in epoch0.duplicated for x in range(a, a + n)}
+    doctored = {
+        (f"shard-{s:05d}.npz", x) for s, a, n in first_batch["ranges"] for x in range(a, a + n)
+    }
+    assert duplicated == doctored and all(times == 2 for *_, times in epoch0.duplicated)  # fmt: skip
+    assert cli(["audit", str(ledger)]) == 1
+
+
+def test_ledger_of_a_killed_and_resumed_rank_audits_clean(npz_root: Path, tmp_path: Path) -> None:
+    from shardstream.client._ledger import audit
+
+    ledger = tmp_path / "ledger"
+    with worker_processes(npz_root, 1) as (worker,):
+        args = ["--world", "1", "--epochs", "1", "--ledger", str(ledger)]
+        first = consume(worker.address, *args, kill_after=30)
+        state_file = tmp_path / "state.json"
+        state_file.write_text(json.dumps(first[-1]["state"]))
+        consume(worker.address, *args, "--state", str(state_file))
+    (epoch0,) = list(audit(ledger))
+    assert sorted(p.name for p in (ledger / "epoch-00000").iterdir()) == [
+        "seg0-w1-r00000.jsonl",
+        "seg1-w1-r00000.jsonl",
+    ]
+    assert epoch0.ok and epoch0.received == epoch0.expected == RECORDS
