@@ -160,11 +160,11 @@ class WorkerPool:
                 conn.last_error = f"{exc.code().name}: {exc.details()}"
             finally:
                 call.cancel()
+            conn.serving = False
             if not conn.rewatch:  # the worker went away: describe it again when back
                 conn.verified = False
                 await asyncio.sleep(self._backoff_base)
             conn.rewatch = False
-            conn.serving = False
 
     def suspect(self, conn: Conn) -> None:
         """No reads for `conn` until its health service answers SERVING again."""
@@ -176,7 +176,9 @@ class WorkerPool:
     async def _verify(self, conn: Conn) -> bool:
         assert self.desc is not None
         try:
-            desc = await conn.stub.describe(self.dataset, timeout=self._describe_timeout)
+            desc = await conn.stub.describe(
+                self.dataset, timeout=self._describe_timeout, wait_for_ready=False
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE:
                 conn.excluded = f"{exc.code().name}: {exc.details()}"

@@ -135,9 +135,13 @@ class WorkerStub:
             response_deserializer=pb.ListDatasetsResponse.FromString,
         )
 
-    async def describe(self, dataset: str, *, timeout: float) -> DatasetDesc:
+    async def describe(
+        self, dataset: str, *, timeout: float, wait_for_ready: bool = True
+    ) -> DatasetDesc:
         info = await self._describe(
-            pb.DescribeDatasetRequest(dataset=dataset), timeout=timeout, wait_for_ready=True
+            pb.DescribeDatasetRequest(dataset=dataset),
+            timeout=timeout,
+            wait_for_ready=wait_for_ready,
         )
         return _dataset_desc(info)
 

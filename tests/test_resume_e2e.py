@@ -144,7 +144,7 @@ async def test_ledger_audit_passes_through_a_worker_kill_and_flags_a_doctored_le
         addresses = [w.address for w in workers]
         opts = {"dataset": "train", "batch_size": 25, "seed": 3, "shuffle": True,
                 "shuffle_window": 64, "read_bytes": 8192, "chunk_bytes": 2048,
-                "ledger_dir": str(ledger), "backoff_base": 0.05}  # fmt: skip
+                "ledger_dir": str(ledger), "backoff_base": 0.05, "idle_timeout": 7.0}  # fmt: skip
         killed = False
 
         async def rank(r: int) -> None:
