@@ -2,10 +2,12 @@
 
 from shardstream.client._loader import Loader, LoaderConfig, LoaderStatistics
 from shardstream.client._planner import PlanOptions, RankPlan, Read, Window, plan_epoch
+from shardstream.client._security import ClientSecurity
 from shardstream.client._sync import SyncLoader
 from shardstream.client._wire import DatasetDesc, ShardDesc, check_health
 
 __all__ = [
+    "ClientSecurity",
     "DatasetDesc",
     "Loader",
     "LoaderConfig",

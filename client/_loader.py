@@ -18,6 +18,7 @@ from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import PlanOptions, RankPlan, Remainder
 from shardstream.client._pool import WorkerPool
 from shardstream.client._resume import Interruption, resume_plan
+from shardstream.client._security import ClientSecurity
 from shardstream.client._state import PLAN_KEYS, LoaderState
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
@@ -57,6 +58,7 @@ class LoaderConfig:
     backoff_cap: float = 5.0  # ...up to this many seconds
     keepalive_seconds: float = 10.0  # HTTP/2 ping interval detecting dead connections
     ledger_dir: str | None = None  # write what this rank receives, per epoch (`shardstream audit`)
+    security: ClientSecurity | None = None  # TLS / mTLS / bearer token; None: plaintext
     channel_options: tuple[tuple[str, int | str], ...] = field(default=())  # extra gRPC options
 
     def __post_init__(self) -> None:
@@ -192,6 +194,7 @@ class Loader:
             backoff_base=cfg.backoff_base,
             backoff_cap=cfg.backoff_cap,
             describe_timeout=cfg.describe_timeout,
+            security=cfg.security,
         )
         try:
             self._desc = await self._pool.start()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import (
     RETRYABLE,
     DatasetDesc,
@@ -83,15 +84,18 @@ class WorkerPool:
         backoff_base: float,
         backoff_cap: float,
         describe_timeout: float,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.dataset = dataset
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._describe_timeout = describe_timeout
         self.conns: list[Conn] = []
+        metadata = call_metadata(security)  # reads a token file once
         for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=list(channel_options))
-            self.conns.append(Conn(address, channel, WorkerStub(channel), HealthWatch(channel)))
+            channel = secure_channel(address, channel_options, security)
+            stub = WorkerStub(channel, metadata)
+            self.conns.append(Conn(address, channel, stub, HealthWatch(channel)))
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
         self._changed = asyncio.Event()  # a worker became available
@@ -100,8 +104,7 @@ class WorkerPool:
     async def start(self) -> DatasetDesc:
         """Describe the dataset on every worker; refuse if those that answer disagree."""
         results = await asyncio.gather(
-            *(c.stub.describe(self.dataset, timeout=self._describe_timeout) for c in self.conns),
-            return_exceptions=True,
+            *(self._describe_patiently(c) for c in self.conns), return_exceptions=True
         )
         answered: list[tuple[Conn, DatasetDesc]] = []
         failed: dict[str, str] = {}
@@ -137,6 +140,25 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         self._watchers = [loop.create_task(self._watch(c)) for c in self.conns]
         return ref
+
+    async def _describe_patiently(self, conn: Conn) -> DatasetDesc:
+        """Describe the dataset, retrying transient failures until `describe_timeout`; the
+        last failure keeps its reason (e.g. a TLS handshake error), which waiting for the
+        channel to be ready would hide behind DEADLINE_EXCEEDED."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._describe_timeout
+        delay = self._backoff_base
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await conn.stub.describe(
+                    self.dataset, timeout=max(0.1, remaining), wait_for_ready=False
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or loop.time() + delay >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff_cap)
 
     async def _watch(self, conn: Conn) -> None:
         """Keep `conn.serving` current from the worker's health service."""

@@ -11,6 +11,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from shardstream.client._chunkparse import is_chunk, parse_chunk
+from shardstream.client._security import ClientSecurity, secure_channel
 from shardstream.client.errors import (
     AccessDeniedError,
     DataLossError,
@@ -118,10 +119,13 @@ def decode_response(data: bytes) -> Piece | End:
 
 
 class WorkerStub:
-    """The Worker service's methods on one channel, with our codecs."""
+    """The Worker service's methods on one channel, with our codecs and call metadata."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.read = channel.unary_stream(
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._metadata = metadata
+        self._read = channel.unary_stream(
             f"/{SERVICE}/Read", request_serializer=None, response_deserializer=None
         )
         self._describe = channel.unary_unary(
@@ -135,6 +139,10 @@ class WorkerStub:
             response_deserializer=pb.ListDatasetsResponse.FromString,
         )
 
+    def read(self, request: bytes) -> grpc.aio.UnaryStreamCall:
+        """Start a Read stream (`request` from `encode_read`)."""
+        return self._read(request, metadata=self._metadata)
+
     async def describe(
         self, dataset: str, *, timeout: float, wait_for_ready: bool = True
     ) -> DatasetDesc:
@@ -142,11 +150,14 @@ class WorkerStub:
             pb.DescribeDatasetRequest(dataset=dataset),
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            metadata=self._metadata,
         )
         return _dataset_desc(info)
 
     async def list_datasets(self, *, timeout: float) -> list[DatasetDesc]:
-        reply = await self._list(pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True)
+        reply = await self._list(
+            pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True, metadata=self._metadata
+        )
         return [_dataset_desc(d) for d in reply.datasets]
 
 
@@ -190,13 +201,17 @@ def worker_error(exc: grpc.aio.AioRpcError, *, worker: str, dataset: str = "") -
 
 
 async def check_health(
-    address: str, service: str = "", *, timeout: float = 5.0
+    address: str,
+    service: str = "",
+    *,
+    timeout: float = 5.0,
+    security: ClientSecurity | None = None,
 ) -> tuple[bool, str]:
     """Ask a worker's standard health service; (serving?, a one-line reason)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     what = f"{address} service {service!r}" if service else address
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with secure_channel(address, (), security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
 
 
@@ -16,10 +17,18 @@ def _health(args: argparse.Namespace) -> int:
     result: list[tuple[bool, str]] = []
 
     async def probe() -> int:
-        result.append(await check_health(args.address, args.service, timeout=args.timeout))
+        result.append(
+            await check_health(
+                args.address, args.service, timeout=args.timeout, security=_security(args)
+            )
+        )
         return 0
 
-    run_async(probe)
+    try:
+        run_async(probe)
+    except ValueError as exc:  # unreadable TLS files
+        print(f"{args.address}: {exc}", file=sys.stderr)
+        return 2
     ok, reason = result[0]
     print(reason, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
@@ -30,9 +39,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from shardstream.server.cli import run_async
 
+    security = _security(args)
+
     async def show() -> int:
-        async with grpc.aio.insecure_channel(args.address) as channel:
-            stub = WorkerStub(channel)
+        async with secure_channel(args.address, (), security) as channel:
+            stub = WorkerStub(channel, call_metadata(security))
             try:
                 if args.dataset:
                     datasets = [await stub.describe(args.dataset, timeout=args.timeout)]
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("dataset", nargs="?", default="")
     p.add_argument("--timeout", type=float, default=10.0)
+    add_security_args(p)
     p = sub.add_parser("audit", help="check a delivery ledger: every record exactly once")
     p.add_argument("directory", type=Path, metavar="LEDGER_DIR")
     p.add_argument("--limit", type=int, default=20, help="ranges shown per kind")
@@ -128,6 +140,29 @@ def _add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--service", default="", help="service name (default: the whole server)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_security_args(p)
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """Client-side TLS / token flags, shared by the commands that talk to workers."""
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the worker with")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", help="name to expect in the worker's certificate")
+    p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
+
+
+def _security(args: argparse.Namespace) -> ClientSecurity | None:
+    security = ClientSecurity(
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        auth_token_file=args.auth_token_file,
+    )
+    return security if security.tls or security.auth_token_file else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

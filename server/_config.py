@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from shardstream.server._security import ServerSecurity
 
 MiB = 1 << 20
 
@@ -55,6 +57,7 @@ class WorkerConfig:
     max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # on SIGTERM: time running streams get to end cleanly
     decoders: tuple[str, ...] = ()  # "module:Class" plug-in formats to import and register
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, bearer token
 
     def __post_init__(self) -> None:
         if not self.datasets:

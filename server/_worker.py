@@ -96,18 +96,31 @@ class Worker:
             self._executor = ThreadPoolExecutor(
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shardstream-decode"
             )
+        security = cfg.security.load()  # reads the TLS files and token once
         self._servicer = WorkerServicer(cfg, self._executor)
-        self._server = grpc.aio.server(options=grpc_options(cfg))
+        self._server = grpc.aio.server(
+            options=grpc_options(cfg), interceptors=security.interceptors()
+        )
         self._server.add_generic_rpc_handlers((service_handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._port = self._server.add_insecure_port(cfg.address)
+        credentials = security.credentials()
+        if credentials is None:
+            self._port = self._server.add_insecure_port(cfg.address)
+        else:
+            self._port = self._server.add_secure_port(cfg.address, credentials)
         if self._port == 0:
             raise OSError(f"cannot listen on {cfg.address}")
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         self._state = "indexing"
-        log.info("listening on %s; indexing %d dataset(s)", self.address, len(cfg.datasets))
+        log.info(
+            "listening on %s (%s%s); indexing %d dataset(s)",
+            self.address,
+            "mTLS" if cfg.security.mtls else "TLS" if cfg.security.tls else "no TLS",
+            ", bearer token required" if cfg.security.auth_token_file else "",
+            len(cfg.datasets),
+        )
 
         executor = self._executor
 

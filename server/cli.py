@@ -18,6 +18,7 @@ from typing import Any
 
 from shardstream.server._catalog import CatalogError
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
+from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import make_dataset
 from shardstream.server._worker import Worker
 
@@ -93,6 +94,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a plug-in format to load; repeatable [SHARDSTREAM_DECODERS, space-separated]",
     )
+    for flag, what in (
+        ("--tls-cert", "PEM certificate chain: serve over TLS (with --tls-key)"),
+        ("--tls-key", "PEM private key of --tls-cert"),
+        ("--tls-client-ca", "PEM CA bundle: require client certificates signed by it (mTLS)"),
+        ("--auth-token-file", "file with a bearer token every client must send (not health)"),
+    ):
+        env = flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, type=Path, default=_env(env), help=f"{what} [SHARDSTREAM_{env}]")
     p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "INFO"),
@@ -115,7 +124,17 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_streams=args.max_streams,
         grace_seconds=args.grace,
         decoders=tuple(args.decoders or (_env("DECODERS") or "").split()),
+        security=ServerSecurity(
+            tls_cert=_path(args.tls_cert),
+            tls_key=_path(args.tls_key),
+            tls_client_ca=_path(args.tls_client_ca),
+            auth_token_file=_path(args.auth_token_file),
+        ),
     )
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def setup_logging(level: str) -> None:

@@ -1,0 +1,210 @@
+"""The worker's transport security: TLS, mTLS and a bearer token.
+
+    security = ServerSecurity(tls_cert=..., tls_key=..., auth_token_file=...)
+    loaded = security.load()                        # reads every file once
+    server = grpc.aio.server(interceptors=loaded.interceptors(), options=...)
+    creds = loaded.credentials()                    # None: serve without TLS
+    port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+
+With `tls_client_ca` set, clients must present a certificate signed by that CA
+(mTLS). With `auth_token_file` set, every RPC must carry the metadata
+`authorization: Bearer <token>`, except the standard health service, which
+stays open so load balancers and probes can reach it. Without TLS the token
+travels in clear text: use both together outside a trusted network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("shardstream.worker")
+
+__all__ = ["BearerTokenInterceptor", "LoadedServerSecurity", "ServerSecurity"]
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_MISSING = "missing bearer token: send the metadata 'authorization: Bearer <token>'"
+_WRONG = "wrong bearer token"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerSecurity:
+    """Where the worker's TLS files and bearer token live; all off by default."""
+
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, turns on TLS
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA bundle; turns on mTLS (client certs required)
+    auth_token_file: Path | None = None  # file holding the bearer token clients must send
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "TLS needs both a certificate and its private key: "
+                "set tls_cert and tls_key together (--tls-cert and --tls-key), or neither"
+            )
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "tls_client_ca (mTLS) needs the server's own certificate: "
+                "set tls_cert and tls_key as well"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def mtls(self) -> bool:
+        return self.tls_client_ca is not None
+
+    def load(self) -> LoadedServerSecurity:
+        """Read every configured file once; a ValueError names any file that is unusable."""
+        cert = key = client_ca = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            cert = read_pem(self.tls_cert, "TLS certificate (tls_cert)")
+            key = read_pem(self.tls_key, "TLS private key (tls_key)")
+        if self.tls_client_ca is not None:
+            client_ca = read_pem(self.tls_client_ca, "client CA (tls_client_ca)")
+        token = None
+        if self.auth_token_file is not None:
+            token = read_token_file(self.auth_token_file)
+        return LoadedServerSecurity(cert=cert, key=key, client_ca=client_ca, token=token)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadedServerSecurity:
+    """The contents of a `ServerSecurity`'s files, ready to configure a server."""
+
+    cert: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+    client_ca: bytes | None = None
+    token: str | None = field(default=None, repr=False)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """Credentials for `add_secure_port`; None means serve without TLS."""
+        if self.cert is None or self.key is None:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Interceptors for `grpc.aio.server(interceptors=...)`; empty without a token."""
+        return [] if self.token is None else [BearerTokenInterceptor(self.token)]
+
+
+def read_pem(path: Path, what: str) -> bytes:
+    """The bytes of a PEM file, or a ValueError naming the file and what is wrong."""
+    data = _read_bytes(path, what)
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what} {path} is not PEM: expected a '-----BEGIN ...' block")
+    return data
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path`, surrounding whitespace stripped; refuses an empty or odd token."""
+    what = "auth token file (auth_token_file)"
+    try:
+        token = _read_bytes(path, what).decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{what} {path} holds non-ASCII bytes: a bearer token must be printable ASCII"
+        ) from exc
+    if not token:
+        raise ValueError(f"{what} {path} is empty: write the token into it")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(
+            f"{what} {path}: the token must be printable ASCII without spaces or line breaks"
+        )
+    return token
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ValueError(f"{what} {path} does not exist: check the path") from exc
+    except OSError as exc:
+        raise ValueError(
+            f"{what} {path} cannot be read ({exc.strerror or exc}): check its permissions"
+        ) from exc
+    if not data.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return data
+
+
+def _digest(value: bytes) -> bytes:
+    # Comparing fixed-size digests keeps the comparison constant-time in the length too.
+    return hashlib.sha256(value).digest()
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Fails every RPC but health checks with UNAUTHENTICATED unless it carries the token.
+
+    The token is never logged nor echoed back in a status message.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the bearer token must be non-empty")
+        self._expected = _digest(token.encode("ascii"))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        problem = self._check(handler_call_details.invocation_metadata or ())
+        if problem is None:
+            return handler
+        log.warning("refused %s: %s", method, problem)
+        return _rejecting_handler(handler, problem)
+
+    def _check(self, metadata: Any) -> str | None:
+        """None if the metadata carries the right token, else why not (without the token)."""
+        values = [value for key, value in metadata if key.lower() == "authorization"]
+        if not values:
+            return _MISSING
+        if len(values) > 1:
+            return "more than one 'authorization' metadata entry: send exactly one"
+        value = values[0]
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
+        scheme, _, presented = raw.strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
+            return _MISSING
+        if not hmac.compare_digest(_digest(presented.strip()), self._expected):
+            return _WRONG
+        return None
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails the RPC with UNAUTHENTICATED."""
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        make = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.unary_unary_rpc_method_handler
+    return make(
+        reject,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
