@@ -59,6 +59,7 @@ class LoaderConfig:
     keepalive_seconds: float = 10.0  # HTTP/2 ping interval detecting dead connections
     ledger_dir: str | None = None  # write what this rank receives, per epoch (`shardstream audit`)
     security: ClientSecurity | None = None  # TLS / mTLS / bearer token; None: plaintext
+    resolve_interval: float = 30.0  # seconds between re-resolutions of dns:/// worker names
     channel_options: tuple[tuple[str, int | str], ...] = field(default=())  # extra gRPC options
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ class LoaderConfig:
             "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_ahead",
             "prefetch_batches", "chunk_bytes", "max_message_bytes", "describe_timeout",
             "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
+            "resolve_interval",
         ):  # fmt: skip
             positive(name)
         if self.on_error not in ("raise", "skip"):
@@ -132,6 +134,7 @@ class LoaderStatistics:
     max_reorder_depth: int
     records_skipped: int  # bad records left out (on_error="skip")
     reads_in_flight: dict[str, int]  # reads running now, by worker
+    reads_by_worker: dict[str, int]  # read streams started, by worker
 
 
 class Loader:
@@ -195,6 +198,7 @@ class Loader:
             backoff_cap=cfg.backoff_cap,
             describe_timeout=cfg.describe_timeout,
             security=cfg.security,
+            resolve_interval=cfg.resolve_interval,
         )
         try:
             self._desc = await self._pool.start()
@@ -401,6 +405,7 @@ class Loader:
             total.add(self._current.counters)
             completed += self._current.completed
         fc = self._fetch_counters
+        conns = self._pool.conns if self._pool is not None else []
         return LoaderStatistics(
             epochs_completed=completed,
             batches=total.batches,
@@ -411,7 +416,6 @@ class Loader:
             resumes_by_worker=dict(fc.retries_by_worker or {}),
             max_reorder_depth=total.max_reorder_depth,
             records_skipped=fc.skipped,
-            reads_in_flight={c.address: c.outstanding for c in self._pool.conns}
-            if self._pool is not None
-            else {},
+            reads_in_flight={c.address: c.outstanding for c in conns},
+            reads_by_worker={c.address: c.assigned for c in conns},
         )

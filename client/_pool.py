@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shardstream.client._resolve import DNS_PREFIX, resolve_all
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import (
     RETRYABLE,
@@ -72,12 +73,25 @@ def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
     return f"fingerprint {a.fingerprint} vs {b.fingerprint}"
 
 
+_START_GRACE = 2.0  # seconds other workers get to answer once one has
+
+
+class _NotYet(Exception):
+    """A worker that had not answered when the start went on without it."""
+
+
+def _outcome(task: asyncio.Future[DatasetDesc]) -> DatasetDesc | BaseException:
+    if not task.done() or task.cancelled():
+        return _NotYet()
+    return task.exception() or task.result()
+
+
 class WorkerPool:
     """Chooses a worker for each read: healthy, agreeing, least outstanding."""
 
     def __init__(
         self,
-        addresses: Sequence[str],
+        targets: Sequence[str],
         *,
         dataset: str,
         channel_options: Sequence[tuple[str, int | str]],
@@ -85,30 +99,43 @@ class WorkerPool:
         backoff_cap: float,
         describe_timeout: float,
         security: ClientSecurity | None = None,
+        resolve_interval: float = 30.0,
     ) -> None:
         self.dataset = dataset
+        self.targets = tuple(targets)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._describe_timeout = describe_timeout
+        self._resolve_interval = resolve_interval
+        self._channel_options = tuple(channel_options)
+        self._security = security
+        self._metadata = call_metadata(security)  # reads a token file once
         self.conns: list[Conn] = []
-        metadata = call_metadata(security)  # reads a token file once
-        for address in addresses:
-            channel = secure_channel(address, channel_options, security)
-            stub = WorkerStub(channel, metadata)
-            self.conns.append(Conn(address, channel, stub, HealthWatch(channel)))
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
         self._changed = asyncio.Event()  # a worker became available
         self._watchers: list[asyncio.Task[None]] = []
 
+    def _add(self, address: str) -> Conn:
+        channel = secure_channel(address, self._channel_options, self._security)
+        conn = Conn(address, channel, WorkerStub(channel, self._metadata), HealthWatch(channel))
+        self.conns.append(conn)
+        return conn
+
     async def start(self) -> DatasetDesc:
         """Describe the dataset on every worker; refuse if those that answer disagree."""
-        results = await asyncio.gather(
-            *(self._describe_patiently(c) for c in self.conns), return_exceptions=True
-        )
+        addresses, unresolved = await resolve_all(self.targets)
+        if not addresses:
+            raise WorkersUnavailableError("no worker address could be resolved", unresolved)
+        for address in addresses:
+            self._add(address)
+        results = await self._describe_all()
         answered: list[tuple[Conn, DatasetDesc]] = []
         failed: dict[str, str] = {}
         for conn, res in zip(self.conns, results, strict=True):
+            if isinstance(res, _NotYet):
+                failed[conn.address] = conn.last_error or "did not answer in time"
+                continue
             if isinstance(res, grpc.aio.AioRpcError) and res.code() not in RETRYABLE:
                 raise worker_error(res, worker=conn.address, dataset=self.dataset)
             if isinstance(res, grpc.aio.AioRpcError):
@@ -121,7 +148,7 @@ class WorkerPool:
         if not answered:
             raise WorkersUnavailableError(
                 f"no worker described dataset {self.dataset!r} within {self._describe_timeout}s",
-                failed,
+                {**unresolved, **failed},
             )
         ref_conn, ref = answered[0]
         for conn, desc in answered[1:]:
@@ -139,7 +166,41 @@ class WorkerPool:
         self.desc = ref
         loop = asyncio.get_running_loop()
         self._watchers = [loop.create_task(self._watch(c)) for c in self.conns]
+        if any(t.startswith(DNS_PREFIX) for t in self.targets):
+            self._watchers.append(loop.create_task(self._re_resolve()))
         return ref
+
+    async def _describe_all(self) -> list[DatasetDesc | BaseException]:
+        """Every worker's description; once one has answered, the others get a short
+        grace (a down replica must not hold up the start; it is checked when it is back)."""
+        tasks = [asyncio.ensure_future(self._describe_patiently(c)) for c in self.conns]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            while pending and not any(t.exception() is None for t in done):
+                more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done |= more
+            if pending:
+                await asyncio.wait(pending, timeout=_START_GRACE)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return [_outcome(t) for t in tasks]
+
+    async def _re_resolve(self) -> None:
+        """Add workers that a dns: name resolves to since the start."""
+        while True:
+            await asyncio.sleep(self._resolve_interval)
+            addresses, errors = await resolve_all(self.targets)
+            for target, error in errors.items():
+                log.warning("%s: %s", target, error)
+            known = {c.address for c in self.conns}
+            for address in addresses:
+                if address not in known:
+                    log.info("worker %s joined; checking it before it gets reads", address)
+                    conn = self._add(address)
+                    conn.serving = False
+                    self._watchers.append(asyncio.get_running_loop().create_task(self._watch(conn)))
 
     async def _describe_patiently(self, conn: Conn) -> DatasetDesc:
         """Describe the dataset, retrying transient failures until `describe_timeout`; the

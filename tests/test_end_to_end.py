@@ -181,3 +181,45 @@ async def test_options_are_validated_before_connecting() -> None:
         Loader(["127.0.0.1:1"], dataset="train", batch_size=1, rank=2, world_size=2)
     with pytest.raises(ConfigError, match="unknown loader option"):
         Loader(["127.0.0.1:1"], dataset="train", batch_size=1, shuffel=True)
+
+
+async def test_dns_name_spreads_reads_over_every_address_and_picks_up_new_ones(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `dns:///` target stands for every address it resolves to. Real DNS with several
+    A records cannot run here, so the resolver's answer is faked; the workers are real,
+    on three loopback addresses sharing one port."""
+    from shardstream.client import _resolve
+
+    async with running_workers(npz_root, 1, host="127.0.0.2") as (first,):
+        port = first.port
+        async with running_workers(npz_root, 1, host="127.0.0.1", port=port) as (_second,):
+            answer = [f"127.0.0.2:{port}", f"127.0.0.1:{port}"]
+
+            async def fake_resolve(target: str) -> list[str]:
+                assert target == f"dns:///fleet.test:{port}"
+                return list(answer)
+
+            monkeypatch.setattr(_resolve, "resolve", fake_resolve)
+            async with Loader([f"dns:///fleet.test:{port}"], dataset="train", batch_size=50,
+                              read_bytes=4096, resolve_interval=0.05) as loader:  # fmt: skip
+                ids = ids_of(await collect_epoch(loader, 0))
+                reads = loader.statistics().reads_by_worker
+                assert np.array_equal(ids, np.arange(RECORDS))
+                assert set(reads) == set(answer) and all(n > 0 for n in reads.values())
+                async with running_workers(npz_root, 1, host="127.0.0.3", port=port) as (third,):
+                    answer.append(f"127.0.0.3:{port}")
+                    for epoch in range(1, 50):  # until the re-resolved worker has served
+                        ids = ids_of(await collect_epoch(loader, epoch))
+                        assert np.array_equal(ids, np.arange(RECORDS))
+                        if loader.statistics().reads_by_worker.get(third.address, 0):
+                            break
+                    assert loader.statistics().reads_by_worker.get(third.address, 0) > 0
+
+
+async def test_dns_name_of_localhost(npz_root: Path) -> None:
+    async with running_workers(npz_root, 1) as (worker,), Loader(
+        [f"dns:///localhost:{worker.port}"], dataset="train", batch_size=100
+    ) as loader:  # fmt: skip
+        assert len(await collect_epoch(loader, 0)) == RECORDS // 100
+        assert loader.statistics().reads_by_worker.get(f"127.0.0.1:{worker.port}", 0) > 0

@@ -284,13 +284,26 @@ async def test_all_workers_gone_for_good_is_a_clear_error(root: Path) -> None:
     print(f"\n{errors[0]}")
 
 
-async def test_second_sigterm_exits_at_once(root: Path) -> None:
-    with fleet(root, 1, "--grace", "60") as (worker,):
-        async with Loader([worker.address], dataset="train", **OPTIONS) as loader:
-            epoch = loader.epoch(0)
-            await anext(epoch)  # streams are open now, and the consumer pauses
-            worker.signal(signal.SIGTERM)  # drain: would wait up to 60 s for open streams
+async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    from shardstream.client._wire import WorkerStub, encode_read
+
+    make_dataset(tmp_path, shards=1, records=400, shape=(256, 256))  # 64 KiB records
+    with fleet(tmp_path, 1, "--grace", "60") as (worker,):
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            # A reader that never reads: the worker's stream blocks on flow control, so a
+            # drain would wait the whole grace period for it.
+            stalled = WorkerStub(channel).read(
+                encode_read(dataset="train", shard="shard-00000.npz", start=0, count=400, seed=0,
+                            fingerprint="", max_chunk_records=0)
+            )  # fmt: skip
+            await stalled.initial_metadata()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             worker.signal(signal.SIGTERM)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            worker.signal(signal.SIGTERM)  # the drain is under way: this one exits at once
             code = await asyncio.to_thread(worker.proc.wait, 10)
-            await epoch.aclose()
+            stalled.cancel()
+            watch.cancel()
     assert code == 128 + signal.SIGTERM
+    assert any("second SIGTERM: exiting now" in line for line in worker.log)
