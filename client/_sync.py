@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar
@@ -100,6 +100,16 @@ class SyncLoader:
 
     def statistics(self) -> LoaderStatistics:
         return self._loader.statistics()
+
+    @property
+    def start_epoch(self) -> int:
+        return self._loader.start_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._loader.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
+        self._loader.load_state_dict(state, override=override)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; leaving the loop early stops the epoch's reads."""
