@@ -17,6 +17,7 @@ from shardstream.client._fetch import FetchCounters, FetchOptions
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import PlanOptions, RankPlan, Remainder
 from shardstream.client._pool import WorkerPool
+from shardstream.client._ranks import discover
 from shardstream.client._resume import Interruption, resume_plan
 from shardstream.client._security import ClientSecurity
 from shardstream.client._state import PLAN_KEYS, LoaderState
@@ -167,6 +168,16 @@ class Loader:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
+        if options.get("rank") is None or options.get("world_size") is None:
+            try:
+                rank, world_size, source = discover()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if options.get("rank") is None:
+                options["rank"] = rank
+            if options.get("world_size") is None:
+                options["world_size"] = world_size
+            log.info("rank %d of %d (from %s)", options["rank"], options["world_size"], source)
         self.config = LoaderConfig(**options)
         self.addresses = tuple(addresses)
         self._pool: WorkerPool | None = None

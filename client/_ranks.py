@@ -1,0 +1,73 @@
+"""Who am I: rank and world size from the job launcher.
+
+Explicit `rank=` / `world_size=` arguments always win. Otherwise, in order:
+
+1. Horovod, when it is imported and initialised: `hvd.rank()`, `hvd.size()`;
+2. torch.distributed, when it is imported and initialised;
+3. the environment of the launcher:
+   `HOROVOD_RANK`/`HOROVOD_SIZE` (horovodrun), `RANK`/`WORLD_SIZE` (torchrun),
+   `OMPI_COMM_WORLD_RANK`/`OMPI_COMM_WORLD_SIZE` (Open MPI), `PMI_RANK`/`PMI_SIZE`
+   (MPICH, Intel MPI), `SLURM_PROCID`/`SLURM_NTASKS` (SLURM);
+4. rank 0 of 1.
+
+Frameworks are never imported here: only ones the program already imported
+are asked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+ENV_PAIRS = (
+    ("HOROVOD_RANK", "HOROVOD_SIZE", "horovodrun"),
+    ("RANK", "WORLD_SIZE", "torchrun"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"),
+    ("PMI_RANK", "PMI_SIZE", "MPI (PMI)"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM"),
+)
+
+
+def _horovod() -> tuple[int, int] | None:
+    for name in ("horovod.torch", "horovod.tensorflow", "horovod.keras", "horovod.mxnet"):
+        hvd: Any = sys.modules.get(name)
+        if hvd is None:
+            continue
+        try:
+            if hvd.is_initialized():
+                return int(hvd.rank()), int(hvd.size())
+        except (AttributeError, ValueError, RuntimeError):
+            continue
+    return None
+
+
+def _torch_distributed() -> tuple[int, int] | None:
+    dist: Any = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    except (AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def discover(env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
+    """(rank, world_size, where they came from)."""
+    found = _horovod()
+    if found:
+        return (*found, "horovod")
+    found = _torch_distributed()
+    if found:
+        return (*found, "torch.distributed")
+    env = os.environ if env is None else env
+    for rank_var, size_var, launcher in ENV_PAIRS:
+        if rank_var in env and size_var in env:
+            try:
+                return int(env[rank_var]), int(env[size_var]), f"{launcher} ({rank_var}/{size_var})"
+            except ValueError:
+                raise ValueError(
+                    f"{rank_var}={env[rank_var]!r} / {size_var}={env[size_var]!r} are not integers"
+                ) from None
+    return 0, 1, "default (no launcher found)"
