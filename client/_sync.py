@@ -20,6 +20,7 @@ from shardstream.client._epoch import EpochIterator
 from shardstream.client._loader import Loader, LoaderStatistics
 from shardstream.client._planner import RankPlan
 from shardstream.client._rebatch import Batch
+from shardstream.v1.codec import FieldSpec
 
 T = TypeVar("T")
 
@@ -91,6 +92,10 @@ class SyncLoader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def schema(self) -> tuple[FieldSpec, ...]:
+        return self._loader.schema
 
     def plan(self, epoch: int) -> RankPlan:
         return self._loader.plan(epoch)
