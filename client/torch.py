@@ -55,7 +55,7 @@ def _pin(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return tensor.pin_memory() if pin and torch.cuda.is_available() else tensor
 
 
-class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):
+class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ignore[misc]
     """One rank's batches as a torch data source (already batched: use
     `DataLoader(..., batch_size=None, num_workers=0)`; shardstream does the prefetching).
     Takes the `Loader` arguments, plus `writable` and `pin_memory` for `to_torch`."""
