@@ -58,6 +58,7 @@ class WorkerConfig:
     grace_seconds: float = 10.0  # on SIGTERM: time running streams get to end cleanly
     decoders: tuple[str, ...] = ()  # "module:Class" plug-in formats to import and register
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, bearer token
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0 picks one)
 
     def __post_init__(self) -> None:
         if not self.datasets:

@@ -17,6 +17,7 @@ import grpc
 from shardstream.server._catalog import Catalog, Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import DecodeError
+from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._tasks import ShardChanged, read_chunk
 from shardstream.server._wire import CHUNK_OVERHEAD, ReadArgs, encode_end
 
@@ -43,9 +44,12 @@ class RequestError(Exception):
 
 
 class WorkerServicer:
-    def __init__(self, config: WorkerConfig, executor: Executor) -> None:
+    def __init__(
+        self, config: WorkerConfig, executor: Executor, metrics: WorkerMetrics | None = None
+    ) -> None:
         self._config = config
         self._executor = executor
+        self.metrics = metrics or WorkerMetrics()
         self.catalog: Catalog | None = None
         self.draining = False
         self.active = 0
@@ -69,11 +73,11 @@ class WorkerServicer:
             ) from None
 
     async def describe(self, name: str, context: grpc.aio.ServicerContext) -> Dataset:
-        async with _StatusOnError(context):
+        async with _StatusOnError(context, self.metrics):
             return self._dataset(name)
 
     async def list_datasets(self, _: object, context: grpc.aio.ServicerContext) -> list[Dataset]:
-        async with _StatusOnError(context):
+        async with _StatusOnError(context, self.metrics):
             if self.catalog is None:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the worker is still indexing")
             return list(self.catalog.datasets.values())
@@ -125,7 +129,7 @@ class WorkerServicer:
         return n
 
     async def read(self, args: ReadArgs, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async with _StatusOnError(context):
+        async with _StatusOnError(context, self.metrics):
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the worker is draining")
             if self.active >= self._config.max_streams:
@@ -136,11 +140,13 @@ class WorkerServicer:
             ds, shard = self._validate(args)
             self.active += 1
             self.idle.clear()
+            self.metrics.stream(ds.name, +1)
             try:
                 async for message in self._stream(ds, shard, args):
                     yield message
             finally:
                 self.active -= 1
+                self.metrics.stream(ds.name, -1)
                 if self.active == 0:
                     self.idle.set()
 
@@ -152,11 +158,13 @@ class WorkerServicer:
         starts = range(args.start, end, step)
 
         def submit(s: int) -> asyncio.Future[bytes]:
+            submitted[0] = loop.time()
             return loop.run_in_executor(
                 self._executor, read_chunk, ds.decoder, shard.path, shard.stamp,
                 s, min(step, end - s), ds.schema,
             )  # fmt: skip
 
+        submitted = [0.0]
         pending = submit(starts[0]) if starts else None
         sent = 0
         try:
@@ -166,11 +174,15 @@ class WorkerServicer:
                     data = await pending
                 except (DecodeError, ShardChanged) as exc:
                     raise _data_error(ds, shard, s, exc) from exc
+                took = loop.time() - submitted[0]
                 pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
                 yield data
-                sent += min(step, end - s)
+                n = min(step, end - s)
+                sent += n
+                self.metrics.chunk(ds.name, n, len(data), took)
                 if self.is_draining() and sent < args.count:
                     log.info("draining: ending a stream of %s at record %d", shard.id, s + step)
+                    self.metrics.drained()
                     yield encode_end(sent, draining=True)
                     return
             yield encode_end(sent, draining=False)
@@ -194,10 +206,11 @@ def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> Reques
 
 
 class _StatusOnError:
-    """`async with _StatusOnError(context):` turns a RequestError into the RPC's status."""
+    """`async with _StatusOnError(context, metrics):` turns a RequestError into a status."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, metrics: WorkerMetrics) -> None:
         self._context = context
+        self._metrics = metrics
 
     async def __aenter__(self) -> None:
         return None
@@ -205,6 +218,7 @@ class _StatusOnError:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if not isinstance(exc, RequestError):
             return
+        self._metrics.error(exc.code.name)
         metadata = [
             ("shardstream-dataset", _header_safe(exc.dataset)),
             ("shardstream-shard", _header_safe(exc.shard)),

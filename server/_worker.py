@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import register_plugins
+from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._tasks import process_init, process_ready
 from shardstream.server._wire import SERVICE, service_handler
@@ -56,6 +57,7 @@ class Worker:
         self._health = health.aio.HealthServicer()
         self._servicer: WorkerServicer | None = None
         self._port = 0
+        self.metrics_port: int | None = None  # where Prometheus metrics are served, if enabled
         self._closed = asyncio.Event()
         self._state = "new"
 
@@ -97,7 +99,10 @@ class Worker:
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shardstream-decode"
             )
         security = cfg.security.load()  # reads the TLS files and token once
-        self._servicer = WorkerServicer(cfg, self._executor)
+        metrics = WorkerMetrics()
+        if cfg.metrics_port is not None:
+            self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port)
+        self._servicer = WorkerServicer(cfg, self._executor, metrics)
         self._server = grpc.aio.server(
             options=grpc_options(cfg), interceptors=security.interceptors()
         )

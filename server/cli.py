@@ -94,6 +94,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a plug-in format to load; repeatable [SHARDSTREAM_DECODERS, space-separated]",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT") or -1),
+        help="serve Prometheus metrics on this port (needs shardstream[metrics]) "
+        "[SHARDSTREAM_METRICS_PORT]",
+    )
     for flag, what in (
         ("--tls-cert", "PEM certificate chain: serve over TLS (with --tls-key)"),
         ("--tls-key", "PEM private key of --tls-cert"),
@@ -124,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_streams=args.max_streams,
         grace_seconds=args.grace,
         decoders=tuple(args.decoders or (_env("DECODERS") or "").split()),
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         security=ServerSecurity(
             tls_cert=_path(args.tls_cert),
             tls_key=_path(args.tls_key),

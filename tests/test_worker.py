@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -94,3 +95,24 @@ async def test_chunks_stay_under_the_max_message_size(tmp_path: Path) -> None:
             batches = await collect_epoch(loader, 0)
     assert np.array_equal(ids_of(batches), np.arange(64))
     assert all(b["x"].shape == (16, 60_000) and b["x"].all() for b in batches)
+
+
+async def test_prometheus_metrics(npz_root: Path) -> None:
+    import urllib.request
+
+    pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
+    async with running_workers(npz_root, 1, metrics_port=0) as (worker,):
+        async with Loader([worker.address], dataset="train", batch_size=100) as loader:
+            await collect_epoch(loader, 0)
+            with pytest.raises(Exception, match="unknown dataset"):
+                async with Loader([worker.address], dataset="nope", batch_size=1):
+                    pass
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        text = (
+            await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        ).decode()
+    assert 'shardstream_records_sent_total{dataset="train"} 2000.0' in text
+    assert 'shardstream_streams_active{dataset="train"} 0.0' in text
+    assert 'shardstream_chunk_seconds_count{dataset="train"}' in text
+    assert "shardstream_bytes_sent_total" in text
+    assert 'shardstream_stream_errors_total{code="NOT_FOUND"} 1.0' in text
