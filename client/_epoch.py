@@ -12,6 +12,7 @@ consumer; the end of the epoch is the end of iteration.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from shardstream.client._rebatch import Batch, Rebatcher
 from shardstream.client._reorder import ReorderBuffer
 from shardstream.client._wire import Piece, ShardDesc
 from shardstream.client.errors import ProtocolError
+
+log = logging.getLogger("shardstream.client")
 
 
 @dataclass
@@ -75,10 +78,13 @@ class EpochIterator:
         counters: FetchCounters,
         empty: Batch,
         ledger: LedgerWriter | None = None,
+        lag_warning: float = 10.0,
     ) -> None:
         self.plan = plan
         self._empty = empty
         self._ledger = ledger
+        self._lag_warning = lag_warning
+        self._depth = 0  # chunks held in the reorder buffer now
         self._shards = shards
         self._pool = pool
         self._fetch_options = fetch_options
@@ -110,7 +116,7 @@ class EpochIterator:
         if self._task is None:
             self._task = self._spawn(self._run())
         t0 = time.perf_counter()
-        item = await self._queue.get()
+        item = await self._next_item()
         self.counters.wait_seconds += time.perf_counter() - t0
         if isinstance(item, _End):
             self._finished = self.completed = True
@@ -127,6 +133,28 @@ class EpochIterator:
         c.records += len(next(iter(item.values())))
         c.bytes += sum(a.nbytes for a in item.values())
         return item
+
+    async def _next_item(self) -> Batch | _End | _Failure:
+        """The next queue item; while none comes, a warning every `lag_warning` seconds."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        getter = asyncio.ensure_future(self._queue.get())
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=self._lag_warning)
+                if done:
+                    return getter.result()
+                waited += self._lag_warning
+                running = {a: n for a, n in self._pool.in_flight().items() if n}
+                log.warning(
+                    "data input is slow: no batch for %.0fs (epoch %d, after batch %d of %d; "
+                    "reads running %s; %d chunks wait in the reorder buffer; %d resumed so far)",
+                    waited, self.plan.epoch, self.counters.batches, self.plan.batches,
+                    running or "none", self._depth, self._fetch_counters.resumes,
+                )  # fmt: skip
+        finally:
+            getter.cancel()
 
     def _close_ledger(self) -> None:
         if self._ledger is not None:
@@ -174,8 +202,9 @@ class EpochIterator:
                             continue
                         ready.extend(items)
                         self._progress.set()
+                        self._depth = buffer.depth() + len(ready)
                         self.counters.max_reorder_depth = max(
-                            self.counters.max_reorder_depth, buffer.depth() + len(ready)
+                            self.counters.max_reorder_depth, self._depth
                         )
                     piece = ready.popleft()
                     got += piece.count

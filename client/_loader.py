@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,7 @@ class LoaderConfig:
     ledger_dir: str | None = None  # write what this rank receives, per epoch (`shardstream audit`)
     security: ClientSecurity | None = None  # TLS / mTLS / bearer token; None: plaintext
     resolve_interval: float = 30.0  # seconds between re-resolutions of dns:/// worker names
+    lag_warning_seconds: float = 10.0  # warn (at most this often) while no batch arrives
     channel_options: tuple[tuple[str, int | str], ...] = field(default=())  # extra gRPC options
 
     def __post_init__(self) -> None:
@@ -75,7 +77,7 @@ class LoaderConfig:
             "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_ahead",
             "prefetch_batches", "chunk_bytes", "max_message_bytes", "describe_timeout",
             "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
-            "resolve_interval",
+            "resolve_interval", "lag_warning_seconds",
         ):  # fmt: skip
             positive(name)
         if self.on_error not in ("raise", "skip"):
@@ -136,6 +138,15 @@ class LoaderStatistics:
     records_skipped: int  # bad records left out (on_error="skip")
     reads_in_flight: dict[str, int]  # reads running now, by worker
     reads_by_worker: dict[str, int]  # read streams started, by worker
+    seconds: float  # since the loader started: batches / seconds is the rate
+
+    @property
+    def batches_per_second(self) -> float:
+        return self.batches / self.seconds if self.seconds else 0.0
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
 
 
 class Loader:
@@ -187,6 +198,7 @@ class Loader:
         self._fetch_counters = FetchCounters()
         self._past = EpochCounters()  # epochs before the current one
         self._epochs_completed = 0
+        self._started_at = 0.0
         self._state = "new"
         self._resume: LoaderState | None = None  # applies to the epoch it names
         self._pending_state = state
@@ -220,6 +232,7 @@ class Loader:
             await self.aclose()
             raise
         self._state = "open"
+        self._started_at = time.monotonic()
 
     async def aclose(self) -> None:
         """Cancel running reads and close connections (idempotent)."""
@@ -383,6 +396,7 @@ class Loader:
             counters=self._fetch_counters,
             empty={f.name: np.empty((0, *f.shape), dtype=f.dtype) for f in self.schema},
             ledger=ledger,
+            lag_warning=cfg.lag_warning_seconds,
         )
         self._current = iterator
         return iterator
@@ -428,5 +442,6 @@ class Loader:
             max_reorder_depth=total.max_reorder_depth,
             records_skipped=fc.skipped,
             reads_in_flight={c.address: c.outstanding for c in conns},
+            seconds=time.monotonic() - self._started_at if self._started_at else 0.0,
             reads_by_worker={c.address: c.assigned for c in conns},
         )

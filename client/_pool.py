@@ -309,6 +309,9 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
 
+    def in_flight(self) -> dict[str, int]:
+        return {c.address: c.outstanding for c in self.conns}
+
     def release(self, conn: Conn) -> None:
         conn.outstanding -= 1
 

