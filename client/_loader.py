@@ -51,7 +51,7 @@ class LoaderConfig:
     max_inflight_reads: int = 8  # read streams running at once, over all workers
     reads_ahead: int = 16  # reads started but not consumed: bounds memory
     prefetch_batches: int = 4  # batches ready before the consumer asks
-    chunk_bytes: int = 1 * MiB  # target bytes per streamed message
+    chunk_bytes: int = 4 * MiB  # preferred bytes per streamed message (the worker caps it)
     max_message_bytes: int = 16 * MiB  # gRPC max receive size (>= the workers' messages)
     describe_timeout: float = 30.0  # seconds to wait for workers to describe the dataset
     idle_timeout: float = 30.0  # seconds a read may go without data before resuming elsewhere

@@ -52,8 +52,8 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # use 0.0.0.0 / [::] to serve other machines
     port: int = 50051  # 0 picks a free port
     processes: int = 1  # decoding processes (spawned); 0 decodes in threads of this process
-    max_message_bytes: int = 4 * MiB  # gRPC max send/receive message size
-    chunk_bytes: int = 1 * MiB  # target size of one streamed chunk (<= max message)
+    max_message_bytes: int = 8 * MiB  # gRPC max send/receive message size
+    chunk_bytes: int = 4 * MiB  # target size of one streamed chunk (<= max message / 2)
     max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # on SIGTERM: time running streams get to end cleanly
     decoders: tuple[str, ...] = ()  # "module:Class" plug-in formats to import and register

@@ -53,7 +53,7 @@ class WorkerProcess:
     ) -> WorkerProcess:
         """Start a worker with these CLI arguments and wait until it is SERVING."""
         argv = list(args)
-        if "--port" not in argv:
+        if "--port" not in argv and "SHARDSTREAM_PORT" not in (env or {}):
             argv += ["--port", "0"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "shardstream.server", *argv],

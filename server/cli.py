@@ -65,13 +65,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=int(_env("MAX_MESSAGE_BYTES", str(4 * MiB)) or 0),
+        default=int(_env("MAX_MESSAGE_BYTES", str(8 * MiB)) or 0),
         help="gRPC max message size [SHARDSTREAM_MAX_MESSAGE_BYTES]",
     )
     p.add_argument(
         "--chunk-bytes",
         type=int,
-        default=int(_env("CHUNK_BYTES", str(MiB)) or 0),
+        default=int(_env("CHUNK_BYTES", str(4 * MiB)) or 0),
         help="target bytes per streamed chunk [SHARDSTREAM_CHUNK_BYTES]",
     )
     p.add_argument(
