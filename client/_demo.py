@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardstream.client._consume import progress
 from shardstream.client._loader import Loader
 
 
@@ -35,10 +36,14 @@ class DemoOptions:
 async def _rank(loader: Loader, epoch: int) -> tuple[np.ndarray, int, int]:
     ids: list[np.ndarray] = []
     nbytes = batches = 0
-    async for batch in loader.epoch(epoch):
-        ids.append(batch["id"])
-        nbytes += sum(a.nbytes for a in batch.values())
-        batches += 1
+    label = f"epoch {epoch} rank {loader.config.rank}"
+    with progress(loader.plan(epoch).batches, label) as bar:
+        async for batch in loader.epoch(epoch):
+            ids.append(batch["id"])
+            nbytes += sum(a.nbytes for a in batch.values())
+            batches += 1
+            if bar is not None:
+                bar.update(1)
     return np.concatenate(ids), nbytes, batches
 
 

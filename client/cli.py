@@ -1,4 +1,4 @@
-"""The `shardstream` command: worker, make-dataset, health, inspect, audit, demo."""
+"""The `shardstream` command: worker, make-dataset, health, inspect, consume, audit, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
+from shardstream.client.errors import ShardstreamError
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -64,6 +65,22 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
 
     return run_async(show)
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from shardstream.client._consume import consume
+    from shardstream.server.cli import run_async
+
+    options = {
+        "dataset": args.dataset, "batch_size": args.batch_size, "rank": args.rank,
+        "world_size": args.world_size, "seed": args.seed, "shuffle": args.shuffle,
+        "security": _security(args),
+    }  # fmt: skip
+    try:
+        return run_async(lambda: consume(args.addresses.split(","), args.epochs, options))
+    except ShardstreamError as exc:
+        print(f"shardstream consume: {exc}", file=sys.stderr)
+        return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -122,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", nargs="?", default="")
     p.add_argument("--timeout", type=float, default=10.0)
     add_security_args(p)
+    p = sub.add_parser("consume", help="stream epochs from workers and report throughput")
+    p.add_argument("addresses", metavar="ADDR[,ADDR...]", help="host:port or dns:///name:port")
+    p.add_argument("--dataset", default="train")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle", action="store_true")
+    add_security_args(p)
     p = sub.add_parser("audit", help="check a delivery ledger: every record exactly once")
     p.add_argument("directory", type=Path, metavar="LEDGER_DIR")
     p.add_argument("--limit", type=int, default=20, help="ranges shown per kind")
@@ -175,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shardstream.server.cli import make_dataset_command
 
         return make_dataset_command(args)
-    commands = {"health": _health, "inspect": _inspect, "demo": _demo, "audit": _audit}
+    commands = {
+        "health": _health, "inspect": _inspect, "demo": _demo, "audit": _audit,
+        "consume": _consume,
+    }  # fmt: skip
     return commands[args.command](args)
 
 
