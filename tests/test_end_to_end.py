@@ -223,3 +223,26 @@ async def test_dns_name_of_localhost(npz_root: Path) -> None:
     ) as loader:  # fmt: skip
         assert len(await collect_epoch(loader, 0)) == RECORDS // 100
         assert loader.statistics().reads_by_worker.get(f"127.0.0.1:{worker.port}", 0) > 0
+
+
+async def test_client_statistics_and_prometheus_export(npz_root: Path) -> None:
+    import urllib.request
+
+    pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
+    from shardstream.client.metrics import serve_metrics
+
+    async with running_workers(npz_root, 2) as workers, Loader(
+        [w.address for w in workers], dataset="train", batch_size=100, rank=0, world_size=1
+    ) as loader:  # fmt: skip
+        port = serve_metrics(loader)
+        await collect_epoch(loader, 0)
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = (
+            await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        ).decode()
+        stats = loader.statistics()
+    assert stats.batches == 20 and stats.records == RECORDS and stats.epochs_completed == 1
+    assert stats.batches_per_second > 0 and stats.megabytes_per_second > 0
+    assert 'shardstream_client_records_total{dataset="train",rank="0"} 2000.0' in text
+    assert 'shardstream_client_epochs_completed_total{dataset="train",rank="0"} 1.0' in text
+    assert "shardstream_client_reads_in_flight" in text

@@ -1,0 +1,74 @@
+"""Prometheus export of a loader's statistics (needs `shardstream[metrics]`).
+
+    from shardstream.client.metrics import serve_metrics
+    port = serve_metrics(loader, port=9100)     # http://host:9100/metrics
+
+Every scrape reads `loader.statistics()`: batches, records and bytes delivered,
+seconds the consumer waited for data, resumed reads by worker, reads running
+by worker, skipped records and the deepest reorder buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from shardstream.client._loader import Loader
+
+__all__ = ["serve_metrics"]
+
+
+class _LoaderCollector:
+    def __init__(self, loader: Loader, labels: dict[str, str]) -> None:
+        self._loader = loader
+        self._labels = labels
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._loader.statistics()
+        names, values = list(self._labels), list(self._labels.values())
+        for name, doc, value in (
+            ("shardstream_client_batches", "batches delivered", s.batches),
+            ("shardstream_client_records", "records delivered", s.records),
+            ("shardstream_client_bytes", "bytes delivered", s.bytes),
+            ("shardstream_client_wait_seconds", "time the consumer waited", s.wait_seconds),
+            ("shardstream_client_records_skipped", "bad records skipped", s.records_skipped),
+            ("shardstream_client_epochs_completed", "epochs iterated to the end",
+             s.epochs_completed),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, doc, labels=names)
+            counter.add_metric(values, value)
+            yield counter
+        resumes = CounterMetricFamily(
+            "shardstream_client_resumes", "reads resumed elsewhere", labels=[*names, "worker"]
+        )
+        for worker, n in s.resumes_by_worker.items():
+            resumes.add_metric([*values, worker], n)
+        yield resumes
+        running = GaugeMetricFamily(
+            "shardstream_client_reads_in_flight", "reads running", labels=[*names, "worker"]
+        )
+        for worker, n in s.reads_in_flight.items():
+            running.add_metric([*values, worker], n)
+        yield running
+        depth = GaugeMetricFamily(
+            "shardstream_client_max_reorder_depth", "deepest reorder buffer", labels=names
+        )
+        depth.add_metric(values, s.max_reorder_depth)
+        yield depth
+
+
+def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> int:
+    """Serve the loader's statistics over HTTP for Prometheus; returns the port."""
+    try:
+        import prometheus_client as prom
+    except ImportError:
+        raise ImportError(
+            "serve_metrics needs prometheus-client: pip install 'shardstream[metrics]'"
+        ) from None
+    registry = prom.CollectorRegistry()
+    labels = {"dataset": loader.config.dataset, "rank": str(loader.config.rank)}
+    registry.register(_LoaderCollector(loader, labels))  # type: ignore[arg-type]
+    server, _ = prom.start_http_server(port, addr=host, registry=registry)
+    return int(server.server_address[1])
