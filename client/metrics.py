@@ -69,6 +69,6 @@ def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> 
         ) from None
     registry = prom.CollectorRegistry()
     labels = {"dataset": loader.config.dataset, "rank": str(loader.config.rank)}
-    registry.register(_LoaderCollector(loader, labels))  # type: ignore[arg-type]
+    registry.register(_LoaderCollector(loader, labels))
     server, _ = prom.start_http_server(port, addr=host, registry=registry)
     return int(server.server_address[1])

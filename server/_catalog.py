@@ -2,7 +2,8 @@
 
 Shard ids are paths relative to the data root with '/' separators. Nothing
 outside the data root is ever indexed or read: globs are relative, and files
-(or symlinks) resolving outside the root are refused.
+(or symlinks) resolving outside the root are refused. The data root is a local
+directory or an fsspec URL (see `_files`); a shard's path is a `Path` or its URL.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from pathlib import Path
 
 from shardstream.server._config import DatasetSpec
 from shardstream.server._decoders import DecodeError, ShardMeta, decoder_ref, format_for_path
+from shardstream.server._files import (
+    ShardPath,
+    Stamp,
+    glob_url,
+    is_url,
+    open_shard,
+    shard_stat,
+    url_root,
+)
 from shardstream.server._tasks import decoder
 from shardstream.v1.codec import FieldSpec, record_bytes
 
@@ -30,10 +40,10 @@ class CatalogError(Exception):
 @dataclass(frozen=True, slots=True)
 class Shard:
     id: str
-    path: Path
+    path: ShardPath  # a Path under a local data root, the file's URL under a URL root
     records: int
     fingerprint: str
-    stamp: tuple[int, int]  # (size, mtime_ns) when indexed: reads refuse a changed file
+    stamp: Stamp  # (size, mtime_ns) when indexed (see `_files`): reads refuse a changed file
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,7 @@ class Dataset:
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
-    root: Path
+    root: Path | str  # an absolute directory, or a canonical fsspec URL
     datasets: dict[str, Dataset]
 
 
@@ -65,25 +75,25 @@ class Catalog:
 class Indexed:
     meta: ShardMeta
     fingerprint: str
-    stamp: tuple[int, int]
+    stamp: Stamp
 
 
-IndexFn = Callable[[str, Path], Awaitable[Indexed]]
+IndexFn = Callable[[str, ShardPath], Awaitable[Indexed]]
 
 
-def index_shard(ref: str, path: Path) -> Indexed:
+def index_shard(ref: str, path: ShardPath) -> Indexed:
     """Index one shard (runs in a decoding process): meta, fingerprint, file stamp."""
-    st = path.stat()
+    stamp = shard_stat(path)
     meta = decoder(ref).index(path)
-    return Indexed(meta, fingerprint_file(path, meta), (st.st_size, st.st_mtime_ns))
+    return Indexed(meta, fingerprint_file(path, meta), stamp)
 
 
-def fingerprint_file(path: Path, meta: ShardMeta) -> str:
+def fingerprint_file(path: ShardPath, meta: ShardMeta) -> str:
     """A content fingerprint: size, record count, schema and the first and last 64 KiB."""
     h = hashlib.blake2b(digest_size=12)
-    size = path.stat().st_size
+    size = shard_stat(path)[0]
     h.update(f"{size}:{meta.records}:{';'.join(map(str, meta.schema))}".encode())
-    with path.open("rb") as f:
+    with open_shard(path) as f:
         h.update(f.read(_SAMPLE))
         if size > _SAMPLE:
             f.seek(max(_SAMPLE, size - _SAMPLE))
@@ -91,10 +101,20 @@ def fingerprint_file(path: Path, meta: ShardMeta) -> str:
     return h.hexdigest()
 
 
-def resolve_files(root: Path, spec: DatasetSpec) -> list[tuple[str, Path]]:
+def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardPath]]:
     """(shard id, path) of the files a dataset's glob matches, sorted by id."""
+    found: list[tuple[str, ShardPath]] = []
+    if isinstance(root, str):
+        try:
+            found.extend(glob_url(root, spec.pattern))
+        except (ValueError, OSError) as exc:
+            raise CatalogError(f"dataset {spec.name!r}: {exc}") from None
+        if not found:
+            raise CatalogError(
+                f"dataset {spec.name!r}: no file under {root} matches {spec.pattern!r}"
+            )
+        return found
     real_root = root.resolve()
-    found = []
     for path in root.glob(spec.pattern):
         if not path.is_file():
             continue
@@ -112,7 +132,7 @@ def resolve_files(root: Path, spec: DatasetSpec) -> list[tuple[str, Path]]:
 
 
 async def build_dataset(
-    root: Path, spec: DatasetSpec, index: IndexFn, max_record_bytes: int
+    root: Path | str, spec: DatasetSpec, index: IndexFn, max_record_bytes: int
 ) -> Dataset:
     files = await asyncio.to_thread(resolve_files, root, spec)
     formats = {spec.format or format_for_path(sid) for sid, _ in files}
@@ -168,7 +188,7 @@ def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) ->
 
 
 async def build_catalog(
-    root: Path, specs: Sequence[DatasetSpec], index: IndexFn, max_record_bytes: int
+    root: Path | str, specs: Sequence[DatasetSpec], index: IndexFn, max_record_bytes: int
 ) -> Catalog:
     root = await asyncio.to_thread(_absolute_root, root)
     datasets = {}
@@ -177,7 +197,13 @@ async def build_catalog(
     return Catalog(root=root, datasets=datasets)
 
 
-def _absolute_root(root: Path) -> Path:
+def _absolute_root(root: Path | str) -> Path | str:
+    if is_url(root):
+        try:
+            return url_root(str(root))
+        except (ImportError, ValueError, OSError) as exc:
+            raise CatalogError(f"data root {root}: {exc}") from None
+    root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"data root {root} is not a directory")
     return root.absolute()

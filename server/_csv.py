@@ -15,17 +15,16 @@ file, column 0 is `id` (int64) and the others form `features` (float64 vector).
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
+from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat, sibling
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["SCHEMA_FILE", "CsvDecoder"]
@@ -38,30 +37,30 @@ _SCHEMA_EXAMPLE = '{"fields": [{"name": "id", "dtype": "int64", "shape": []}, ..
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Index:
-    stamp: tuple[int, int, int | None]  # shard (size, mtime_ns), schema file mtime_ns
+    stamp: tuple[Stamp, Stamp | None]  # of the shard and of its schema file
     records: int
     columns: int
     schema: tuple[FieldSpec, ...]
     offsets: tuple[int, ...]  # byte offset of lines 0, _STRIDE, 2 * _STRIDE, ...
 
 
-def _stamp(path: Path) -> tuple[int, int, int | None]:
-    st = os.stat(path)
+def _stamp(path: ShardPath) -> tuple[Stamp, Stamp | None]:
+    stamp = shard_stat(path)
     try:
-        schema_mtime: int | None = os.stat(path.parent / SCHEMA_FILE).st_mtime_ns
+        return (stamp, shard_stat(sibling(path, SCHEMA_FILE)))
     except FileNotFoundError:
-        schema_mtime = None
-    return (st.st_size, st.st_mtime_ns, schema_mtime)
+        return (stamp, None)
 
 
 def _width(field: FieldSpec) -> int:
     return int(np.prod(field.shape, dtype=np.int64))
 
 
-def _load_schema(path: Path) -> tuple[FieldSpec, ...] | None:
-    file = path.parent / SCHEMA_FILE
+def _load_schema(path: ShardPath) -> tuple[FieldSpec, ...] | None:
+    file = sibling(path, SCHEMA_FILE)
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
+        with open_shard(file) as f:
+            doc = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as e:
@@ -104,7 +103,7 @@ def _parse_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return np.dtype(np.int64)  # bool and the other integers
 
 
-def _decode_lines(path: Path, raw: list[bytes], start: int, columns: int) -> list[str]:
+def _decode_lines(path: ShardPath, raw: list[bytes], start: int, columns: int) -> list[str]:
     texts: list[str] = []
     for i, line in enumerate(raw):
         record = start + i
@@ -126,7 +125,7 @@ def _decode_lines(path: Path, raw: list[bytes], start: int, columns: int) -> lis
 
 
 def _loadtxt(
-    path: Path, texts: list[str], start: int, dtype: np.dtype[Any], cols: list[int]
+    path: ShardPath, texts: list[str], start: int, dtype: np.dtype[Any], cols: list[int]
 ) -> Any:
     try:
         return np.loadtxt(texts, delimiter=",", dtype=dtype, usecols=cols, comments=None, ndmin=2)
@@ -144,7 +143,7 @@ def _loadtxt(
 
 
 def _parse(
-    path: Path, texts: list[str], start: int, schema: tuple[FieldSpec, ...]
+    path: ShardPath, texts: list[str], start: int, schema: tuple[FieldSpec, ...]
 ) -> dict[str, np.ndarray[Any, Any]]:
     count = len(texts)
     out = {f.name: np.empty((count, *f.shape), np.dtype(f.dtype).newbyteorder("<")) for f in schema}
@@ -180,13 +179,13 @@ def _parse(
     return out
 
 
-def _build_index(path: Path) -> _Index:
+def _build_index(path: ShardPath) -> _Index:
     stamp = _stamp(path)
     schema = _load_schema(path)
     offsets: list[int] = []
     records = pos = 0
     first: bytes | None = None
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
         for line in f:
             if records % _STRIDE == 0:
                 offsets.append(pos)
@@ -210,7 +209,7 @@ def _build_index(path: Path) -> _Index:
             parts = " + ".join(f"{f.name} {_width(f)}" for f in schema)
             raise DecodeError(
                 f"{path}: record 0 (line 1) has {columns} columns but the fields of "
-                f"{path.parent / SCHEMA_FILE} take {width} ({parts}); fix the schema or the data",
+                f"{sibling(path, SCHEMA_FILE)} take {width} ({parts}); fix the schema or the data",
                 record=0,
             )
         _parse(path, _decode_lines(path, [first], 0, columns), 0, schema)
@@ -228,13 +227,13 @@ class CsvDecoder(Decoder):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._indexes: OrderedDict[Path, _Index] = OrderedDict()
+        self._indexes: OrderedDict[ShardPath, _Index] = OrderedDict()
 
-    def index(self, path: Path) -> ShardMeta:
+    def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
         return ShardMeta(records=idx.records, schema=idx.schema)
 
-    def read(self, path: Path, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+    def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
         if start < 0 or count < 0:
             raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
         idx = self._index(path)
@@ -246,7 +245,7 @@ class CsvDecoder(Decoder):
             )
         raw: list[bytes] = []
         if count:
-            with open(path, "rb") as f:
+            with open_shard(path) as f:
                 block = start // _STRIDE
                 f.seek(idx.offsets[block])
                 for _ in range(start - block * _STRIDE):
@@ -260,7 +259,7 @@ class CsvDecoder(Decoder):
                     raw.append(line)
         return _parse(path, _decode_lines(path, raw, start, idx.columns), start, idx.schema)
 
-    def _index(self, path: Path) -> _Index:
+    def _index(self, path: ShardPath) -> _Index:
         stamp = _stamp(path)
         with self._lock:
             cached = self._indexes.get(path)

@@ -6,11 +6,15 @@ A format is one class::
         name = "myformat"
         suffixes = (".my",)
 
-        def index(self, path: Path) -> ShardMeta:
+        def index(self, path: ShardPath) -> ShardMeta:
             ...  # count records, report the schema; called once per shard at start-up
 
-        def read(self, path: Path, start: int, count: int) -> dict[str, np.ndarray]:
+        def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray]:
             ...  # records [start, start + count): one array per field, first dim = count
+
+`path` is a `pathlib.Path` under a local data root (as always) and the shard's
+URL (`str`) under an fsspec data root; `open_shard(path)` and `shard_stat(path)`
+from `shardstream.server._files` work with both.
 
 Decoders run in worker processes (never on the event loop). An instance may
 cache per-shard state (open files, offsets) between `read` calls; it is
@@ -23,17 +27,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from shardstream.server._files import ShardPath
 from shardstream.v1.codec import FieldSpec
 
 __all__ = [
     "DecodeError",
     "Decoder",
     "ShardMeta",
+    "ShardPath",
     "decoder_class",
     "decoder_ref",
     "load_decoder",
@@ -74,11 +79,11 @@ class Decoder(abc.ABC):
     suffixes: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
-    def index(self, path: Path) -> ShardMeta:
+    def index(self, path: ShardPath) -> ShardMeta:
         """Count the records of a shard and describe their fields."""
 
     @abc.abstractmethod
-    def read(self, path: Path, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
+    def read(self, path: ShardPath, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
         """Decode records [start, start + count) of a shard."""
 
 
@@ -156,4 +161,4 @@ def format_for_path(path: str) -> str:
 
 def _load_builtin() -> None:
     # The built-in formats register themselves on import.
-    from shardstream.server import _csv, _npz  # noqa: F401
+    from shardstream.server import _csv, _npz, _parquet, _wds  # noqa: F401

@@ -4,12 +4,11 @@ Members stored uncompressed (what `np.savez` writes) are read in place: the
 decoder finds where each array's data starts in the file and reads only the
 requested rows. Compressed members (`np.savez_compressed`) and Fortran-order
 arrays are loaded whole and sliced, with the last two such shards cached.
-Pickled (object) arrays are never loaded.
+Pickled (object) arrays are never loaded; URL (fsspec) shards are read alike.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import threading
@@ -18,12 +17,13 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 from numpy.lib import format as npformat
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
+from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["NpzDecoder"]
@@ -32,14 +32,8 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
 _LOCAL_MAGIC = b"PK\x03\x04"
 _MAX_OPEN = 16  # shards whose file handle and offsets an instance keeps
 _MAX_LOADED = 2  # shards whose fully loaded (compressed / Fortran) arrays are kept
-_MEMBER_ERRORS = (
-    ValueError,
-    EOFError,
-    RuntimeError,
-    zipfile.BadZipFile,
-    zlib.error,
-    NotImplementedError,
-)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError)
+_MEMBER_ERRORS = (ValueError, EOFError, RuntimeError, *_ZIP_ERRORS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,14 +46,14 @@ class _Array:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Shard:
-    stamp: tuple[int, int]  # (size, mtime_ns) when parsed
+    stamp: Stamp  # (size, mtime_ns) when parsed
     records: int
     arrays: tuple[_Array, ...]
-    file: io.FileIO
+    file: IO[bytes]
 
 
 def _read_header(
-    path: Path, name: str, fp: IO[bytes]
+    path: ShardPath, name: str, fp: IO[bytes]
 ) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     version = npformat.read_magic(fp)
     if version == (1, 0):
@@ -72,7 +66,7 @@ def _read_header(
     )
 
 
-def _field(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> FieldSpec:
+def _field(path: ShardPath, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> FieldSpec:
     if dtype.hasobject:
         raise DecodeError(
             f"{path}: array {name!r} holds Python objects (dtype {dtype}), which would need "
@@ -93,7 +87,7 @@ def _first_missing(available: int, row_bytes: int) -> int:
     return max(available, 0) // row_bytes if row_bytes else 0
 
 
-def _parse(path: Path, f: IO[bytes], size: int) -> tuple[int, tuple[_Array, ...]]:
+def _parse(path: ShardPath, f: IO[bytes], size: int) -> tuple[int, tuple[_Array, ...]]:
     try:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile:
@@ -148,7 +142,7 @@ def _parse(path: Path, f: IO[bytes], size: int) -> tuple[int, tuple[_Array, ...]
     return next(iter(records.values())), tuple(arrays)
 
 
-def _explain_bad_zip(path: Path, f: IO[bytes], size: int) -> DecodeError:
+def _explain_bad_zip(path: ShardPath, f: IO[bytes], size: int) -> DecodeError:
     """Walk the local headers of a zip without a central directory to find where it ends."""
     plain = DecodeError(
         f"{path} is not a readable npz (zip) file: it is corrupt or truncated; rewrite the shard"
@@ -181,7 +175,7 @@ def _explain_bad_zip(path: Path, f: IO[bytes], size: int) -> DecodeError:
     return plain
 
 
-def _check_range(path: Path, start: int, count: int, records: int) -> None:
+def _check_range(path: ShardPath, start: int, count: int, records: int) -> None:
     if start < 0 or count < 0:
         raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
     if start + count > records:
@@ -202,16 +196,16 @@ class NpzDecoder(Decoder):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._shards: OrderedDict[Path, _Shard] = OrderedDict()
-        self._loaded: OrderedDict[Path, tuple[tuple[int, int], dict[str, np.ndarray[Any, Any]]]]
+        self._shards: OrderedDict[ShardPath, _Shard] = OrderedDict()
+        self._loaded: OrderedDict[ShardPath, tuple[Stamp, dict[str, np.ndarray[Any, Any]]]]
         self._loaded = OrderedDict()
 
-    def index(self, path: Path) -> ShardMeta:
+    def index(self, path: ShardPath) -> ShardMeta:
         with self._lock:
             shard = self._shard(path)
             return ShardMeta(records=shard.records, schema=tuple(a.field for a in shard.arrays))
 
-    def read(self, path: Path, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+    def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
         with self._lock:
             shard = self._shard(path)
             _check_range(path, start, count, shard.records)
@@ -240,29 +234,32 @@ class NpzDecoder(Decoder):
         if hasattr(self, "_shards"):
             self.close()
 
-    def _shard(self, path: Path) -> _Shard:
-        st = os.stat(path)
+    def _shard(self, path: ShardPath) -> _Shard:
+        stamp = shard_stat(path)
         cached = self._shards.get(path)
         if cached is not None:
-            if cached.stamp == (st.st_size, st.st_mtime_ns):
+            if cached.stamp == stamp:
                 self._shards.move_to_end(path)
                 return cached
             del self._shards[path]
             cached.file.close()
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 -- kept open in the cache
+        local = isinstance(path, Path)  # kept open in the cache; local files unbuffered:
+        f = open(path, "rb", buffering=0) if local else open_shard(path)  # noqa: SIM115
         try:
-            st = os.fstat(f.fileno())
-            records, arrays = _parse(path, f, st.st_size)
+            if local:
+                st = os.fstat(f.fileno())
+                stamp = (st.st_size, st.st_mtime_ns)
+            records, arrays = _parse(path, f, stamp[0])
         except BaseException:
             f.close()
             raise
-        shard = _Shard(stamp=(st.st_size, st.st_mtime_ns), records=records, arrays=arrays, file=f)
+        shard = _Shard(stamp=stamp, records=records, arrays=arrays, file=f)
         self._shards[path] = shard
         while len(self._shards) > _MAX_OPEN:
             self._shards.popitem(last=False)[1].file.close()
         return shard
 
-    def _load(self, path: Path, shard: _Shard, array: _Array) -> np.ndarray[Any, Any]:
+    def _load(self, path: ShardPath, shard: _Shard, array: _Array) -> np.ndarray[Any, Any]:
         stamp, arrays = self._loaded.get(path, (None, {}))
         if stamp != shard.stamp:
             arrays = {}
@@ -280,7 +277,7 @@ class NpzDecoder(Decoder):
 
 
 def _read_rows(
-    path: Path, shard: _Shard, array: _Array, start: int, count: int
+    path: ShardPath, shard: _Shard, array: _Array, start: int, count: int
 ) -> np.ndarray[Any, Any]:
     assert array.offset is not None
     out = np.empty((count, *array.field.shape), dtype=array.dtype)
@@ -295,7 +292,7 @@ def _read_rows(
     shard.file.seek(begin)
     done = 0
     while done < flat.nbytes:
-        n = shard.file.readinto(flat[done:])
+        n = cast(Any, shard.file).readinto(flat[done:])  # FileIO, or an fsspec file
         if not n:
             first = start + done // row_bytes
             raise DecodeError(f"{path} was truncated while reading record {first}", record=first)

@@ -8,15 +8,19 @@ one instance per decoder (decoders cache per-shard state such as open files).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, load_decoder
+from shardstream.server._files import ShardPath, Stamp, shard_stat
 from shardstream.server._wire import encode_chunk
 from shardstream.v1.codec import FieldSpec
 
@@ -24,9 +28,27 @@ _decoders: dict[str, Decoder] = {}
 
 
 def process_init() -> None:
-    """Decoding processes leave signals to the server process, which drains them."""
+    """Decoding processes leave signals to the server process, which drains them, and
+    die with it: a server killed with SIGKILL must not leave them behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Fallback where PR_SET_PDEATHSIG is missing: poll for re-parenting."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def process_ready() -> int:
@@ -43,26 +65,31 @@ def decoder(ref: str) -> Decoder:
 
 
 class ShardChanged(Exception):
-    """The shard file is not the one that was indexed (size or mtime differ)."""
+    """The shard file is not the one that was indexed (size, mtime or checksum differ)."""
 
 
 def read_chunk(
     ref: str,
-    path: Path,
-    stamp: tuple[int, int],
+    path: ShardPath,
+    stamp: Stamp,
     start: int,
     count: int,
     schema: tuple[FieldSpec, ...],
 ) -> bytes:
     """Decode records [start, start + count) of a shard into a serialized chunk."""
     try:
-        st = os.stat(path)
+        now = shard_stat(path)
     except OSError as exc:
-        raise ShardChanged(f"the shard cannot be opened any more: {exc.strerror}") from None
-    if (st.st_size, st.st_mtime_ns) != stamp:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise ShardChanged(f"the shard cannot be opened any more: {why}") from None
+    if now != stamp:
+        what = (
+            f"size {stamp[0]} -> {now[0]} bytes"
+            if now[0] != stamp[0]
+            else "same size, but its modification time or checksum differs"
+        )
         raise ShardChanged(
-            f"the shard changed since it was indexed (size {stamp[0]} -> {st.st_size} bytes); "
-            "restart the worker to index it again"
+            f"the shard changed since it was indexed ({what}); restart the worker to index it again"
         )
     arrays = decoder(ref).read(path, start, count)
     check_arrays(arrays, schema, start, count)

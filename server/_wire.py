@@ -51,6 +51,27 @@ def _int_key(field: int) -> bytes:
 
 def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     """A serialized `ReadResponse{chunk}` holding records [start, start + count)."""
+    return b"".join(_chunk_parts(start, arrays))
+
+
+def encode_chunk_into(
+    buf: memoryview, start: int, arrays: Mapping[str, np.ndarray[Any, Any]]
+) -> int:
+    """Serialize a chunk into `buf` (e.g. shared memory); returns the bytes written."""
+    pos = 0
+    for part in _chunk_parts(start, arrays):
+        n = len(part)
+        if pos + n > len(buf):
+            raise ValueError(f"a chunk of more than {len(buf)} bytes does not fit its buffer")
+        buf[pos : pos + n] = part
+        pos += n
+    return pos
+
+
+def _chunk_parts(
+    start: int, arrays: Mapping[str, np.ndarray[Any, Any]]
+) -> list[bytes | memoryview]:
+    """The pieces of a serialized chunk: protobuf headers and the arrays' own memory."""
     count = len(next(iter(arrays.values())))
     body: list[bytes | memoryview] = [_int_key(1), _varint(start), _int_key(2), _varint(count)]
     for name, array in arrays.items():
@@ -70,7 +91,7 @@ def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> byte
         body += [_len_key(3), _varint(len(header) + a.nbytes), header]
         body.append(a.reshape(-1).view(np.uint8).data)
     size = sum(len(b) for b in body)
-    return b"".join([_len_key(1), _varint(size), *body])
+    return [_len_key(1), _varint(size), *body]
 
 
 def encode_end(records_sent: int, *, draining: bool) -> bytes:

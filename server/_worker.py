@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -25,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import register_plugins
+from shardstream.server._files import ShardPath
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._tasks import process_init, process_ready
@@ -129,7 +129,7 @@ class Worker:
 
         executor = self._executor
 
-        async def index(ref: str, path: Path) -> Indexed:
+        async def index(ref: str, path: ShardPath) -> Indexed:
             return await loop.run_in_executor(executor, index_shard, ref, path)
 
         t0 = time.perf_counter()
