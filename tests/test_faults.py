@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -115,7 +116,7 @@ def assert_exactly_once(out: dict[tuple[int, int], np.ndarray], epoch: int) -> N
     assert len({len(out[(r, epoch)]) for r in range(WORLD)}) == 1
 
 
-def when_busy(target: WorkerProcess, action: Callable[[], Awaitable[None]]) -> Fault:
+def when_busy(target: WorkerProcess | Any, action: Callable[[], Awaitable[None]]) -> Fault:
     async def fault(loader: Loader) -> bool:
         if loader.statistics().reads_in_flight.get(target.address, 0) == 0:
             return False
@@ -307,3 +308,41 @@ async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
             watch.cancel()
     assert code == 128 + signal.SIGTERM
     assert any("second SIGTERM: exiting now" in line for line in worker.log)
+
+
+async def test_network_faults_through_a_proxy(root: Path) -> None:
+    """Resets after N bytes (repeatedly), a black hole, a slow trickle: exactly once."""
+    from netfault import BlackHole, FaultProxy, Pass, ResetAfter, Trickle
+
+    with fleet(root, 2) as workers:
+        async with FaultProxy(workers[0].address) as proxy:
+            addresses = [proxy.address, workers[1].address]
+            expected, _ = await run_epochs(addresses, [0])
+            for mode in (ResetAfter(150_000, repeat=True), BlackHole(), Trickle(200_000)):
+                proxy.mode = Pass()
+
+                async def inject(mode: object = mode) -> None:
+                    proxy.mode = mode  # type: ignore[assignment]
+
+                resets_before = proxy.resets
+                out, loaders = await run_epochs(
+                    addresses, [0], when_busy(_Addr(proxy.address), inject), idle_timeout=1.5
+                )
+                assert_exactly_once(out, 0)
+                for r in range(WORLD):
+                    assert np.array_equal(out[(r, 0)], expected[(r, 0)]), type(mode).__name__
+                if isinstance(mode, ResetAfter):
+                    assert proxy.resets > resets_before + 1  # reset again and again
+                    assert sum(ld.statistics().resumes for ld in loaders) >= 2
+                if isinstance(mode, BlackHole):
+                    resumed = sum(
+                        ld.statistics().resumes_by_worker.get(proxy.address, 0) for ld in loaders
+                    )
+                    assert resumed >= 1  # a silent stream was given up and resumed elsewhere
+
+
+class _Addr:
+    """`when_busy` needs only an address."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
