@@ -1,0 +1,1 @@
+"""shardstream benchmark suite: `python -m bench.run --help` (see bench/README.md)."""
