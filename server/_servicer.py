@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from typing import Any
 
 import grpc
 
@@ -18,7 +19,8 @@ from shardstream.server._catalog import Catalog, Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import DecodeError
 from shardstream.server._metrics import WorkerMetrics
-from shardstream.server._tasks import ShardChanged, read_chunk
+from shardstream.server._shm import ChunkBuffers
+from shardstream.server._tasks import ShardChanged, read_chunk, read_chunk_into
 from shardstream.server._wire import CHUNK_OVERHEAD, ReadArgs, encode_end
 
 log = logging.getLogger("shardstream.worker")
@@ -45,10 +47,15 @@ class RequestError(Exception):
 
 class WorkerServicer:
     def __init__(
-        self, config: WorkerConfig, executor: Executor, metrics: WorkerMetrics | None = None
+        self,
+        config: WorkerConfig,
+        executor: Executor,
+        metrics: WorkerMetrics | None = None,
+        buffers: ChunkBuffers | None = None,
     ) -> None:
         self._config = config
         self._executor = executor
+        self._buffers = buffers  # shared memory to decoding processes; None: threads
         self.metrics = metrics or WorkerMetrics()
         self.catalog: Catalog | None = None
         self.draining = False
@@ -159,10 +166,10 @@ class WorkerServicer:
 
         def submit(s: int) -> asyncio.Future[bytes]:
             submitted[0] = loop.time()
-            return loop.run_in_executor(
-                self._executor, read_chunk, ds.decoder, shard.path, shard.stamp,
-                s, min(step, end - s), ds.schema,
-            )  # fmt: skip
+            args = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema)
+            if self._buffers is None:
+                return loop.run_in_executor(self._executor, read_chunk, *args)
+            return asyncio.ensure_future(self._decode_shared(self._buffers, args))
 
         submitted = [0.0]
         pending = submit(starts[0]) if starts else None
@@ -189,6 +196,25 @@ class WorkerServicer:
         finally:
             if pending is not None:
                 pending.cancel()
+
+    async def _decode_shared(self, buffers: ChunkBuffers, args: tuple[Any, ...]) -> bytes:
+        """Decode in a process, through a shared-memory buffer (bounded: one per slot)."""
+        index = await buffers.acquire()
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor, read_chunk_into, buffers.name(index), *args)
+        try:
+            nbytes = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The process may still be writing into the buffer: free it only when done.
+            job.add_done_callback(lambda _: buffers.release(index))
+            raise
+        except BaseException:
+            buffers.release(index)
+            raise
+        try:
+            return buffers.take(index, nbytes)
+        finally:
+            buffers.release(index)
 
 
 def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> RequestError:

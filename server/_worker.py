@@ -27,6 +27,7 @@ from shardstream.server._decoders import register_plugins
 from shardstream.server._files import ShardPath
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._servicer import WorkerServicer
+from shardstream.server._shm import ChunkBuffers
 from shardstream.server._tasks import process_init, process_ready
 from shardstream.server._wire import SERVICE, service_handler
 
@@ -56,6 +57,7 @@ class Worker:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._servicer: WorkerServicer | None = None
+        self._buffers: ChunkBuffers | None = None
         self._port = 0
         self.metrics_port: int | None = None  # where Prometheus metrics are served, if enabled
         self._closed = asyncio.Event()
@@ -102,7 +104,9 @@ class Worker:
         metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
             self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port)
-        self._servicer = WorkerServicer(cfg, self._executor, metrics)
+        if cfg.processes:  # chunks come back through shared memory, a few per process
+            self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
+        self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers)
         self._server = grpc.aio.server(
             options=grpc_options(cfg), interceptors=security.interceptors()
         )
@@ -189,6 +193,9 @@ class Worker:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: executor.shutdown(wait=True, cancel_futures=True)
             )
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = None
         self._state = "closed"
         self._closed.set()
         log.info("stopped")
