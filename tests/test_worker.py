@@ -116,3 +116,15 @@ async def test_prometheus_metrics(npz_root: Path) -> None:
     assert 'shardstream_chunk_seconds_count{dataset="train"}' in text
     assert "shardstream_bytes_sent_total" in text
     assert 'shardstream_stream_errors_total{code="NOT_FOUND"} 1.0' in text
+
+
+async def test_shared_memory_buffers_survive_cancelled_streams(npz_root: Path) -> None:
+    """Streams cancelled mid-chunk must return their buffers (else reads would block)."""
+    async with running_workers(npz_root, 1, processes=1, chunk_bytes=4096) as (worker,):
+        async with Loader([worker.address], dataset="train", batch_size=10, read_bytes=8192,
+                          chunk_bytes=4096, max_inflight_reads=8) as loader:  # fmt: skip
+            for i in range(30):
+                async for _ in loader.epoch(i % 3):
+                    break
+            ids = ids_of(await collect_epoch(loader, 0))
+    assert np.array_equal(ids, np.arange(2000))
