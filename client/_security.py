@@ -17,6 +17,9 @@ from pathlib import Path
 
 import grpc
 
+# One reader for PEM and token files on both sides, with the same precise errors.
+from shardstream.server._security import read_pem, read_token_file
+
 __all__ = ["ClientSecurity", "call_metadata", "secure_channel"]
 
 
@@ -63,11 +66,11 @@ def secure_channel(
     opts = list(options)
     if security is None or not security.tls:
         return grpc.aio.insecure_channel(address, options=opts)
-    root = None if security.tls_ca is None else _read_pem(security.tls_ca, "CA bundle (tls_ca)")
+    root = None if security.tls_ca is None else read_pem(security.tls_ca, "CA bundle (tls_ca)")
     key = chain = None
     if security.tls_cert is not None and security.tls_key is not None:
-        chain = _read_pem(security.tls_cert, "client certificate (tls_cert)")
-        key = _read_pem(security.tls_key, "client private key (tls_key)")
+        chain = read_pem(security.tls_cert, "client certificate (tls_cert)")
+        key = read_pem(security.tls_key, "client private key (tls_key)")
     if security.tls_server_name is not None:
         opts = [o for o in opts if o[0] != "grpc.ssl_target_name_override"]
         opts.append(("grpc.ssl_target_name_override", security.tls_server_name))
@@ -87,7 +90,7 @@ def call_metadata(security: ClientSecurity | None) -> tuple[tuple[str, str], ...
     if security.auth_token is not None:
         token = security.auth_token.strip()
     elif security.auth_token_file is not None:
-        token = _read_token_file(security.auth_token_file)
+        token = read_token_file(security.auth_token_file)
     else:
         return ()
     return (("authorization", f"Bearer {token}"),)
@@ -101,36 +104,3 @@ def _check_token(token: str, where: str) -> None:
         raise ValueError(
             f"{where}: the bearer token must be printable ASCII without spaces or line breaks"
         )
-
-
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ValueError(f"{what} {path} does not exist: check the path") from exc
-    except OSError as exc:
-        raise ValueError(
-            f"{what} {path} cannot be read ({exc.strerror or exc}): check its permissions"
-        ) from exc
-    if not data.strip():
-        raise ValueError(f"{what} {path} is empty")
-    return data
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    data = _read_bytes(path, what)
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not PEM: expected a '-----BEGIN ...' block")
-    return data
-
-
-def _read_token_file(path: Path) -> str:
-    what = "auth token file (auth_token_file)"
-    try:
-        token = _read_bytes(path, what).decode("ascii").strip()
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{what} {path} holds non-ASCII bytes: a bearer token must be printable ASCII"
-        ) from exc
-    _check_token(token, f"{what} {path}")
-    return token
