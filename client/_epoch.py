@@ -148,7 +148,7 @@ class EpochIterator:
                 waited += self._lag_warning
                 running = {a: n for a, n in self._pool.in_flight().items() if n}
                 log.warning(
-                    "data input is slow: no batch for %.0fs (epoch %d, after batch %d of %d; "
+                    "data input is slow: no batch for %.3g s (epoch %d, after batch %d of %d; "
                     "reads running %s; %d chunks wait in the reorder buffer; %d resumed so far)",
                     waited, self.plan.epoch, self.counters.batches, self.plan.batches,
                     running or "none", self._depth, self._fetch_counters.resumes,

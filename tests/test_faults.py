@@ -346,3 +346,37 @@ class _Addr:
 
     def __init__(self, address: str) -> None:
         self.address = address
+
+
+async def test_a_stalled_input_is_reported_while_waiting(root: Path) -> None:
+    import logging
+
+    warned = asyncio.Event()
+    messages: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "data input is slow" in record.getMessage():
+                messages.append(record.getMessage())
+                warned.set()
+
+    handler = Catch()
+    logging.getLogger("shardstream.client").addHandler(handler)
+    try:
+        with fleet(root, 1) as (worker,):
+            async with Loader([worker.address], dataset="train", batch_size=50, prefetch_batches=1,
+                              reads_ahead=1, max_inflight_reads=1, read_bytes=50 * 768,
+                              lag_warning_seconds=0.2, idle_timeout=60) as loader:  # fmt: skip
+                epoch = loader.epoch(0)
+                ids = [(await anext(epoch))["id"]]
+                worker.signal(signal.SIGSTOP)  # nothing more can arrive
+                waiting = asyncio.ensure_future(anext(epoch))
+                await warned.wait()
+                worker.signal(signal.SIGCONT)
+                ids.append((await waiting)["id"])
+                ids += [b["id"] async for b in epoch]
+    finally:
+        logging.getLogger("shardstream.client").removeHandler(handler)
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(RECORDS))
+    assert messages[0].startswith("data input is slow: no batch for 0.2 s (epoch 0, after batch 1 of")
+    assert f"reads running {{'{worker.address}': 1}}" in messages[0]
