@@ -74,7 +74,7 @@ def _consume(args: argparse.Namespace) -> int:
     options = {
         "dataset": args.dataset, "batch_size": args.batch_size, "rank": args.rank,
         "world_size": args.world_size, "seed": args.seed, "shuffle": args.shuffle,
-        "security": _security(args),
+        "security": _security(args), "describe_timeout": args.timeout,
     }  # fmt: skip
     try:
         return run_async(lambda: consume(args.addresses.split(","), args.epochs, options))
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for workers")
     add_security_args(p)
     p = sub.add_parser("audit", help="check a delivery ledger: every record exactly once")
     p.add_argument("directory", type=Path, metavar="LEDGER_DIR")

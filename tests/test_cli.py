@@ -118,3 +118,22 @@ def test_demo_runs_end_to_end() -> None:
     assert r.stdout.count("exactly once: yes") == 2
     assert "records/s" in r.stdout and "MB/s" in r.stdout
     assert "demo OK" in r.stdout
+
+
+def test_consume_reports_throughput_and_duplicates(npz_root: Path) -> None:
+    with worker_processes(npz_root, 2) as workers:
+        r = shardstream("consume", ",".join(w.address for w in workers), "--epochs", "2",
+                        "--batch-size", "100", "--shuffle")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"epoch 0: {RECORDS // 100} batches, {RECORDS} records in ")
+    assert "records/s" in lines[0] and "MB/s" in lines[0] and lines[0].endswith("duplicate ids: 0")
+    assert lines[1].startswith("epoch 1:")
+    assert "reads by worker" in lines[2]
+
+
+def test_consume_names_unreachable_workers() -> None:
+    r = shardstream("consume", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert r.returncode == 1
+    assert "no worker described dataset 'train' within 2.0s" in r.stderr
+    assert "UNAVAILABLE" in r.stderr
