@@ -47,7 +47,7 @@ class DatasetSpec:
 class WorkerConfig:
     """Everything a worker needs; every default is meant for production use."""
 
-    data_root: Path
+    data_root: Path | str  # a directory, or an fsspec URL ("memory://...", "s3://bucket/...")
     datasets: tuple[DatasetSpec, ...]
     host: str = "127.0.0.1"  # use 0.0.0.0 / [::] to serve other machines
     port: int = 50051  # 0 picks a free port
@@ -61,6 +61,8 @@ class WorkerConfig:
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0 picks one)
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_root, str) and "://" not in self.data_root:
+            object.__setattr__(self, "data_root", Path(self.data_root))  # not a URL: a directory
         if not self.datasets:
             raise ValueError("a worker needs at least one dataset (--dataset NAME=GLOB)")
         names = [d.name for d in self.datasets]

@@ -4,15 +4,18 @@ Every record has `id` (int64, its global index in shard-name order), `label`
 (int64, id % 10) and `image` (uint8, the given per-record shape, pseudo-random
 from a generator seeded with (seed, shard index)). The content depends only on
 (seed, shards, records, shape), not on the format, so the same arguments give
-the same records as npz and as csv.
+the same records as npz, csv and parquet; wds stores the images as JPEG (quality
+95, no chroma subsampling: close to, not equal to, the others' pixels).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
+import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +27,16 @@ from shardstream.server._csv import SCHEMA_FILE
 
 __all__ = ["FORMATS", "make_dataset"]
 
-FORMATS: tuple[str, ...] = ("npz", "csv")
-_PATTERNS = {"npz": re.compile(r"shard-\d+\.npz"), "csv": re.compile(r"part-\d+")}
+FORMATS: tuple[str, ...] = ("npz", "csv", "wds", "parquet")
+_CORE = ("npz", "csv")  # the formats that need no optional library
+_SUFFIXES = {"npz": ".npz", "wds": ".tar", "parquet": ".parquet"}
+_PATTERNS = {
+    "npz": re.compile(r"shard-\d+\.npz"),
+    "csv": re.compile(r"part-\d+"),
+    "wds": re.compile(r"shard-\d+\.tar"),
+    "parquet": re.compile(r"shard-\d+\.parquet"),
+}
+_WRITE_ROW_GROUP = 256  # rows per parquet row group, so that reads span row groups
 
 
 def make_dataset(
@@ -42,7 +53,11 @@ def make_dataset(
 
     npz shards are `shard-00000.npz`, ... (written with `np.savez`, arrays id,
     label, image); csv shards are OneFlow-style `part-000`, ... with the
-    columns id, label and the image flattened in C order, plus `_schema.json`.
+    columns id, label and the image flattened in C order, plus `_schema.json`;
+    wds shards are `shard-00000.tar`, ... with KEY.jpg (shape (H, W, 3), JPEG),
+    KEY.cls and KEY.id per record (needs Pillow); parquet shards are
+    `shard-00000.parquet`, ... with columns id, label and image (a fixed-size
+    list with `shardstream.shape` metadata; needs pyarrow).
     Shards get records // shards records each, the first records % shards one
     more. A directory that already holds shards of the format is refused
     unless `overwrite` is true, which also removes shards beyond the new count.
@@ -56,7 +71,7 @@ def make_dataset(
             f"{directory} already holds {len(existing)} {format} shard file(s) "
             f"({existing[0].name}, ...); use an empty directory or pass overwrite=True"
         )
-    width = max(5 if format == "npz" else 3, len(str(shards - 1)))
+    width = max(3 if format == "csv" else 5, len(str(shards - 1)))
     base, extra = divmod(records, shards)
     paths: list[Path] = []
     first_id = 0
@@ -67,12 +82,11 @@ def make_dataset(
         rng = np.random.default_rng([seed, index])
         image = rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)
         arrays: dict[str, np.ndarray[Any, Any]] = {"id": ids, "label": ids % 10, "image": image}
-        if format == "npz":
-            path = directory / f"shard-{index:0{width}d}.npz"
-            _write_atomic(path, functools.partial(_write_npz, arrays=arrays))
-        else:
+        if format == "csv":
             path = directory / f"part-{index:0{width}d}"
-            _write_atomic(path, functools.partial(_write_csv, arrays=arrays))
+        else:
+            path = directory / f"shard-{index:0{width}d}{_SUFFIXES[format]}"
+        _write_atomic(path, functools.partial(_WRITERS[format], arrays=arrays))
         paths.append(path)
     if format == "csv":
         fields = [
@@ -107,7 +121,12 @@ def _validate(*, shards: int, records: int, shape: tuple[int, ...], format: str,
             f"`shape` must be a tuple of positive ints (() for a scalar), got {shape!r}"
         )
     if format not in FORMATS:
-        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise ValueError(
+            f"`format` must be one of {', '.join(_CORE)}, got {format!r} (or, with the "
+            "optional libraries installed, wds (Pillow) or parquet (pyarrow))"
+        )
+    if format == "wds" and (len(shape) != 3 or shape[2] != 3):
+        raise ValueError(f"wds images need a shape (H, W, 3), got {shape!r}")
 
 
 def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
@@ -122,6 +141,53 @@ def _write_csv(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
         dtype=np.int64,
     )
     np.savetxt(f, table, fmt="%d", delimiter=",")
+
+
+def _write_wds(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("wds shards need Pillow: pip install shardstream[wds]") from None
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for id_, label, image in zip(arrays["id"], arrays["label"], arrays["image"], strict=True):
+            jpeg = io.BytesIO()
+            Image.fromarray(image).save(jpeg, format="JPEG", quality=95, subsampling=0)
+            key = f"{int(id_):010d}"  # zero-padded: keys increase in tar order
+            files = (("jpg", jpeg.getvalue()), ("cls", b"%d" % label), ("id", b"%d" % id_))
+            for ext, data in files:
+                info = tarfile.TarInfo(f"{key}.{ext}")  # mtime 0, uid 0: reproducible bytes
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("parquet shards need pyarrow: pip install shardstream[parquet]") from None
+    image = arrays["image"]
+    flat = pa.array(image.reshape(-1), type=pa.uint8())
+    width = int(np.prod(image.shape[1:], dtype=np.int64))
+    shape = json.dumps(list(image.shape[1:])).encode()
+    schema = pa.schema(
+        [
+            pa.field("id", pa.int64()),
+            pa.field("label", pa.int64()),
+            pa.field("image", pa.list_(pa.uint8(), width), metadata={"shardstream.shape": shape}),
+        ]
+    )
+    columns = [arrays["id"], arrays["label"], pa.FixedSizeListArray.from_arrays(flat, width)]
+    table = pa.Table.from_arrays(columns, schema=schema)
+    pq.write_table(table, f, row_group_size=_WRITE_ROW_GROUP)
+
+
+_WRITERS: dict[str, Callable[..., None]] = {
+    "npz": _write_npz,
+    "csv": _write_csv,
+    "wds": _write_wds,
+    "parquet": _write_parquet,
+}
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
-from shardstream.server._wire import encode_chunk
+from shardstream.server._shm import attach
+from shardstream.server._wire import encode_chunk, encode_chunk_into
 from shardstream.v1.codec import FieldSpec
 
 _decoders: dict[str, Decoder] = {}
@@ -77,6 +78,32 @@ def read_chunk(
     schema: tuple[FieldSpec, ...],
 ) -> bytes:
     """Decode records [start, start + count) of a shard into a serialized chunk."""
+    return encode_chunk(start, decode_checked(ref, path, stamp, start, count, schema))
+
+
+def read_chunk_into(
+    buffer: str,
+    ref: str,
+    path: ShardPath,
+    stamp: Stamp,
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+) -> int:
+    """`read_chunk`, serialized into the shared-memory buffer named `buffer`; its size."""
+    arrays = decode_checked(ref, path, stamp, start, count, schema)
+    return encode_chunk_into(attach(buffer), start, arrays)
+
+
+def decode_checked(
+    ref: str,
+    path: ShardPath,
+    stamp: Stamp,
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+) -> Mapping[str, np.ndarray[Any, Any]]:
+    """Records [start, start + count) of an unchanged shard, checked against the schema."""
     try:
         now = shard_stat(path)
     except OSError as exc:
@@ -93,7 +120,7 @@ def read_chunk(
         )
     arrays = decoder(ref).read(path, start, count)
     check_arrays(arrays, schema, start, count)
-    return encode_chunk(start, arrays)
+    return arrays
 
 
 def check_arrays(

@@ -19,7 +19,7 @@ from typing import Any
 from shardstream.server._catalog import CatalogError
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
 from shardstream.server._security import ServerSecurity
-from shardstream.server._synth import make_dataset
+from shardstream.server._synth import FORMATS, make_dataset
 from shardstream.server._worker import Worker
 
 log = logging.getLogger("shardstream.worker")
@@ -33,9 +33,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     env_datasets = (_env("DATASETS") or "").split()
     p.add_argument(
         "--data-root",
-        type=Path,
         default=_env("DATA_ROOT"),
-        help="directory holding the shards [SHARDSTREAM_DATA_ROOT]",
+        help="directory (or fsspec URL) holding the shards [SHARDSTREAM_DATA_ROOT]",
     )
     p.add_argument(
         "--dataset",
@@ -121,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         raise ValueError("--data-root is required (or SHARDSTREAM_DATA_ROOT)")
     texts = args.datasets or args.env_datasets
     return WorkerConfig(
-        data_root=Path(args.data_root),
+        data_root=args.data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
         datasets=tuple(DatasetSpec.parse(t) for t in texts),
         host=args.host,
         port=args.port,
@@ -214,8 +213,18 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--records", type=int, default=1000, help="records in all shards together")
-    p.add_argument("--shape", default="32,32,3", help="per-record image shape, e.g. 32,32,3")
-    p.add_argument("--format", choices=["npz", "csv"], default="npz")
+    p.add_argument(
+        "--shape",
+        default="32,32,3",
+        help="per-record image shape, e.g. 32,32,3 (wds: H,W,3; workers decode wds images to "
+        "SHARDSTREAM_WDS_SIZE, so set it to H for square images)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="npz",
+        help="npz, csv; wds (JPEG tar shards, needs Pillow); parquet (needs pyarrow)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing shards")
 

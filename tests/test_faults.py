@@ -378,5 +378,7 @@ async def test_a_stalled_input_is_reported_while_waiting(root: Path) -> None:
     finally:
         logging.getLogger("shardstream.client").removeHandler(handler)
     assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(RECORDS))
-    assert messages[0].startswith("data input is slow: no batch for 0.2 s (epoch 0, after batch 1 of")
+    assert messages[0].startswith(
+        "data input is slow: no batch for 0.2 s (epoch 0, after batch 1 of"
+    )
     assert f"reads running {{'{worker.address}': 1}}" in messages[0]

@@ -1,0 +1,151 @@
+"""Shard files under a local data root or an fsspec URL data root.
+
+A shard path is a `pathlib.Path` for a local data root (opened and stat'ed
+through the operating system, exactly as before) or the shard's full URL
+`str` for a URL data root (`memory://...`, `file:///...`, `s3://...`), which
+goes through fsspec (optional: `pip install 'shardstream[fsspec]'`).
+
+Decoders open shards with `open_shard` (a seekable binary file either way) and
+the catalog and `read_chunk` compare `shard_stat` stamps to notice a changed
+file. A URL shard's stamp is its size plus, from what the filesystem reports,
+the first of: a modification time (`mtime`, `LastModified`, `last_modified`,
+`updated`, `modified`, or `created`, which the in-memory filesystem renews on
+every write), else a content checksum or ETag (`ETag`, `etag`, `md5Hash`,
+`md5`, `crc32c`, `checksum`), else nothing (only the size is compared).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import posixpath
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "FSSPEC_HINT",
+    "ShardPath",
+    "Stamp",
+    "glob_url",
+    "is_url",
+    "open_shard",
+    "shard_stat",
+    "sibling",
+    "url_root",
+]
+
+ShardPath = Path | str  # Path: a local file; str: the URL of a file under an fsspec data root
+Stamp = tuple[int, int | str]  # (size, mtime_ns) locally; (size, mtime_ns or checksum) for URLs
+
+FSSPEC_HINT = "pip install 'shardstream[fsspec]'"
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+_CHECKSUM_KEYS = ("ETag", "etag", "md5Hash", "md5", "crc32c", "checksum")
+
+
+def is_url(path: object) -> bool:
+    """Whether a data root or shard path is an fsspec URL (`PROTOCOL://...`)."""
+    return isinstance(path, str) and "://" in path
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL and the path within it (ImportError without fsspec)."""
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise ImportError(f"URL data roots need fsspec: {FSSPEC_HINT}") from None
+    fs, path = url_to_fs(url)
+    return fs, str(path)
+
+
+def open_shard(path: ShardPath) -> IO[bytes]:
+    """A binary file of a shard, with random access (seek, read, readinto); close it."""
+    if isinstance(path, Path):
+        return open(path, "rb")
+    fs, inner = filesystem(path)
+    f: IO[bytes] = fs.open(inner, "rb")
+    return f
+
+
+def shard_stat(path: ShardPath) -> Stamp:
+    """A shard's stamp: (size, mtime_ns) locally; see the module docstring for URLs."""
+    if isinstance(path, Path):
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    fs, inner = filesystem(path)
+    return info_stamp(fs.info(inner))
+
+
+def info_stamp(info: dict[str, Any]) -> Stamp:
+    size = int(info["size"])
+    for key in _MTIME_KEYS:
+        value = info.get(key)
+        if value is not None:
+            return (size, _nanoseconds(value))
+    for key in _CHECKSUM_KEYS:
+        value = info.get(key)
+        if value is not None:
+            return (size, str(value))
+    return (size, "")
+
+
+def _nanoseconds(value: object) -> int | str:
+    if isinstance(value, datetime.datetime):
+        return round(value.timestamp() * 1e9)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return round(value * 1e9)
+    return str(value)  # e.g. an ISO 8601 string: compared as it is
+
+
+def sibling(path: ShardPath, name: str) -> ShardPath:
+    """The file called `name` in the same directory as a shard."""
+    if isinstance(path, Path):
+        return path.parent / name
+    return f"{path.rsplit('/', 1)[0]}/{name}"
+
+
+def url_root(root: str) -> str:
+    """The canonical URL of a data root; ValueError (or ImportError) if it is unusable."""
+    if "::" in root:
+        raise ValueError(f"chained fsspec URLs are not supported as a data root: {root!r}")
+    fs, inner = filesystem(root)
+    inner = inner.rstrip("/")
+    if inner:
+        inner = posixpath.normpath(inner)
+    if not fs.isdir(inner or fs.root_marker or "/"):
+        raise ValueError("it is not a directory (or it cannot be listed)")
+    return str(fs.unstrip_protocol(inner))
+
+
+def glob_url(root: str, pattern: str) -> list[tuple[str, str]]:
+    """(shard id, URL) of the files under the URL `root` that `pattern` matches, sorted.
+
+    ValueError if the pattern leaves the root or a match is not under it.
+    """
+    if pattern.startswith("/") or ".." in pattern.split("/"):
+        raise ValueError(f"the glob {pattern!r} must stay inside the data root (relative, no '..')")
+    fs, inner = filesystem(root)
+    inner = inner.rstrip("/")
+    local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+    real_root = os.path.realpath(inner or "/") if local else ""
+    found = []
+    matches: dict[str, dict[str, Any]] = fs.glob(f"{inner}/{pattern}", detail=True)
+    for match, info in matches.items():
+        name = posixpath.normpath(match) if match.startswith("/") else match
+        kind = info.get("type")
+        if local and info.get("islink"):  # fsspec lists a symlink as "other": follow it
+            kind = "file" if os.path.isfile(name) else kind
+        if kind != "file":
+            continue
+        rel = name[len(inner) + 1 :] if name.startswith(inner + "/") else ""
+        if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+            raise ValueError(f"{fs.unstrip_protocol(match)} is outside the data root {root}")
+        if local:
+            real = os.path.realpath(name)
+            if os.path.commonpath([real, real_root]) != real_root:
+                raise ValueError(
+                    f"{fs.unstrip_protocol(match)} resolves to {real}, outside the data root "
+                    f"{root}; refusing to serve it"
+                )
+        found.append((rel, str(fs.unstrip_protocol(name))))
+    found.sort()
+    return found

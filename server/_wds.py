@@ -1,0 +1,295 @@
+"""WebDataset-style tar shards (`.tar`): one record per sample, decoded with Pillow.
+
+The files of a sample are consecutive tar members sharing a key (the member
+name up to the first '.' of its base name)::
+
+    000123.jpg    the image (.jpg, .jpeg or .png)
+    000123.cls    the integer label, as text
+    000123.id     optional: the record's global id, as text
+
+Records are the samples in tar order, whose keys must increase (as strings).
+Members with other extensions are ignored. Indexing reads the tar headers only
+(no image is decoded); a read seeks straight to the members of its samples.
+An image is converted to RGB, resized so that its shorter side is SIZE and
+center-cropped to SIZE x SIZE, where the worker's environment sets SIZE
+(`SHARDSTREAM_WDS_SIZE`, default 224): fields `image` uint8 (SIZE, SIZE, 3),
+`label` int64 and, when the samples have `.id` members, `id` int64. Images
+larger than `SHARDSTREAM_WDS_MAX_IMAGE_BYTES` (default 64 MiB) are refused
+before they are read; Pillow's decompression-bomb check stays on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tarfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
+from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat
+from shardstream.v1.codec import FieldSpec
+
+__all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder"]
+
+SIZE_ENV = "SHARDSTREAM_WDS_SIZE"
+MAX_IMAGE_BYTES_ENV = "SHARDSTREAM_WDS_MAX_IMAGE_BYTES"
+_IMAGE_EXTS = ("jpg", "jpeg", "png")
+_SLOTS = {"cls": 1, "id": 2, **dict.fromkeys(_IMAGE_EXTS, 0)}  # member kind -> column pair
+_TEXT_MAX = 64  # bytes a .cls or .id member may hold
+_MAX_INDEXED = 256  # shards whose index an instance keeps
+_EOF_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Index:
+    stamp: Stamp
+    keys: tuple[str, ...]
+    # per sample: (offset, size) of the image, the .cls and the .id member (-1, -1: none)
+    members: np.ndarray[Any, np.dtype[np.int64]]
+    has_id: bool
+
+
+def _env_int(name: str, default: int, high: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer in [1, {high}], got {text!r}")
+    return value
+
+
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DecodeError(
+            "the wds format decodes images with Pillow, which is not installed: "
+            "pip install 'shardstream[wds]'"
+        ) from None
+    return Image
+
+
+def _split(path: ShardPath, name: str) -> tuple[str, str]:
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot or not ext:
+        raise DecodeError(
+            f"{path}: tar member {name!r} is not named KEY.EXTENSION; every file of a "
+            "WebDataset shard belongs to a sample (e.g. 000123.jpg, 000123.cls)"
+        )
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _build_index(path: ShardPath) -> _Index:
+    stamp = shard_stat(path)
+    keys: list[str] = []
+    rows: list[list[int]] = []
+    with open_shard(path) as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 -- `f` is closed
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # type: ignore[attr-defined]  # keep no TarInfo list
+                if info.isdir():
+                    continue
+                if not info.isreg() or info.issparse():
+                    raise DecodeError(
+                        f"{path}: tar member {info.name!r} is not a regular file; store the "
+                        "files of a sample themselves (no links or special files)",
+                        record=len(keys),
+                    )
+                key, ext = _split(path, info.name)
+                if ext not in _SLOTS:
+                    continue
+                if not keys or key != keys[-1]:
+                    _check_sample(path, keys, rows)
+                    if keys and key < keys[-1]:
+                        raise DecodeError(
+                            f"{path}: sample {key!r} comes after {keys[-1]!r} in the tar; keys "
+                            "must increase in tar order and the files of a sample must be "
+                            "consecutive (sort the members by key when writing the shard; "
+                            "keys compare as strings, so zero-pad numbers)",
+                            record=len(keys),
+                        )
+                    keys.append(key)
+                    rows.append([-1] * 6)
+                slot = 2 * _SLOTS[ext]
+                if rows[-1][slot] >= 0:
+                    raise DecodeError(
+                        f"{path}: sample {key!r} has two "
+                        f"{'images' if slot == 0 else '.' + ext + ' members'} ({info.name!r} "
+                        "is the second); keep one per sample",
+                        record=len(keys) - 1,
+                    )
+                rows[-1][slot : slot + 2] = [info.offset_data, info.size]
+            _check_sample(path, keys, rows)
+            f.seek(tar.offset)
+            if f.read(tarfile.BLOCKSIZE) != _EOF_BLOCK:
+                raise DecodeError(
+                    f"{path} is truncated or corrupt after byte {tar.offset} (no end-of-archive "
+                    f"marker after {len(keys)} samples); rewrite the shard",
+                    record=len(keys),
+                )
+        except tarfile.TarError as e:
+            raise DecodeError(
+                f"{path} is not a readable uncompressed tar ({e}): corrupt or truncated after "
+                f"{len(keys)} samples; rewrite the shard",
+                record=len(keys),
+            ) from None
+    members = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    has_id = bool(len(members)) and bool(members[0, 4] >= 0)
+    missing = np.flatnonzero((members[:, 4] >= 0) != has_id)
+    if missing.size:
+        i = int(missing[0])
+        raise DecodeError(
+            f"{path}: sample {keys[i]!r} {'lacks' if has_id else 'has'} an .id member, "
+            f"unlike sample {keys[0]!r}; give every sample of a shard an .id, or none",
+            record=i,
+        )
+    return _Index(stamp=stamp, keys=tuple(keys), members=members, has_id=has_id)
+
+
+def _check_sample(path: ShardPath, keys: list[str], rows: list[list[int]]) -> None:
+    if not keys:
+        return
+    for slot, what in ((0, "image (.jpg, .jpeg or .png)"), (2, "label (.cls)")):
+        if rows[-1][slot] < 0:
+            raise DecodeError(
+                f"{path}: sample {keys[-1]!r} (record {len(keys) - 1}) has no {what}; every "
+                "sample needs an image and a label",
+                record=len(keys) - 1,
+            )
+
+
+def _read_at(f: IO[bytes], offset: int, size: int, where: str, record: int) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise DecodeError(f"{where}: the shard ends inside this member (truncated)", record=record)
+    return data
+
+
+def _integer(data: bytes, where: str, record: int) -> int:
+    try:
+        value = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DecodeError(
+            f"{where} holds {data[:_TEXT_MAX]!r}, not an integer", record=record
+        ) from None
+    if not -(2**63) <= value < 2**63:
+        raise DecodeError(f"{where} holds {value}, out of the int64 range", record=record)
+    return value
+
+
+def _decode_image(image: Any, data: bytes, size: int) -> np.ndarray[Any, Any]:
+    with image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size, much faster
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((w, h), image.Resampling.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@register_decoder
+class WdsDecoder(Decoder):
+    """Decoder of WebDataset-style `.tar` shards (images + .cls labels, optional .id)."""
+
+    name = "wds"
+    suffixes = (".tar",)
+
+    def __init__(self) -> None:
+        self.size = _env_int(SIZE_ENV, 224, 8192)
+        self.max_image_bytes = _env_int(MAX_IMAGE_BYTES_ENV, 64 << 20, 1 << 31)
+        self._lock = threading.Lock()
+        self._indexes: OrderedDict[ShardPath, _Index] = OrderedDict()
+
+    def index(self, path: ShardPath) -> ShardMeta:
+        _pillow()  # refuse at start-up, not at the first read, when Pillow is missing
+        idx = self._index(path)
+        schema: tuple[FieldSpec, ...] = (
+            FieldSpec(name="image", dtype="uint8", shape=(self.size, self.size, 3)),
+            FieldSpec(name="label", dtype="int64", shape=()),
+        )
+        if idx.has_id:
+            schema = (FieldSpec(name="id", dtype="int64", shape=()), *schema)
+        return ShardMeta(records=len(idx.keys), schema=schema)
+
+    def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        if start < 0 or count < 0:
+            raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
+        image = _pillow()
+        idx = self._index(path)
+        if start + count > len(idx.keys):
+            raise DecodeError(
+                f"{path} has {len(idx.keys)} samples, cannot read [{start}, {start + count}); "
+                "did the shard change since it was indexed?",
+                record=max(start, len(idx.keys)),
+            )
+        s = self.size
+        out: dict[str, np.ndarray[Any, Any]] = {
+            "image": np.empty((count, s, s, 3), np.uint8),
+            "label": np.empty(count, np.int64),
+        }
+        if idx.has_id:
+            out["id"] = np.empty(count, np.int64)
+        if not count:
+            return out
+        with open_shard(path) as f:
+            for i in range(count):
+                record = start + i
+                where = f"{path}: sample {idx.keys[record]!r} (record {record})"
+                img_at, img_size, cls_at, cls_size, id_at, id_size = idx.members[record].tolist()
+                if img_size > self.max_image_bytes:
+                    raise DecodeError(
+                        f"{where}: its image takes {img_size} bytes, more than the limit of "
+                        f"{self.max_image_bytes} ({MAX_IMAGE_BYTES_ENV}); not reading it",
+                        record=record,
+                    )
+                for what, size in ((".cls", cls_size), (".id", id_size)):
+                    if size > _TEXT_MAX:
+                        raise DecodeError(
+                            f"{where}: its {what} member takes {size} bytes; an integer as "
+                            f"text takes at most {_TEXT_MAX}",
+                            record=record,
+                        )
+                data = _read_at(f, img_at, img_size, where, record)
+                try:
+                    out["image"][i] = _decode_image(image, data, s)
+                except Exception as e:  # anything Pillow raises means an undecodable image
+                    raise DecodeError(
+                        f"{where}: cannot decode its image: {type(e).__name__}: {e}", record=record
+                    ) from None
+                label = _read_at(f, cls_at, cls_size, where, record)
+                out["label"][i] = _integer(label, f"{where}: its .cls member", record)
+                if idx.has_id:
+                    text = _read_at(f, id_at, id_size, where, record)
+                    out["id"][i] = _integer(text, f"{where}: its .id member", record)
+        return out
+
+    def _index(self, path: ShardPath) -> _Index:
+        stamp = shard_stat(path)
+        with self._lock:
+            cached = self._indexes.get(path)
+            if cached is not None and cached.stamp == stamp:
+                self._indexes.move_to_end(path)
+                return cached
+        idx = _build_index(path)
+        with self._lock:
+            self._indexes[path] = idx
+            self._indexes.move_to_end(path)
+            while len(self._indexes) > _MAX_INDEXED:
+                self._indexes.popitem(last=False)
+        return idx
