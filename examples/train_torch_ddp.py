@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -55,9 +56,11 @@ def main() -> None:
                 id_sum += int(t["id"].sum())
             totals = torch.tensor([records, id_sum], dtype=torch.int64)
             dist.all_reduce(totals)
-            print(json.dumps({"rank": dist.get_rank(), "epoch": epoch, "steps": steps,
-                              "records": int(totals[0]), "id_sum": int(totals[1]),
-                              "loss": round(float(loss), 4)}), flush=True)  # fmt: skip
+            line = {"rank": dist.get_rank(), "epoch": epoch, "steps": steps,
+                    "records": int(totals[0]), "id_sum": int(totals[1]),
+                    "loss": round(float(loss), 4)}  # fmt: skip
+            sys.stdout.write(json.dumps(line) + "\n")  # one write: ranks share stdout
+            sys.stdout.flush()
     dist.destroy_process_group()
 
 

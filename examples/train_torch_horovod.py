@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import horovod.torch as hvd
 import torch
@@ -58,7 +59,8 @@ def main() -> None:
             totals = hvd.allreduce(torch.tensor([records, id_sum], dtype=torch.int64), op=hvd.Sum)
             line = {"rank": hvd.rank(), "epoch": epoch, "steps": steps,
                     "records": int(totals[0]), "id_sum": int(totals[1])}  # fmt: skip
-            print(json.dumps(line), flush=True)
+            sys.stdout.write(json.dumps(line) + "\n")  # one write: ranks share stdout
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
