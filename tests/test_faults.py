@@ -312,19 +312,19 @@ async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
 
 async def test_network_faults_through_a_proxy(root: Path) -> None:
     """Resets after N bytes (repeatedly), a black hole, a slow trickle: exactly once."""
-    from netfault import BlackHole, FaultProxy, Pass, ResetAfter, Trickle
+    from faultproxy import BlackHole, FaultProxy, Pass, ResetAfter, Trickle
 
     with fleet(root, 2) as workers:
         async with FaultProxy(workers[0].address) as proxy:
             addresses = [proxy.address, workers[1].address]
             expected, _ = await run_epochs(addresses, [0])
             for mode in (ResetAfter(150_000, repeat=True), BlackHole(), Trickle(200_000)):
-                proxy.mode = Pass()
+                proxy.set_mode(Pass())
 
                 async def inject(mode: object = mode) -> None:
-                    proxy.mode = mode  # type: ignore[assignment]
+                    proxy.set_mode(mode)  # type: ignore[arg-type]
 
-                resets_before = proxy.resets
+                resets_before = proxy.statistics().resets
                 out, loaders = await run_epochs(
                     addresses, [0], when_busy(_Addr(proxy.address), inject), idle_timeout=1.5
                 )
@@ -332,7 +332,7 @@ async def test_network_faults_through_a_proxy(root: Path) -> None:
                 for r in range(WORLD):
                     assert np.array_equal(out[(r, 0)], expected[(r, 0)]), type(mode).__name__
                 if isinstance(mode, ResetAfter):
-                    assert proxy.resets > resets_before + 1  # reset again and again
+                    assert proxy.statistics().resets > resets_before + 1  # again and again
                     assert sum(ld.statistics().resumes for ld in loaders) >= 2
                 if isinstance(mode, BlackHole):
                     resumed = sum(
