@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat, sibling
+from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat, sibling
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["SCHEMA_FILE", "CsvDecoder"]
@@ -226,8 +224,7 @@ class CsvDecoder(Decoder):
     suffixes = (".csv",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._indexes: OrderedDict[ShardPath, _Index] = OrderedDict()
+        self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED, stamp=_stamp)
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
@@ -260,16 +257,4 @@ class CsvDecoder(Decoder):
         return _parse(path, _decode_lines(path, raw, start, idx.columns), start, idx.schema)
 
     def _index(self, path: ShardPath) -> _Index:
-        stamp = _stamp(path)
-        with self._lock:
-            cached = self._indexes.get(path)
-            if cached is not None and cached.stamp == stamp:
-                self._indexes.move_to_end(path)
-                return cached
-        idx = _build_index(path)
-        with self._lock:
-            self._indexes[path] = idx
-            self._indexes.move_to_end(path)
-            while len(self._indexes) > _MAX_INDEXED:
-                self._indexes.popitem(last=False)
-        return idx
+        return self._indexes.get(path)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import datetime
 import os
 import posixpath
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 __all__ = [
     "FSSPEC_HINT",
@@ -149,3 +152,39 @@ def glob_url(root: str, pattern: str) -> list[tuple[str, str]]:
         found.append((rel, str(fs.unstrip_protocol(name))))
     found.sort()
     return found
+
+
+T = TypeVar("T")
+
+
+class ShardCache(Generic[T]):
+    """What a decoder keeps per shard between reads (an index of offsets, row groups...):
+    built on first use, built again when the shard's stamp changes, the least recently
+    used dropped beyond `limit`. Safe to use from several decoding threads."""
+
+    def __init__(
+        self,
+        build: Callable[[ShardPath], T],
+        limit: int,
+        stamp: Callable[[ShardPath], Hashable] = shard_stat,
+    ) -> None:
+        self._build = build
+        self._stamp = stamp
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._items: OrderedDict[ShardPath, tuple[Hashable, T]] = OrderedDict()
+
+    def get(self, path: ShardPath) -> T:
+        stamp = self._stamp(path)
+        with self._lock:
+            cached = self._items.get(path)
+            if cached is not None and cached[0] == stamp:
+                self._items.move_to_end(path)
+                return cached[1]
+        value = self._build(path)  # outside the lock: other shards need not wait
+        with self._lock:
+            self._items[path] = (stamp, value)
+            self._items.move_to_end(path)
+            while len(self._items) > self._limit:
+                self._items.popitem(last=False)
+        return value

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat
+from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["SHAPE_KEY", "ParquetDecoder"]
@@ -223,8 +221,7 @@ class ParquetDecoder(Decoder):
     suffixes = (".parquet", ".pq")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._indexes: OrderedDict[ShardPath, _Index] = OrderedDict()
+        self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED)
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
@@ -269,16 +266,4 @@ class ParquetDecoder(Decoder):
         }
 
     def _index(self, path: ShardPath) -> _Index:
-        stamp = shard_stat(path)
-        with self._lock:
-            cached = self._indexes.get(path)
-            if cached is not None and cached.stamp == stamp:
-                self._indexes.move_to_end(path)
-                return cached
-        idx = _build_index(path)
-        with self._lock:
-            self._indexes[path] = idx
-            self._indexes.move_to_end(path)
-            while len(self._indexes) > _MAX_INDEXED:
-                self._indexes.popitem(last=False)
-        return idx
+        return self._indexes.get(path)

@@ -24,15 +24,13 @@ import io
 import os
 import posixpath
 import tarfile
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat
+from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder"]
@@ -213,8 +211,7 @@ class WdsDecoder(Decoder):
     def __init__(self) -> None:
         self.size = _env_int(SIZE_ENV, 224, 8192)
         self.max_image_bytes = _env_int(MAX_IMAGE_BYTES_ENV, 64 << 20, 1 << 31)
-        self._lock = threading.Lock()
-        self._indexes: OrderedDict[ShardPath, _Index] = OrderedDict()
+        self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED)
 
     def index(self, path: ShardPath) -> ShardMeta:
         _pillow()  # refuse at start-up, not at the first read, when Pillow is missing
@@ -280,16 +277,4 @@ class WdsDecoder(Decoder):
         return out
 
     def _index(self, path: ShardPath) -> _Index:
-        stamp = shard_stat(path)
-        with self._lock:
-            cached = self._indexes.get(path)
-            if cached is not None and cached.stamp == stamp:
-                self._indexes.move_to_end(path)
-                return cached
-        idx = _build_index(path)
-        with self._lock:
-            self._indexes[path] = idx
-            self._indexes.move_to_end(path)
-            while len(self._indexes) > _MAX_INDEXED:
-                self._indexes.popitem(last=False)
-        return idx
+        return self._indexes.get(path)
