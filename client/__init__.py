@@ -1,6 +1,7 @@
 """shardstream client: deterministic, exactly-once batches from a fleet of workers."""
 
-from shardstream.client._loader import Loader, LoaderConfig, LoaderStatistics
+from shardstream.client._loader import Loader
+from shardstream.client._options import LoaderConfig, LoaderStatistics
 from shardstream.client._planner import PlanOptions, RankPlan, Read, Window, plan_epoch
 from shardstream.client._security import ClientSecurity
 from shardstream.client._sync import SyncLoader

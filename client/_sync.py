@@ -17,7 +17,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from shardstream.client._epoch import EpochIterator
-from shardstream.client._loader import Loader, LoaderStatistics
+from shardstream.client._loader import Loader
+from shardstream.client._options import LoaderStatistics
 from shardstream.client._planner import RankPlan
 from shardstream.client._rebatch import Batch
 from shardstream.v1.codec import FieldSpec
