@@ -27,6 +27,7 @@ from typing import IO, Any, Generic, TypeVar
 
 __all__ = [
     "FSSPEC_HINT",
+    "ShardCache",
     "ShardPath",
     "Stamp",
     "glob_url",
