@@ -6,6 +6,7 @@ from shardstream.client._planner import PlanOptions, RankPlan, Read, Window, pla
 from shardstream.client._security import ClientSecurity
 from shardstream.client._sync import SyncLoader
 from shardstream.client._wire import DatasetDesc, ShardDesc, check_health
+from shardstream.server._malloc import tune_malloc
 
 __all__ = [
     "ClientSecurity",
@@ -21,4 +22,5 @@ __all__ = [
     "Window",
     "check_health",
     "plan_epoch",
+    "tune_malloc",
 ]

@@ -21,6 +21,7 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
+from shardstream.server._malloc import tune_malloc
 from shardstream.server._shm import attach
 from shardstream.server._wire import encode_chunk, encode_chunk_into
 from shardstream.v1.codec import FieldSpec
@@ -33,6 +34,7 @@ def process_init() -> None:
     die with it: a server killed with SIGKILL must not leave them behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tune_malloc()
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from shardstream.server._catalog import CatalogError
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
+from shardstream.server._malloc import tune_malloc
 from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import FORMATS, make_dataset
 from shardstream.server._worker import Worker
@@ -166,6 +167,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 async def serve(config: WorkerConfig) -> int:
     """Run a worker until SIGTERM/SIGINT (drain; a second signal exits at once)."""
+    tune_malloc()
     loop = asyncio.get_running_loop()
     worker = Worker(config)
     drains: list[asyncio.Task[None]] = []

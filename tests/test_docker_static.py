@@ -147,7 +147,10 @@ def test_dockerfile_structure() -> None:
 
     env = _env_of(runtime)
     assert env["PYTHONUNBUFFERED"] == "1"
-    assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
+    from shardstream.server._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(MMAP_THRESHOLD)  # what the worker sets itself
+    assert env["MALLOC_TRIM_THRESHOLD_"] == str(TRIM_THRESHOLD)
     assert env["SHARDSTREAM_HOST"] == "0.0.0.0"
     assert env["SHARDSTREAM_PORT"] == str(PORT)
     assert env["SHARDSTREAM_DATA_ROOT"] == "/data"
