@@ -35,3 +35,19 @@ def test_errors_tree() -> None:
         assert issubclass(cls, errors.ShardstreamError)
     assert issubclass(errors.DataLossError, errors.WorkerError)
     assert issubclass(errors.ConfigError, ValueError)
+
+
+def test_tune_malloc_respects_the_environment() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from shardstream.client import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, check=True).stdout.strip()  # fmt: skip
+    assert out == "True"  # glibc here
+    env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, check=True).stdout.strip()  # fmt: skip
+    assert out == "False"  # the environment's choice wins
