@@ -382,3 +382,20 @@ async def test_a_stalled_input_is_reported_while_waiting(root: Path) -> None:
         "data input is slow: no batch for 0.2 s (epoch 0, after batch 1 of"
     )
     assert f"reads running {{'{worker.address}': 1}}" in messages[0]
+
+
+async def test_keepalive_pings_are_accepted_by_the_worker(root: Path) -> None:
+    """Client pings every second, idle and busy: the worker must not answer with a
+    too_many_pings GOAWAY (which would cut the health watch and every stream)."""
+    with fleet(root, 1) as (worker,):
+        async with Loader([worker.address], dataset="train", batch_size=500,
+                          keepalive_seconds=1.0) as loader:  # fmt: skip
+            await asyncio.sleep(3.5)  # idle, with pings: the condition under test is time
+            n = len([b async for b in loader.epoch(0)])
+            await asyncio.sleep(3.5)
+            conn = loader._pool.conns[0]  # type: ignore[union-attr]
+            stats = loader.statistics()
+    assert n == RECORDS // 500
+    assert stats.resumes == 0
+    assert conn.last_error == "" and conn.serving  # the health watch was never cut
+    assert not any("too_many_pings" in line or "GOAWAY" in line for line in worker.log)
