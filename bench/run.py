@@ -42,6 +42,7 @@ from bench.common import (
     thread_cpu,
     vm_hwm_bytes,
 )
+from shardstream.client._consume import progress
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_SYSTEMS = ("shardstream", "plain", "torch", "zmq", "grpc_wire", "tcp_wire")
@@ -684,12 +685,15 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"dataset {data.key}: {data.records} records x {data.record_bytes} B = "
                      f"{data.records * data.record_bytes / MB:.0f} MB "
                      f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
-        with results_path.open("w") as sink:
+        total = args.repeats * sum(len(instances(cfg, notes)) for cfg in configs)
+        with results_path.open("w") as sink, progress(total, "bench runs") as bar:
             for round_no in range(1, args.repeats + 1):
                 for cfg in configs:
                     for inst in instances(cfg, notes):
                         _log(f"round {round_no}: {cfg.label()}: {inst.label()} ...")
                         res = run_one(ctx, cfg, inst, round_no)
+                        if bar is not None:
+                            bar.update(1)
                         results.append(res)
                         line = json.dumps(res, default=_json_default)
                         print(line, flush=True)
