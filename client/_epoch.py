@@ -90,7 +90,7 @@ class EpochIterator:
         self._fetch_options = fetch_options
         self._max_inflight = max_inflight
         # A shuffle window is delivered only once all its reads are in.
-        widest = max((len(w.reads) for w in plan.windows), default=1)
+        widest = max((len(w.reads) for w in plan.windows if w.take is not None), default=1)
         self._reads_ahead = max(reads_ahead, widest)
         self._queue: asyncio.Queue[Batch | _End | _Failure] = asyncio.Queue(prefetch_batches)
         self._spawn = spawn
@@ -195,7 +195,9 @@ class EpochIterator:
                 got = 0
                 while got < window.records:  # reads never straddle windows
                     if not ready:
-                        items = buffer.pop()
+                        # One piece at a time: a read's slot is freed only when its data has
+                        # gone on to the rebatcher, so memory stays within `reads_ahead`.
+                        items = buffer.pop(limit=1)
                         if not items:
                             self._ready.clear()
                             await self._ready.wait()

@@ -76,12 +76,13 @@ class ReorderBuffer(Generic[T]):
         self._received[seq] = expected + n
         self._pending.setdefault(seq, deque()).append((n, item))
 
-    def pop(self) -> list[T]:
-        """Items now next in plan order (possibly none)."""
+    def pop(self, limit: int | None = None) -> list[T]:
+        """Items now next in plan order (possibly none; at most `limit`). A read's slot in
+        the window is freed only once all of its items have been popped."""
         out: list[T] = []
-        while not self.done:
+        while not self.done and (limit is None or len(out) < limit):
             queue = self._pending.get(self._head)
-            while queue:
+            while queue and (limit is None or len(out) < limit):
                 n, item = queue.popleft()
                 self._released += n
                 out.append(item)

@@ -246,3 +246,23 @@ async def test_client_statistics_and_prometheus_export(npz_root: Path) -> None:
     assert 'shardstream_client_records_total{dataset="train",rank="0"} 2000.0' in text
     assert 'shardstream_client_epochs_completed_total{dataset="train",rank="0"} 1.0' in text
     assert "shardstream_client_reads_in_flight" in text
+
+
+async def test_a_paused_consumer_bounds_the_reads_started(npz_root: Path) -> None:
+    """Memory is bounded: with the consumer paused, at most `reads_ahead` reads beyond
+    what was consumed are started, however many the epoch has (here 200)."""
+    async with running_workers(npz_root, 1) as (worker,), Loader(
+        [worker.address], dataset="train", batch_size=10, read_bytes=10 * 64,
+        reads_ahead=4, max_inflight_reads=2, prefetch_batches=1,
+    ) as loader:  # fmt: skip
+        assert len(loader.plan(0).reads) == 200
+        epoch = loader.epoch(0)
+        await anext(epoch)
+        for _ in range(500):  # until the pipeline stands still (the window is full)
+            stats = loader.statistics()
+            if not any(stats.reads_in_flight.values()):
+                break
+            await asyncio.sleep(0.01)
+        started = sum(loader.statistics().reads_by_worker.values())
+        await epoch.aclose()
+    assert started <= 1 + 4 + 2  # consumed + reads_ahead + the prefetched batch's slack

@@ -220,3 +220,15 @@ def test_any_completion_order_gives_plan_order(data: st.DataObject) -> None:
         assert buf.depth() == sum(len(planned[s]) - len(left[s]) for s in left) - len(out)
     assert out == expected
     assert buf.depth() == 0
+
+
+def test_pop_with_a_limit_frees_a_read_only_when_all_its_items_are_out() -> None:
+    buf: ReorderBuffer[str] = ReorderBuffer([2, 1], window=1)
+    buf.put(0, 0, 1, "a")
+    buf.put(0, 1, 1, "b")
+    assert buf.pop(limit=1) == ["a"]
+    assert not buf.admits(1)  # read 0 still has an item inside
+    assert buf.pop(limit=1) == ["b"]
+    assert buf.admits(1) and buf.head == 1
+    buf.put(1, 0, 1, "c")
+    assert buf.pop(limit=5) == ["c"] and buf.done
