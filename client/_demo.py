@@ -47,7 +47,8 @@ async def _rank(loader: Loader, epoch: int) -> tuple[np.ndarray, int, int]:
     return np.concatenate(ids), nbytes, batches
 
 
-async def _stream(addresses: list[str], opts: DemoOptions, out: list[str]) -> bool:
+async def _stream(addresses: list[str], opts: DemoOptions, out: list[str]) -> int:
+    """1 when every epoch was exactly once, else 0."""
     ok = True
     loaders = [
         Loader(addresses, dataset="demo", batch_size=opts.batch_size, rank=r,
@@ -79,7 +80,7 @@ async def _stream(addresses: list[str], opts: DemoOptions, out: list[str]) -> bo
     finally:
         for loader in loaders:
             await loader.aclose()
-    return ok
+    return int(ok)
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -105,12 +106,8 @@ def run_demo(opts: DemoOptions) -> int:
         addresses = [w.address for w in workers]
         print(f"workers: {', '.join(addresses)} (pids {', '.join(str(w.pid) for w in workers)})")
         out: list[str] = []
-        ok = bool(run_async(lambda: _stream_code(addresses, opts, out)))
+        ok = bool(run_async(lambda: _stream(addresses, opts, out)))
         codes = [w.terminate() for w in workers]
         print(f"workers stopped (exit codes {codes})")
     print("demo OK" if ok and not any(codes) else "demo FAILED")
     return 0 if ok and not any(codes) else 1
-
-
-async def _stream_code(addresses: list[str], opts: DemoOptions, out: list[str]) -> int:
-    return int(await _stream(addresses, opts, out))
