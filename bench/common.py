@@ -103,8 +103,9 @@ def memmap_shard(path: Path) -> dict[str, np.memmap[Any, Any]]:
     }
 
 
-def chunk_records(record_bytes: int, batch_size: int, chunk_bytes: int = 1 << 20) -> int:
-    """Records per streamed chunk, computed as shardstream's Loader does."""
+def chunk_records(record_bytes: int, batch_size: int, chunk_bytes: int = 4 << 20) -> int:
+    """Records per streamed chunk, computed as shardstream's Loader does (its default
+    `chunk_bytes` is 4 MiB)."""
     chunk = max(1, chunk_bytes // max(1, record_bytes))
     if chunk >= batch_size:
         chunk -= chunk % batch_size

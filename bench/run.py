@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +42,7 @@ from bench.common import (
     thread_cpu,
     vm_hwm_bytes,
 )
+from shardstream.client import LoaderConfig
 from shardstream.client._consume import progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,6 +336,11 @@ def start_producers(ctx: Context, cfg: Config, inst: Instance, root: Path) -> di
     return {"pids": []}
 
 
+# The Loader's default chunk size: the bare gRPC and TCP baselines send messages of the
+# size shardstream's chunks have.
+DEFAULT_CHUNK_BYTES = next(f.default for f in fields(LoaderConfig) if f.name == "chunk_bytes")
+
+
 def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[str, Any]:
     args = ctx.args
     data = cfg.data()
@@ -342,7 +348,7 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
     ctx.run_index += 1
     tag = f"run{ctx.run_index:03d}"
     logs = ctx.logs
-    chunk_bytes = int(dict(args.loader_opt).get("chunk_bytes", 1 << 20))
+    chunk_bytes = int(dict(args.loader_opt).get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     chunk = chunk_records(data.record_bytes, cfg.batch_size, chunk_bytes)
     result: dict[str, Any] = {
         "config": cfg.label(),

@@ -102,6 +102,8 @@ class EpochIterator:
         self._emitted = 0
         self._ready = asyncio.Event()  # a fetch put data in the reorder buffer
         self._progress = asyncio.Event()  # the consumer freed a read slot
+        # Set by a consumer that counts its own waiting (SyncLoader's hand-off).
+        self.external_wait = False
 
     @property
     def finished(self) -> bool:
@@ -117,7 +119,8 @@ class EpochIterator:
             self._task = self._spawn(self._run())
         t0 = time.perf_counter()
         item = await self._next_item()
-        self.counters.wait_seconds += time.perf_counter() - t0
+        if not self.external_wait:
+            self.counters.wait_seconds += time.perf_counter() - t0
         if isinstance(item, _End):
             self._finished = self.completed = True
             self._close_ledger()

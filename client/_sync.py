@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from shardstream.client._epoch import EpochIterator
 from shardstream.client._loader import Loader
@@ -118,18 +120,115 @@ class SyncLoader:
         self._loader.load_state_dict(state, override=override)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch; leaving the loop early stops the epoch's reads."""
+        """The batches of one epoch; leaving the loop early stops the epoch's reads.
 
-        async def start() -> EpochIterator:
-            return self._loader.epoch(epoch)
+        A task on the loader's thread moves ready batches into a small hand-off queue
+        (`HANDOFF_BATCHES`), so taking a ready batch costs the caller no round trip to
+        that thread: only a lock, and a wake-up of the thread when the queue was full.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
+        handoff = _Handoff(loop, HANDOFF_BATCHES)
 
-        iterator = self._call(start())
+        async def start() -> tuple[EpochIterator, asyncio.Task[None]]:
+            iterator = self._loader.epoch(epoch)
+            iterator.external_wait = True  # the caller's own waiting is counted below
+            return iterator, asyncio.create_task(_pump(iterator, handoff))
+
+        async def stop(iterator: EpochIterator, task: asyncio.Task[None]) -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await iterator.aclose()
+
+        iterator, task = self._call(start())
         try:
             while True:
-                try:
-                    yield self._call(iterator.__anext__())
-                except StopAsyncIteration:
+                t0 = time.perf_counter()
+                item = handoff.get()
+                iterator.counters.wait_seconds += time.perf_counter() - t0
+                if item is _END:
                     return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield cast(Batch, item)
         finally:
+            handoff.close()
             if self._loop is not None:
-                self._call(iterator.aclose())
+                self._call(stop(iterator, task))
+
+
+# Batches a SyncLoader holds ready in the caller's thread, beyond `prefetch_batches`.
+HANDOFF_BATCHES = 2
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Handoff:
+    """A bounded queue from the event loop's thread (put) to the caller's (get)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+        self._loop = loop
+        self._capacity = capacity
+        self._items: deque[object] = deque()
+        self._cond = threading.Condition()
+        self._space = asyncio.Event()  # used only on the loop's thread
+        self._putter_waits = False
+        self._closed = False
+
+    async def put(self, item: object) -> None:
+        """Called on the loop's thread; waits while the queue is full."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                if len(self._items) < self._capacity:
+                    self._items.append(item)
+                    self._cond.notify()
+                    return
+                self._putter_waits = True
+                self._space.clear()
+            await self._space.wait()
+
+    def get(self) -> object:
+        """Called on the caller's thread; blocks until an item is there."""
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            wake, self._putter_waits = self._putter_waits, False
+        if wake:
+            self._loop.call_soon_threadsafe(self._space.set)
+        return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            wake = self._putter_waits
+        if wake and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._space.set)
+
+
+async def _pump(iterator: EpochIterator, handoff: _Handoff) -> None:
+    try:
+        async for batch in iterator:
+            await handoff.put(batch)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # handed to the caller, who raises it
+        await handoff.put(_Failure(exc))
+        if not isinstance(exc, Exception):
+            raise
+    else:
+        await handoff.put(_END)

@@ -11,7 +11,7 @@ between the processes, so it also bounds that memory.
 from __future__ import annotations
 
 import asyncio
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 _attached: dict[str, shared_memory.SharedMemory] = {}
 
@@ -20,10 +20,11 @@ def attach(name: str) -> memoryview:
     """A decoding process's view of a buffer (attached once per process)."""
     shm = _attached.get(name)
     if shm is None:
+        # Spawned decoding processes share the server's resource tracker, so attaching
+        # registers the block again there (a no-op: the server created it and unlinks it).
+        # Unregistering here would drop the server's own registration, and its unlink
+        # would then make the tracker print a KeyError at shutdown.
         shm = shared_memory.SharedMemory(name=name)
-        # Before Python 3.13 attaching registers the block with this process's resource
-        # tracker, which would unlink it when this process exits; the server owns it.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         _attached[name] = shm
     buf = shm.buf
     assert buf is not None

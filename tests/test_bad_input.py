@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from shardstream.client import Loader
+from shardstream.client import Loader, SyncLoader
 from shardstream.client._wire import WorkerStub, encode_read
 from shardstream.client.errors import DataLossError, ShardChangedError
 from shardstream.server import make_dataset
@@ -45,6 +46,30 @@ async def test_corrupt_record_raises_naming_worker_dataset_shard_and_record(tmp_
         12,
     )
     assert "part-001" in str(err) and "record 12" in str(err)
+
+
+async def test_sync_loader_raises_a_failure_after_the_batches_before_it(tmp_path: Path) -> None:
+    """Through the SyncLoader's hand-off the batches before the bad record arrive, then
+    the same precise error; the loader stays usable for the next epoch's attempt."""
+    csv_with_bad_lines(tmp_path, {37: "37,7,1,2,not-a-number"})
+    async with running_workers(tmp_path, 1, datasets=("train=part-*:csv",)) as (worker,):
+
+        def run() -> tuple[list[int], DataLossError, int]:
+            got: list[int] = []
+            with SyncLoader([worker.address], dataset="train", batch_size=10) as loader:
+                with pytest.raises(DataLossError) as info:
+                    for batch in loader.epoch(0):
+                        got += batch["id"].tolist()
+                with pytest.raises(DataLossError):
+                    list(loader.epoch(1))
+                return got, info.value, loader.statistics().batches
+
+        got, err, batches = await asyncio.to_thread(run)
+    # Whole batches in order, up to the chunk that holds the bad record 37 (batch 3 at
+    # the latest); a batch is never cut short by the failure.
+    assert got == list(range(len(got))) and len(got) % 10 == 0 and len(got) <= 30
+    assert (err.shard, err.record) == ("part-001", 12)
+    assert batches == len(got) // 10
 
 
 async def test_schema_mismatch_in_a_record_is_data_loss(tmp_path: Path) -> None:
