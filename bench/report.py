@@ -222,6 +222,14 @@ def write_reports(
         "- shardstream: `--processes "
         f"{sorted({c.processes for c in configs})}` decoding processes per worker, client API "
         f"{sorted({c.ss_api for c in configs})}, one client process per rank",
+        "- glibc malloc: "
+        + (
+            "every process of every system with `MALLOC_MMAP_THRESHOLD_=33554432 "
+            "MALLOC_TRIM_THRESHOLD_=134217728` (`--malloc all`)"
+            if getattr(args, "malloc", "all") == "all"
+            else "as shipped: shardstream's processes tune themselves, the others run "
+            "glibc's defaults (`--malloc shipped`)"
+        ),
     ]
     head += [f"- {s}" for s in skipped]
     body = table(results)

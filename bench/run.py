@@ -279,8 +279,16 @@ def _die_with_parent() -> None:
     _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+# `--malloc all`: every process of every system runs with the thresholds shardstream sets
+# for its own processes (server/_malloc.py), so the comparison is like for like.
+MALLOC_MODE = ["all"]
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+
+
 def _env(work: int) -> dict[str, str]:
     env = dict(os.environ)
+    if MALLOC_MODE[0] == "all":
+        env.update(MALLOC_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["SHARDSTREAM_BENCH_WORK"] = str(work)
     return env
@@ -595,6 +603,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where to keep the generated shards (default: a temporary dir)",
     )
+    r.add_argument(
+        "--malloc",
+        choices=("all", "shipped"),
+        default="all",
+        help="all (default): every process of every system gets glibc malloc thresholds of "
+        "32 MiB mmap / 128 MiB trim in its environment; shipped: no environment, so only "
+        "shardstream's processes tune themselves (workers always, the Loader by default)",
+    )
     r.add_argument("--no-plot", action="store_true")
     r.add_argument(
         "--keep-logs", action="store_true", help="keep consumer specs, ids and stderr in OUT/logs"
@@ -665,6 +681,7 @@ def override(base: Config, text: str) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    MALLOC_MODE[0] = args.malloc
     configs = configs_from(args)
     notes = missing_optional()
     skipped = sorted({notes[s] for c in configs for s in c.systems if notes.get(s)})

@@ -24,6 +24,7 @@ from shardstream.client._resume import Interruption, resume_plan
 from shardstream.client._state import PLAN_KEYS, LoaderState
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
+from shardstream.server._malloc import tune_malloc
 from shardstream.v1.codec import FieldSpec, record_bytes
 
 log = logging.getLogger("shardstream.client")
@@ -95,6 +96,8 @@ class Loader:
             raise RuntimeError(f"Loader.start() on a loader that is {self._state}")
         self._state = "starting"
         cfg = self.config
+        if cfg.tune_malloc:
+            tune_malloc()  # once per process is enough; repeating it is harmless
         self._pool = WorkerPool(
             self.addresses,
             dataset=cfg.dataset,
