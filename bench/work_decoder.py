@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shardstream.server._npz import NpzDecoder
+from shardstream.v1.codec import FieldSpec
 
 WORK_ENV = "SHARDSTREAM_BENCH_WORK"
 
@@ -58,6 +59,19 @@ class WorkNpz(NpzDecoder):
     def __init__(self) -> None:
         super().__init__()
         self.work = work_from_env()
+
+    def read_into(
+        self,
+        path: Path,
+        start: int,
+        count: int,
+        out: Mapping[str, np.ndarray[Any, Any]],
+        schema: tuple[FieldSpec, ...],
+    ) -> None:
+        """Records straight from the file into the message, then the work in place."""
+        self.read_stored_into(path, start, count, out)
+        if self.work > 0 and "image" in out:
+            out["image"][...] = apply_work(out["image"], self.work)
 
     def read(self, path: Path, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
         arrays = dict(super().read(path, start, count))

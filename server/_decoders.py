@@ -12,6 +12,9 @@ A format is one class::
         def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray]:
             ...  # records [start, start + count): one array per field, first dim = count
 
+A format that can decode straight into preallocated arrays (the message being
+built) may also override `read_into`; the default calls `read` and copies.
+
 `path` is a `pathlib.Path` under a local data root (as always) and the shard's
 URL (`str`) under an fsspec data root; `open_shard(path)` and `shard_stat(path)`
 from `shardstream.server._files` work with both.
@@ -85,6 +88,26 @@ class Decoder(abc.ABC):
     @abc.abstractmethod
     def read(self, path: ShardPath, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
         """Decode records [start, start + count) of a shard."""
+
+    def read_into(
+        self,
+        path: ShardPath,
+        start: int,
+        count: int,
+        out: Mapping[str, np.ndarray[Any, Any]],
+        schema: tuple[FieldSpec, ...],
+    ) -> None:
+        """Decode records [start, start + count) into `out`: one array per schema field,
+        shaped (count, *field.shape), of the field's dtype, little-endian; usually views
+        of the message being built. This default calls `read`, checks its arrays against
+        the schema and copies them; a format that can write in place overrides it (npz:
+        straight from the file into the message)."""
+        from shardstream.server._tasks import check_arrays  # the worker's own check
+
+        arrays = self.read(path, start, count)
+        check_arrays(arrays, schema, start, count)
+        for name, target in out.items():
+            np.copyto(target, arrays[name], casting="no")
 
 
 _REGISTRY: dict[str, type[Decoder]] = {}

@@ -15,6 +15,7 @@ import threading
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -223,6 +224,38 @@ class NpzDecoder(Decoder):
                 out[array.field.name] = rows
             return out
 
+    def read_into(
+        self,
+        path: ShardPath,
+        start: int,
+        count: int,
+        out: Mapping[str, np.ndarray[Any, Any]],
+        schema: tuple[FieldSpec, ...],
+    ) -> None:
+        """Stored (uncompressed) little-endian members are read from the file straight
+        into `out`; anything else goes through `read`. A subclass that changes `read`
+        (e.g. adds a transform) keeps its own semantics: it is always used then."""
+        if type(self).read is not NpzDecoder.read:
+            super().read_into(path, start, count, out, schema)
+            return
+        self.read_stored_into(path, start, count, out)
+
+    def read_stored_into(
+        self, path: ShardPath, start: int, count: int, out: Mapping[str, np.ndarray[Any, Any]]
+    ) -> None:
+        """The shard's own records into `out` (for subclasses that transform in place)."""
+        with self._lock:
+            shard = self._shard(path)
+            _check_range(path, start, count, shard.records)
+            for array in shard.arrays:
+                target = out[array.field.name]
+                if array.offset is not None and array.dtype == target.dtype:
+                    _read_rows_into(path, shard, array, start, target)
+                elif array.offset is not None:
+                    target[...] = _read_rows(path, shard, array, start, count)
+                else:
+                    target[...] = self._load(path, shard, array)[start : start + count]
+
     def close(self) -> None:
         """Close the cached file handles and drop the cached arrays."""
         with self._lock:
@@ -279,11 +312,20 @@ class NpzDecoder(Decoder):
 def _read_rows(
     path: ShardPath, shard: _Shard, array: _Array, start: int, count: int
 ) -> np.ndarray[Any, Any]:
-    assert array.offset is not None
     out = np.empty((count, *array.field.shape), dtype=array.dtype)
+    _read_rows_into(path, shard, array, start, out)
+    return out
+
+
+def _read_rows_into(
+    path: ShardPath, shard: _Shard, array: _Array, start: int, out: np.ndarray[Any, Any]
+) -> None:
+    """Read rows [start, start + len(out)) of a stored member into `out` (any writable,
+    C-contiguous array of the member's dtype)."""
+    assert array.offset is not None
     row_bytes = array.field.record_bytes
     if out.nbytes == 0:
-        return out
+        return
     begin = array.offset + start * row_bytes
     if begin + out.nbytes > shard.stamp[0]:
         first = start + _first_missing(shard.stamp[0] - begin, row_bytes)
@@ -297,4 +339,3 @@ def _read_rows(
             first = start + done // row_bytes
             raise DecodeError(f"{path} was truncated while reading record {first}", record=first)
         done += n
-    return out

@@ -23,7 +23,7 @@ from shardstream.server._decoders import DecodeError, Decoder, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
 from shardstream.server._malloc import tune_malloc
 from shardstream.server._shm import attach
-from shardstream.server._wire import encode_chunk, encode_chunk_into
+from shardstream.server._wire import encode_chunk, layout_chunk_into
 from shardstream.v1.codec import FieldSpec
 
 _decoders: dict[str, Decoder] = {}
@@ -92,9 +92,17 @@ def read_chunk_into(
     count: int,
     schema: tuple[FieldSpec, ...],
 ) -> int:
-    """`read_chunk`, serialized into the shared-memory buffer named `buffer`; its size."""
-    arrays = decode_checked(ref, path, stamp, start, count, schema)
-    return encode_chunk_into(attach(buffer), start, arrays)
+    """`read_chunk`, serialized into the shared-memory buffer named `buffer`; its size.
+
+    The headers are written first and the decoder fills the tensors' room in place
+    (`Decoder.read_into`): npz ranges go from the file straight into the buffer."""
+    check_unchanged(path, stamp)
+    size, views = layout_chunk_into(attach(buffer), start, count, schema)
+    try:
+        decoder(ref).read_into(path, start, count, views, schema)
+    finally:
+        views.clear()  # no array keeps the shared buffer exported
+    return size
 
 
 def decode_checked(
@@ -106,6 +114,14 @@ def decode_checked(
     schema: tuple[FieldSpec, ...],
 ) -> Mapping[str, np.ndarray[Any, Any]]:
     """Records [start, start + count) of an unchanged shard, checked against the schema."""
+    check_unchanged(path, stamp)
+    arrays = decoder(ref).read(path, start, count)
+    check_arrays(arrays, schema, start, count)
+    return arrays
+
+
+def check_unchanged(path: ShardPath, stamp: Stamp) -> None:
+    """Refuse a shard that is not the one indexed (size, mtime or checksum differ)."""
     try:
         now = shard_stat(path)
     except OSError as exc:
@@ -120,9 +136,6 @@ def decode_checked(
         raise ShardChanged(
             f"the shard changed since it was indexed ({what}); restart the worker to index it again"
         )
-    arrays = decoder(ref).read(path, start, count)
-    check_arrays(arrays, schema, start, count)
-    return arrays
 
 
 def check_arrays(

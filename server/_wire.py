@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from shardstream.v1 import shardstream_pb2 as pb
-from shardstream.v1.codec import dtype_code
+from shardstream.v1.codec import FieldSpec, dtype_code
 
 if TYPE_CHECKING:
     from shardstream.server._catalog import Dataset
@@ -54,18 +54,60 @@ def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> byte
     return b"".join(_chunk_parts(start, arrays))
 
 
-def encode_chunk_into(
-    buf: memoryview, start: int, arrays: Mapping[str, np.ndarray[Any, Any]]
-) -> int:
-    """Serialize a chunk into `buf` (e.g. shared memory); returns the bytes written."""
+def layout_chunk_into(
+    buf: memoryview, start: int, count: int, schema: tuple[FieldSpec, ...]
+) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
+    """Write a chunk's protobuf headers into `buf` and leave room for its tensors.
+
+    Returns the chunk's size and, per schema field, a writable array over the room for
+    its data (shape (count, *field.shape), little-endian): whoever fills those arrays
+    completes the same bytes `encode_chunk` would produce, without an intermediate copy.
+    """
+    body: list[bytes | tuple[str, np.dtype[Any], tuple[int, ...]]] = [
+        _int_key(1), _varint(start), _int_key(2), _varint(count),
+    ]  # fmt: skip
+    for spec in schema:
+        dtype = np.dtype(spec.dtype).newbyteorder("<")
+        shape = (count, *spec.shape)
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header = _tensor_header(spec.name, dtype, shape, nbytes)
+        body += [_len_key(3), _varint(len(header) + nbytes), header, (spec.name, dtype, shape)]
+    body_size = sum(len(p) if isinstance(p, bytes) else _nbytes(p) for p in body)
+    pieces = [_len_key(1), _varint(body_size), *body]
+    total = sum(len(p) if isinstance(p, bytes) else _nbytes(p) for p in pieces)
+    if total > len(buf):
+        raise ValueError(f"a chunk of {total} bytes does not fit its buffer of {len(buf)}")
+    views: dict[str, np.ndarray[Any, Any]] = {}
     pos = 0
-    for part in _chunk_parts(start, arrays):
-        n = len(part)
-        if pos + n > len(buf):
-            raise ValueError(f"a chunk of more than {len(buf)} bytes does not fit its buffer")
-        buf[pos : pos + n] = part
-        pos += n
-    return pos
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            buf[pos : pos + len(piece)] = piece
+            pos += len(piece)
+        else:
+            name, dtype, shape = piece
+            n = _nbytes(piece)
+            views[name] = np.frombuffer(buf[pos : pos + n], dtype=dtype).reshape(shape)
+            pos += n
+    return total, views
+
+
+def _nbytes(piece: tuple[str, np.dtype[Any], tuple[int, ...]]) -> int:
+    _, dtype, shape = piece
+    return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+
+
+def _tensor_header(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], nbytes: int) -> bytes:
+    """A Tensor message's fields before its data: name, dtype, shape, data's key+length."""
+    name_b = name.encode()
+    dims = b"".join(_varint(d) for d in shape)
+    return b"".join(
+        [
+            _len_key(1), _varint(len(name_b)), name_b,
+            _int_key(2), _varint(dtype_code(dtype)),
+            _len_key(3), _varint(len(dims)), dims,
+            _len_key(4), _varint(nbytes),
+        ]
+    )  # fmt: skip
 
 
 def _chunk_parts(
@@ -78,16 +120,7 @@ def _chunk_parts(
         a = np.ascontiguousarray(array)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        name_b = name.encode()
-        shape = b"".join(_varint(d) for d in a.shape)
-        header = b"".join(
-            [
-                _len_key(1), _varint(len(name_b)), name_b,
-                _int_key(2), _varint(dtype_code(a.dtype)),
-                _len_key(3), _varint(len(shape)), shape,
-                _len_key(4), _varint(a.nbytes),
-            ]
-        )  # fmt: skip
+        header = _tensor_header(name, a.dtype, a.shape, a.nbytes)
         body += [_len_key(3), _varint(len(header) + a.nbytes), header]
         body.append(a.reshape(-1).view(np.uint8).data)
     size = sum(len(b) for b in body)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
 from shardstream.client._wire import Piece, decode_response
+from shardstream.server._npz import NpzDecoder as NpzDecoderBase
 from shardstream.server._wire import encode_chunk, encode_end
 from shardstream.v1 import shardstream_pb2 as pb
 from shardstream.v1.codec import SUPPORTED_DTYPES, FieldSpec, dtype_code, dtype_from_code
@@ -122,3 +126,84 @@ def test_truncated_messages_are_protocol_errors(cut: int) -> None:
     data = encode_chunk(0, {"x": np.arange(4, dtype=np.int32)})
     with pytest.raises(ProtocolError):
         decode_response(data[:cut])
+
+
+def test_layout_then_fill_gives_the_bytes_of_encode_chunk() -> None:
+    """The in-place serializer (headers first, tensors filled afterwards in the buffer)
+    produces exactly the message `encode_chunk` builds from the same arrays."""
+    from shardstream.server._wire import layout_chunk_into
+
+    rng = np.random.default_rng(3)
+    arrays = {
+        "id": np.arange(40, 47, dtype=np.int64),
+        "image": rng.random((7, 5, 3), dtype=np.float32),
+        "mask": rng.random((7, 2)) > 0.5,
+        "label": rng.integers(0, 9, size=7).astype(np.uint16),
+    }
+    schema = tuple(FieldSpec(k, v.dtype.name, v.shape[1:]) for k, v in arrays.items())
+    buf = memoryview(bytearray(1 << 16))
+    size, views = layout_chunk_into(buf, 40, 7, schema)
+    for name, view in views.items():
+        assert view.flags.writeable and view.shape == arrays[name].shape
+        view[...] = arrays[name]
+    assert bytes(buf[:size]) == encode_chunk(40, arrays)
+    with pytest.raises(ValueError, match="does not fit"):
+        layout_chunk_into(memoryview(bytearray(size - 1)), 40, 7, schema)
+
+
+def test_chunks_decoded_into_a_buffer_equal_the_plain_path(tmp_path: Path) -> None:
+    """`read_chunk_into` (npz straight from the file; other formats via `read` and a
+    copy; big-endian and compressed members; a subclass that transforms in `read`)
+    gives the same bytes as `read_chunk`."""
+    from multiprocessing import shared_memory
+
+    from shardstream.server import make_dataset
+    from shardstream.server._decoders import decoder_ref
+    from shardstream.server._files import shard_stat
+    from shardstream.server._tasks import read_chunk, read_chunk_into
+
+    make_dataset(tmp_path / "npz", shards=1, records=50, shape=(4, 4, 3))
+    make_dataset(tmp_path / "csv", shards=1, records=50, shape=(3,), format="csv")
+    odd = tmp_path / "odd" / "shard.npz"
+    odd.parent.mkdir()
+    np.savez_compressed(
+        odd,
+        id=np.arange(50, dtype=np.int64),
+        big=np.arange(100, dtype=">f8").reshape(50, 2),
+    )
+    cases = [
+        (decoder_ref("npz"), tmp_path / "npz" / "shard-00000.npz"),
+        (decoder_ref("npz"), odd),
+        (decoder_ref("csv"), tmp_path / "csv" / "part-000"),
+        (f"{__name__}:Doubled", tmp_path / "npz" / "shard-00000.npz"),
+    ]
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    try:
+        assert shm.buf is not None
+        for ref, path in cases:
+            schema = _load(ref).index(path).schema
+            stamp = shard_stat(path)
+            for start, count in [(0, 50), (7, 13), (49, 1)]:
+                expected = read_chunk(ref, path, stamp, start, count, schema)
+                size = read_chunk_into(shm.name, ref, path, stamp, start, count, schema)
+                assert bytes(shm.buf[:size]) == expected, (ref, path.name, start, count)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def _load(ref: str) -> Any:
+    from shardstream.server._decoders import load_decoder
+
+    return load_decoder(ref)
+
+
+class Doubled(NpzDecoderBase):
+    """A plug-in that transforms in `read`: its transform must not be bypassed."""
+
+    name = "doubled-test"
+
+    def read(self, path: Any, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        out = dict(super().read(path, start, count))
+        out["image"] = out["image"] * 2
+        return out
