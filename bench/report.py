@@ -32,7 +32,7 @@ def _fmt(values: list[float], fmt: str) -> str:
         fmt = "{:,.0f}"
     if fmt == "%":
         values = [v * 100 for v in values]
-        fmt = "{:.0f}%"
+        fmt = "{:.1f}%"
     med = fmt.format(statistics.median(values))
     if len(values) == 1:
         return med

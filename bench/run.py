@@ -78,6 +78,7 @@ class Config:
     torch_workers: tuple[int, ...] = (0, 2)
     zmq_procs: tuple[int, ...] = (2,)
     ss_api: str = "sync"  # shardstream client: "sync" (SyncLoader) or "async" (Loader)
+    loader_opts: tuple[tuple[str, Any], ...] = ()  # `--config "opt.KEY=VALUE"`: Loader options
 
     def data(self) -> DataSpec:
         per_shard = self.records_per_shard
@@ -100,6 +101,8 @@ class Config:
             text += f", step {self.step_ms:g} ms"
         if "shardstream" in self.systems and self.processes != 1:
             text += f", {self.processes} decoding processes per worker"
+        if self.loader_opts:
+            text += ", " + ", ".join(f"{k}={v}" for k, v in self.loader_opts)
         return text
 
 
@@ -356,7 +359,8 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
     ctx.run_index += 1
     tag = f"run{ctx.run_index:03d}"
     logs = ctx.logs
-    chunk_bytes = int(dict(args.loader_opt).get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    loader_opts = {**dict(args.loader_opt), **dict(cfg.loader_opts)}
+    chunk_bytes = int(loader_opts.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     chunk = chunk_records(data.record_bytes, cfg.batch_size, chunk_bytes)
     result: dict[str, Any] = {
         "config": cfg.label(),
@@ -393,7 +397,7 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
             spec = dict(base, rank=rank, world=inst.ranks)
             if inst.system == "shardstream":
                 spec.update(addresses=prod["addresses"], api=cfg.ss_api,
-                            loader_opts=dict(args.loader_opt))  # fmt: skip
+                            loader_opts=loader_opts)  # fmt: skip
             elif inst.system == "torch":
                 spec["num_workers"] = inst.workers
             elif inst.system == "zmq":
@@ -580,7 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a further configuration: overrides of the base one, e.g. "
         "'shape=224,224,3 dtype=uint8 systems=shardstream,torch workers=2'; "
         "repeatable. Keys: name shape dtype shards records_per_shard mb batch_size work "
-        "step_ms systems workers ranks processes torch_workers zmq_procs ss_api. The base "
+        "step_ms systems workers ranks processes torch_workers zmq_procs ss_api, and opt.NAME "
+        "for a Loader option (opt.reads_per_worker=8). The base "
         "config itself runs without --config, or with --base or --sweep",
     )
     r.add_argument("--base", action="store_true", help="run the base config also with --config")
@@ -674,6 +679,10 @@ def override(base: Config, text: str) -> Config:
             changes[key] = float(value)
         elif key in ("dtype", "name", "ss_api"):
             changes[key] = value
+        elif key.startswith("opt."):
+            opts = dict(changes.get("loader_opts", base.loader_opts))
+            opts[key[4:]] = _kv(f"x={value}")[1]
+            changes["loader_opts"] = tuple(sorted(opts.items()))
         else:
             raise SystemExit(f"--config: unknown key {key!r}")
     return replace(base, **changes)

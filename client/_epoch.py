@@ -24,7 +24,7 @@ import numpy as np
 from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import RankPlan, Read
-from shardstream.client._pool import WorkerPool
+from shardstream.client._pool import Conn, WorkerPool
 from shardstream.client._rebatch import Batch, Rebatcher
 from shardstream.client._reorder import ReorderBuffer
 from shardstream.client._wire import Piece, ShardDesc
@@ -102,6 +102,7 @@ class EpochIterator:
         self._emitted = 0
         self._ready = asyncio.Event()  # a fetch put data in the reorder buffer
         self._progress = asyncio.Event()  # the consumer freed a read slot
+        self._claims: dict[int, Conn] = {}  # read seq -> worker acquired for it, not yet used
         # Set by a consumer that counts its own waiting (SyncLoader's hand-off).
         self.external_wait = False
 
@@ -190,6 +191,25 @@ class EpochIterator:
             [r.count for r in reads], self._reads_ahead
         )
         rebatcher = Rebatcher(self.plan.batch_size, self._empty)
+        try:
+            await self._produce_in(buffer, rebatcher, reads)
+        finally:
+            # Workers chosen for reads whose task never started (the epoch ended first).
+            for conn in self._claims.values():
+                self._pool.release(conn)
+            self._claims.clear()
+        if self._emitted != self.plan.batches:
+            raise ProtocolError(
+                f"epoch {self.plan.epoch} produced {self._emitted} batches, "
+                f"the plan has {self.plan.batches}"
+            )
+
+    async def _produce_in(
+        self,
+        buffer: ReorderBuffer[Piece | Hole],
+        rebatcher: Rebatcher,
+        reads: tuple[Read, ...],
+    ) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._feed(tg, reads, buffer))
             ready: deque[Piece | Hole] = deque()  # released in plan order, not yet used
@@ -225,11 +245,6 @@ class EpochIterator:
             last = rebatcher.flush()
             if last is not None:
                 await self._emit([last])
-        if self._emitted != self.plan.batches:
-            raise ProtocolError(
-                f"epoch {self.plan.epoch} produced {self._emitted} batches, "
-                f"the plan has {self.plan.batches}"
-            )
 
     async def _emit(self, batches: list[Batch]) -> None:
         for batch in batches:
@@ -240,6 +255,7 @@ class EpochIterator:
         self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece | Hole]
     ) -> None:
         slots = asyncio.Semaphore(self._max_inflight)
+        loop = asyncio.get_running_loop()
 
         def put(seq: int, offset: int, piece: Piece | Hole) -> None:
             buffer.put(seq, offset, piece.count, piece)
@@ -254,6 +270,7 @@ class EpochIterator:
                     options=self._fetch_options,
                     put=put,
                     counters=self._fetch_counters,
+                    first=self._claims.pop(read.seq, None),
                 )
             finally:
                 slots.release()
@@ -263,6 +280,10 @@ class EpochIterator:
                 self._progress.clear()
                 await self._progress.wait()
             await slots.acquire()
+            # Reads start one at a time, in plan order, each on a worker running fewer than
+            # its share of reads: the data the consumer needs first is asked for first.
+            deadline = loop.time() + self._fetch_options.retry_deadline
+            self._claims[read.seq] = await self._pool.acquire(deadline, {}, within_share=True)
             tg.create_task(one(read))
 
 

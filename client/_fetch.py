@@ -73,111 +73,120 @@ async def fetch(
     options: FetchOptions,
     put: Callable[[int, int, Piece | Hole], None],
     counters: FetchCounters,
+    first: Conn | None = None,
 ) -> None:
-    """Stream `read` into `put(seq, offset, piece)` until every record arrived."""
+    """Stream `read` into `put(seq, offset, piece)` until every record arrived; the
+    first attempt goes to `first` if given (acquired from the pool by the caller)."""
     loop = asyncio.get_running_loop()
     received = 0
     attempts: dict[str, str] = {}
     deadline = loop.time() + options.retry_deadline
     end_of_read = read.start + read.count
     bad: set[int] = set()  # records (shard indices) to skip
-    while received < read.count:
-        position = read.start + received
-        if position in bad:
-            put(read.seq, received, Hole(position, 1))
-            received += 1
-            continue
-        wanted = min([b for b in bad if b > position], default=end_of_read) - position
-        conn = await pool.acquire(deadline, attempts)
-        request = encode_read(
-            dataset=options.dataset,
-            shard=shard.id,
-            start=position,
-            count=wanted,
-            seed=options.seed,
-            fingerprint=shard.fingerprint,
-            max_chunk_records=options.max_chunk_records,
-        )
-        call = conn.stub.read(request)
-        sent_here = 0
-        try:
-            end: End | None = None
-            while True:
-                async with asyncio.timeout(options.idle_timeout):
-                    msg = await call.read()
-                if msg is grpc.aio.EOF:
-                    break
-                try:
-                    item = _decode(msg, read.start + received, position + wanted)
-                except ProtocolError as exc:
-                    raise ProtocolError(
-                        str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
-                    ) from None
-                if isinstance(item, End):
-                    end = item
-                    break
-                put(read.seq, received, item)
-                received += item.count
-                sent_here += item.count
-                deadline = loop.time() + options.retry_deadline
-            if end is None:
-                raise _Cut("the stream ended without its end message")
-            if end.records_sent != sent_here:
-                raise ProtocolError(
-                    f"the end message counts {end.records_sent} records, {sent_here} arrived",
-                    worker=conn.address,
-                    dataset=options.dataset,
-                    shard=shard.id,
-                )
-            if end.draining:
-                pool.mark_down(conn, "draining", delay=options.retry_deadline)
-                counters.count(conn.address)
-                _journal(options, conn, shard, read.start + received, "draining")
-            elif sent_here != wanted:
-                raise ProtocolError(
-                    f"the stream ended complete after {sent_here} of {wanted} records",
-                    worker=conn.address,
-                    dataset=options.dataset,
-                    shard=shard.id,
-                )
+    try:
+        while received < read.count:
+            position = read.start + received
+            if position in bad:
+                put(read.seq, received, Hole(position, 1))
+                received += 1
+                continue
+            wanted = min([b for b in bad if b > position], default=end_of_read) - position
+            if first is not None:
+                conn, first = first, None
             else:
-                pool.mark_ok(conn)
-        except TimeoutError:
-            why = f"no data for {options.idle_timeout:g}s"
-            _give_up(pool, conn, attempts, why, counters)
-            _journal(options, conn, shard, read.start + received, why)
-            pool.suspect(conn)  # silent: maybe frozen; wait for its health service
-        except _Cut as exc:
-            _give_up(pool, conn, attempts, str(exc), counters)
-            _journal(options, conn, shard, read.start + received, str(exc))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE:
-                error = worker_error(exc, worker=conn.address, dataset=options.dataset)
-                record = error.record
-                if (
-                    options.on_error == "skip"
-                    and isinstance(error, DataLossError)
-                    and record is not None
-                    and read.start + received <= record < end_of_read
-                    and record not in bad
-                ):
-                    bad.add(record)
-                    counters.skipped += 1
-                    if options.journal is not None:
-                        options.journal({"kind": "skip", "shard": shard.id, "record": record})
-                    if (shard.id, record) not in counters.skipped_seen:
-                        counters.skipped_seen.add((shard.id, record))
-                        log.warning("skipping a bad record: %s", error)
-                    continue
-                raise error from None
-            why = f"{exc.code().name}: {exc.details()}"
-            _give_up(pool, conn, attempts, why, counters)
-            _journal(options, conn, shard, read.start + received, why)
-            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                pool.suspect(conn)
-        finally:
-            call.cancel()
-            pool.release(conn)
+                conn = await pool.acquire(deadline, attempts)
+            request = encode_read(
+                dataset=options.dataset,
+                shard=shard.id,
+                start=position,
+                count=wanted,
+                seed=options.seed,
+                fingerprint=shard.fingerprint,
+                max_chunk_records=options.max_chunk_records,
+            )
+            call = conn.stub.read(request)
+            sent_here = 0
+            try:
+                end: End | None = None
+                while True:
+                    async with asyncio.timeout(options.idle_timeout):
+                        msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        break
+                    try:
+                        item = _decode(msg, read.start + received, position + wanted)
+                    except ProtocolError as exc:
+                        raise ProtocolError(
+                            str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
+                        ) from None
+                    if isinstance(item, End):
+                        end = item
+                        break
+                    put(read.seq, received, item)
+                    received += item.count
+                    sent_here += item.count
+                    deadline = loop.time() + options.retry_deadline
+                if end is None:
+                    raise _Cut("the stream ended without its end message")
+                if end.records_sent != sent_here:
+                    raise ProtocolError(
+                        f"the end message counts {end.records_sent} records, {sent_here} arrived",
+                        worker=conn.address,
+                        dataset=options.dataset,
+                        shard=shard.id,
+                    )
+                if end.draining:
+                    pool.mark_down(conn, "draining", delay=options.retry_deadline)
+                    counters.count(conn.address)
+                    _journal(options, conn, shard, read.start + received, "draining")
+                elif sent_here != wanted:
+                    raise ProtocolError(
+                        f"the stream ended complete after {sent_here} of {wanted} records",
+                        worker=conn.address,
+                        dataset=options.dataset,
+                        shard=shard.id,
+                    )
+                else:
+                    pool.mark_ok(conn)
+            except TimeoutError:
+                why = f"no data for {options.idle_timeout:g}s"
+                _give_up(pool, conn, attempts, why, counters)
+                _journal(options, conn, shard, read.start + received, why)
+                pool.suspect(conn)  # silent: maybe frozen; wait for its health service
+            except _Cut as exc:
+                _give_up(pool, conn, attempts, str(exc), counters)
+                _journal(options, conn, shard, read.start + received, str(exc))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    error = worker_error(exc, worker=conn.address, dataset=options.dataset)
+                    record = error.record
+                    if (
+                        options.on_error == "skip"
+                        and isinstance(error, DataLossError)
+                        and record is not None
+                        and read.start + received <= record < end_of_read
+                        and record not in bad
+                    ):
+                        bad.add(record)
+                        counters.skipped += 1
+                        if options.journal is not None:
+                            options.journal({"kind": "skip", "shard": shard.id, "record": record})
+                        if (shard.id, record) not in counters.skipped_seen:
+                            counters.skipped_seen.add((shard.id, record))
+                            log.warning("skipping a bad record: %s", error)
+                        continue
+                    raise error from None
+                why = f"{exc.code().name}: {exc.details()}"
+                _give_up(pool, conn, attempts, why, counters)
+                _journal(options, conn, shard, read.start + received, why)
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    pool.suspect(conn)
+            finally:
+                call.cancel()
+                pool.release(conn)
+    finally:
+        if first is not None:  # never used (e.g. nothing left to read)
+            pool.release(first)
 
 
 class _Cut(Exception):

@@ -107,6 +107,7 @@ class Loader:
             describe_timeout=cfg.describe_timeout,
             security=cfg.security,
             resolve_interval=cfg.resolve_interval,
+            reads_per_worker=cfg.reads_per_worker,
         )
         try:
             self._desc = await self._pool.start()

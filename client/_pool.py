@@ -100,8 +100,10 @@ class WorkerPool:
         describe_timeout: float,
         security: ClientSecurity | None = None,
         resolve_interval: float = 30.0,
+        reads_per_worker: int = 4,
     ) -> None:
         self.dataset = dataset
+        self._reads_per_worker = reads_per_worker
         self.targets = tuple(targets)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -282,12 +284,28 @@ class WorkerPool:
         conn.verified = True
         return True
 
-    async def acquire(self, deadline: float, attempts: dict[str, str]) -> Conn:
-        """The best worker for a new read; waits out backoff until `deadline` (loop time)."""
+    async def acquire(
+        self, deadline: float, attempts: dict[str, str], *, within_share: bool = False
+    ) -> Conn:
+        """The best worker for a read; waits out backoff until `deadline` (loop time).
+
+        `within_share`: only a worker running fewer than `reads_per_worker` reads will
+        do; while every usable worker runs its share, wait (without a deadline: that is
+        no failure) for a read to end. New reads start this way, one at a time and in
+        plan order; a read resuming elsewhere takes the least busy worker at once."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            ready = [c for c in self.conns if not c.excluded and c.serving and c.down_until <= now]
+            usable = [c for c in self.conns if not c.excluded and c.serving and c.down_until <= now]
+            ready = usable
+            if within_share:
+                ready = [c for c in usable if c.outstanding < self._reads_per_worker]
+            if usable and not ready:
+                # Every usable worker runs its share of reads: wait for one to end (a stuck
+                # read ends by its own idle timeout).
+                self._changed.clear()
+                await self._changed.wait()
+                continue
             if ready:
                 conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
                 if not conn.verified and not await self._verify(conn):
@@ -314,6 +332,7 @@ class WorkerPool:
 
     def release(self, conn: Conn) -> None:
         conn.outstanding -= 1
+        self._changed.set()  # a read slot on this worker is free
 
     def mark_ok(self, conn: Conn) -> None:
         conn.failures = 0

@@ -60,9 +60,10 @@ async def test_sync_loader_raises_a_failure_after_the_batches_before_it(tmp_path
                 with pytest.raises(DataLossError) as info:
                     for batch in loader.epoch(0):
                         got += batch["id"].tolist()
+                batches = loader.statistics().batches
                 with pytest.raises(DataLossError):
                     list(loader.epoch(1))
-                return got, info.value, loader.statistics().batches
+                return got, info.value, batches
 
         got, err, batches = await asyncio.to_thread(run)
     # Whole batches in order, up to the chunk that holds the bad record 37 (batch 3 at

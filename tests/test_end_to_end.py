@@ -266,3 +266,37 @@ async def test_a_paused_consumer_bounds_the_reads_started(npz_root: Path) -> Non
         started = sum(loader.statistics().reads_by_worker.values())
         await epoch.aclose()
     assert started <= 1 + 4 + 2  # consumed + reads_ahead + the prefetched batch's slack
+
+
+@pytest.mark.parametrize("share", [1, 3])
+async def test_reads_start_in_plan_order_within_each_workers_share(
+    npz_root: Path, share: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New reads start in plan order and no worker runs more than `reads_per_worker` of
+    them, even with room for more in `max_inflight_reads`; the epoch stays exact."""
+    from shardstream.client import _epoch
+    from shardstream.client._pool import WorkerPool
+
+    started: list[int] = []
+    busiest = [0]
+    real_fetch, real_acquire = _epoch.fetch, WorkerPool.acquire
+
+    async def fetch(read: object, *args: object, **kw: object) -> None:
+        started.append(read.seq)  # type: ignore[attr-defined]
+        await real_fetch(read, *args, **kw)  # type: ignore[arg-type]
+
+    async def acquire(self: WorkerPool, *args: object, **kw: object) -> object:
+        conn = await real_acquire(self, *args, **kw)  # type: ignore[arg-type]
+        busiest[0] = max(busiest[0], conn.outstanding)
+        return conn
+
+    monkeypatch.setattr(_epoch, "fetch", fetch)
+    monkeypatch.setattr(WorkerPool, "acquire", acquire)
+    async with running_workers(npz_root, 2) as workers:
+        async with Loader([w.address for w in workers], dataset="train", batch_size=16,
+                          read_bytes=2048, max_inflight_reads=8, reads_per_worker=share) as loader:  # fmt: skip
+            ids = ids_of(await collect_epoch(loader, 0))
+            assert sum(loader._pool.in_flight().values()) == 0  # every slot given back
+    assert np.array_equal(np.sort(ids), np.arange(RECORDS))
+    assert len(started) > 8 and started == sorted(started)
+    assert busiest[0] == share
