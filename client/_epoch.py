@@ -256,6 +256,13 @@ class EpochIterator:
     ) -> None:
         slots = asyncio.Semaphore(self._max_inflight)
         loop = asyncio.get_running_loop()
+        done = [0]  # reads of this epoch completed
+
+        def share() -> int:
+            # Slow start: one read per worker at first, one more per completed read (up to
+            # `reads_per_worker`), so the first reads get the workers to themselves and
+            # the first batches are not held up by reads that are needed later.
+            return 1 + done[0]
 
         def put(seq: int, offset: int, piece: Piece | Hole) -> None:
             buffer.put(seq, offset, piece.count, piece)
@@ -272,6 +279,7 @@ class EpochIterator:
                     counters=self._fetch_counters,
                     first=self._claims.pop(read.seq, None),
                 )
+                done[0] += 1
             finally:
                 slots.release()
 
@@ -283,7 +291,7 @@ class EpochIterator:
             # Reads start one at a time, in plan order, each on a worker running fewer than
             # its share of reads: the data the consumer needs first is asked for first.
             deadline = loop.time() + self._fetch_options.retry_deadline
-            self._claims[read.seq] = await self._pool.acquire(deadline, {}, within_share=True)
+            self._claims[read.seq] = await self._pool.acquire(deadline, {}, share=share)
             tg.create_task(one(read))
 
 

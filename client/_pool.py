@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -285,21 +285,26 @@ class WorkerPool:
         return True
 
     async def acquire(
-        self, deadline: float, attempts: dict[str, str], *, within_share: bool = False
+        self,
+        deadline: float,
+        attempts: dict[str, str],
+        *,
+        share: Callable[[], int] | None = None,
     ) -> Conn:
         """The best worker for a read; waits out backoff until `deadline` (loop time).
 
-        `within_share`: only a worker running fewer than `reads_per_worker` reads will
-        do; while every usable worker runs its share, wait (without a deadline: that is
-        no failure) for a read to end. New reads start this way, one at a time and in
+        `share`: only a worker running fewer than `min(share(), reads_per_worker)` reads
+        will do; while every usable worker runs its share, wait (without a deadline: that
+        is no failure) for a read to end. New reads start this way, one at a time and in
         plan order; a read resuming elsewhere takes the least busy worker at once."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
             usable = [c for c in self.conns if not c.excluded and c.serving and c.down_until <= now]
             ready = usable
-            if within_share:
-                ready = [c for c in usable if c.outstanding < self._reads_per_worker]
+            if share is not None:
+                limit = min(share(), self._reads_per_worker)
+                ready = [c for c in usable if c.outstanding < limit]
             if usable and not ready:
                 # Every usable worker runs its share of reads: wait for one to end (a stuck
                 # read ends by its own idle timeout).
