@@ -8,9 +8,11 @@ returned to the kernel after every message. Measured on 2 cores (bench/README):
 shardstream 682 -> 857 MB/s, client 1.18 -> 0.90 CPU s/GB; low thresholds
 (1 MiB) made it worse (381 MB/s).
 
-Workers apply this at start-up; trainers can call `tune_malloc()` too. The
-environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, if set,
-win (glibc reads them at process start; this then does nothing).
+Workers apply this at start-up, and a client `Loader` on start unless
+`tune_malloc=False`; anyone can call `tune_malloc()`. The environment variables
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, if set, win (glibc reads them at
+process start; this then does nothing). The price: up to the trim threshold of
+freed heap stays with the process instead of going back to the kernel.
 """
 
 from __future__ import annotations
