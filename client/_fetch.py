@@ -104,7 +104,7 @@ async def fetch(
                 fingerprint=shard.fingerprint,
                 max_chunk_records=options.max_chunk_records,
             )
-            call = conn.stub.read(request)
+            call = conn.read_stub().read(request)
             sent_here = 0
             try:
                 end: End | None = None

@@ -108,6 +108,7 @@ class Loader:
             security=cfg.security,
             resolve_interval=cfg.resolve_interval,
             reads_per_worker=cfg.reads_per_worker,
+            connections_per_worker=cfg.connections_per_worker,
         )
         try:
             self._desc = await self._pool.start()

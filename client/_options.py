@@ -34,6 +34,10 @@ class LoaderConfig:
     # be at least its --processes; more streams only interleave on its connection and
     # hold more memory (bench, 1 worker: client RSS 124 MB with 2, 185 MB with 8).
     reads_per_worker: int = 4
+    # TCP connections to each worker; reads take them in turn. More than one lets the
+    # client receive on several connections at once (gRPC's I/O threads work without the
+    # GIL), where one connection's stream of messages is the limit.
+    connections_per_worker: int = 1
     reads_ahead: int = 16  # reads started but not consumed: bounds memory
     prefetch_batches: int = 4  # batches ready before the consumer asks
     chunk_bytes: int = 4 * MiB  # preferred bytes per streamed message (the worker caps it)
@@ -63,7 +67,7 @@ class LoaderConfig:
             raise ConfigError("dataset must be a non-empty name")
         for name in (
             "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_per_worker",
-            "reads_ahead",
+            "connections_per_worker", "reads_ahead",
             "prefetch_batches", "chunk_bytes", "max_message_bytes", "describe_timeout",
             "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
             "resolve_interval", "lag_warning_seconds",

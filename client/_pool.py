@@ -51,6 +51,19 @@ class Conn:
     verified: bool = False  # it described the dataset as the others do
     excluded: str = ""  # why it never gets reads (it disagrees on the dataset)
     assigned: int = field(default=0)  # reads ever given, for tie-breaking
+    # Further connections for reads (`connections_per_worker` > 1): reads take `stub` and
+    # these in turn, so their messages arrive on several TCP connections at once.
+    extra: list[tuple[grpc.aio.Channel, WorkerStub]] = field(default_factory=list)
+
+    def read_stub(self) -> WorkerStub:
+        """The stub of the connection the next read goes on (round robin)."""
+        if not self.extra:
+            return self.stub
+        turn = self.assigned % (len(self.extra) + 1)
+        return self.stub if turn == 0 else self.extra[turn - 1][1]
+
+    def channels(self) -> list[grpc.aio.Channel]:
+        return [self.channel, *(c for c, _ in self.extra)]
 
 
 def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
@@ -101,9 +114,11 @@ class WorkerPool:
         security: ClientSecurity | None = None,
         resolve_interval: float = 30.0,
         reads_per_worker: int = 4,
+        connections_per_worker: int = 1,
     ) -> None:
         self.dataset = dataset
         self._reads_per_worker = reads_per_worker
+        self._connections = connections_per_worker
         self.targets = tuple(targets)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -121,6 +136,9 @@ class WorkerPool:
     def _add(self, address: str) -> Conn:
         channel = secure_channel(address, self._channel_options, self._security)
         conn = Conn(address, channel, WorkerStub(channel, self._metadata), HealthWatch(channel))
+        for _ in range(self._connections - 1):  # each channel its own TCP connection
+            extra = secure_channel(address, self._channel_options, self._security)
+            conn.extra.append((extra, WorkerStub(extra, self._metadata)))
         self.conns.append(conn)
         return conn
 
@@ -356,4 +374,4 @@ class WorkerPool:
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(c.channel.close() for c in self.conns))
+        await asyncio.gather(*(ch.close() for c in self.conns for ch in c.channels()))

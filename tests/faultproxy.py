@@ -149,8 +149,7 @@ class FaultProxy:
         self._closing = True
         try:
             if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
+                self._server.close()  # stop accepting
             tasks = [c.task for c in self._conns if c.task is not None]
             for task in tasks:
                 task.cancel()
@@ -159,6 +158,10 @@ class FaultProxy:
                 conn.abort()
                 await conn.wait_closed()
             self._conns.clear()
+            if self._server is not None:
+                # Since Python 3.12.1 this waits for the server's connections to close,
+                # so only after they are.
+                await self._server.wait_closed()
         finally:
             self._closed.set()
 

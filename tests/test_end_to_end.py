@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -300,3 +302,28 @@ async def test_reads_start_in_plan_order_within_each_workers_share(
     assert np.array_equal(np.sort(ids), np.arange(RECORDS))
     assert len(started) > 8 and started == sorted(started)
     assert busiest[0] == share
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+async def test_reads_use_every_connection_to_a_worker(
+    npz_root: Path, connections: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`connections_per_worker=N` spreads reads over N TCP connections to each worker
+    (the worker sees N peer ports), and the epoch stays exact."""
+    from shardstream.server._servicer import WorkerServicer
+
+    peers: set[str] = set()
+    real_read = WorkerServicer.read
+
+    async def read(self: WorkerServicer, args: Any, context: Any) -> AsyncIterator[bytes]:
+        peers.add(context.peer())
+        async for message in real_read(self, args, context):
+            yield message
+
+    monkeypatch.setattr(WorkerServicer, "read", read)
+    async with running_workers(npz_root, 1) as workers:
+        async with Loader([workers[0].address], dataset="train", batch_size=16, read_bytes=2048,
+                          connections_per_worker=connections) as loader:  # fmt: skip
+            ids = ids_of(await collect_epoch(loader, 0))
+    assert np.array_equal(np.sort(ids), np.arange(RECORDS))
+    assert len(peers) == connections, peers

@@ -118,3 +118,46 @@ async def test_to_torch_and_iterable(npz_root: Path) -> None:
 
         n, id_sum = await asyncio.to_thread(run)
     assert n == N // 100 and id_sum == N * (N - 1) // 2
+
+
+def _cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs torch with a CUDA device")
+async def test_pinned_batches_reach_the_gpu_intact(npz_root: Path) -> None:
+    """With `pin_memory=True` every tensor is in page-locked memory, so the copy to the
+    GPU can be asynchronous; what arrives on the device equals the batch."""
+    import asyncio
+
+    import torch
+
+    from shardstream.client.torch import ShardstreamIterable
+
+    from conftest import RECORDS as N
+
+    with worker_processes(npz_root, 1) as (worker,):
+
+        def run() -> tuple[int, int, bool]:
+            data = ShardstreamIterable([worker.address], dataset="train", batch_size=100,
+                                       pin_memory=True)  # fmt: skip
+            pinned, ids, same = 0, 0, True
+            stream = torch.cuda.Stream()
+            try:
+                for batch in data:
+                    pinned += all(t.is_pinned() for t in batch.values())
+                    with torch.cuda.stream(stream):
+                        on_gpu = {k: t.to("cuda", non_blocking=True) for k, t in batch.items()}
+                    stream.synchronize()
+                    same &= all(torch.equal(on_gpu[k].cpu(), t) for k, t in batch.items())
+                    ids += int(on_gpu["id"].sum().item())
+            finally:
+                data.close()
+            return pinned, ids, same
+
+        pinned, id_sum, same = await asyncio.to_thread(run)
+    assert pinned == N // 100 and same and id_sum == N * (N - 1) // 2
