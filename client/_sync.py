@@ -10,6 +10,7 @@ background thread; iteration blocks the caller until the next batch is ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -45,6 +46,8 @@ class SyncLoader:
         self._loader = Loader(addresses, **options)  # validates options here, in the caller
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._handoffs: set[_Handoff] = set()  # of the epochs being iterated
+        self._closing = False
 
     @property
     def config(self) -> Any:
@@ -60,6 +63,7 @@ class SyncLoader:
     def open(self) -> None:
         if self._loop is not None:
             raise RuntimeError("the SyncLoader is already open")
+        self._closing = False
         loop = self._loop = _new_loop()
         self._thread = threading.Thread(
             target=loop.run_forever, name="shardstream-loader", daemon=True
@@ -76,8 +80,19 @@ class SyncLoader:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        self._closing = True
+        for handoff in list(self._handoffs):  # a loop in another thread must not wait forever
+            handoff.abort(RuntimeError("the SyncLoader was closed during the epoch"))
+        pumps = [h.pump for h in self._handoffs if h.pump is not None]
+
+        async def shut() -> None:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await self._loader.aclose()
+
         try:
-            asyncio.run_coroutine_threadsafe(self._loader.aclose(), loop).result()
+            asyncio.run_coroutine_threadsafe(shut(), loop).result()
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
@@ -134,7 +149,8 @@ class SyncLoader:
         async def start() -> tuple[EpochIterator, asyncio.Task[None]]:
             iterator = self._loader.epoch(epoch)
             iterator.external_wait = True  # the caller's own waiting is counted below
-            return iterator, asyncio.create_task(_pump(iterator, handoff))
+            handoff.pump = asyncio.create_task(_pump(iterator, handoff))
+            return iterator, handoff.pump
 
         async def stop(iterator: EpochIterator, task: asyncio.Task[None]) -> None:
             task.cancel()
@@ -142,6 +158,7 @@ class SyncLoader:
             await iterator.aclose()
 
         iterator, task = self._call(start())
+        self._handoffs.add(handoff)
         try:
             while True:
                 t0 = time.perf_counter()
@@ -154,7 +171,8 @@ class SyncLoader:
                 yield cast(Batch, item)
         finally:
             handoff.close()
-            if self._loop is not None:
+            self._handoffs.discard(handoff)
+            if self._loop is not None and not self._closing:
                 self._call(stop(iterator, task))
 
 
@@ -185,6 +203,7 @@ class _Handoff:
         self._space = asyncio.Event()  # used only on the loop's thread
         self._putter_waits = False
         self._closed = False
+        self.pump: asyncio.Task[None] | None = None  # the task filling it
 
     async def put(self, item: object) -> None:
         """Called on the loop's thread; waits while the queue is full."""
@@ -208,16 +227,29 @@ class _Handoff:
             item = self._items.popleft()
             wake, self._putter_waits = self._putter_waits, False
         if wake:
-            self._loop.call_soon_threadsafe(self._space.set)
+            self._wake_putter()
         return item
+
+    def _wake_putter(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._space.set)
+
+    def abort(self, error: BaseException) -> None:
+        """End the queue with `error` for the getter (called on any thread)."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._items.append(_Failure(error))
+            self._putter_waits = False  # its task is cancelled next
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._items.clear()
             wake = self._putter_waits
-        if wake and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._space.set)
+        if wake:
+            self._wake_putter()
 
 
 async def _pump(iterator: EpochIterator, handoff: _Handoff) -> None:

@@ -327,3 +327,42 @@ async def test_reads_use_every_connection_to_a_worker(
             ids = ids_of(await collect_epoch(loader, 0))
     assert np.array_equal(np.sort(ids), np.arange(RECORDS))
     assert len(peers) == connections, peers
+
+
+async def test_sync_loader_closed_during_an_epoch_ends_it_with_a_clear_error(
+    npz_root: Path,
+) -> None:
+    """Closing a SyncLoader while another thread is in the middle of an epoch: that
+    thread's next step raises instead of waiting forever for a batch."""
+    import threading
+
+    async with running_workers(npz_root, 1) as workers:
+
+        def run() -> tuple[int, BaseException | None]:
+            sync = SyncLoader([workers[0].address], dataset="train", batch_size=8)
+            sync.open()
+            first, closed = threading.Event(), threading.Event()
+            outcome: list[BaseException | None] = [None]
+            seen = [0]
+
+            def consume() -> None:
+                try:
+                    for _ in sync.epoch(0):
+                        seen[0] += 1
+                        first.set()
+                        closed.wait(30)
+                except BaseException as exc:  # what the training loop would see
+                    outcome[0] = exc
+
+            thread = threading.Thread(target=consume)
+            thread.start()
+            assert first.wait(30)
+            sync.close()
+            closed.set()
+            thread.join(30)
+            assert not thread.is_alive()
+            return seen[0], outcome[0]
+
+        seen, error = await asyncio.to_thread(run)
+    assert seen == 1
+    assert isinstance(error, RuntimeError) and "closed during the epoch" in str(error)
