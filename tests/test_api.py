@@ -106,3 +106,23 @@ def test_loader_tunes_malloc_by_default_so_big_buffers_reuse_memory() -> None:
     # (The first round faults in either case: ~4 x 1024.)
     assert untuned > 80 * 500, (tuned, untuned)
     assert tuned < 4 * 1024 + 80 * 50, (tuned, untuned)
+
+
+@pytest.mark.parametrize("package", ["shardstream.client", "shardstream.server"])
+def test_grpc_verbosity_defaults_to_error_before_grpc_is_imported(package: str) -> None:
+    """Importing shardstream sets GRPC_VERBOSITY=ERROR unless the user chose a level, and
+    before grpc is imported (the C core reads it then); the user's choice wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, os, {package}; print(os.environ.get('GRPC_VERBOSITY'), 'grpc' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=True)  # fmt: skip
+    assert run.stdout.split() == ["ERROR", "True"]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "GRPC_VERBOSITY": "DEBUG"}, timeout=60, check=True)  # fmt: skip
+    assert run.stdout.split() == ["DEBUG", "True"]
