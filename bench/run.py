@@ -284,13 +284,12 @@ def _die_with_parent() -> None:
 
 # `--malloc all`: every process of every system runs with the thresholds shardstream sets
 # for its own processes (server/_malloc.py), so the comparison is like for like.
-MALLOC_MODE = ["all"]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 
 
-def _env(work: int) -> dict[str, str]:
+def _env(work: int, malloc: str) -> dict[str, str]:
     env = dict(os.environ)
-    if MALLOC_MODE[0] == "all":
+    if malloc == "all":
         env.update(MALLOC_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["SHARDSTREAM_BENCH_WORK"] = str(work)
@@ -312,7 +311,7 @@ class Context:
 
 def start_producers(ctx: Context, cfg: Config, inst: Instance, root: Path) -> dict[str, Any]:
     """Producer processes of a run (started by this runner): their addresses and pids."""
-    env = _env(cfg.work)
+    env = _env(cfg.work, ctx.args.malloc)
     if inst.system == "shardstream":
         from shardstream.server._process import WorkerProcess
 
@@ -411,8 +410,8 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
             err = open(logs / f"{tag}-r{rank}.stderr", "w")  # noqa: SIM115 - closed below
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.consumer", str(spec_path)],
-                cwd=REPO, env=_env(cfg.work), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=err, text=True, preexec_fn=_die_with_parent,
+                cwd=REPO, env=_env(cfg.work, args.malloc), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
             ctx.procs.popens.append(proc)
             consumers.append((proc, Path(spec["result_out"]), Path(spec["ids_out"]), err))
@@ -690,7 +689,6 @@ def override(base: Config, text: str) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    MALLOC_MODE[0] = args.malloc
     configs = configs_from(args)
     notes = missing_optional()
     skipped = sorted({notes[s] for c in configs for s in c.systems if notes.get(s)})

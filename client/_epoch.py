@@ -49,16 +49,16 @@ class EpochCounters:
         self.max_reorder_depth = max(self.max_reorder_depth, other.max_reorder_depth)
 
 
-class _End:
+class End:
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class _Failure:
+class Failure:
     error: BaseException
 
 
-_END = _End()
+END = End()
 
 
 class EpochIterator:
@@ -92,7 +92,7 @@ class EpochIterator:
         # A shuffle window is delivered only once all its reads are in.
         widest = max((len(w.reads) for w in plan.windows if w.take is not None), default=1)
         self._reads_ahead = max(reads_ahead, widest)
-        self._queue: asyncio.Queue[Batch | _End | _Failure] = asyncio.Queue(prefetch_batches)
+        self._queue: asyncio.Queue[Batch | End | Failure] = asyncio.Queue(prefetch_batches)
         self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -122,11 +122,11 @@ class EpochIterator:
         item = await self._next_item()
         if not self.external_wait:
             self.counters.wait_seconds += time.perf_counter() - t0
-        if isinstance(item, _End):
+        if isinstance(item, End):
             self._finished = self.completed = True
             self._close_ledger()
             raise StopAsyncIteration
-        if isinstance(item, _Failure):
+        if isinstance(item, Failure):
             self._finished = True
             self._close_ledger()
             raise item.error
@@ -138,7 +138,7 @@ class EpochIterator:
         c.bytes += sum(a.nbytes for a in item.values())
         return item
 
-    async def _next_item(self) -> Batch | _End | _Failure:
+    async def _next_item(self) -> Batch | End | Failure:
         """The next queue item; while none comes, a warning every `lag_warning` seconds."""
         if not self._queue.empty():
             return self._queue.get_nowait()
@@ -179,11 +179,11 @@ class EpochIterator:
         except asyncio.CancelledError:
             raise
         except BaseExceptionGroup as group:
-            await self._queue.put(_Failure(_first_error(group)))
+            await self._queue.put(Failure(_first_error(group)))
         except Exception as exc:
-            await self._queue.put(_Failure(exc))
+            await self._queue.put(Failure(exc))
         else:
-            await self._queue.put(_END)
+            await self._queue.put(END)
 
     async def _produce(self) -> None:
         reads = self.plan.reads

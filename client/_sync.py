@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from shardstream.client._epoch import EpochIterator
+from shardstream.client._epoch import END, EpochIterator, Failure
 from shardstream.client._loader import Loader
 from shardstream.client._options import LoaderStatistics
 from shardstream.client._planner import RankPlan
@@ -164,9 +164,9 @@ class SyncLoader:
                 t0 = time.perf_counter()
                 item = handoff.get()
                 iterator.counters.wait_seconds += time.perf_counter() - t0
-                if item is _END:
+                if item is END:
                     return
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.error
                 yield cast(Batch, item)
         finally:
@@ -178,18 +178,6 @@ class SyncLoader:
 
 # Batches a SyncLoader holds ready in the caller's thread, beyond `prefetch_batches`.
 HANDOFF_BATCHES = 2
-
-
-class _End:
-    pass
-
-
-_END = _End()
-
-
-class _Failure:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 class _Handoff:
@@ -239,7 +227,7 @@ class _Handoff:
         with self._cond:
             self._closed = True
             self._items.clear()
-            self._items.append(_Failure(error))
+            self._items.append(Failure(error))
             self._putter_waits = False  # its task is cancelled next
             self._cond.notify()
 
@@ -259,8 +247,8 @@ async def _pump(iterator: EpochIterator, handoff: _Handoff) -> None:
     except asyncio.CancelledError:
         raise
     except BaseException as exc:  # handed to the caller, who raises it
-        await handoff.put(_Failure(exc))
+        await handoff.put(Failure(exc))
         if not isinstance(exc, Exception):
             raise
     else:
-        await handoff.put(_END)
+        await handoff.put(END)

@@ -102,8 +102,6 @@ class Decoder(abc.ABC):
         of the message being built. This default calls `read`, checks its arrays against
         the schema and copies them; a format that can write in place overrides it (npz:
         straight from the file into the message)."""
-        from shardstream.server._tasks import check_arrays  # the worker's own check
-
         arrays = self.read(path, start, count)
         check_arrays(arrays, schema, start, count)
         for name, target in out.items():
@@ -185,3 +183,34 @@ def format_for_path(path: str) -> str:
 def _load_builtin() -> None:
     # The built-in formats register themselves on import.
     from shardstream.server import _csv, _npz, _parquet, _wds  # noqa: F401
+
+
+def check_arrays(
+    arrays: Mapping[str, np.ndarray[Any, Any]],
+    schema: tuple[FieldSpec, ...],
+    start: int,
+    count: int,
+) -> None:
+    """Refuse decoded arrays that do not match the dataset's schema."""
+    names = [f.name for f in schema]
+    if sorted(arrays) != sorted(names):
+        raise DecodeError(
+            f"decoded fields {sorted(arrays)} differ from the schema's {sorted(names)}",
+            record=start,
+        )
+    for spec in schema:
+        a = arrays[spec.name]
+        if not isinstance(a, np.ndarray):
+            raise DecodeError(
+                f"field {spec.name!r}: decoder returned {type(a).__name__}", record=start
+            )
+        if a.dtype.name != spec.dtype:
+            raise DecodeError(
+                f"field {spec.name!r}: dtype {a.dtype.name}, schema says {spec.dtype}", record=start
+            )
+        if a.shape != (count, *spec.shape):
+            bad = start + min(len(a), count) if a.ndim and len(a) != count else start
+            raise DecodeError(
+                f"field {spec.name!r}: shape {a.shape}, expected {(count, *spec.shape)}",
+                record=bad,
+            )

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shardstream.server._decoders import DecodeError, Decoder, load_decoder
+from shardstream.server._decoders import Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
 from shardstream.server._malloc import tune_malloc
 from shardstream.server._shm import attach
@@ -136,34 +136,3 @@ def check_unchanged(path: ShardPath, stamp: Stamp) -> None:
         raise ShardChanged(
             f"the shard changed since it was indexed ({what}); restart the worker to index it again"
         )
-
-
-def check_arrays(
-    arrays: Mapping[str, np.ndarray[Any, Any]],
-    schema: tuple[FieldSpec, ...],
-    start: int,
-    count: int,
-) -> None:
-    """Refuse decoded arrays that do not match the dataset's schema."""
-    names = [f.name for f in schema]
-    if sorted(arrays) != sorted(names):
-        raise DecodeError(
-            f"decoded fields {sorted(arrays)} differ from the schema's {sorted(names)}",
-            record=start,
-        )
-    for spec in schema:
-        a = arrays[spec.name]
-        if not isinstance(a, np.ndarray):
-            raise DecodeError(
-                f"field {spec.name!r}: decoder returned {type(a).__name__}", record=start
-            )
-        if a.dtype.name != spec.dtype:
-            raise DecodeError(
-                f"field {spec.name!r}: dtype {a.dtype.name}, schema says {spec.dtype}", record=start
-            )
-        if a.shape != (count, *spec.shape):
-            bad = start + min(len(a), count) if a.ndim and len(a) != count else start
-            raise DecodeError(
-                f"field {spec.name!r}: shape {a.shape}, expected {(count, *spec.shape)}",
-                record=bad,
-            )
