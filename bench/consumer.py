@@ -165,8 +165,8 @@ def run_shardstream(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
             extra["resumes"] = loader.statistics().resumes
         return extra
 
+    from shardstream._common import run_async
     from shardstream.client import Loader
-    from shardstream.server.cli import run_async
 
     async def main() -> int:
         go_wait()
@@ -304,7 +304,7 @@ def run_grpc_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     import grpc
 
     from bench.producers import GRPC_METHOD, GRPC_OPTIONS, REQUEST
-    from shardstream.server.cli import run_async
+    from shardstream._common import run_async
 
     record_bytes = spec["record_bytes"]
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
 
-@pytest.mark.parametrize("package", ["shardstream.client", "shardstream.server"])
+@pytest.mark.parametrize(
+    "package", ["shardstream.client", "shardstream.server", "shardstream._common"]
+)
 def test_all_is_sorted_and_importable(package: str) -> None:
     module = importlib.import_module(package)
     names = module.__all__
@@ -15,6 +19,25 @@ def test_all_is_sorted_and_importable(package: str) -> None:
     assert len(set(names)) == len(names)
     for name in names:
         assert getattr(module, name) is not None, name
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("shardstream.client", "shardstream.server"), ("shardstream.server", "shardstream.client")],
+)
+def test_the_client_and_the_worker_do_not_import_each_other(package: str, forbidden: str) -> None:
+    """Each side loads only itself, `shardstream._common` and the wire (`shardstream.v1`);
+    checked in a fresh interpreter, where nothing else has been imported yet."""
+    code = (
+        f"import sys, {package}\n"
+        f"print(*sorted(m for m in sys.modules if m.startswith('shardstream.')), sep='\\n')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert package in loaded
+    assert [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")] == []
+    sides = {m.split(".")[1] for m in loaded}
+    assert sides <= {package.split(".")[1], "_common", "v1"}
 
 
 def test_public_names() -> None:

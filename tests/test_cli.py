@@ -14,7 +14,7 @@ from conftest import RECORDS, SHARDS, worker_processes
 
 def shardstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shardstream.client.cli", *args],
+        [sys.executable, "-m", "shardstream.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

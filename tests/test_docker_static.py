@@ -147,7 +147,7 @@ def test_dockerfile_structure() -> None:
 
     env = _env_of(runtime)
     assert env["PYTHONUNBUFFERED"] == "1"
-    from shardstream.server._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+    from shardstream._common.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(MMAP_THRESHOLD)  # what the worker sets itself
     assert env["MALLOC_TRIM_THRESHOLD_"] == str(TRIM_THRESHOLD)

@@ -276,12 +276,12 @@ async def test_reads_start_in_plan_order_within_each_workers_share(
 ) -> None:
     """New reads start in plan order and no worker runs more than `reads_per_worker` of
     them, even with room for more in `max_inflight_reads`; the epoch stays exact."""
-    from shardstream.client import _epoch
+    from shardstream.client import _pipeline
     from shardstream.client._pool import WorkerPool
 
     started: list[int] = []
     busiest = [0]
-    real_fetch, real_acquire = _epoch.fetch, WorkerPool.acquire
+    real_fetch, real_acquire = _pipeline.fetch, WorkerPool.acquire
 
     async def fetch(read: object, *args: object, **kw: object) -> None:
         started.append(read.seq)  # type: ignore[attr-defined]
@@ -292,7 +292,7 @@ async def test_reads_start_in_plan_order_within_each_workers_share(
         busiest[0] = max(busiest[0], conn.outstanding)
         return conn
 
-    monkeypatch.setattr(_epoch, "fetch", fetch)
+    monkeypatch.setattr(_pipeline, "fetch", fetch)
     monkeypatch.setattr(WorkerPool, "acquire", acquire)
     async with running_workers(npz_root, 2) as workers:
         async with Loader([w.address for w in workers], dataset="train", batch_size=16,

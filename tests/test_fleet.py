@@ -38,7 +38,7 @@ def make_compose_dataset(root: Path) -> int:
     args = re.search(r"shardstream make-dataset /data (.*?);", command)
     assert args, command
     r = subprocess.run(
-        [sys.executable, "-m", "shardstream.client.cli", "make-dataset", str(root),
+        [sys.executable, "-m", "shardstream.cli", "make-dataset", str(root),
          *args.group(1).split()],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shardstream.cli import main as shardstream_main
 from shardstream.client import Loader
-from shardstream.client.cli import main as shardstream_main
 from shardstream.client.errors import DataLossError, ShardChangedError
-from shardstream.server import DatasetSpec, WorkerConfig, _decoders, _tasks, make_dataset
+from shardstream.server import DatasetSpec, WorkerConfig, _decoders, _decoding, make_dataset
 from shardstream.server._catalog import CatalogError
 from shardstream.server._decoders import DecodeError, decoder_class, format_for_path
 from shardstream.server._files import glob_url, info_stamp
@@ -32,7 +32,7 @@ def wds_size(monkeypatch: pytest.MonkeyPatch) -> int:
     """Workers decode wds images to SIZE x SIZE (fresh decoder instances read the variable)."""
     pytest.importorskip("PIL", reason="the wds format needs Pillow (shardstream[wds])")
     monkeypatch.setenv("SHARDSTREAM_WDS_SIZE", str(SIZE))
-    monkeypatch.setattr(_tasks, "_decoders", {})
+    monkeypatch.setattr(_decoding, "_decoders", {})
     return SIZE
 
 

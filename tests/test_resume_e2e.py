@@ -135,7 +135,7 @@ async def test_ledger_audit_passes_through_a_worker_kill_and_flags_a_doctored_le
 ) -> None:
     import asyncio
 
-    from shardstream.client.cli import main as cli
+    from shardstream.cli import main as cli
     from shardstream.server import make_dataset
 
     ledger = tmp_path / "ledger"

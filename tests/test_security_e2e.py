@@ -73,7 +73,7 @@ async def test_mtls_and_token_end_to_end(npz_root: Path, certs: Certs, token_fil
             # In a thread: the workers run on this test's event loop.
             return await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "shardstream.client.cli", "health", addresses[0],
+                [sys.executable, "-m", "shardstream.cli", "health", addresses[0],
                  "--timeout", "5", *extra],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
@@ -95,7 +95,7 @@ async def test_token_without_tls_and_inspect(npz_root: Path, token_file: Path) -
 
         async def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "shardstream.client.cli", *args],
+                subprocess.run, [sys.executable, "-m", "shardstream.cli", *args],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
 

@@ -159,8 +159,8 @@ def test_chunks_decoded_into_a_buffer_equal_the_plain_path(tmp_path: Path) -> No
 
     from shardstream.server import make_dataset
     from shardstream.server._decoders import decoder_ref
+    from shardstream.server._decoding import read_chunk, read_chunk_into
     from shardstream.server._files import shard_stat
-    from shardstream.server._tasks import read_chunk, read_chunk_into
 
     make_dataset(tmp_path / "npz", shards=1, records=50, shape=(4, 4, 3))
     make_dataset(tmp_path / "csv", shards=1, records=50, shape=(3,), format="csv")

@@ -7,14 +7,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shardstream._common import run_async
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
 from shardstream.client.errors import ShardstreamError
 
 
 def _health(args: argparse.Namespace) -> int:
-    from shardstream.server.cli import run_async
-
     result: list[tuple[bool, str]] = []
 
     async def probe() -> int:
@@ -37,8 +36,6 @@ def _health(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import grpc
-
-    from shardstream.server.cli import run_async
 
     security = _security(args)
 
@@ -69,7 +66,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _consume(args: argparse.Namespace) -> int:
     from shardstream.client._consume import consume
-    from shardstream.server.cli import run_async
 
     options = {
         "dataset": args.dataset, "batch_size": args.batch_size, "rank": args.rank,
@@ -84,7 +80,7 @@ def _consume(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shardstream.client._demo import DemoOptions, run_demo
+    from shardstream._demo import DemoOptions, run_demo
 
     return run_demo(
         DemoOptions(

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from shardstream._common.malloc import tune_malloc
 from shardstream.server._decoders import Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
-from shardstream.server._malloc import tune_malloc
 from shardstream.server._shm import attach
 from shardstream.server._wire import encode_chunk, layout_chunk_into
 from shardstream.v1.codec import FieldSpec

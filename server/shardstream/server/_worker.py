@@ -24,11 +24,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import register_plugins
+from shardstream.server._decoding import process_init, process_ready
 from shardstream.server._files import ShardPath
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._tasks import process_init, process_ready
 from shardstream.server._wire import SERVICE, service_handler
 
 log = logging.getLogger("shardstream.worker")

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from shardstream.client._epoch import EpochCounters, EpochIterator
+from shardstream._common.malloc import tune_malloc
 from shardstream.client._fetch import FetchCounters, FetchOptions
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._options import LoaderConfig, LoaderStatistics
+from shardstream.client._pipeline import EpochCounters, EpochIterator
 from shardstream.client._planner import RankPlan
 from shardstream.client._pool import WorkerPool
 from shardstream.client._ranks import discover
@@ -24,7 +25,6 @@ from shardstream.client._resume import Interruption, resume_plan
 from shardstream.client._state import PLAN_KEYS, LoaderState
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
-from shardstream.server._malloc import tune_malloc
 from shardstream.v1.codec import FieldSpec, record_bytes
 
 log = logging.getLogger("shardstream.client")

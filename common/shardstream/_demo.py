@@ -84,9 +84,9 @@ async def _stream(addresses: list[str], opts: DemoOptions, out: list[str]) -> in
 
 
 def run_demo(opts: DemoOptions) -> int:
+    from shardstream._common import run_async
     from shardstream.server import make_dataset
     from shardstream.server._process import WorkerProcess
-    from shardstream.server.cli import run_async
 
     with tempfile.TemporaryDirectory(prefix="shardstream-demo-") as tmp, ExitStack() as stack:
         root = Path(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 # One reader for PEM and token files on both sides, with the same precise errors.
-from shardstream.server._security import read_pem, read_token_file
+from shardstream._common.pem import read_pem, read_token_file
 
 __all__ = ["ClientSecurity", "call_metadata", "secure_channel"]
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from shardstream._common.pem import read_pem, read_token_file
+
 log = logging.getLogger("shardstream.worker")
 
 __all__ = ["BearerTokenInterceptor", "LoadedServerSecurity", "ServerSecurity"]
@@ -99,46 +101,6 @@ class LoadedServerSecurity:
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors for `grpc.aio.server(interceptors=...)`; empty without a token."""
         return [] if self.token is None else [BearerTokenInterceptor(self.token)]
-
-
-def read_pem(path: Path, what: str) -> bytes:
-    """The bytes of a PEM file, or a ValueError naming the file and what is wrong."""
-    data = _read_bytes(path, what)
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not PEM: expected a '-----BEGIN ...' block")
-    return data
-
-
-def read_token_file(path: Path) -> str:
-    """The token in `path`, surrounding whitespace stripped; refuses an empty or odd token."""
-    what = "auth token file (auth_token_file)"
-    try:
-        token = _read_bytes(path, what).decode("ascii").strip()
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{what} {path} holds non-ASCII bytes: a bearer token must be printable ASCII"
-        ) from exc
-    if not token:
-        raise ValueError(f"{what} {path} is empty: write the token into it")
-    if not all("!" <= c <= "~" for c in token):
-        raise ValueError(
-            f"{what} {path}: the token must be printable ASCII without spaces or line breaks"
-        )
-    return token
-
-
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ValueError(f"{what} {path} does not exist: check the path") from exc
-    except OSError as exc:
-        raise ValueError(
-            f"{what} {path} cannot be read ({exc.strerror or exc}): check its permissions"
-        ) from exc
-    if not data.strip():
-        raise ValueError(f"{what} {path} is empty")
-    return data
 
 
 def _digest(value: bytes) -> bytes:

@@ -18,9 +18,9 @@ import grpc
 from shardstream.server._catalog import Catalog, Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import DecodeError
+from shardstream.server._decoding import ShardChanged, read_chunk, read_chunk_into
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._tasks import ShardChanged, read_chunk, read_chunk_into
 from shardstream.server._wire import CHUNK_OVERHEAD, ReadArgs, encode_end
 
 log = logging.getLogger("shardstream.worker")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shardstream.server._config import DatasetSpec
 from shardstream.server._decoders import DecodeError, ShardMeta, decoder_ref, format_for_path
+from shardstream.server._decoding import decoder
 from shardstream.server._files import (
     ShardPath,
     Stamp,
@@ -25,7 +26,6 @@ from shardstream.server._files import (
     shard_stat,
     url_root,
 )
-from shardstream.server._tasks import decoder
 from shardstream.v1.codec import FieldSpec, record_bytes
 
 __all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "fingerprint_file"]

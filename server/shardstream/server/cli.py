@@ -12,13 +12,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from shardstream._common import run_async, tune_malloc
 from shardstream.server._catalog import CatalogError
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
-from shardstream.server._malloc import tune_malloc
 from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import FORMATS, make_dataset
 from shardstream.server._worker import Worker
@@ -151,18 +150,6 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
-
-
-def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run a coroutine on uvloop when it is installed."""
-    try:
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
 
 
 async def serve(config: WorkerConfig) -> int:

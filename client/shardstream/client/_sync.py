@@ -19,24 +19,15 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from shardstream.client._epoch import END, EpochIterator, Failure
+from shardstream._common import new_event_loop
 from shardstream.client._loader import Loader
 from shardstream.client._options import LoaderStatistics
+from shardstream.client._pipeline import END, EpochIterator, Failure
 from shardstream.client._planner import RankPlan
 from shardstream.client._rebatch import Batch
 from shardstream.v1.codec import FieldSpec
 
 T = TypeVar("T")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        loop = asyncio.new_event_loop()
-    return loop
 
 
 class SyncLoader:
@@ -64,7 +55,7 @@ class SyncLoader:
         if self._loop is not None:
             raise RuntimeError("the SyncLoader is already open")
         self._closing = False
-        loop = self._loop = _new_loop()
+        loop = self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=loop.run_forever, name="shardstream-loader", daemon=True
         )

@@ -1,0 +1,16 @@
+"""What the worker and the client both need, and nothing else.
+
+Neither `shardstream.server` nor `shardstream.client` imports the other; both
+import this package (and the wire contract, `shardstream.v1`). It holds:
+
+- `environment`: process-wide gRPC settings, applied by importing it before `grpc`;
+- `loops`: the event-loop factory (uvloop when installed) and `run_async`;
+- `malloc`: glibc malloc tuning for processes moving multi-MiB messages;
+- `pem`: readers for PEM and bearer-token files with precise errors.
+"""
+
+from shardstream._common.loops import new_event_loop, run_async
+from shardstream._common.malloc import tune_malloc
+from shardstream._common.pem import read_pem, read_token_file
+
+__all__ = ["new_event_loop", "read_pem", "read_token_file", "run_async", "tune_malloc"]
