@@ -281,7 +281,7 @@ async def test_reads_start_in_plan_order_within_each_workers_share(
 
     started: list[int] = []
     busiest = [0]
-    real_fetch, real_acquire = _pipeline.fetch, WorkerPool.acquire
+    real_fetch, real_acquire = _pipeline.fetch, WorkerPool._acquire
 
     async def fetch(read: object, *args: object, **kw: object) -> None:
         started.append(read.seq)  # type: ignore[attr-defined]
@@ -293,7 +293,7 @@ async def test_reads_start_in_plan_order_within_each_workers_share(
         return conn
 
     monkeypatch.setattr(_pipeline, "fetch", fetch)
-    monkeypatch.setattr(WorkerPool, "acquire", acquire)
+    monkeypatch.setattr(WorkerPool, "_acquire", acquire)
     async with running_workers(npz_root, 2) as workers:
         async with Loader([w.address for w in workers], dataset="train", batch_size=16,
                           read_bytes=2048, max_inflight_reads=8, reads_per_worker=share) as loader:  # fmt: skip

@@ -5,6 +5,10 @@ or is cut, or its worker drains or goes silent, the read goes on from the
 first record not yet received, on the best worker available. Records are
 handed to `put` in order, exactly once; a stream that was given up on is
 cancelled, so nothing it would still send is ever seen.
+
+Two parts: `_stream` runs one stream on one worker and says how it ended (an
+`Outcome`); `fetch` is the policy that decides what happens next (go on
+elsewhere, skip a bad record, or raise).
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
 from shardstream.client._wire import (
     RETRYABLE,
-    End,
     Piece,
     ShardDesc,
+    StreamEnd,
     decode_response,
     encode_read,
     worker_error,
 )
-from shardstream.client.errors import DataLossError, ProtocolError
+from shardstream.client.errors import DataLossError, ProtocolError, WorkerError
 
 log = logging.getLogger("shardstream.client")
 
@@ -65,6 +69,62 @@ class FetchCounters:
         self.retries_by_worker[address] = self.retries_by_worker.get(address, 0) + 1
 
 
+# How one stream ended ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Every record asked for arrived, and the end message says so."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """The worker ended the stream early at a record boundary: it is draining."""
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The stream failed in a way another worker may not: cut, silent or a transient status."""
+
+    why: str
+    # No new reads for the worker until its health service answers SERVING again: it
+    # went silent (maybe frozen) or failed; not for a cut stream or a full worker.
+    suspect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A status that retrying would not change (as a typed error)."""
+
+    error: WorkerError
+
+
+Outcome = Complete | Drained | Broken | Refused
+
+
+@dataclass
+class _Progress:
+    """Where a read stands: records received so far, and records to skip as bad."""
+
+    read: Read
+    shard: ShardDesc
+    received: int = 0
+    bad: set[int] = field(default_factory=set)  # shard indices
+
+    @property
+    def position(self) -> int:
+        return self.read.start + self.received
+
+    @property
+    def end(self) -> int:
+        return self.read.start + self.read.count
+
+    def wanted(self) -> int:
+        """Records to ask for from `position`: up to the next bad record or the end."""
+        nxt = min([b for b in self.bad if b > self.position], default=self.end)
+        return nxt - self.position
+
+
 async def fetch(
     read: Read,
     shard: ShardDesc,
@@ -73,124 +133,173 @@ async def fetch(
     options: FetchOptions,
     put: Callable[[int, int, Piece | Hole], None],
     counters: FetchCounters,
-    first: Conn | None = None,
+    share: Callable[[], int] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
-    """Stream `read` into `put(seq, offset, piece)` until every record arrived; the
-    first attempt goes to `first` if given (acquired from the pool by the caller)."""
+    """Stream `read` into `put(seq, offset, piece)` until every record arrived.
+
+    The first stream takes a worker within `share` (see `WorkerPool.lease`) and then
+    calls `started()`; streams that resume the read take the least busy worker."""
     loop = asyncio.get_running_loop()
-    received = 0
+    progress = _Progress(read, shard)
     attempts: dict[str, str] = {}
     deadline = loop.time() + options.retry_deadline
-    end_of_read = read.start + read.count
-    bad: set[int] = set()  # records (shard indices) to skip
+
+    def deliver(item: Piece) -> None:
+        nonlocal deadline
+        put(read.seq, progress.received, item)
+        progress.received += item.count
+        deadline = loop.time() + options.retry_deadline
+
+    while progress.received < read.count:
+        if progress.position in progress.bad:
+            put(read.seq, progress.received, Hole(progress.position, 1))
+            progress.received += 1
+            continue
+        async with pool.lease(deadline, attempts, share=share) as conn:
+            if started is not None:
+                started()
+            share = started = None
+            outcome = await _stream(conn, progress, options, deliver)
+        _decide(outcome, conn, progress, pool, options, counters, attempts)
+
+
+def _decide(
+    outcome: Outcome,
+    conn: Conn,
+    progress: _Progress,
+    pool: WorkerPool,
+    options: FetchOptions,
+    counters: FetchCounters,
+    attempts: dict[str, str],
+) -> None:
+    """What a stream's outcome means for the worker and the read (raises to fail it)."""
+    if isinstance(outcome, Complete):
+        pool.mark_ok(conn)
+    elif isinstance(outcome, Drained):
+        pool.mark_down(conn, "draining", delay=options.retry_deadline)
+        counters.count(conn.address)
+        _journal(options, conn, progress.shard, progress.position, "draining")
+    elif isinstance(outcome, Broken):
+        attempts[conn.address] = outcome.why
+        pool.mark_down(conn, outcome.why)
+        counters.count(conn.address)
+        _journal(options, conn, progress.shard, progress.position, outcome.why)
+        if outcome.suspect:
+            pool.suspect(conn)
+    elif not _skip(outcome.error, progress, options, counters):
+        raise outcome.error
+
+
+def _skip(
+    error: WorkerError,
+    progress: _Progress,
+    options: FetchOptions,
+    counters: FetchCounters,
+) -> bool:
+    """With on_error="skip", note a bad record of this read to be skipped; whether it was."""
+    record = error.record
+    if (
+        options.on_error != "skip"
+        or not isinstance(error, DataLossError)
+        or record is None
+        or not progress.position <= record < progress.end
+        or record in progress.bad
+    ):
+        return False
+    progress.bad.add(record)
+    counters.skipped += 1
+    shard_id = progress.shard.id
+    if options.journal is not None:
+        options.journal({"kind": "skip", "shard": shard_id, "record": record})
+    if (shard_id, record) not in counters.skipped_seen:
+        counters.skipped_seen.add((shard_id, record))
+        log.warning("skipping a bad record: %s", error)
+    return True
+
+
+async def _stream(
+    conn: Conn, progress: _Progress, options: FetchOptions, deliver: Callable[[Piece], None]
+) -> Outcome:
+    """One stream of the read's next records on `conn`: each chunk checked and delivered.
+
+    Raises `ProtocolError` for a message that breaks the wire contract."""
+    wanted = progress.wanted()
+    limit = progress.position + wanted
+    request = encode_read(
+        dataset=options.dataset,
+        shard=progress.shard.id,
+        start=progress.position,
+        count=wanted,
+        seed=options.seed,
+        fingerprint=progress.shard.fingerprint,
+        max_chunk_records=options.max_chunk_records,
+    )
+    call = conn.read_stub().read(request)
+    sent = 0
     try:
-        while received < read.count:
-            position = read.start + received
-            if position in bad:
-                put(read.seq, received, Hole(position, 1))
-                received += 1
-                continue
-            wanted = min([b for b in bad if b > position], default=end_of_read) - position
-            if first is not None:
-                conn, first = first, None
-            else:
-                conn = await pool.acquire(deadline, attempts)
-            request = encode_read(
-                dataset=options.dataset,
-                shard=shard.id,
-                start=position,
-                count=wanted,
-                seed=options.seed,
-                fingerprint=shard.fingerprint,
-                max_chunk_records=options.max_chunk_records,
-            )
-            call = conn.read_stub().read(request)
-            sent_here = 0
-            try:
-                end: End | None = None
-                while True:
-                    async with asyncio.timeout(options.idle_timeout):
-                        msg = await call.read()
-                    if msg is grpc.aio.EOF:
-                        break
-                    try:
-                        item = _decode(msg, read.start + received, position + wanted)
-                    except ProtocolError as exc:
-                        raise ProtocolError(
-                            str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
-                        ) from None
-                    if isinstance(item, End):
-                        end = item
-                        break
-                    put(read.seq, received, item)
-                    received += item.count
-                    sent_here += item.count
-                    deadline = loop.time() + options.retry_deadline
-                if end is None:
-                    raise _Cut("the stream ended without its end message")
-                if end.records_sent != sent_here:
-                    raise ProtocolError(
-                        f"the end message counts {end.records_sent} records, {sent_here} arrived",
-                        worker=conn.address,
-                        dataset=options.dataset,
-                        shard=shard.id,
-                    )
-                if end.draining:
-                    pool.mark_down(conn, "draining", delay=options.retry_deadline)
-                    counters.count(conn.address)
-                    _journal(options, conn, shard, read.start + received, "draining")
-                elif sent_here != wanted:
-                    raise ProtocolError(
-                        f"the stream ended complete after {sent_here} of {wanted} records",
-                        worker=conn.address,
-                        dataset=options.dataset,
-                        shard=shard.id,
-                    )
-                else:
-                    pool.mark_ok(conn)
-            except TimeoutError:
-                why = f"no data for {options.idle_timeout:g}s"
-                _give_up(pool, conn, attempts, why, counters)
-                _journal(options, conn, shard, read.start + received, why)
-                pool.suspect(conn)  # silent: maybe frozen; wait for its health service
-            except _Cut as exc:
-                _give_up(pool, conn, attempts, str(exc), counters)
-                _journal(options, conn, shard, read.start + received, str(exc))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    error = worker_error(exc, worker=conn.address, dataset=options.dataset)
-                    record = error.record
-                    if (
-                        options.on_error == "skip"
-                        and isinstance(error, DataLossError)
-                        and record is not None
-                        and read.start + received <= record < end_of_read
-                        and record not in bad
-                    ):
-                        bad.add(record)
-                        counters.skipped += 1
-                        if options.journal is not None:
-                            options.journal({"kind": "skip", "shard": shard.id, "record": record})
-                        if (shard.id, record) not in counters.skipped_seen:
-                            counters.skipped_seen.add((shard.id, record))
-                            log.warning("skipping a bad record: %s", error)
-                        continue
-                    raise error from None
-                why = f"{exc.code().name}: {exc.details()}"
-                _give_up(pool, conn, attempts, why, counters)
-                _journal(options, conn, shard, read.start + received, why)
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    pool.suspect(conn)
-            finally:
-                call.cancel()
-                pool.release(conn)
+        while True:
+            async with asyncio.timeout(options.idle_timeout):
+                msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return Broken("the stream ended without its end message")
+            item = _checked(msg, progress.position, limit, conn, options, progress.shard)
+            if isinstance(item, StreamEnd):
+                return _ending(item, sent, wanted, conn, options, progress.shard)
+            deliver(item)
+            sent += item.count
+    except TimeoutError:
+        return Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() not in RETRYABLE:
+            return Refused(worker_error(exc, worker=conn.address, dataset=options.dataset))
+        busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return Broken(f"{exc.code().name}: {exc.details()}", suspect=not busy)
     finally:
-        if first is not None:  # never used (e.g. nothing left to read)
-            pool.release(first)
+        call.cancel()
 
 
-class _Cut(Exception):
-    pass
+def _ending(
+    end: StreamEnd, sent: int, wanted: int, conn: Conn, options: FetchOptions, shard: ShardDesc
+) -> Outcome:
+    """The outcome an end message gives, checked against what arrived."""
+    if end.records_sent != sent:
+        raise ProtocolError(
+            f"the end message counts {end.records_sent} records, {sent} arrived",
+            worker=conn.address,
+            dataset=options.dataset,
+            shard=shard.id,
+        )
+    if end.draining:
+        return Drained()
+    if sent != wanted:
+        raise ProtocolError(
+            f"the stream ended complete after {sent} of {wanted} records",
+            worker=conn.address,
+            dataset=options.dataset,
+            shard=shard.id,
+        )
+    return Complete()
+
+
+def _checked(
+    msg: bytes, expected: int, limit: int, conn: Conn, options: FetchOptions, shard: ShardDesc
+) -> Piece | StreamEnd:
+    """A streamed message, checked to continue the read at `expected`, not past `limit`."""
+    try:
+        item = decode_response(msg)
+        if isinstance(item, Piece) and (
+            item.start != expected or item.count < 1 or item.start + item.count > limit
+        ):
+            raise ProtocolError(
+                f"chunk of records [{item.start}, {item.start + item.count}) does not continue "
+                f"the request at {expected} (up to {limit})"
+            )
+    except ProtocolError as exc:
+        raise ProtocolError(
+            str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
+        ) from None
+    return item
 
 
 def _journal(options: FetchOptions, conn: Conn, shard: ShardDesc, record: int, why: str) -> None:
@@ -199,24 +308,3 @@ def _journal(options: FetchOptions, conn: Conn, shard: ShardDesc, record: int, w
             {"kind": "resume", "worker": conn.address, "shard": shard.id, "record": record,
              "why": why}
         )  # fmt: skip
-
-
-def _give_up(
-    pool: WorkerPool, conn: Conn, attempts: dict[str, str], why: str, counters: FetchCounters
-) -> None:
-    attempts[conn.address] = why
-    pool.mark_down(conn, why)
-    counters.count(conn.address)
-
-
-def _decode(msg: bytes, expected: int, limit: int) -> Piece | End:
-    """A streamed message, checked to continue the read at `expected`, not past `limit`."""
-    item = decode_response(msg)
-    if isinstance(item, Piece) and (
-        item.start != expected or item.count < 1 or item.start + item.count > limit
-    ):
-        raise ProtocolError(
-            f"chunk of records [{item.start}, {item.start + item.count}) does not continue "
-            f"the request at {expected} (up to {limit})"
-        )
-    return item

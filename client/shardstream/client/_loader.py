@@ -9,20 +9,21 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from shardstream._common.malloc import tune_malloc
-from shardstream.client._fetch import FetchCounters, FetchOptions
+from shardstream.client._fetch import FetchCounters
 from shardstream.client._ledger import LedgerWriter
-from shardstream.client._options import LoaderConfig, LoaderStatistics
+from shardstream.client._options import LoaderConfig, LoaderOptions, LoaderStatistics
 from shardstream.client._pipeline import EpochCounters, EpochIterator
 from shardstream.client._planner import RankPlan
 from shardstream.client._pool import WorkerPool
 from shardstream.client._ranks import discover
 from shardstream.client._resume import Interruption, resume_plan
-from shardstream.client._state import PLAN_KEYS, LoaderState
+from shardstream.client._state import LoaderState
+from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
 from shardstream.v1.codec import FieldSpec, record_bytes
@@ -50,7 +51,7 @@ class Loader:
         *,
         state: Mapping[str, Any] | None = None,
         override_state_checks: bool = False,
-        **options: Any,
+        **options: Unpack[LoaderOptions],
     ) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
@@ -58,25 +59,26 @@ class Loader:
             raise ConfigError("at least one worker address is needed")
         if len(set(addresses)) != len(addresses):
             raise ConfigError(f"worker addresses must be distinct, got {list(addresses)}")
+        values: dict[str, Any] = dict(options)
         known = {f.name for f in fields(LoaderConfig)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
-        if options.get("rank") is None or options.get("world_size") is None:
+        if values.get("rank") is None or values.get("world_size") is None:
             try:
                 rank, world_size, source = discover()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            if options.get("rank") is None:
-                options["rank"] = rank
-            if options.get("world_size") is None:
-                options["world_size"] = world_size
-            log.info("rank %d of %d (from %s)", options["rank"], options["world_size"], source)
-        self.config = LoaderConfig(**options)
+            if values.get("rank") is None:
+                values["rank"] = rank
+            if values.get("world_size") is None:
+                values["world_size"] = world_size
+            log.info("rank %d of %d (from %s)", values["rank"], values["world_size"], source)
+        self.config = LoaderConfig(**values)
         self.addresses = tuple(addresses)
         self._pool: WorkerPool | None = None
         self._desc: DatasetDesc | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskScope("loader")  # epochs' pipelines, and epochs being stopped
         self._current: EpochIterator | None = None
         self._fetch_counters = FetchCounters()
         self._past = EpochCounters()  # epochs before the current one
@@ -98,19 +100,9 @@ class Loader:
         cfg = self.config
         if cfg.tune_malloc:
             tune_malloc()  # once per process is enough; repeating it is harmless
-        self._pool = WorkerPool(
-            self.addresses,
-            dataset=cfg.dataset,
-            channel_options=cfg.grpc_options(),
-            backoff_base=cfg.backoff_base,
-            backoff_cap=cfg.backoff_cap,
-            describe_timeout=cfg.describe_timeout,
-            security=cfg.security,
-            resolve_interval=cfg.resolve_interval,
-            reads_per_worker=cfg.reads_per_worker,
-            connections_per_worker=cfg.connections_per_worker,
-        )
+        self._pool = WorkerPool(self.addresses, cfg.pool_options())
         try:
+            await self._tasks.__aenter__()
             self._desc = await self._pool.start()
             if self._pending_state is not None:
                 self.load_state_dict(self._pending_state, override=self._override)
@@ -126,13 +118,13 @@ class Loader:
         if self._state == "closed":
             return
         self._state = "closed"
-        if self._current is not None:
-            await self._current.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pool is not None:
-            await self._pool.aclose()
+        try:
+            if self._current is not None:
+                await self._current.aclose()
+            await self._tasks.aclose()
+        finally:
+            if self._pool is not None:
+                await self._pool.aclose()
 
     async def __aenter__(self) -> Loader:
         await self.start()
@@ -205,7 +197,7 @@ class Loader:
                 epoch, batches, history = epoch + 1, 0, ()
         elif self._resume is not None:
             epoch, history = self._resume.epoch, self._resume.interruptions()
-        options = {k: getattr(cfg, k) for k in PLAN_KEYS}
+        options = cfg.plan_dict()
         return LoaderState(
             dataset=cfg.dataset,
             fingerprint=self.dataset.fingerprint,
@@ -225,7 +217,7 @@ class Loader:
         diffs = loaded.check(
             dataset=cfg.dataset,
             fingerprint=self.dataset.fingerprint,
-            options={k: getattr(cfg, k) for k in PLAN_KEYS},
+            options=cfg.plan_dict(),
         )
         if diffs and not override:
             raise StateMismatchError(
@@ -267,23 +259,14 @@ class Loader:
             plan,
             self.dataset.shards,
             pool=self._pool,
-            fetch_options=FetchOptions(
-                dataset=cfg.dataset,
-                seed=cfg.seed,
-                max_chunk_records=chunk,
-                idle_timeout=cfg.idle_timeout,
-                retry_deadline=cfg.retry_deadline,
-                on_error=cfg.on_error,
-                journal=None if ledger is None else ledger.event,
+            fetch_options=cfg.fetch_options(
+                max_chunk_records=chunk, journal=None if ledger is None else ledger.event
             ),
-            max_inflight=cfg.max_inflight_reads,
-            reads_ahead=cfg.reads_ahead,
-            prefetch_batches=cfg.prefetch_batches,
+            options=cfg.pipeline_options(),
             spawn=self._spawn,
             counters=self._fetch_counters,
             empty={f.name: np.empty((0, *f.shape), dtype=f.dtype) for f in self.schema},
             ledger=ledger,
-            lag_warning=cfg.lag_warning_seconds,
         )
         self._current = iterator
         return iterator
@@ -295,7 +278,7 @@ class Loader:
             "fingerprint": self.dataset.fingerprint,
             "shard_ids": [s.id for s in self.dataset.shards],
             "shard_records": [s.records for s in self.dataset.shards],
-            "options": {k: getattr(cfg, k) for k in PLAN_KEYS},
+            "options": cfg.plan_dict(),
             "epoch": plan.epoch,
             "world_size": plan.world_size,
             "rank": plan.rank,
@@ -304,10 +287,8 @@ class Loader:
         }
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        """Run a background task of this loader (in its TaskScope)."""
+        return self._tasks.spawn(coro)
 
     def statistics(self) -> LoaderStatistics:
         total = EpochCounters()

@@ -1,11 +1,14 @@
 """Loader options (`LoaderConfig`) and what a loader reports (`LoaderStatistics`)."""
 
-from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Required, TypedDict
 
+from shardstream.client._fetch import FetchOptions
+from shardstream.client._pipeline import PipelineOptions
 from shardstream.client._planner import PlanOptions, Remainder
+from shardstream.client._pool import PoolOptions
 from shardstream.client._security import ClientSecurity
 from shardstream.client.errors import ConfigError
 
@@ -88,6 +91,7 @@ class LoaderConfig:
             raise ConfigError(str(exc)) from None
 
     def plan_options(self) -> PlanOptions:
+        """The options that decide which batches this rank gets."""
         return PlanOptions(
             batch_size=self.batch_size,
             seed=self.seed,
@@ -95,6 +99,50 @@ class LoaderConfig:
             shuffle_window=self.shuffle_window,
             remainder=self.remainder,
             drop_last=self.drop_last,
+        )
+
+    def plan_dict(self) -> dict[str, Any]:
+        """`plan_options()` as a plain dict, as saved in states and ledgers."""
+        return asdict(self.plan_options())
+
+    def pool_options(self) -> PoolOptions:
+        """What the worker pool needs: connections, backoff, start-up, scheduling."""
+        return PoolOptions(
+            dataset=self.dataset,
+            channel_options=tuple(self.grpc_options()),
+            backoff_base=self.backoff_base,
+            backoff_cap=self.backoff_cap,
+            describe_timeout=self.describe_timeout,
+            security=self.security,
+            resolve_interval=self.resolve_interval,
+            reads_per_worker=self.reads_per_worker,
+            connections_per_worker=self.connections_per_worker,
+        )
+
+    def fetch_options(
+        self,
+        *,
+        max_chunk_records: int,
+        journal: Callable[[dict[str, object]], None] | None = None,
+    ) -> FetchOptions:
+        """What each read needs: the request's fields, timeouts and the error policy."""
+        return FetchOptions(
+            dataset=self.dataset,
+            seed=self.seed,
+            max_chunk_records=max_chunk_records,
+            idle_timeout=self.idle_timeout,
+            retry_deadline=self.retry_deadline,
+            on_error=self.on_error,
+            journal=journal,
+        )
+
+    def pipeline_options(self) -> PipelineOptions:
+        """What an epoch's pipeline needs: its bounds."""
+        return PipelineOptions(
+            max_inflight_reads=self.max_inflight_reads,
+            reads_ahead=self.reads_ahead,
+            prefetch_batches=self.prefetch_batches,
+            lag_warning_seconds=self.lag_warning_seconds,
         )
 
     def grpc_options(self) -> list[tuple[str, int | str]]:
@@ -114,6 +162,44 @@ class LoaderConfig:
             ("grpc.max_reconnect_backoff_ms", int(self.backoff_cap * 1000)),
             *self.channel_options,
         ]
+
+
+class LoaderOptions(TypedDict, total=False):
+    """`Loader(addresses, **options)`'s keyword arguments, typed for editors and type
+    checkers: `LoaderConfig`'s fields (documented there), with `rank` and `world_size`
+    optional (None: discovered from Horovod, torch.distributed or the environment).
+    A test keeps the two in step."""
+
+    dataset: Required[str]
+    batch_size: Required[int]
+    rank: int | None
+    world_size: int | None
+    seed: int
+    shuffle: bool
+    shuffle_window: int
+    remainder: Remainder
+    drop_last: bool
+    on_error: Literal["raise", "skip"]
+    read_bytes: int
+    max_inflight_reads: int
+    reads_per_worker: int
+    connections_per_worker: int
+    reads_ahead: int
+    prefetch_batches: int
+    chunk_bytes: int
+    max_message_bytes: int
+    describe_timeout: float
+    idle_timeout: float
+    retry_deadline: float
+    backoff_base: float
+    backoff_cap: float
+    keepalive_seconds: float
+    ledger_dir: str | None
+    security: ClientSecurity | None
+    resolve_interval: float
+    lag_warning_seconds: float
+    channel_options: tuple[tuple[str, int | str], ...]
+    tune_malloc: bool
 
 
 @dataclass(frozen=True, slots=True)

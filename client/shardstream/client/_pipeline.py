@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +24,10 @@ import numpy as np
 from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import RankPlan, Read
-from shardstream.client._pool import Conn, WorkerPool
+from shardstream.client._pool import WorkerPool
 from shardstream.client._rebatch import Batch, Rebatcher
 from shardstream.client._reorder import ReorderBuffer
+from shardstream.client._tasks import first_error
 from shardstream.client._wire import Piece, ShardDesc
 from shardstream.client.errors import ProtocolError
 
@@ -49,16 +50,29 @@ class EpochCounters:
         self.max_reorder_depth = max(self.max_reorder_depth, other.max_reorder_depth)
 
 
-class End:
-    pass
+class EndOfEpoch:
+    """The last item of an epoch's batch queue (and of a SyncLoader's hand-off)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
+    """An error on its way down the batch queue, raised in the consumer."""
+
     error: BaseException
 
 
-END = End()
+END = EndOfEpoch()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineOptions:
+    """What an epoch's pipeline needs of the loader's options
+    (`LoaderConfig.pipeline_options()`)."""
+
+    max_inflight_reads: int  # read streams running at once
+    reads_ahead: int  # reads started but not consumed: bounds memory
+    prefetch_batches: int  # batches ready before the consumer asks
+    lag_warning_seconds: float = 10.0  # warn this often while no batch comes
 
 
 class EpochIterator:
@@ -71,28 +85,27 @@ class EpochIterator:
         *,
         pool: WorkerPool,
         fetch_options: FetchOptions,
-        max_inflight: int,
-        reads_ahead: int,
-        prefetch_batches: int,
-        spawn: Callable[[Any], asyncio.Task[None]],
+        options: PipelineOptions,
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         counters: FetchCounters,
         empty: Batch,
         ledger: LedgerWriter | None = None,
-        lag_warning: float = 10.0,
     ) -> None:
         self.plan = plan
         self._empty = empty
         self._ledger = ledger
-        self._lag_warning = lag_warning
+        self._lag_warning = options.lag_warning_seconds
         self._depth = 0  # chunks held in the reorder buffer now
         self._shards = shards
         self._pool = pool
         self._fetch_options = fetch_options
-        self._max_inflight = max_inflight
+        self._max_inflight = options.max_inflight_reads
         # A shuffle window is delivered only once all its reads are in.
         widest = max((len(w.reads) for w in plan.windows if w.take is not None), default=1)
-        self._reads_ahead = max(reads_ahead, widest)
-        self._queue: asyncio.Queue[Batch | End | Failure] = asyncio.Queue(prefetch_batches)
+        self._reads_ahead = max(options.reads_ahead, widest)
+        self._queue: asyncio.Queue[Batch | EndOfEpoch | Failure] = asyncio.Queue(
+            options.prefetch_batches
+        )
         self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -102,7 +115,6 @@ class EpochIterator:
         self._emitted = 0
         self._ready = asyncio.Event()  # a fetch put data in the reorder buffer
         self._progress = asyncio.Event()  # the consumer freed a read slot
-        self._claims: dict[int, Conn] = {}  # read seq -> worker acquired for it, not yet used
         # Set by a consumer that counts its own waiting (SyncLoader's hand-off).
         self.external_wait = False
 
@@ -122,7 +134,7 @@ class EpochIterator:
         item = await self._next_item()
         if not self.external_wait:
             self.counters.wait_seconds += time.perf_counter() - t0
-        if isinstance(item, End):
+        if isinstance(item, EndOfEpoch):
             self._finished = self.completed = True
             self._close_ledger()
             raise StopAsyncIteration
@@ -138,7 +150,7 @@ class EpochIterator:
         c.bytes += sum(a.nbytes for a in item.values())
         return item
 
-    async def _next_item(self) -> Batch | End | Failure:
+    async def _next_item(self) -> Batch | EndOfEpoch | Failure:
         """The next queue item; while none comes, a warning every `lag_warning` seconds."""
         if not self._queue.empty():
             return self._queue.get_nowait()
@@ -179,7 +191,7 @@ class EpochIterator:
         except asyncio.CancelledError:
             raise
         except BaseExceptionGroup as group:
-            await self._queue.put(Failure(_first_error(group)))
+            await self._queue.put(Failure(first_error(group)))
         except Exception as exc:
             await self._queue.put(Failure(exc))
         else:
@@ -191,13 +203,7 @@ class EpochIterator:
             [r.count for r in reads], self._reads_ahead
         )
         rebatcher = Rebatcher(self.plan.batch_size, self._empty)
-        try:
-            await self._produce_in(buffer, rebatcher, reads)
-        finally:
-            # Workers chosen for reads whose task never started (the epoch ended first).
-            for conn in self._claims.values():
-                self._pool.release(conn)
-            self._claims.clear()
+        await self._produce_in(buffer, rebatcher, reads)
         if self._emitted != self.plan.batches:
             raise ProtocolError(
                 f"epoch {self.plan.epoch} produced {self._emitted} batches, "
@@ -255,7 +261,6 @@ class EpochIterator:
         self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece | Hole]
     ) -> None:
         slots = asyncio.Semaphore(self._max_inflight)
-        loop = asyncio.get_running_loop()
         done = [0]  # reads of this epoch completed
 
         def share() -> int:
@@ -268,7 +273,7 @@ class EpochIterator:
             buffer.put(seq, offset, piece.count, piece)
             self._ready.set()
 
-        async def one(read: Read) -> None:
+        async def one(read: Read, started: asyncio.Event) -> None:
             try:
                 await fetch(
                     read,
@@ -277,10 +282,12 @@ class EpochIterator:
                     options=self._fetch_options,
                     put=put,
                     counters=self._fetch_counters,
-                    first=self._claims.pop(read.seq, None),
+                    share=share,
+                    started=started.set,
                 )
                 done[0] += 1
             finally:
+                started.set()
                 slots.release()
 
         for read in reads:
@@ -290,9 +297,9 @@ class EpochIterator:
             await slots.acquire()
             # Reads start one at a time, in plan order, each on a worker running fewer than
             # its share of reads: the data the consumer needs first is asked for first.
-            deadline = loop.time() + self._fetch_options.retry_deadline
-            self._claims[read.seq] = await self._pool.acquire(deadline, {}, share=share)
-            tg.create_task(one(read))
+            started = asyncio.Event()
+            tg.create_task(one(read, started))
+            await started.wait()
 
 
 def _shuffled(
@@ -310,12 +317,3 @@ def _shuffled(
     mask = valid[take]
     rows = row[take][mask]
     return rebatcher.push({k: v[rows] for k, v in arrays.items()}, mask)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group

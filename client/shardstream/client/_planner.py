@@ -31,8 +31,8 @@ Remainder = Literal["drop", "pad"]
 class PlanOptions:
     """Everything besides the dataset and the rank that decides a plan."""
 
-    batch_size: int
     seed: int = 0  # base of every permutation
+    batch_size: int
     shuffle: bool = False  # permute shard order per (seed, epoch)
     shuffle_window: int = 0  # >1: also shuffle records inside windows of this many records
     remainder: Remainder = "drop"  # records left when N % world_size != 0: drop, or pad by wrap

@@ -1,11 +1,18 @@
-"""Connections to the workers: health, agreement, least-outstanding choice, backoff.
+"""The workers of one loader, and which of them gets the next read.
 
-Each worker has a channel and a task that watches its health service. A
-worker gets new reads only while its last health report was SERVING, it is not
-in backoff after a failure, and it described the dataset as the others do.
-A worker that drains (NOT_SERVING) or dies is left alone; when it is back
-(SERVING again, e.g. restarted on the same port) it is described again before
-it gets reads, so a worker restarted with other data is never used.
+    pool = WorkerPool(targets, options)
+    desc = await pool.start()           # connect, agree on the dataset, start watching
+    async with pool.lease(deadline, attempts) as conn:
+        ...                             # one stream on `conn`; the slot is freed on exit
+    await pool.aclose()
+
+The jobs around it live in their own modules: what the client knows of a
+worker (`_workers`), start-up agreement and re-verification (`_agreement`),
+health watching (`_health`), DNS re-resolution (`_resolve`). The pool owns
+their background tasks (a `TaskScope`) and chooses: a worker gets a read
+while its last health report was SERVING, it is not in backoff after a
+failure, and it described the dataset as the others do; among those, the
+least busy.
 """
 
 from __future__ import annotations
@@ -14,348 +21,205 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
-import grpc
-
-from shardstream.client._resolve import DNS_PREFIX, resolve_all
+from shardstream.client._agreement import Describing, agree, verify
+from shardstream.client._health import suspect, watch_health
+from shardstream.client._resolve import DNS_PREFIX, follow_names, resolve_all
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
-from shardstream.client._wire import (
-    RETRYABLE,
-    DatasetDesc,
-    HealthWatch,
-    WorkerStub,
-    worker_error,
-)
-from shardstream.client.errors import DatasetMismatchError, WorkersUnavailableError
+from shardstream.client._tasks import TaskScope
+from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
+from shardstream.client._workers import Conn
+from shardstream.client.errors import WorkersUnavailableError
 
 log = logging.getLogger("shardstream.client")
 
-
-@dataclass(eq=False)
-class Conn:
-    """One worker address and what the client knows of it."""
-
-    address: str
-    channel: grpc.aio.Channel
-    stub: WorkerStub
-    health: HealthWatch
-    serving: bool = True  # last health report (assumed until the first one)
-    watch_call: grpc.aio.UnaryStreamCall | None = None
-    rewatch: bool = False  # the watch call was cancelled to ask again
-    outstanding: int = 0  # reads running on it
-    failures: int = 0  # consecutive failures, for backoff
-    down_until: float = 0.0  # loop time before which it gets no reads
-    last_error: str = ""
-    verified: bool = False  # it described the dataset as the others do
-    excluded: str = ""  # why it never gets reads (it disagrees on the dataset)
-    assigned: int = field(default=0)  # reads ever given, for tie-breaking
-    # Further connections for reads (`connections_per_worker` > 1): reads take `stub` and
-    # these in turn, so their messages arrive on several TCP connections at once.
-    extra: list[tuple[grpc.aio.Channel, WorkerStub]] = field(default_factory=list)
-
-    def read_stub(self) -> WorkerStub:
-        """The stub of the connection the next read goes on (round robin)."""
-        if not self.extra:
-            return self.stub
-        turn = self.assigned % (len(self.extra) + 1)
-        return self.stub if turn == 0 else self.extra[turn - 1][1]
-
-    def channels(self) -> list[grpc.aio.Channel]:
-        return [self.channel, *(c for c, _ in self.extra)]
+__all__ = ["Conn", "PoolOptions", "WorkerPool"]
 
 
-def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
-    """What differs between two descriptions, in a few words."""
-    if a.schema != b.schema:
-        return f"schema [{', '.join(map(str, a.schema))}] vs [{', '.join(map(str, b.schema))}]"
-    ids_a, ids_b = [s.id for s in a.shards], [s.id for s in b.shards]
-    if ids_a != ids_b:
-        only_a = sorted(set(ids_a) - set(ids_b))[:3]
-        only_b = sorted(set(ids_b) - set(ids_a))[:3]
-        return (
-            f"{len(ids_a)} vs {len(ids_b)} shards "
-            f"(only in the first: {only_a}, only in the second: {only_b})"
-        )
-    for sa, sb in zip(a.shards, b.shards, strict=True):
-        if sa.records != sb.records:
-            return f"shard {sa.id!r} has {sa.records} vs {sb.records} records"
-        if sa.fingerprint != sb.fingerprint:
-            return f"shard {sa.id!r} has fingerprint {sa.fingerprint} vs {sb.fingerprint}"
-    return f"fingerprint {a.fingerprint} vs {b.fingerprint}"
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolOptions:
+    """What the pool needs of the loader's options (`LoaderConfig.pool_options()`)."""
 
-
-_START_GRACE = 2.0  # seconds other workers get to answer once one has
-
-
-class _NotYet(Exception):
-    """A worker that had not answered when the start went on without it."""
-
-
-def _outcome(task: asyncio.Future[DatasetDesc]) -> DatasetDesc | BaseException:
-    if not task.done() or task.cancelled():
-        return _NotYet()
-    return task.exception() or task.result()
+    dataset: str
+    channel_options: tuple[tuple[str, int | str], ...]
+    backoff_base: float
+    backoff_cap: float
+    describe_timeout: float
+    security: ClientSecurity | None = None
+    resolve_interval: float = 30.0
+    reads_per_worker: int = 4
+    connections_per_worker: int = 1
 
 
 class WorkerPool:
     """Chooses a worker for each read: healthy, agreeing, least outstanding."""
 
-    def __init__(
-        self,
-        targets: Sequence[str],
-        *,
-        dataset: str,
-        channel_options: Sequence[tuple[str, int | str]],
-        backoff_base: float,
-        backoff_cap: float,
-        describe_timeout: float,
-        security: ClientSecurity | None = None,
-        resolve_interval: float = 30.0,
-        reads_per_worker: int = 4,
-        connections_per_worker: int = 1,
-    ) -> None:
-        self.dataset = dataset
-        self._reads_per_worker = reads_per_worker
-        self._connections = connections_per_worker
+    def __init__(self, targets: Sequence[str], options: PoolOptions) -> None:
         self.targets = tuple(targets)
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._describe_timeout = describe_timeout
-        self._resolve_interval = resolve_interval
-        self._channel_options = tuple(channel_options)
-        self._security = security
-        self._metadata = call_metadata(security)  # reads a token file once
+        self.options = options
+        self.dataset = options.dataset
+        self._describing = Describing(
+            dataset=options.dataset,
+            timeout=options.describe_timeout,
+            backoff_base=options.backoff_base,
+            backoff_cap=options.backoff_cap,
+        )
+        self._metadata = call_metadata(options.security)  # reads a token file once
         self.conns: list[Conn] = []
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
-        self._changed = asyncio.Event()  # a worker became available
-        self._watchers: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()  # a worker became available, or a slot free
+        self._scope = TaskScope("worker pool")
 
-    def _add(self, address: str) -> Conn:
-        channel = secure_channel(address, self._channel_options, self._security)
-        conn = Conn(address, channel, WorkerStub(channel, self._metadata), HealthWatch(channel))
-        for _ in range(self._connections - 1):  # each channel its own TCP connection
-            extra = secure_channel(address, self._channel_options, self._security)
-            conn.extra.append((extra, WorkerStub(extra, self._metadata)))
-        self.conns.append(conn)
-        return conn
+    # lifecycle -------------------------------------------------------------
 
     async def start(self) -> DatasetDesc:
         """Describe the dataset on every worker; refuse if those that answer disagree."""
+        await self._scope.__aenter__()
         addresses, unresolved = await resolve_all(self.targets)
         if not addresses:
             raise WorkersUnavailableError("no worker address could be resolved", unresolved)
         for address in addresses:
             self._add(address)
-        results = await self._describe_all()
-        answered: list[tuple[Conn, DatasetDesc]] = []
-        failed: dict[str, str] = {}
-        for conn, res in zip(self.conns, results, strict=True):
-            if isinstance(res, _NotYet):
-                failed[conn.address] = conn.last_error or "did not answer in time"
-                continue
-            if isinstance(res, grpc.aio.AioRpcError) and res.code() not in RETRYABLE:
-                raise worker_error(res, worker=conn.address, dataset=self.dataset)
-            if isinstance(res, grpc.aio.AioRpcError):
-                failed[conn.address] = f"{res.code().name}: {res.details()}"
-                conn.last_error = failed[conn.address]
-            elif isinstance(res, BaseException):
-                raise res
-            else:
-                answered.append((conn, res))
-        if not answered:
-            raise WorkersUnavailableError(
-                f"no worker described dataset {self.dataset!r} within {self._describe_timeout}s",
-                {**unresolved, **failed},
-            )
-        ref_conn, ref = answered[0]
-        for conn, desc in answered[1:]:
-            if desc.fingerprint != ref.fingerprint or desc.shards != ref.shards:
-                raise DatasetMismatchError(
-                    f"workers disagree on dataset {self.dataset!r}: {ref_conn.address} and "
-                    f"{conn.address} differ: {describe_difference(ref, desc)}"
-                )
-        for conn, _ in answered:
-            conn.verified = True
+        self.desc = await agree(self.conns, self._describing, unresolved)
         for conn in self.conns:
             conn.serving = conn.verified
-        for address, err in failed.items():
-            log.warning("worker %s did not answer at start (%s); will try it later", address, err)
-        self.desc = ref
-        loop = asyncio.get_running_loop()
-        self._watchers = [loop.create_task(self._watch(c)) for c in self.conns]
+            self._scope.spawn(self._watch(conn))
         if any(t.startswith(DNS_PREFIX) for t in self.targets):
-            self._watchers.append(loop.create_task(self._re_resolve()))
-        return ref
+            interval = self.options.resolve_interval
+            self._scope.spawn(follow_names(self.targets, interval, self._joined))
+        return self.desc
 
-    async def _describe_all(self) -> list[DatasetDesc | BaseException]:
-        """Every worker's description; once one has answered, the others get a short
-        grace (a down replica must not hold up the start; it is checked when it is back)."""
-        tasks = [asyncio.ensure_future(self._describe_patiently(c)) for c in self.conns]
+    async def aclose(self) -> None:
+        """Stop watching and close every channel (idempotent)."""
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            while pending and not any(t.exception() is None for t in done):
-                more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                done |= more
-            if pending:
-                await asyncio.wait(pending, timeout=_START_GRACE)
+            await self._scope.aclose()
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return [_outcome(t) for t in tasks]
+            channels = [ch for c in self.conns for ch in c.channels()]
+            await asyncio.gather(*(ch.close() for ch in channels))
 
-    async def _re_resolve(self) -> None:
-        """Add workers that a dns: name resolves to since the start."""
-        while True:
-            await asyncio.sleep(self._resolve_interval)
-            addresses, errors = await resolve_all(self.targets)
-            for target, error in errors.items():
-                log.warning("%s: %s", target, error)
-            known = {c.address for c in self.conns}
-            for address in addresses:
-                if address not in known:
-                    log.info("worker %s joined; checking it before it gets reads", address)
-                    conn = self._add(address)
-                    conn.serving = False
-                    self._watchers.append(asyncio.get_running_loop().create_task(self._watch(conn)))
+    async def __aenter__(self) -> WorkerPool:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
 
-    async def _describe_patiently(self, conn: Conn) -> DatasetDesc:
-        """Describe the dataset, retrying transient failures until `describe_timeout`; the
-        last failure keeps its reason (e.g. a TLS handshake error), which waiting for the
-        channel to be ready would hide behind DEADLINE_EXCEEDED."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._describe_timeout
-        delay = self._backoff_base
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                return await conn.stub.describe(
-                    self.dataset, timeout=max(0.1, remaining), wait_for_ready=False
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or loop.time() + delay >= deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._backoff_cap)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _add(self, address: str) -> Conn:
+        opts = self.options
+        channel = secure_channel(address, opts.channel_options, opts.security)
+        conn = Conn(address, channel, WorkerStub(channel, self._metadata), HealthWatch(channel))
+        for _ in range(opts.connections_per_worker - 1):  # each channel its own connection
+            extra = secure_channel(address, opts.channel_options, opts.security)
+            conn.extra.append((extra, WorkerStub(extra, self._metadata)))
+        self.conns.append(conn)
+        return conn
+
+    def _joined(self, address: str) -> None:
+        """A worker that a dns: name resolves to since the start: checked before reads."""
+        if any(c.address == address for c in self.conns):
+            return
+        log.info("worker %s joined; checking it before it gets reads", address)
+        conn = self._add(address)
+        conn.serving = False
+        self._scope.spawn(self._watch(conn))
 
     async def _watch(self, conn: Conn) -> None:
-        """Keep `conn.serving` current from the worker's health service."""
-        while True:
-            call = conn.watch_call = conn.health.watch()
-            try:
-                async for reply in call:
-                    serving = conn.health.is_serving(reply)
-                    if serving and not conn.serving:
-                        log.info("worker %s is serving", conn.address)
-                        self._changed.set()
-                    elif not serving and conn.serving:
-                        log.info("worker %s is not serving; no new reads", conn.address)
-                    conn.serving = serving
-                conn.last_error = "health watch ended"
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not conn.rewatch or (task is not None and task.cancelling()):
-                    raise
-            except grpc.aio.AioRpcError as exc:
-                conn.last_error = f"{exc.code().name}: {exc.details()}"
-            finally:
-                call.cancel()
-            conn.serving = False
-            if not conn.rewatch:  # the worker went away: describe it again when back
-                conn.verified = False
-                await asyncio.sleep(self._backoff_base)
-            conn.rewatch = False
+        await watch_health(conn, on_serving=self._changed.set, pause=self.options.backoff_base)
 
-    def suspect(self, conn: Conn) -> None:
-        """No reads for `conn` until its health service answers SERVING again."""
-        conn.serving = False
-        conn.rewatch = True
-        if conn.watch_call is not None:
-            conn.watch_call.cancel()
+    # choosing ----------------------------------------------------------------
 
-    async def _verify(self, conn: Conn) -> bool:
-        assert self.desc is not None
-        try:
-            desc = await conn.stub.describe(
-                self.dataset, timeout=self._describe_timeout, wait_for_ready=False
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE:
-                conn.excluded = f"{exc.code().name}: {exc.details()}"
-                log.error("worker %s cannot serve dataset %r: %s", conn.address, self.dataset,
-                          conn.excluded)  # fmt: skip
-            else:
-                self.mark_down(conn, f"{exc.code().name}: {exc.details()}")
-            return False
-        if desc.fingerprint != self.desc.fingerprint or desc.shards != self.desc.shards:
-            conn.excluded = describe_difference(self.desc, desc)
-            log.error(
-                "worker %s serves a different dataset %r (%s); it gets no reads",
-                conn.address,
-                self.dataset,
-                conn.excluded,
-            )
-            return False
-        conn.verified = True
-        return True
-
-    async def acquire(
+    @contextlib.asynccontextmanager
+    async def lease(
         self,
         deadline: float,
         attempts: dict[str, str],
         *,
         share: Callable[[], int] | None = None,
-    ) -> Conn:
-        """The best worker for a read; waits out backoff until `deadline` (loop time).
+    ) -> AsyncIterator[Conn]:
+        """The best worker for one stream, held until the block ends.
 
-        `share`: only a worker running fewer than `min(share(), reads_per_worker)` reads
-        will do; while every usable worker runs its share, wait (without a deadline: that
-        is no failure) for a read to end. New reads start this way, one at a time and in
-        plan order; a read resuming elsewhere takes the least busy worker at once."""
+        Waits out backoff until `deadline` (loop time), then raises
+        `WorkersUnavailableError` with `attempts` (address -> last error). `share`:
+        only a worker running fewer than `min(share(), reads_per_worker)` reads will
+        do; while every usable worker runs its share, wait (without a deadline: that is
+        no failure) for a read to end. New reads start this way, in plan order; a read
+        resuming elsewhere takes the least busy worker at once."""
+        conn = await self._acquire(deadline, attempts, share)
+        try:
+            yield conn
+        finally:
+            conn.outstanding -= 1
+            self._changed.set()  # a read slot on this worker is free
+
+    async def _acquire(
+        self, deadline: float, attempts: dict[str, str], share: Callable[[], int] | None
+    ) -> Conn:
         loop = asyncio.get_running_loop()
         while True:
+            self._scope.check()  # a failed watcher is a bug: say so
             now = loop.time()
             usable = [c for c in self.conns if not c.excluded and c.serving and c.down_until <= now]
-            ready = usable
-            if share is not None:
-                limit = min(share(), self._reads_per_worker)
-                ready = [c for c in usable if c.outstanding < limit]
-            if usable and not ready:
-                # Every usable worker runs its share of reads: wait for one to end (a stuck
-                # read ends by its own idle timeout).
-                self._changed.clear()
-                await self._changed.wait()
-                continue
+            ready = usable if share is None else self._within_share(usable, share())
             if ready:
                 conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
-                if not conn.verified and not await self._verify(conn):
-                    attempts[conn.address] = conn.excluded or conn.last_error
-                    continue
-                conn.outstanding += 1
-                conn.assigned += 1
-                return conn
-            if now >= deadline or all(c.excluded for c in self.conns):
-                for c in self.conns:
-                    attempts.setdefault(c.address, c.excluded or c.last_error or "not serving")
-                raise WorkersUnavailableError(
-                    f"no worker could serve dataset {self.dataset!r} before the retry deadline",
-                    attempts,
-                )
-            backoffs = [c.down_until for c in self.conns if c.serving and not c.excluded]
-            wake = min([*backoffs, deadline])
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
+                if await self._agrees(conn, attempts):
+                    conn.outstanding += 1
+                    conn.assigned += 1
+                    return conn
+            elif usable:  # every usable worker runs its share: wait for a read to end
+                await self._wait(None)
+            else:
+                self._give_up_if_due(now, deadline, attempts)
+                backoffs = [c.down_until for c in self.conns if c.serving and not c.excluded]
+                await self._wait(min([*backoffs, deadline]) - now)
+
+    def _within_share(self, usable: list[Conn], share: int) -> list[Conn]:
+        limit = min(share, self.options.reads_per_worker)
+        return [c for c in usable if c.outstanding < limit]
+
+    async def _agrees(self, conn: Conn, attempts: dict[str, str]) -> bool:
+        """Whether `conn` describes the dataset as at the start (asked once after it was
+        away); a transient failure puts it in backoff."""
+        if conn.verified:
+            return True
+        assert self.desc is not None
+        why = await verify(conn, self.desc, self._describing)
+        if why is None:
+            return True
+        if not conn.excluded:
+            self.mark_down(conn, why)
+        attempts[conn.address] = conn.excluded or conn.last_error
+        return False
+
+    def _give_up_if_due(self, now: float, deadline: float, attempts: dict[str, str]) -> None:
+        if now < deadline and not all(c.excluded for c in self.conns):
+            return
+        for c in self.conns:
+            attempts.setdefault(c.address, c.excluded or c.last_error or "not serving")
+        raise WorkersUnavailableError(
+            f"no worker could serve dataset {self.dataset!r} before the retry deadline",
+            attempts,
+        )
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a worker may have become available (or `timeout` seconds)."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._changed.wait(), None if timeout is None else max(0, timeout)
+            )
+
+    # what happened -----------------------------------------------------------
 
     def in_flight(self) -> dict[str, int]:
         return {c.address: c.outstanding for c in self.conns}
-
-    def release(self, conn: Conn) -> None:
-        conn.outstanding -= 1
-        self._changed.set()  # a read slot on this worker is free
 
     def mark_ok(self, conn: Conn) -> None:
         conn.failures = 0
@@ -365,13 +229,12 @@ class WorkerPool:
         conn.failures += 1
         conn.last_error = error
         if delay is None:
-            delay = min(self._backoff_cap, self._backoff_base * 2 ** (conn.failures - 1))
+            opts = self.options
+            delay = min(opts.backoff_cap, opts.backoff_base * 2 ** (conn.failures - 1))
             delay *= 0.5 + self._rng.random() / 2
         conn.down_until = asyncio.get_running_loop().time() + delay
         log.info("worker %s: %s; no new reads for %.2fs", conn.address, error, delay)
 
-    async def aclose(self) -> None:
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(ch.close() for c in self.conns for ch in c.channels()))
+    def suspect(self, conn: Conn) -> None:
+        """No reads for `conn` until its health service answers SERVING again."""
+        suspect(conn)

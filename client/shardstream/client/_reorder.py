@@ -12,11 +12,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from shardstream.client.errors import ReorderError
+
 T = TypeVar("T")
-
-
-class ReorderError(RuntimeError):
-    """A chunk that does not fit: duplicate, gap, or outside the window."""
 
 
 class ReorderBuffer(Generic[T]):

@@ -6,10 +6,13 @@ a Kubernetes headless service). Names are resolved at start and again every
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DNS_PREFIX = "dns:"
+
+log = logging.getLogger("shardstream.client")
 
 
 def split_host_port(target: str) -> tuple[str, int]:
@@ -55,3 +58,17 @@ async def resolve_all(targets: Sequence[str]) -> tuple[list[str], dict[str, str]
         except (OSError, ValueError) as exc:
             errors[target] = f"cannot resolve: {exc}"
     return list(addresses), errors
+
+
+async def follow_names(
+    targets: Sequence[str], interval: float, on_address: Callable[[str], None]
+) -> None:
+    """Every `interval` seconds, resolve `targets` again and call `on_address` with each
+    address found (the caller ignores those it knows); runs until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        addresses, errors = await resolve_all(targets)
+        for target, error in errors.items():
+            log.warning("%s: %s", target, error)
+        for address in addresses:
+            on_address(address)

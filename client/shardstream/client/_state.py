@@ -12,15 +12,16 @@ exactly. A state saved after an epoch's last batch points at the next epoch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+from shardstream.client._planner import PlanOptions
 from shardstream.client._resume import Interruption
 from shardstream.client.errors import StateMismatchError
 
 VERSION = 1
 # Options that decide which records a rank gets: a state only fits the same ones.
-PLAN_KEYS = ("seed", "batch_size", "shuffle", "shuffle_window", "remainder", "drop_last")
+PLAN_KEYS = tuple(f.name for f in fields(PlanOptions))
 
 
 @dataclass(frozen=True, slots=True)

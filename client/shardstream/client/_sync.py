@@ -140,7 +140,7 @@ class SyncLoader:
         async def start() -> tuple[EpochIterator, asyncio.Task[None]]:
             iterator = self._loader.epoch(epoch)
             iterator.external_wait = True  # the caller's own waiting is counted below
-            handoff.pump = asyncio.create_task(_pump(iterator, handoff))
+            handoff.pump = self._loader._spawn(_pump(iterator, handoff))
             return iterator, handoff.pump
 
         async def stop(iterator: EpochIterator, task: asyncio.Task[None]) -> None:

@@ -61,7 +61,9 @@ class Piece:
 
 
 @dataclass(frozen=True, slots=True)
-class End:
+class StreamEnd:
+    """A Read stream's last message: how many records it sent, and why it ended."""
+
     records_sent: int
     draining: bool
 
@@ -100,7 +102,7 @@ def encode_read(
     ).SerializeToString()
 
 
-def decode_response(data: bytes) -> Piece | End:
+def decode_response(data: bytes) -> Piece | StreamEnd:
     """Turn one streamed message into a Piece (arrays viewing the message) or an End."""
     if is_chunk(data):
         try:
@@ -114,7 +116,7 @@ def decode_response(data: bytes) -> Piece | End:
         raise ProtocolError(f"malformed message: {exc}") from None
     kind = msg.WhichOneof("kind")
     if kind == "end":
-        return End(msg.end.records_sent, msg.end.reason == pb.END_REASON_DRAINING)
+        return StreamEnd(msg.end.records_sent, msg.end.reason == pb.END_REASON_DRAINING)
     raise ProtocolError("a streamed message is neither a chunk nor an end")
 
 

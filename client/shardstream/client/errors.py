@@ -3,7 +3,7 @@
     ShardstreamError
      ├── ConfigError              bad loader options (also a ValueError)
      ├── DatasetMismatchError     workers disagree on a dataset's shards, counts or schema
- ├── StateMismatchError       a saved loader state does not fit this dataset or these options
+     ├── StateMismatchError       a saved loader state does not fit this dataset or these options
      ├── WorkersUnavailableError  no worker could serve a read before the retry deadline
      └── WorkerError              a worker refused or failed a request; never retried
           ├── DataLossError       corrupt or truncated shard, record not matching the schema
@@ -12,6 +12,7 @@
           ├── InvalidRequestError a request the worker considers malformed
           ├── AccessDeniedError   missing or wrong credentials
           └── ProtocolError       a stream that breaks the wire contract
+               └── ReorderError   a chunk that does not fit the plan order (duplicate, gap)
 
 Transient transport failures (a worker dying, a reset connection, a draining
 or overloaded worker) are not errors for the caller: the read resumes on
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "ProtocolError",
+    "ReorderError",
     "ShardChangedError",
     "ShardstreamError",
     "StateMismatchError",
@@ -120,3 +122,7 @@ class AccessDeniedError(WorkerError):
 
 class ProtocolError(WorkerError):
     """A message or stream that breaks the wire contract."""
+
+
+class ReorderError(ProtocolError):
+    """A chunk that does not fit the plan order: a duplicate, a gap, or outside the window."""

@@ -1,0 +1,62 @@
+"""What the client knows of one worker (`Conn`), and how two descriptions differ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
+
+
+@dataclass(eq=False)
+class Conn:
+    """One worker address and what the client knows of it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: WorkerStub
+    health: HealthWatch
+    serving: bool = True  # last health report (assumed until the first one)
+    watch_call: grpc.aio.UnaryStreamCall | None = None
+    rewatch: bool = False  # the watch call was cancelled to ask again
+    outstanding: int = 0  # reads running on it
+    failures: int = 0  # consecutive failures, for backoff
+    down_until: float = 0.0  # loop time before which it gets no reads
+    last_error: str = ""
+    verified: bool = False  # it described the dataset as the others do
+    excluded: str = ""  # why it never gets reads (it disagrees on the dataset)
+    assigned: int = field(default=0)  # reads ever given, for tie-breaking
+    # Further connections for reads (`connections_per_worker` > 1): reads take `stub` and
+    # these in turn, so their messages arrive on several TCP connections at once.
+    extra: list[tuple[grpc.aio.Channel, WorkerStub]] = field(default_factory=list)
+
+    def read_stub(self) -> WorkerStub:
+        """The stub of the connection the next read goes on (round robin)."""
+        if not self.extra:
+            return self.stub
+        turn = self.assigned % (len(self.extra) + 1)
+        return self.stub if turn == 0 else self.extra[turn - 1][1]
+
+    def channels(self) -> list[grpc.aio.Channel]:
+        return [self.channel, *(c for c, _ in self.extra)]
+
+
+def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
+    """What differs between two descriptions, in a few words."""
+    if a.schema != b.schema:
+        return f"schema [{', '.join(map(str, a.schema))}] vs [{', '.join(map(str, b.schema))}]"
+    ids_a, ids_b = [s.id for s in a.shards], [s.id for s in b.shards]
+    if ids_a != ids_b:
+        only_a = sorted(set(ids_a) - set(ids_b))[:3]
+        only_b = sorted(set(ids_b) - set(ids_a))[:3]
+        return (
+            f"{len(ids_a)} vs {len(ids_b)} shards "
+            f"(only in the first: {only_a}, only in the second: {only_b})"
+        )
+    for sa, sb in zip(a.shards, b.shards, strict=True):
+        if sa.records != sb.records:
+            return f"shard {sa.id!r} has {sa.records} vs {sb.records} records"
+        if sa.fingerprint != sb.fingerprint:
+            return f"shard {sa.id!r} has fingerprint {sa.fingerprint} vs {sb.fingerprint}"
+    return f"fingerprint {a.fingerprint} vs {b.fingerprint}"
