@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstream.server._config import DatasetSpec
-from shardstream.server._decoders import DecodeError, ShardMeta, decoder_ref, format_for_path
+from shardstream.server._decoders import ShardMeta, decoder_ref, format_for_path
 from shardstream.server._decoding import decoder
 from shardstream.server._files import (
     ShardPath,
@@ -26,15 +26,12 @@ from shardstream.server._files import (
     shard_stat,
     url_root,
 )
+from shardstream.server.errors import CatalogError, DecodeError
 from shardstream.v1.codec import FieldSpec, record_bytes
 
 __all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "fingerprint_file"]
 
 _SAMPLE = 64 * 1024  # bytes hashed at each end of a shard for its fingerprint
-
-
-class CatalogError(Exception):
-    """A dataset cannot be served as configured (start-up refuses)."""
 
 
 @dataclass(frozen=True, slots=True)

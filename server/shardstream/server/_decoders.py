@@ -22,7 +22,8 @@ from `shardstream.server._files` work with both.
 Decoders run in worker processes (never on the event loop). An instance may
 cache per-shard state (open files, offsets) between `read` calls; it is
 created with no arguments in every decoding process. Errors in the data are
-raised as `DecodeError`, naming the record where known.
+raised as `DecodeError` (from `shardstream.server.errors`, also importable from
+here and `shardstream.server`), naming the record where known.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shardstream.server._files import ShardPath
+from shardstream.server.errors import DecodeError
 from shardstream.v1.codec import FieldSpec
 
 __all__ = [
@@ -47,24 +49,6 @@ __all__ = [
     "load_decoder",
     "register_decoder",
 ]
-
-
-class DecodeError(Exception):
-    """The shard's content is bad: corrupt, truncated, or not matching its schema.
-
-    `record` is the index (within the shard) of the first bad record, when known.
-    """
-
-    def __init__(self, message: str, *, record: int | None = None) -> None:
-        super().__init__(message)
-        self.record = record
-
-    def __reduce__(self) -> tuple[Any, ...]:  # keep `record` across process boundaries
-        return (_rebuild_decode_error, (str(self), self.record))
-
-
-def _rebuild_decode_error(message: str, record: int | None) -> DecodeError:
-    return DecodeError(message, record=record)
 
 
 @dataclass(frozen=True, slots=True)

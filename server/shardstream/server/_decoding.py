@@ -24,6 +24,7 @@ from shardstream.server._decoders import Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
 from shardstream.server._shm import attach
 from shardstream.server._wire import encode_chunk, layout_chunk_into
+from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
 
 _decoders: dict[str, Decoder] = {}
@@ -65,10 +66,6 @@ def decoder(ref: str) -> Decoder:
     if found is None:
         found = _decoders[ref] = load_decoder(ref)
     return found
-
-
-class ShardChanged(Exception):
-    """The shard file is not the one that was indexed (size, mtime or checksum differ)."""
 
 
 def read_chunk(

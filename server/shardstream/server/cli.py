@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shardstream._common import run_async, tune_malloc
-from shardstream.server._catalog import CatalogError
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
 from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import FORMATS, make_dataset
 from shardstream.server._worker import Worker
+from shardstream.server.errors import CatalogError
 
 log = logging.getLogger("shardstream.worker")
 
