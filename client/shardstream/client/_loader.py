@@ -120,7 +120,8 @@ class Loader:
         self._state = "closed"
         try:
             if self._current is not None:
-                await self._current.aclose()
+                old = self._current.plan.epoch
+                self._current.abandon(f"the loader was closed during epoch {old}")
             await self._tasks.aclose()
         finally:
             if self._pool is not None:
@@ -187,13 +188,25 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: restoring it (also with another world size, when every rank
         saved at the same step) yields exactly the rest of the epoch."""
+        it = self._current
+        if it is None:
+            return self.state_at(None, 0, completed=False)
+        return self.state_at(it, it.counters.batches, completed=it.completed)
+
+    def state_at(
+        self, iterator: EpochIterator | None, batches: int, *, completed: bool
+    ) -> dict[str, Any]:
+        """The state after the consumer received `batches` batches of `iterator` (the
+        current epoch), or its end (`completed`): for wrappers that hand batches on, such
+        as `SyncLoader`, whose caller may be behind what the iterator has produced."""
+        if iterator is not None and iterator is not self._current:
+            raise RuntimeError("state_at() of an epoch that is no longer the loader's current")
         cfg = self.config
-        epoch, batches = 0, 0
+        epoch = 0
         history: tuple[Interruption, ...] = ()
-        if self._current is not None:
-            it = self._current
-            epoch, batches, history = it.plan.epoch, it.counters.batches, self._running_history
-            if it.completed:
+        if iterator is not None:
+            epoch, history = iterator.plan.epoch, self._running_history
+            if completed:
                 epoch, batches, history = epoch + 1, 0, ()
         elif self._resume is not None:
             epoch, history = self._resume.epoch, self._resume.interruptions()
@@ -241,8 +254,11 @@ class Loader:
             raise RuntimeError(f"Loader.epoch() on a loader that is {self._state}")
         assert self._pool is not None
         if self._current is not None:
-            if not self._current.finished:
-                self._spawn(self._current.aclose())
+            old = self._current.plan.epoch
+            self._current.abandon(
+                f"epoch {old} was superseded by loader.epoch({epoch}): an epoch can only be "
+                "iterated until the next one starts"
+            )
             self._past.add(self._current.counters)
             self._epochs_completed += self._current.completed
         cfg = self.config

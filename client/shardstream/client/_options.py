@@ -1,6 +1,5 @@
 """Loader options (`LoaderConfig`) and what a loader reports (`LoaderStatistics`)."""
 
-
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Required, TypedDict

@@ -110,6 +110,7 @@ class EpochIterator:
         self._task: asyncio.Task[None] | None = None
         self._finished = False
         self.completed = False  # iterated to its end
+        self._abandoned: str | None = None  # why it can no longer be iterated
         self._fetch_counters = counters
         self.counters = EpochCounters()
         self._emitted = 0
@@ -126,6 +127,8 @@ class EpochIterator:
         return self
 
     async def __anext__(self) -> Batch:
+        if self._abandoned is not None:
+            raise RuntimeError(self._abandoned)
         if self._finished:
             raise StopAsyncIteration
         if self._task is None:
@@ -134,6 +137,10 @@ class EpochIterator:
         item = await self._next_item()
         if not self.external_wait:
             self.counters.wait_seconds += time.perf_counter() - t0
+        if self._abandoned is not None:  # woken by abandon() while waiting
+            raise RuntimeError(self._abandoned)
+        if self._finished:  # woken by aclose() while waiting
+            raise StopAsyncIteration
         if isinstance(item, EndOfEpoch):
             self._finished = self.completed = True
             self._close_ledger()
@@ -177,13 +184,34 @@ class EpochIterator:
             self._ledger.close()
 
     async def aclose(self) -> None:
-        """Stop the epoch early: cancel its reads (idempotent)."""
+        """Stop the epoch early: cancel its reads (idempotent). A consumer waiting for a
+        batch meanwhile sees the end of iteration; the epoch does not count as completed."""
+        task = self._stop()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def abandon(self, why: str) -> None:
+        """Stop the epoch because it can no longer be iterated (the loader started
+        another epoch, or closed): a consumer waiting for a batch, and any later one,
+        gets `RuntimeError(why)` at once. The cancelled reads finish in the background."""
+        if self._abandoned is None and not self.completed:
+            self._abandoned = why
+        self._stop()
+
+    def _stop(self) -> asyncio.Task[None] | None:
+        """Cancel the pipeline and wake a waiting consumer (whose `__anext__` then looks at
+        `_finished` / `_abandoned`); the task, if one was running."""
         self._finished = True
         self._close_ledger()
         task, self._task = self._task, None
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            task.cancel()  # before draining: it puts nothing more into the queue
+        else:
+            task = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(END)  # the wake-up; never taken as the epoch's end
+        return task
 
     async def _run(self) -> None:
         try:

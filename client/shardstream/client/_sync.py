@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -38,6 +39,7 @@ class SyncLoader:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._handoffs: set[_Handoff] = set()  # of the epochs being iterated
+        self._position: _Position | None = None  # of the epoch iterated last
         self._closing = False
 
     @property
@@ -120,7 +122,12 @@ class SyncLoader:
         return self._loader.start_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return self._loader.state_dict()
+        """The position of the batches this thread has received (not of those the loader
+        has prepared ahead): restoring it yields exactly the rest."""
+        pos = self._position
+        if pos is None:
+            return self._loader.state_dict()
+        return self._loader.state_at(pos.iterator, pos.batches, completed=pos.completed)
 
     def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
         self._loader.load_state_dict(state, override=override)
@@ -148,23 +155,43 @@ class SyncLoader:
             await asyncio.gather(task, return_exceptions=True)
             await iterator.aclose()
 
+        for other in list(self._handoffs):  # a loop in another thread must not wait forever
+            other.abort(
+                RuntimeError(
+                    f"this epoch was superseded by SyncLoader.epoch({epoch}): an epoch can "
+                    "only be iterated until the next one starts"
+                )
+            )
         iterator, task = self._call(start())
         self._handoffs.add(handoff)
+        # What the caller has received: the pump and the hand-off run ahead of it.
+        position = self._position = _Position(iterator)
         try:
             while True:
                 t0 = time.perf_counter()
                 item = handoff.get()
                 iterator.counters.wait_seconds += time.perf_counter() - t0
                 if item is END:
+                    position.completed = True
                     return
                 if isinstance(item, Failure):
                     raise item.error
+                position.batches += 1
                 yield cast(Batch, item)
         finally:
             handoff.close()
             self._handoffs.discard(handoff)
             if self._loop is not None and not self._closing:
                 self._call(stop(iterator, task))
+
+
+@dataclass
+class _Position:
+    """How far the caller has got in an epoch: batches received, and whether its end."""
+
+    iterator: EpochIterator
+    batches: int = 0
+    completed: bool = False
 
 
 # Batches a SyncLoader holds ready in the caller's thread, beyond `prefetch_batches`.

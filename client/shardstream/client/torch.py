@@ -85,14 +85,27 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
                 "ShardstreamIterable must be read with DataLoader(num_workers=0): every "
                 "DataLoader worker would deliver the whole rank's data again"
             )
-        if not self._open:
-            self._loader.open()
-            self._open = True
+        self._ensure_open()
         for batch in self._loader.epoch(self.epoch):
             yield to_torch(batch, writable=self._writable, pin_memory=self._pin)
 
+    def _ensure_open(self) -> None:
+        if not self._open:
+            self._loader.open()
+            self._open = True
+
     def state_dict(self) -> dict[str, Any]:
+        """The position after the batches this iterable has yielded (see
+        `Loader.state_dict`); connects to the workers if not yet connected."""
+        self._ensure_open()
         return self._loader.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
+        """Continue from a saved position: the next iteration yields the rest of the
+        state's epoch (`self.epoch` is set to it)."""
+        self._ensure_open()
+        self._loader.load_state_dict(state, override=override)
+        self.epoch = self._loader.start_epoch
 
     def close(self) -> None:
         if self._open:
