@@ -80,6 +80,8 @@ async def test_status_on_error_aborts_with_code_context_metric_and_log(
     if error.record is not None:
         metadata = [("shardstream-dataset", "d"), ("shardstream-shard", "s\\xe9"),
                     ("shardstream-record", "3")]  # fmt: skip
+    if isinstance(error, errors.BusyError):  # busy, not a message over a size limit
+        metadata.append(("shardstream-busy", "1"))
     assert context.aborted == (getattr(grpc.StatusCode, code), str(error), tuple(metadata))
     assert metrics.errors == [code]
     assert [r.getMessage() for r in caplog.records] == ([f"{code}: {error}"] if warns else [])

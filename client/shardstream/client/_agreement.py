@@ -4,7 +4,10 @@ At start every worker is asked to describe the dataset (retrying transient
 failures until `describe_timeout`); once one has answered, the others get a
 short grace, so a down replica does not hold up the start: it is described
 when it is back, before it gets any read (`verify`). Workers that answer
-differently refuse the start, naming both and the difference.
+differently refuse the start, naming both and the difference; so does a
+description that cannot be right (`ProtocolError` naming the worker: shard ids
+twice, an unknown dtype, an empty schema, ...). A worker back later with either
+gets no reads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import grpc
 
 from shardstream.client._wire import RETRYABLE, DatasetDesc, worker_error
 from shardstream.client._workers import Conn, describe_difference
-from shardstream.client.errors import DatasetMismatchError, WorkersUnavailableError
+from shardstream.client.errors import (
+    DatasetMismatchError,
+    ProtocolError,
+    WorkersUnavailableError,
+)
 
 log = logging.getLogger("shardstream.client")
 
@@ -43,7 +50,8 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
     """The dataset as the workers that answer describe it; marks them verified.
 
     Raises the worker's typed error for a refusal that retrying cannot change,
-    `WorkersUnavailableError` when none answered, `DatasetMismatchError` when two differ."""
+    `ProtocolError` for a description that cannot be right, `WorkersUnavailableError`
+    when none answered, `DatasetMismatchError` when two differ."""
     results = await _describe_all(conns, how)
     answered: list[tuple[Conn, DatasetDesc]] = []
     failed: dict[str, str] = {}
@@ -84,8 +92,8 @@ def differs(a: DatasetDesc, b: DatasetDesc) -> bool:
 async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:
     """Describe the dataset on a worker that was away; None if it agrees, else why not.
 
-    A worker that refuses for good, or serves other data, is excluded for good
-    (`conn.excluded`); a transient failure leaves it to the caller's backoff."""
+    A worker that refuses for good, serves other data or describes it impossibly is
+    excluded for good (`conn.excluded`); a transient failure leaves it to the caller's backoff."""
     try:
         desc = await conn.stub.describe(how.dataset, timeout=how.timeout, wait_for_ready=False)
     except grpc.aio.AioRpcError as exc:
@@ -94,6 +102,10 @@ async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:
             conn.excluded = why
             log.error("worker %s cannot serve dataset %r: %s", conn.address, how.dataset, why)
         return why
+    except ProtocolError as exc:  # a description that cannot be right: as if it disagreed
+        conn.excluded = str(_naming(exc, conn, how))
+        log.error("%s; it gets no reads", conn.excluded)
+        return conn.excluded
     if differs(ref, desc):
         conn.excluded = describe_difference(ref, desc)
         log.error(
@@ -148,5 +160,14 @@ async def _describe_patiently(conn: Conn, how: Describing) -> DatasetDesc:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE or loop.time() + delay >= deadline:
                 raise
+        except ProtocolError as exc:
+            raise _naming(exc, conn, how) from None
         await asyncio.sleep(delay)
         delay = min(delay * 2, how.backoff_cap)
+
+
+def _naming(exc: ProtocolError, conn: Conn, how: Describing) -> ProtocolError:
+    """A description's ProtocolError (raised where no worker is known) naming the worker."""
+    if exc.worker:
+        return exc
+    return ProtocolError(str(exc), worker=conn.address, dataset=how.dataset, code=exc.code)

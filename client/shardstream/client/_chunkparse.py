@@ -18,7 +18,7 @@ from shardstream.v1.codec import dtype_from_code
 
 # Field numbers, from shardstream.proto.
 _RESPONSE_CHUNK = 1
-_CHUNK_START, _CHUNK_COUNT, _CHUNK_TENSORS = 1, 2, 3
+_CHUNK_START, _CHUNK_COUNT, _CHUNK_TENSORS, _CHUNK_SHARD = 1, 2, 3, 4
 _TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3, 4
 
 
@@ -68,8 +68,9 @@ def is_chunk(data: bytes) -> bool:
     return len(data) > 0 and data[0] == (_RESPONSE_CHUNK << 3 | 2)
 
 
-def parse_chunk(data: bytes) -> tuple[int, int, dict[str, np.ndarray[Any, Any]]]:
-    """(start, count, arrays) of a serialized `ReadResponse{chunk}`; arrays view `data`."""
+def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, np.ndarray[Any, Any]]]:
+    """(start, count, shard, arrays) of a serialized `ReadResponse{chunk}`; arrays view
+    `data`. Two tensors of one name are refused (a protobuf map would keep the last)."""
     buf = memoryview(data)
     chunk: tuple[int, int] | None = None
     for field, wire, value in _fields(buf, 0, len(buf)):
@@ -78,6 +79,7 @@ def parse_chunk(data: bytes) -> tuple[int, int, dict[str, np.ndarray[Any, Any]]]
     if chunk is None:
         raise ValueError("not a chunk")
     start = count = 0
+    shard = ""
     tensors = []
     for field, wire, value in _fields(buf, *chunk):
         if field == _CHUNK_START and wire == 0:
@@ -86,13 +88,24 @@ def parse_chunk(data: bytes) -> tuple[int, int, dict[str, np.ndarray[Any, Any]]]
             count = _signed(value)
         elif field == _CHUNK_TENSORS and wire == 2:
             tensors.append(value)
+        elif field == _CHUNK_SHARD and wire == 2:
+            shard = _text(buf, value, "the chunk's shard id")
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     for span in tensors:
         name, array = _tensor(data, buf, span)
         if not array.ndim or array.shape[0] != count:
             raise ValueError(f"tensor {name!r} has shape {array.shape} in a chunk of {count}")
+        if name in arrays:
+            raise ValueError(f"two tensors are named {name!r}")
         arrays[name] = array
-    return start, count, arrays
+    return start, count, shard, arrays
+
+
+def _text(buf: memoryview, span: tuple[int, int], what: str) -> str:
+    try:
+        return bytes(buf[span[0] : span[1]]).decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8") from None
 
 
 def _tensor(
@@ -104,7 +117,7 @@ def _tensor(
     payload = (0, 0)
     for field, wire, value in _fields(buf, *span):
         if field == _TENSOR_NAME and wire == 2:
-            name = bytes(buf[value[0] : value[1]]).decode()
+            name = _text(buf, value, "a tensor name")
         elif field == _TENSOR_DTYPE and wire == 0:
             code = value
         elif field == _TENSOR_SHAPE and wire == 2:  # packed

@@ -17,21 +17,29 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
 from shardstream.client._wire import (
-    RETRYABLE,
     Piece,
     ShardDesc,
     StreamEnd,
+    check_piece,
     decode_response,
     encode_read,
+    is_retryable,
     worker_error,
 )
-from shardstream.client.errors import DataLossError, ProtocolError, WorkerError
+from shardstream.client.errors import (
+    DataLossError,
+    ProtocolError,
+    WorkerError,
+    WorkersUnavailableError,
+)
+from shardstream.v1.codec import FieldSpec
 
 log = logging.getLogger("shardstream.client")
 
@@ -42,7 +50,14 @@ class FetchOptions:
     seed: int
     max_chunk_records: int
     idle_timeout: float  # seconds without a message before a stream is given up
+    # A stream whose next message is `straggler_factor` times later than the fleet's usual
+    # gap between messages (and at least `straggler_seconds` late) is moved to another
+    # worker with room for it, at most `straggler_moves` times per read.
+    straggler_factor: float = 8.0
+    straggler_seconds: float = 2.0
+    straggler_moves: int = 2
     retry_deadline: float  # seconds without progress before WorkersUnavailableError
+    schema: tuple[FieldSpec, ...] = ()  # every chunk is checked against it
     on_error: str = "raise"  # "skip": a record the worker cannot decode becomes a Hole
     journal: Callable[[dict[str, object]], None] | None = None  # resumes and skips, for a ledger
 
@@ -56,8 +71,29 @@ class Hole:
 
 
 @dataclass
+class Pace:
+    """The fleet's usual gap between two messages of a stream (a moving average)."""
+
+    gap: float = 0.0  # seconds; 0 until the first gap is seen
+    seen: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.seen += 1
+        weight = max(1 / self.seen, 0.05)  # a plain mean at first, then an EWMA
+        self.gap += weight * (seconds - self.gap)
+
+    def late(self, options: FetchOptions) -> float:
+        """Seconds after which a stream's next message is a straggler's."""
+        if self.seen < 8:
+            return options.idle_timeout  # no pace known yet
+        return max(options.straggler_seconds, options.straggler_factor * self.gap)
+
+
+@dataclass
 class FetchCounters:
     resumes: int = 0  # reads continued on a fresh stream after a failure or drain
+    stragglers: int = 0  # reads moved off a worker far slower than the fleet
+    pace: Pace = field(default_factory=Pace)
     retries_by_worker: dict[str, int] | None = None
     skipped: int = 0  # records skipped as bad (on_error="skip")
     skipped_seen: set[tuple[str, int]] = field(default_factory=set)  # logged once each
@@ -93,13 +129,21 @@ class Broken:
 
 
 @dataclass(frozen=True, slots=True)
+class Violated:
+    """The worker broke the wire contract (a chunk off the schema, of another shard, out
+    of order, a wrong count): it gets no more reads, and the read goes on elsewhere."""
+
+    error: ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """A status that retrying would not change (as a typed error)."""
 
     error: WorkerError
 
 
-Outcome = Complete | Drained | Broken | Refused
+Outcome = Complete | Drained | Broken | Violated | Refused
 
 
 @dataclass
@@ -109,7 +153,9 @@ class _Progress:
     read: Read
     shard: ShardDesc
     received: int = 0
+    moves: int = 0  # times moved off a straggling worker
     bad: set[int] = field(default_factory=set)  # shard indices
+    violation: ProtocolError | None = None  # the last worker that broke the contract
 
     @property
     def position(self) -> int:
@@ -156,11 +202,16 @@ async def fetch(
             put(read.seq, progress.received, Hole(progress.position, 1))
             progress.received += 1
             continue
-        async with pool.lease(deadline, attempts, share=share) as conn:
-            if started is not None:
-                started()
-            share = started = None
-            outcome = await _stream(conn, progress, options, deliver)
+        try:
+            async with pool.lease(deadline, attempts, share=share) as conn:
+                if started is not None:
+                    started()
+                share = started = None
+                outcome = await _stream(conn, progress, options, deliver, pool, counters)
+        except WorkersUnavailableError as exc:
+            if progress.violation is not None:  # what made the workers unusable
+                raise progress.violation from exc
+            raise
         _decide(outcome, conn, progress, pool, options, counters, attempts)
 
 
@@ -187,6 +238,12 @@ def _decide(
         _journal(options, conn, progress.shard, progress.position, outcome.why)
         if outcome.suspect:
             pool.suspect(conn)
+    elif isinstance(outcome, Violated):
+        progress.violation = outcome.error
+        attempts[conn.address] = str(outcome.error)
+        pool.exclude(conn, str(outcome.error))
+        counters.count(conn.address)
+        _journal(options, conn, progress.shard, progress.position, "protocol error")
     elif not _skip(outcome.error, progress, options, counters):
         raise outcome.error
 
@@ -219,7 +276,12 @@ def _skip(
 
 
 async def _stream(
-    conn: Conn, progress: _Progress, options: FetchOptions, deliver: Callable[[Piece], None]
+    conn: Conn,
+    progress: _Progress,
+    options: FetchOptions,
+    deliver: Callable[[Piece], None],
+    pool: WorkerPool,
+    counters: FetchCounters,
 ) -> Outcome:
     """One stream of the read's next records on `conn`: each chunk checked and delivered.
 
@@ -239,19 +301,24 @@ async def _stream(
     sent = 0
     try:
         while True:
-            async with asyncio.timeout(options.idle_timeout):
-                msg = await call.read()
+            msg = await _next_message(call, conn, progress, options, pool, counters)
+            if isinstance(msg, Broken):
+                return msg
             if msg is grpc.aio.EOF:
                 return Broken("the stream ended without its end message")
-            item = _checked(msg, progress.position, limit, conn, options, progress.shard)
+            item = _checked(msg, progress.position, limit, options, progress.shard)
             if isinstance(item, StreamEnd):
-                return _ending(item, sent, wanted, conn, options, progress.shard)
+                return _ending(item, sent, wanted)
             deliver(item)
             sent += item.count
-    except TimeoutError:
-        return Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
+    except ProtocolError as exc:
+        return Violated(
+            ProtocolError(
+                str(exc), worker=conn.address, dataset=options.dataset, shard=progress.shard.id
+            )
+        )
     except grpc.aio.AioRpcError as exc:
-        if exc.code() not in RETRYABLE:
+        if not is_retryable(exc):
             return Refused(worker_error(exc, worker=conn.address, dataset=options.dataset))
         busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         return Broken(f"{exc.code().name}: {exc.details()}", suspect=not busy)
@@ -259,46 +326,67 @@ async def _stream(
         call.cancel()
 
 
-def _ending(
-    end: StreamEnd, sent: int, wanted: int, conn: Conn, options: FetchOptions, shard: ShardDesc
-) -> Outcome:
+async def _next_message(
+    call: grpc.aio.UnaryStreamCall,
+    conn: Conn,
+    progress: _Progress,
+    options: FetchOptions,
+    pool: WorkerPool,
+    counters: FetchCounters,
+) -> Any:
+    """The stream's next message, or why to give the stream up: nothing for
+    `idle_timeout` (the worker may be frozen), or a straggler, far slower than the fleet,
+    while another worker has room for the rest of the read."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    reader = asyncio.ensure_future(call.read())
+    try:
+        while True:
+            waited = loop.time() - began
+            late = counters.pace.late(options)
+            patience = min(options.idle_timeout, max(late, waited + 0.25)) - waited
+            done, _ = await asyncio.wait({reader}, timeout=max(0.0, patience))
+            if done:
+                counters.pace.observe(loop.time() - began)
+                return reader.result()
+            waited = loop.time() - began
+            if waited >= options.idle_timeout:
+                return Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
+            if progress.moves < options.straggler_moves and pool.has_room_besides(conn):
+                progress.moves += 1
+                counters.stragglers += 1
+                return Broken(
+                    f"straggling: no message for {waited:.3g}s, the fleet sends one every "
+                    f"{counters.pace.gap:.3g}s"
+                )
+    finally:
+        reader.cancel()
+
+
+def _ending(end: StreamEnd, sent: int, wanted: int) -> Outcome:
     """The outcome an end message gives, checked against what arrived."""
     if end.records_sent != sent:
-        raise ProtocolError(
-            f"the end message counts {end.records_sent} records, {sent} arrived",
-            worker=conn.address,
-            dataset=options.dataset,
-            shard=shard.id,
-        )
+        raise ProtocolError(f"the end message counts {end.records_sent} records, {sent} arrived")
     if end.draining:
         return Drained()
     if sent != wanted:
-        raise ProtocolError(
-            f"the stream ended complete after {sent} of {wanted} records",
-            worker=conn.address,
-            dataset=options.dataset,
-            shard=shard.id,
-        )
+        raise ProtocolError(f"the stream ended complete after {sent} of {wanted} records")
     return Complete()
 
 
 def _checked(
-    msg: bytes, expected: int, limit: int, conn: Conn, options: FetchOptions, shard: ShardDesc
+    msg: bytes, expected: int, limit: int, options: FetchOptions, shard: ShardDesc
 ) -> Piece | StreamEnd:
-    """A streamed message, checked to continue the read at `expected`, not past `limit`."""
-    try:
-        item = decode_response(msg)
-        if isinstance(item, Piece) and (
-            item.start != expected or item.count < 1 or item.start + item.count > limit
-        ):
+    """A streamed message, checked to continue the read at `expected`, not past `limit`,
+    and (a chunk) to hold records of `shard` as the schema describes them."""
+    item = decode_response(msg)
+    if isinstance(item, Piece):
+        if item.start != expected or item.count < 1 or item.start + item.count > limit:
             raise ProtocolError(
                 f"chunk of records [{item.start}, {item.start + item.count}) does not continue "
                 f"the request at {expected} (up to {limit})"
             )
-    except ProtocolError as exc:
-        raise ProtocolError(
-            str(exc), worker=conn.address, dataset=options.dataset, shard=shard.id
-        ) from None
+        check_piece(item, options.schema, shard.id)
     return item
 
 

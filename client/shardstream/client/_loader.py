@@ -26,7 +26,7 @@ from shardstream.client._state import LoaderState
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
-from shardstream.v1.codec import FieldSpec, record_bytes
+from shardstream.v1.codec import CHUNK_OVERHEAD, FieldSpec, chunk_limit, record_bytes
 
 log = logging.getLogger("shardstream.client")
 
@@ -107,6 +107,7 @@ class Loader:
             if self._pending_state is not None:
                 self.load_state_dict(self._pending_state, override=self._override)
             self.plan(0)  # refuse impossible options now, not at the first epoch
+            self._chunk_limit()  # and records that no message of ours can hold
         except BaseException:
             await self.aclose()
             raise
@@ -241,7 +242,12 @@ class Loader:
             )
         if diffs:
             log.warning("restoring a state that differs: %s", "; ".join(diffs))
-        self._resume = loaded
+        previous, self._resume = self._resume, loaded
+        try:
+            self.plan(loaded.epoch)  # a state past its epoch's end: StateMismatchError now
+        except BaseException:
+            self._resume = previous
+            raise
 
     def batches_per_epoch(self) -> int:
         """Batches every rank gets in an epoch (the same on every rank)."""
@@ -265,7 +271,7 @@ class Loader:
         plan = self.plan(epoch)
         self._running_history = self._history(epoch)
         per_record = max(1, record_bytes(self.dataset.schema))
-        chunk = max(1, cfg.chunk_bytes // per_record)
+        chunk = max(1, min(cfg.chunk_bytes // per_record, self._chunk_limit()))
         if chunk >= cfg.batch_size:
             chunk -= chunk % cfg.batch_size
         ledger = None
@@ -276,7 +282,9 @@ class Loader:
             self.dataset.shards,
             pool=self._pool,
             fetch_options=cfg.fetch_options(
-                max_chunk_records=chunk, journal=None if ledger is None else ledger.event
+                max_chunk_records=chunk,
+                schema=self.schema,
+                journal=None if ledger is None else ledger.event,
             ),
             options=cfg.pipeline_options(),
             spawn=self._spawn,
@@ -302,6 +310,20 @@ class Loader:
             "history": [[h.world_size, h.batches] for h in self._history(plan.epoch)],
         }
 
+    def _chunk_limit(self) -> int:
+        """Most records a message this loader accepts can hold; ConfigError if none."""
+        longest = max((len(s.id.encode()) for s in self.dataset.shards), default=0)
+        limit = chunk_limit(self.schema, longest, self.config.max_message_bytes)
+        if limit < 1:
+            need = record_bytes(self.schema) + CHUNK_OVERHEAD + longest
+            raise ConfigError(
+                f"a record of dataset {self.config.dataset!r} takes {record_bytes(self.schema)} "
+                f"bytes, which with a chunk's headers is more than max_message_bytes="
+                f"{self.config.max_message_bytes}: raise max_message_bytes to at least {need} "
+                "(and the workers' --max-message-bytes too)"
+            )
+        return limit
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a background task of this loader (in its TaskScope)."""
         return self._tasks.spawn(coro)
@@ -325,6 +347,7 @@ class Loader:
             resumes_by_worker=dict(fc.retries_by_worker or {}),
             max_reorder_depth=total.max_reorder_depth,
             records_skipped=fc.skipped,
+            stragglers=fc.stragglers,
             reads_in_flight={c.address: c.outstanding for c in conns},
             seconds=time.monotonic() - self._started_at if self._started_at else 0.0,
             reads_by_worker={c.address: c.assigned for c in conns},

@@ -1,17 +1,31 @@
 """Loader options (`LoaderConfig`) and what a loader reports (`LoaderStatistics`)."""
 
-from collections.abc import Callable
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Required, TypedDict
+from typing import Any, Literal, NoReturn, Required, TypedDict
 
 from shardstream.client._fetch import FetchOptions
 from shardstream.client._pipeline import PipelineOptions
-from shardstream.client._planner import PlanOptions, Remainder
+from shardstream.client._planner import SEED_LIMIT, PlanOptions, Remainder
 from shardstream.client._pool import PoolOptions
 from shardstream.client._security import ClientSecurity
 from shardstream.client.errors import ConfigError
+from shardstream.v1.codec import FieldSpec
 
 MiB = 1 << 20
+MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's limit on a message (a C int)
+# Options that count something (positive ints) and durations (positive seconds).
+_COUNTS = (
+    "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_per_worker",
+    "connections_per_worker", "reads_ahead", "prefetch_batches", "chunk_bytes",
+)  # fmt: skip
+_SECONDS = (
+    "describe_timeout", "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap",
+    "keepalive_seconds", "resolve_interval", "lag_warning_seconds", "straggler_seconds",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,6 +60,12 @@ class LoaderConfig:
     max_message_bytes: int = 16 * MiB  # gRPC max receive size (>= the workers' messages)
     describe_timeout: float = 30.0  # seconds to wait for workers to describe the dataset
     idle_timeout: float = 30.0  # seconds a read may go without data before resuming elsewhere
+    # A stream whose next message is `straggler_factor` times later than the fleet's usual
+    # gap between messages, and at least `straggler_seconds` late, moves to a worker with
+    # room for it (at most `straggler_moves` times per read; 0 turns this off).
+    straggler_factor: float = 8.0
+    straggler_seconds: float = 2.0
+    straggler_moves: int = 2
     retry_deadline: float = 120.0  # seconds without progress before giving up on a read
     backoff_base: float = 0.1  # first backoff after a worker fails, doubling...
     backoff_cap: float = 5.0  # ...up to this many seconds
@@ -60,25 +80,60 @@ class LoaderConfig:
     tune_malloc: bool = True
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+        """Refuse options of the wrong type or out of range (`ConfigError` naming the
+        option, its value and what it accepts); numpy numbers become plain ones."""
 
-        if not self.dataset:
-            raise ConfigError("dataset must be a non-empty name")
-        for name in (
-            "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_per_worker",
-            "connections_per_worker", "reads_ahead",
-            "prefetch_batches", "chunk_bytes", "max_message_bytes", "describe_timeout",
-            "idle_timeout", "retry_deadline", "backoff_base", "backoff_cap", "keepalive_seconds",
-            "resolve_interval", "lag_warning_seconds",
-        ):  # fmt: skip
-            positive(name)
+        def fail(name: str, accepts: str) -> NoReturn:
+            raise ConfigError(f"{name} must be {accepts}, got {getattr(self, name)!r}")
+
+        def integer(name: str, lo: int, hi: int | None, kind: str, within: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                fail(name, kind)
+            value = int(value)
+            object.__setattr__(self, name, value)  # a numpy int too: states are JSON
+            if value < lo or (hi is not None and value >= hi):
+                fail(name, within)
+
+        def seconds(name: str, most: float | None) -> None:
+            value = getattr(self, name)
+            accepts = "a positive, finite number of seconds"
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                fail(name, accepts)
+            value = float(value)
+            if not 0 < value < math.inf or (most is not None and value > most):
+                fail(name, accepts if most is None else f"{accepts}, at most {most}")
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.dataset, str) or not self.dataset:
+            fail("dataset", "a non-empty name (str)")
+        for name in _COUNTS:
+            integer(name, 1, None, "a positive int", "positive")
+        integer("max_message_bytes", 1, MAX_MESSAGE_BYTES + 1, "a positive int",
+                f"in [1, {MAX_MESSAGE_BYTES}] (gRPC's limit)")  # fmt: skip
+        integer("rank", 0, self.world_size, f"an int in [0, world_size={self.world_size})",
+                f"in [0, world_size={self.world_size})")  # fmt: skip
+        integer("seed", 0, SEED_LIMIT, "an int in [0, 2**64)", "in [0, 2**64)")
+        integer("shuffle_window", 0, None, "an int >= 0", ">= 0")
+        integer("straggler_moves", 0, None, "an int >= 0", ">= 0")
+        seconds("straggler_factor", None)  # a ratio: the same rules as seconds
+        if self.straggler_factor < 1:
+            fail("straggler_factor", "a number >= 1 (times the fleet's usual gap)")
+        for name in _SECONDS:  # finite; gRPC takes some in milliseconds, as a C int
+            ms = name in ("keepalive_seconds", "backoff_cap")
+            seconds(name, MAX_MESSAGE_BYTES // 1000 if ms else None)
+        for name in ("shuffle", "drop_last", "tune_malloc"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.remainder not in ("drop", "pad"):
+            fail("remainder", "'drop' or 'pad'")
         if self.on_error not in ("raise", "skip"):
-            raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+            fail("on_error", "'raise' or 'skip'")
+        if self.ledger_dir is not None and not isinstance(self.ledger_dir, str | os.PathLike):
+            fail("ledger_dir", "None or a folder (str or path)")
+        if self.security is not None and not isinstance(self.security, ClientSecurity):
+            fail("security", "None or a ClientSecurity")
+        self._check_channel_options()
         if self.reads_ahead < self.max_inflight_reads:
             raise ConfigError(
                 f"reads_ahead ({self.reads_ahead}) must be >= max_inflight_reads "
@@ -88,6 +143,30 @@ class LoaderConfig:
             self.plan_options()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _check_channel_options(self) -> None:
+        """`channel_options` as a tuple of (str, int | str) pairs, or ConfigError."""
+        given: Any = self.channel_options
+        pairs: list[tuple[str, int | str]] = []
+        ok = isinstance(given, Sequence) and not isinstance(given, str | bytes)
+        for item in given if ok else ():
+            if isinstance(item, str | bytes) or not isinstance(item, Sequence) or len(item) != 2:
+                ok = False
+                break
+            name, value = item
+            if not isinstance(name, str) or isinstance(value, bool):
+                ok = False
+                break
+            if not isinstance(value, int | str):
+                ok = False
+                break
+            pairs.append((name, value))
+        if not ok:
+            raise ConfigError(
+                "channel_options must be (name, value) pairs, name a str and value an int or "
+                f"a str, e.g. (('grpc.so_reuseport', 0),), got {self.channel_options!r}"
+            )
+        object.__setattr__(self, "channel_options", tuple(pairs))
 
     def plan_options(self) -> PlanOptions:
         """The options that decide which batches this rank gets."""
@@ -122,14 +201,20 @@ class LoaderConfig:
         self,
         *,
         max_chunk_records: int,
+        schema: tuple[FieldSpec, ...],
         journal: Callable[[dict[str, object]], None] | None = None,
     ) -> FetchOptions:
-        """What each read needs: the request's fields, timeouts and the error policy."""
+        """What each read needs: the request's fields, the schema every chunk is checked
+        against, timeouts and the error policy."""
         return FetchOptions(
             dataset=self.dataset,
             seed=self.seed,
             max_chunk_records=max_chunk_records,
+            schema=schema,
             idle_timeout=self.idle_timeout,
+            straggler_factor=self.straggler_factor,
+            straggler_seconds=self.straggler_seconds,
+            straggler_moves=self.straggler_moves,
             retry_deadline=self.retry_deadline,
             on_error=self.on_error,
             journal=journal,
@@ -189,6 +274,9 @@ class LoaderOptions(TypedDict, total=False):
     max_message_bytes: int
     describe_timeout: float
     idle_timeout: float
+    straggler_factor: float
+    straggler_seconds: float
+    straggler_moves: int
     retry_deadline: float
     backoff_base: float
     backoff_cap: float
@@ -214,6 +302,7 @@ class LoaderStatistics:
     resumes_by_worker: dict[str, int]
     max_reorder_depth: int
     records_skipped: int  # bad records left out (on_error="skip")
+    stragglers: int  # reads moved off a worker far slower than the fleet
     reads_in_flight: dict[str, int]  # reads running now, by worker
     reads_by_worker: dict[str, int]  # read streams started, by worker
     seconds: float  # since the loader started: batches / seconds is the rate

@@ -100,9 +100,7 @@ class EpochIterator:
         self._pool = pool
         self._fetch_options = fetch_options
         self._max_inflight = options.max_inflight_reads
-        # A shuffle window is delivered only once all its reads are in.
-        widest = max((len(w.reads) for w in plan.windows if w.take is not None), default=1)
-        self._reads_ahead = max(options.reads_ahead, widest)
+        self._reads_ahead = options.reads_ahead  # widened for a wider shuffle window
         self._queue: asyncio.Queue[Batch | EndOfEpoch | Failure] = asyncio.Queue(
             options.prefetch_batches
         )
@@ -226,12 +224,11 @@ class EpochIterator:
             await self._queue.put(END)
 
     async def _produce(self) -> None:
-        reads = self.plan.reads
-        buffer: ReorderBuffer[Piece | Hole] = ReorderBuffer(
-            [r.count for r in reads], self._reads_ahead
-        )
+        # Counts are given read by read as they start: memory follows the reads in flight,
+        # not the plan's length (a plan is computed as it is looked at).
+        buffer: ReorderBuffer[Piece | Hole] = ReorderBuffer(self.plan.read_count, self._reads_ahead)
         rebatcher = Rebatcher(self.plan.batch_size, self._empty)
-        await self._produce_in(buffer, rebatcher, reads)
+        await self._produce_in(buffer, rebatcher)
         if self._emitted != self.plan.batches:
             raise ProtocolError(
                 f"epoch {self.plan.epoch} produced {self._emitted} batches, "
@@ -242,10 +239,9 @@ class EpochIterator:
         self,
         buffer: ReorderBuffer[Piece | Hole],
         rebatcher: Rebatcher,
-        reads: tuple[Read, ...],
     ) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._feed(tg, reads, buffer))
+            tg.create_task(self._feed(tg, buffer))
             ready: deque[Piece | Hole] = deque()  # released in plan order, not yet used
             for window in self.plan.windows:
                 pieces: list[Piece | Hole] = []
@@ -285,9 +281,7 @@ class EpochIterator:
             self._emitted += 1
             await self._queue.put(batch)
 
-    async def _feed(
-        self, tg: asyncio.TaskGroup, reads: tuple[Read, ...], buffer: ReorderBuffer[Piece | Hole]
-    ) -> None:
+    async def _feed(self, tg: asyncio.TaskGroup, buffer: ReorderBuffer[Piece | Hole]) -> None:
         slots = asyncio.Semaphore(self._max_inflight)
         done = [0]  # reads of this epoch completed
 
@@ -318,16 +312,20 @@ class EpochIterator:
                 started.set()
                 slots.release()
 
-        for read in reads:
-            while not buffer.admits(read.seq):
-                self._progress.clear()
-                await self._progress.wait()
-            await slots.acquire()
-            # Reads start one at a time, in plan order, each on a worker running fewer than
-            # its share of reads: the data the consumer needs first is asked for first.
-            started = asyncio.Event()
-            tg.create_task(one(read, started))
-            await started.wait()
+        for window in self.plan.windows:
+            if window.take is not None:  # delivered only once all of its reads are in
+                buffer.widen(len(window.reads))
+            for read in window.reads:
+                while not buffer.admits(read.seq):
+                    self._progress.clear()
+                    await self._progress.wait()
+                await slots.acquire()
+                # Reads start one at a time, in plan order, each on a worker running fewer
+                # than its share of reads: the data needed first is asked for first.
+                buffer.expect(read.seq, read.count)
+                started = asyncio.Event()
+                tg.create_task(one(read, started))
+                await started.wait()
 
 
 def _shuffled(

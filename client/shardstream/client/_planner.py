@@ -14,17 +14,26 @@ is received whole before any of it is delivered, so W bounds that memory).
     global:  [ shard 3 | shard 0 | shard 2 | shard 1 ]   (permuted per epoch)
     parts:   [ rank 0      | rank 1      | rank 2      ] (+ dropped / padded tail)
     rank 1:  [ window 0 | window 1 | ... ] -> batches of batch_size
+
+A plan is worked out as it is looked at: making one costs time and memory in
+proportion to the shards (and, resuming, to the old ranks' parts this rank
+takes over), never to the records: a description claiming 10**15 records plans
+at once. Its windows and their reads are computed from positions when they are
+iterated or indexed (`Windows`, `ReadRun`).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
 Remainder = Literal["drop", "pad"]
+
+SEED_LIMIT = 1 << 64  # seeds travel as uint64 on the wire
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,8 +50,8 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.shuffle_window < 0:
             raise ValueError(f"shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.shuffle_window > 1 and not self.shuffle:
@@ -66,12 +75,14 @@ class Window:
     """Reads whose records are concatenated, then the rows `take` delivered in that order
     (None: all, as read). A `take` may leave rows out (a resumed, partly delivered window)."""
 
-    reads: tuple[Read, ...]
+    reads: Sequence[Read]
     take: np.ndarray[Any, np.dtype[np.intp]] | None = None
 
     @property
     def records(self) -> int:
         """Records read (a `take` may deliver fewer of them, in another order)."""
+        if isinstance(self.reads, ReadRun):
+            return self.reads.records
         return sum(r.count for r in self.reads)
 
     @property
@@ -90,12 +101,20 @@ class RankPlan:
     batch_size: int
     records: int  # records this rank delivers this epoch
     batches: int  # equal on every rank
-    windows: tuple[Window, ...]
+    windows: Sequence[Window]  # computed when looked at (see `Windows`)
     trailing_holes: int = 0  # empty slots after the last record (an elastic resume's short part)
 
     @property
     def reads(self) -> tuple[Read, ...]:
+        """Every read, in order (all of them at once: as many as the plan has)."""
         return tuple(r for w in self.windows for r in w.reads)
+
+    @property
+    def read_count(self) -> int:
+        """How many reads the plan has (without making them)."""
+        if isinstance(self.windows, Windows):
+            return self.windows.read_count
+        return sum(len(w.reads) for w in self.windows)
 
     @property
     def last_batch_size(self) -> int:
@@ -133,49 +152,62 @@ def plan_epoch(
     read_records: int,
 ) -> RankPlan:
     """This rank's plan for `epoch`; reads hold at most `read_records` records."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if epoch < 0:
-        raise ValueError(f"epoch must be non-negative, got {epoch}")
-    if read_records < 1:
-        raise ValueError(f"read_records must be positive, got {read_records}")
-    if not shard_records or any(n < 0 for n in shard_records):
-        raise ValueError("shard_records must be a non-empty list of non-negative counts")
-    total = sum(shard_records)
-    if total == 0:
-        raise ValueError("the dataset has no records")
-
-    part, used = rank_records(total, world_size, options)
-    order = shard_order(len(shard_records), epoch=epoch, options=options)
-    first = rank * part  # global position of this rank's first record
-
-    shuffled = options.shuffle and options.shuffle_window > 1
-    window = options.shuffle_window if shuffled else used
-    windows: list[Window] = []
-    seq = 0
-    for w_start in range(0, used, window):
-        w_len = min(window, used - w_start)
-        reads = []
-        for shard, start, count in _runs(
-            shard_records, order, first + w_start, w_len, read_records
-        ):
-            reads.append(Read(seq, shard, start, count))
-            seq += 1
-        take = None
-        if shuffled:
-            take = _rng(options.seed, epoch, 1, first + w_start).permutation(w_len).astype(np.intp)
-        windows.append(Window(tuple(reads), take))
-    batches = -(-used // options.batch_size)
+    grid = epoch_grid(
+        shard_records, epoch=epoch, world_size=world_size, options=options,
+        read_records=read_records,
+    )  # fmt: skip
+    check_rank(rank, world_size)
     return RankPlan(
         epoch=epoch,
         rank=rank,
         world_size=world_size,
         batch_size=options.batch_size,
-        records=used,
-        batches=batches,
-        windows=tuple(windows),
+        records=grid.used,
+        batches=-(-grid.used // options.batch_size),
+        windows=Windows(grid, [(int(rank), 0, grid.used)]),
+    )
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """ValueError unless `world_size` is a positive int and `rank` an int below it."""
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+
+
+def epoch_grid(
+    shard_records: Sequence[int],
+    *,
+    epoch: int,
+    world_size: int,
+    options: PlanOptions,
+    read_records: int,
+) -> Grid:
+    """Every rank's part of `epoch` with `world_size` ranks (checks the arguments)."""
+    check_rank(0, world_size)
+    if not _is_int(epoch) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if not _is_int(read_records) or read_records < 1:
+        raise ValueError(f"read_records must be positive, got {read_records}")
+    counts = tuple(int(n) for n in shard_records)
+    if not counts or any(n < 0 for n in counts):
+        raise ValueError("shard_records must be a non-empty list of non-negative counts")
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("the dataset has no records")
+    part, used = rank_records(total, int(world_size), options)
+    layout = Layout(counts, tuple(shard_order(len(counts), epoch=epoch, options=options)))
+    shuffled = options.shuffle and options.shuffle_window > 1
+    return Grid(
+        layout=layout,
+        part=part,
+        used=used,
+        width=options.shuffle_window if shuffled else used,
+        shuffled=shuffled,
+        limit=int(read_records),
+        seed=options.seed,
+        epoch=int(epoch),
     )
 
 
@@ -186,25 +218,209 @@ def shard_order(n_shards: int, *, epoch: int, options: PlanOptions) -> list[int]
     return [int(i) for i in _rng(options.seed, epoch, 0).permutation(n_shards)]
 
 
-def _runs(
-    shard_records: Sequence[int], order: Sequence[int], position: int, length: int, limit: int
-) -> Iterator[tuple[int, int, int]]:
-    """(shard, start, count) runs covering global positions [position, position + length).
+class Layout:
+    """An epoch's global sequence: the shards' records in epoch order, repeating (the
+    `pad` remainder wraps around). Positions past the end continue at the start."""
 
-    Positions past the end wrap around (the `pad` remainder). Runs break at shard
-    ends and every `limit` records counted from `position`.
-    """
-    total = sum(shard_records)
-    offsets = np.cumsum([0] + [shard_records[s] for s in order])
-    done = 0
-    while done < length:
-        p = (position + done) % total
-        k = int(np.searchsorted(offsets, p, side="right")) - 1
-        shard = order[k]
-        start = p - int(offsets[k])
-        count = min(shard_records[shard] - start, length - done, limit - done % limit)
-        yield shard, start, count
-        done += count
+    def __init__(self, counts: Sequence[int], order: Sequence[int]) -> None:
+        self.counts = tuple(counts)
+        self.order = tuple(order)
+        self.offsets = [0]  # global position of each ordered shard's first record, then total
+        for s in self.order:
+            self.offsets.append(self.offsets[-1] + self.counts[s])
+        self.total = self.offsets[-1]
+        # Where a non-empty shard begins, within one pass: where reads break.
+        self.starts = sorted(
+            {o for o, s in zip(self.offsets[:-1], self.order, strict=True) if self.counts[s]}
+        )
+
+    def runs(self, position: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, start in the shard, count): the shard runs of [position, position + length)."""
+        done = 0
+        while done < length:
+            p = (position + done) % self.total
+            k = bisect.bisect_right(self.offsets, p) - 1
+            shard = self.order[k]
+            start = p - self.offsets[k]
+            count = min(self.counts[shard] - start, length - done)
+            yield shard, start, count
+            done += count
+
+    def breaks(self, a: int, b: int) -> Iterator[int]:
+        """Positions in (a, b) where a shard begins, in order."""
+        for lap in range(a // self.total, (b - 1) // self.total + 1):
+            base = lap * self.total
+            lo = bisect.bisect_right(self.starts, a - base)
+            hi = bisect.bisect_left(self.starts, b - base)
+            for s in self.starts[lo:hi]:
+                yield base + s
+
+
+class ReadRun(Sequence[Read]):
+    """The reads of global positions [origin + lo, origin + hi), worked out on demand:
+    a read breaks at shard ends and every `limit` records counted from `origin`; the
+    first is the plan's `seq`-th read."""
+
+    __slots__ = ("_limit", "_prefix", "_runs", "_seq", "records")
+
+    def __init__(self, layout: Layout, origin: int, lo: int, hi: int, limit: int, seq: int) -> None:
+        self.records = hi - lo
+        self._limit = limit
+        self._seq = seq
+        # Shard runs as (first position relative to origin, end, shard, start in shard).
+        self._runs: list[tuple[int, int, int, int]] = []
+        self._prefix = [0]  # reads before each run
+        pos = lo
+        for shard, start, count in layout.runs(origin + lo, hi - lo):
+            self._runs.append((pos, pos + count, shard, start))
+            self._prefix.append(self._prefix[-1] + (pos + count - 1) // limit - pos // limit + 1)
+            pos += count
+
+    def __len__(self) -> int:
+        return self._prefix[-1]
+
+    @overload
+    def __getitem__(self, i: int) -> Read: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Read, ...]: ...
+    def __getitem__(self, i: int | slice) -> Read | tuple[Read, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"read {i} of {n}")
+        k = bisect.bisect_right(self._prefix, i) - 1
+        return self._read(k, i - self._prefix[k], i)
+
+    def __iter__(self) -> Iterator[Read]:
+        i = 0
+        for k in range(len(self._runs)):
+            for j in range(self._prefix[k + 1] - self._prefix[k]):
+                yield self._read(k, j, i)
+                i += 1
+
+    def _read(self, k: int, j: int, i: int) -> Read:
+        """The j-th read of run k, the i-th of this run of reads."""
+        a, b, shard, start = self._runs[k]
+        block = a // self._limit + j
+        lo = a if j == 0 else block * self._limit
+        hi = min(b, (block + 1) * self._limit)
+        return Read(self._seq + i, shard, start + lo - a, hi - lo)
+
+    def __repr__(self) -> str:
+        return f"ReadRun({len(self)} reads, {self.records} records)"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Grid:
+    """Every rank's part of one epoch: rank r delivers `used` records from global
+    position r * part, in windows of `width` records (one window when not shuffled)."""
+
+    layout: Layout
+    part: int
+    used: int
+    width: int  # records per window
+    shuffled: bool
+    limit: int  # records per read
+    seed: int
+    epoch: int
+
+    def windows_of(self, a: int, b: int) -> tuple[int, int]:
+        """The windows [i0, i1) holding delivered records [a, b) of a rank."""
+        return a // self.width, (b - 1) // self.width + 1
+
+    def window(self, rank: int, i: int, lo: int, hi: int, seq: int) -> Window:
+        """Window i of `rank`, delivering its records [lo, hi) (counted from the rank's
+        first record); its reads are the plan's from the `seq`-th on."""
+        origin = rank * self.part + i * self.width
+        if not self.shuffled:  # one window: a part of it is a part of its reads
+            return Window(ReadRun(self.layout, rank * self.part, lo, hi, self.limit, seq))
+        n = min(self.width, self.used - i * self.width)
+        reads = ReadRun(self.layout, origin, 0, n, self.limit, seq)
+        take = _rng(self.seed, self.epoch, 1, origin).permutation(n).astype(np.intp)
+        a, b = lo - i * self.width, hi - i * self.width
+        return Window(reads, take if (a, b) == (0, n) else take[a:b])
+
+    def reads_in(self, rank: int, a: int, b: int) -> int:
+        """Reads of the windows holding delivered records [a, b) of `rank`."""
+        first = rank * self.part
+        if not self.shuffled:
+            return len(ReadRun(self.layout, first, a, b, self.limit, 0))
+        w, limit = self.width, self.limit
+        i0, i1 = self.windows_of(a, b)
+        end = min(i1 * w, self.used)
+        full = min(i1, self.used // w) - i0  # windows of w records; the last may be shorter
+        n = full * -(-w // limit)
+        if i0 + full < i1:
+            n += -(-(end - (i1 - 1) * w) // limit)
+        for g in self.layout.breaks(first + i0 * w, first + end):
+            x = (g - first) % w
+            n += x != 0 and x % limit != 0  # a shard's start that is not a read's anyway
+        return n
+
+
+class Windows(Sequence[Window]):
+    """A plan's windows, worked out when looked at: the windows of some ranks' delivered
+    records [a, b) of a `Grid`, in the order of `pieces` (rank, a, b), reads numbered
+    on. A piece never merges with the next, even where they meet."""
+
+    __slots__ = ("_grid", "_pieces", "_seqs", "_starts")
+
+    def __init__(self, grid: Grid, pieces: Sequence[tuple[int, int, int]]) -> None:
+        self._grid = grid
+        self._pieces = tuple(pieces)
+        self._starts = [0]  # windows before each piece
+        self._seqs = [0]  # reads before each piece
+        for rank, a, b in self._pieces:
+            i0, i1 = grid.windows_of(a, b)
+            self._starts.append(self._starts[-1] + i1 - i0)
+            self._seqs.append(self._seqs[-1] + grid.reads_in(rank, a, b))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def read_count(self) -> int:
+        """How many reads the windows have."""
+        return self._seqs[-1]
+
+    @overload
+    def __getitem__(self, i: int) -> Window: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Window, ...]: ...
+    def __getitem__(self, i: int | slice) -> Window | tuple[Window, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"window {i} of {n}")
+        p = bisect.bisect_right(self._starts, i) - 1
+        rank, a, b = self._pieces[p]
+        i0, _ = self._grid.windows_of(a, b)
+        k = i0 + i - self._starts[p]
+        w = self._grid.width
+        seq = self._seqs[p] + (self._grid.reads_in(rank, a, k * w) if k > i0 else 0)
+        return self._grid.window(rank, k, max(a, k * w), min(b, (k + 1) * w), seq)
+
+    def __iter__(self) -> Iterator[Window]:
+        grid, w = self._grid, self._grid.width
+        for (rank, a, b), seq in zip(self._pieces, self._seqs, strict=False):
+            i0, i1 = grid.windows_of(a, b)
+            for k in range(i0, i1):
+                window = grid.window(rank, k, max(a, k * w), min(b, (k + 1) * w), seq)
+                seq += len(window.reads)
+                yield window
+
+    def __repr__(self) -> str:
+        return f"Windows({len(self)} windows, {self.read_count} reads)"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _rng(seed: int, epoch: int, purpose: int, key: int = 0) -> np.random.Generator:

@@ -235,6 +235,24 @@ class WorkerPool:
         conn.down_until = asyncio.get_running_loop().time() + delay
         log.info("worker %s: %s; no new reads for %.2fs", conn.address, error, delay)
 
+    def has_room_besides(self, conn: Conn) -> bool:
+        """Whether another worker could take a read now (usable and under its share)."""
+        now = asyncio.get_running_loop().time()
+        return any(
+            c is not conn
+            and not c.excluded
+            and c.serving
+            and c.down_until <= now
+            and c.outstanding < self.options.reads_per_worker
+            for c in self.conns
+        )
+
+    def exclude(self, conn: Conn, why: str) -> None:
+        """No more reads for a worker that broke the wire contract (for this loader)."""
+        conn.excluded = why
+        log.error("worker %s gets no more reads: %s", conn.address, why)
+        self._changed.set()  # whoever waits for it should look again
+
     def suspect(self, conn: Conn) -> None:
         """No reads for `conn` until its health service answers SERVING again."""
         suspect(conn)

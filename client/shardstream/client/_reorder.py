@@ -20,17 +20,20 @@ T = TypeVar("T")
 class ReorderBuffer(Generic[T]):
     """Releases items in (read seq, offset) order; holds at most `window` reads open.
 
-    `counts[seq]` is the number of records read `seq` brings. `put` accepts an
-    item of `n` records at `offset` within its read; `pop` returns the items
+    `counts[seq]` is the number of records read `seq` brings; or `counts` is just the
+    number of reads, and each read's count is given by `expect(seq, count)` when it
+    starts (memory then stays within the window, whatever the plan's length). `put`
+    accepts an item of `n` records at `offset` within its read; `pop` returns the items
     that are next in plan order.
     """
 
-    def __init__(self, counts: Sequence[int], window: int) -> None:
+    def __init__(self, counts: Sequence[int] | int, window: int) -> None:
         if window < 1:
             raise ValueError(f"window must be positive, got {window}")
-        self._counts = list(counts)
+        self._total = counts if isinstance(counts, int) else len(counts)
+        self._counts: dict[int, int] = {} if isinstance(counts, int) else dict(enumerate(counts))
         self._window = window
-        self._received = [0] * len(self._counts)
+        self._received: dict[int, int] = {}
         self._pending: dict[int, deque[tuple[int, T]]] = {}
         self._head = 0  # first read not yet fully released
         self._released = 0  # records of the head read already released
@@ -42,7 +45,19 @@ class ReorderBuffer(Generic[T]):
 
     @property
     def done(self) -> bool:
-        return self._head >= len(self._counts)
+        return self._head >= self._total
+
+    def expect(self, seq: int, count: int) -> None:
+        """Read `seq` brings `count` records (before any of them is put)."""
+        if not 0 <= seq < self._total:
+            raise ReorderError(f"read {seq} is not in the plan ({self._total} reads)")
+        if seq < self._head or self._received.get(seq, 0):
+            raise ReorderError(f"read {seq} is already under way")
+        self._counts[seq] = count
+
+    def widen(self, window: int) -> None:
+        """Hold at least `window` reads open (a shuffle window needs all of its reads)."""
+        self._window = max(self._window, window)
 
     def depth(self) -> int:
         """Items held, waiting for an earlier read."""
@@ -54,23 +69,28 @@ class ReorderBuffer(Generic[T]):
 
     def received(self, seq: int) -> int:
         """Records of read `seq` received so far: where a resumed read starts."""
-        return self._received[seq]
+        return self._received.get(seq, 0)
 
     def put(self, seq: int, offset: int, n: int, item: T) -> None:
-        if not 0 <= seq < len(self._counts):
-            raise ReorderError(f"read {seq} is not in the plan ({len(self._counts)} reads)")
+        if not 0 <= seq < self._total:
+            raise ReorderError(f"read {seq} is not in the plan ({self._total} reads)")
         if not self.admits(seq):
             raise ReorderError(f"read {seq} is past the window (head {self._head})")
-        expected = self._received[seq]
+        count = self._counts.get(seq)
+        if count is None and seq < self._head:
+            raise ReorderError(  # its count is forgotten: a duplicate or an overrun
+                f"read {seq}: {n} records at {offset}: a duplicate or overrun of a complete read"
+            )
+        if count is None:
+            raise ReorderError(f"read {seq}: records of a read not started")
+        expected = self._received.get(seq, 0)
         if offset != expected:
             kind = "duplicate" if offset < expected else "gap"
             raise ReorderError(
                 f"read {seq}: {kind}: got records from {offset}, expected {expected}"
             )
-        if n < 1 or expected + n > self._counts[seq]:
-            raise ReorderError(
-                f"read {seq}: {n} records at {offset} overrun its {self._counts[seq]} records"
-            )
+        if n < 1 or expected + n > count:
+            raise ReorderError(f"read {seq}: {n} records at {offset} overrun its {count} records")
         self._received[seq] = expected + n
         self._pending.setdefault(seq, deque()).append((n, item))
 
@@ -84,9 +104,12 @@ class ReorderBuffer(Generic[T]):
                 n, item = queue.popleft()
                 self._released += n
                 out.append(item)
-            if self._released < self._counts[self._head]:
+            count = self._counts.get(self._head)
+            if count is None or self._released < count:
                 break
             self._pending.pop(self._head, None)
+            self._counts.pop(self._head, None)
+            self._received.pop(self._head, None)
             self._head += 1
             self._released = 0
         return out

@@ -1,14 +1,19 @@
 """Resuming an epoch part-way, with the same or a different world size.
 
-A rank's plan is a list of windows; each delivers the rows `take` of its
-reads' records (all of them, in order, when `take` is None). Resuming works
-on that form alone:
+Every rank of the epoch's first world size delivers `used` records; side by
+side, in rank order, they form the sequence S of the epoch's deliveries. An
+interruption of a job of n ranks that had consumed k batches each turns the
+sequence that job was splitting into the sequence of what it had not
+delivered yet: cut it into n equal parts (`split`: sizes differing by at
+most one), and keep each part's records after its first k batches. The next
+job splits that sequence again, and so on; the last split gives each rank of
+the resumed job its part. A part one record shorter than the others ends with
+a hole, so every rank still has the same number of batch slots (equal steps).
 
-- `drop_front(windows, n)`: what remains after the first n delivered records;
-- the remains of every old rank, in rank order, form the sequence of records
-  not yet delivered this epoch; `split` cuts it into equal parts for the new
-  world size. A part one record shorter than the others ends with a hole, so
-  every rank still has the same number of batch slots (equal steps).
+Only this rank's part is ever worked out: it is mapped back, interruption by
+interruption, to runs of the first ranks' deliveries, and those to windows and
+reads (`Windows`), so a resume costs what this rank reads, whatever the world
+sizes and the size of the dataset.
 
 Resuming with the world size unchanged gives each rank exactly the rest of
 its own plan, so a resumed run is identical to an uninterrupted one.
@@ -16,10 +21,18 @@ its own plan, so a resumed run is identical to an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from shardstream.client._planner import PlanOptions, RankPlan, Read, Window, plan_epoch
+from shardstream.client._planner import (
+    PlanOptions,
+    RankPlan,
+    Windows,
+    check_rank,
+    epoch_grid,
+    plan_epoch,
+)
+from shardstream.client.errors import StateMismatchError
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,44 +43,46 @@ class Interruption:
     batches: int
 
 
-def _cut_reads(reads: Sequence[Read], a: int, b: int) -> tuple[Read, ...]:
-    """The records [a, b) of the reads' concatenation, as reads."""
-    out = []
-    pos = 0
-    for r in reads:
-        lo, hi = max(a, pos), min(b, pos + r.count)
-        if lo < hi:
-            out.append(Read(0, r.shard, r.start + lo - pos, hi - lo))
-        pos += r.count
-    return tuple(out)
+def split(length: int, parts: int, part: int) -> tuple[int, int, int]:
+    """(first, size, slots) of `part` when `length` records are cut into `parts` parts
+    whose sizes differ by at most one; every part has the larger size in slots."""
+    q, extra = divmod(length, parts)
+    return part * q + min(part, extra), q + (part < extra), q + (extra > 0)
 
 
-def slice_windows(windows: Sequence[Window], a: int, b: int) -> list[Window]:
-    """The windows delivering records [a, b) of what `windows` deliver."""
-    out = []
-    pos = 0
-    for w in windows:
-        n = w.delivered
-        lo, hi = max(a, pos), min(b, pos + n)
-        if lo < hi:
-            if w.take is None:
-                out.append(Window(_cut_reads(w.reads, lo - pos, hi - pos)))
-            else:
-                out.append(Window(w.reads, w.take[lo - pos : hi - pos]))
-        pos += n
-    return out
+@dataclass(frozen=True, slots=True)
+class _Rest:
+    """What a job of `parts` ranks had not delivered when interrupted after `done`
+    records each, of a sequence of `length` records it was splitting: part j's
+    records after its first `done`, side by side in part order."""
 
+    length: int
+    parts: int
+    done: int
 
-def _renumber(windows: Sequence[Window]) -> tuple[Window, ...]:
-    seq = 0
-    out = []
-    for w in windows:
-        reads = []
-        for r in w.reads:
-            reads.append(replace(r, seq=seq))
-            seq += 1
-        out.append(Window(tuple(reads), w.take))
-    return tuple(out)
+    @property
+    def _sizes(self) -> tuple[int, int, int]:
+        """(parts of the larger size, what remains of each of those, of the others)."""
+        q, extra = divmod(self.length, self.parts)
+        return extra, q + 1 - min(self.done, q + 1), q - min(self.done, q)
+
+    @property
+    def size(self) -> int:
+        """Records in this sequence (not `len()`: that stops at 2**63)."""
+        extra, big, small = self._sizes
+        return extra * big + (self.parts - extra) * small
+
+    def sources(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """Records [a, b) of this sequence as runs of the sequence split, one per part."""
+        extra, big, small = self._sizes
+        j = a // big if a < extra * big else extra + (a - extra * big) // small
+        while a < b:
+            at = j * big if j < extra else extra * big + (j - extra) * small  # j's start here
+            first, size, _ = split(self.length, self.parts, j)
+            start = first + min(self.done, size)  # j's rest starts there in the sequence split
+            end = min(b, at + (big if j < extra else small))
+            yield start + a - at, start + end - at
+            a, j = end, j + 1
 
 
 def resume_plan(
@@ -81,59 +96,60 @@ def resume_plan(
     history: Sequence[Interruption],
 ) -> RankPlan:
     """The plan of `rank` in `world_size` for the rest of an epoch interrupted as `history` says
-    (oldest first: the epoch started with history[0].world_size ranks)."""
+    (oldest first: the epoch started with history[0].world_size ranks).
+
+    Raises `StateMismatchError` for an interruption after more batches than its job had."""
     if not history:
         return plan_epoch(
             shard_records, epoch=epoch, rank=rank, world_size=world_size, options=options,
             read_records=read_records,
         )  # fmt: skip
+    check_rank(rank, world_size)
     b = options.batch_size
-    first = history[0]
-    ranks: list[list[Window]] = []
-    for r in range(first.world_size):
-        plan = plan_epoch(
-            shard_records, epoch=epoch, rank=r, world_size=first.world_size, options=options,
-            read_records=read_records,
-        )  # fmt: skip
-        ranks.append(list(plan.windows))
-    slots = [sum(w.delivered for w in ws) for ws in ranks]
+    for cut in history:
+        if not (isinstance(cut.world_size, int) and isinstance(cut.batches, int)) or (
+            cut.world_size < 1 or cut.batches < 0
+        ):
+            raise StateMismatchError(f"an impossible interruption in the state: {cut}")
+    grid = epoch_grid(
+        shard_records, epoch=epoch, world_size=history[0].world_size, options=options,
+        read_records=read_records,
+    )  # fmt: skip
+    rests: list[_Rest] = []
+    length = history[0].world_size * grid.used  # S: every first rank's deliveries
     for step, cut in enumerate(history):
-        new_size = history[step + 1].world_size if step + 1 < len(history) else world_size
-        # What every old rank has not delivered yet, in rank order.
-        remains: list[Window] = []
-        for ws, n in zip(ranks, slots, strict=True):
-            done = min(cut.batches * b, n)
-            total = sum(w.delivered for w in ws)
-            remains += slice_windows(ws, min(done, total), total)
-        ranks, slots = split(remains, new_size)
-    windows = _renumber(ranks[rank])
-    n_slots = slots[rank]
-    records = sum(w.delivered for w in windows)
+        *_, slots = split(length, cut.world_size, 0)
+        batches = -(-slots // b)
+        if cut.batches > batches:
+            when = f" after {step} interruption(s)" if step else ""
+            raise StateMismatchError(
+                f"the state says {cut.batches} batches of epoch {epoch} were consumed with "
+                f"world_size={cut.world_size}{when}, but the epoch has {batches}: "
+                "a state of another dataset or options?"
+            )
+        rests.append(_Rest(length, cut.world_size, min(cut.batches * b, slots)))
+        length = rests[-1].size
+    first, size, n_slots = split(length, world_size, rank)
+    runs = [(first, first + size)] if size else []
+    for rest in reversed(rests):
+        runs = [run for a, z in runs for run in rest.sources(a, z)]
+    pieces = []  # runs of S as (first rank, delivered records [a, z)), never across ranks
+    for a, z in runs:
+        while a < z:
+            r, x = divmod(a, grid.used)
+            end = min(z, (r + 1) * grid.used)
+            pieces.append((r, x, x + end - a))
+            a = end
     return RankPlan(
         epoch=epoch,
         rank=rank,
         world_size=world_size,
         batch_size=b,
-        records=records,
+        records=size,
         batches=-(-n_slots // b),
-        windows=windows,
-        trailing_holes=n_slots - records,
+        windows=Windows(grid, pieces),
+        trailing_holes=n_slots - size,
     )
 
 
-def split(windows: Sequence[Window], world_size: int) -> tuple[list[list[Window]], list[int]]:
-    """Cut what `windows` deliver into `world_size` contiguous parts, sizes differing by at
-    most one; every part gets the larger size in slots (the shorter ends with a hole)."""
-    total = sum(w.delivered for w in windows)
-    q, extra = divmod(total, world_size)
-    slots = q + (1 if extra else 0)
-    parts = []
-    pos = 0
-    for r in range(world_size):
-        size = q + (1 if r < extra else 0)
-        parts.append(slice_windows(windows, pos, pos + size))
-        pos += size
-    return parts, [slots] * world_size
-
-
-__all__ = ["Interruption", "resume_plan", "slice_windows", "split"]
+__all__ = ["Interruption", "resume_plan", "split"]

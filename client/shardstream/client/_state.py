@@ -67,12 +67,19 @@ class LoaderState:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateMismatchError(f"not a shardstream loader state: {exc!r}") from None
-        if out.epoch < 0 or out.batches < 0 or out.world_size < 1:
-            raise StateMismatchError(f"a state with impossible values: {state}")
+        if (
+            out.epoch < 0
+            or out.batches < 0
+            or out.world_size < 1
+            or not 0 <= out.rank < out.world_size
+            or any(h.world_size < 1 or h.batches < 0 for h in out.history)
+        ):
+            raise StateMismatchError(f"a state with impossible values: {dict(state)}")
         return out
 
     def interruptions(self) -> tuple[Interruption, ...]:
-        """Everything that cut this epoch short, for `resume_plan`."""
+        """Everything that cut this epoch short, for `resume_plan` (which refuses, with
+        `StateMismatchError`, one after more batches than the epoch had then)."""
         if self.batches == 0 and not self.history:
             return ()
         return (*self.history, Interruption(self.world_size, self.batches))

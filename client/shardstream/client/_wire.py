@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from shardstream.client.errors import (
     AccessDeniedError,
     DataLossError,
     InvalidRequestError,
+    MessageTooLargeError,
     NotFoundError,
     ProtocolError,
     ShardChangedError,
@@ -58,6 +60,28 @@ class Piece:
     start: int
     count: int
     arrays: Arrays
+    shard: str = ""  # the id the chunk names
+
+
+def check_piece(piece: Piece, schema: tuple[FieldSpec, ...], shard: str) -> None:
+    """Refuse a chunk that is not records of `shard` as `schema` describes them: every
+    field once, with its dtype and per-record shape (ProtocolError saying what differs)."""
+    if piece.shard != shard:
+        raise ProtocolError(f"a chunk of shard {piece.shard!r} in a read of shard {shard!r}")
+    names = {f.name for f in schema}
+    if piece.arrays.keys() != names:
+        missing = sorted(names - piece.arrays.keys())
+        extra = sorted(piece.arrays.keys() - names)
+        raise ProtocolError(
+            f"a chunk's tensors do not match the schema: missing {missing}, unexpected {extra}"
+        )
+    for spec in schema:
+        array = piece.arrays[spec.name]
+        if array.dtype != np.dtype(spec.dtype) or array.shape[1:] != spec.shape:
+            raise ProtocolError(
+                f"tensor {spec.name!r} is {array.dtype.name}{list(array.shape[1:])} per record, "
+                f"the schema says {spec.dtype}{list(spec.shape)}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +92,62 @@ class StreamEnd:
     draining: bool
 
 
+# What no description can hold: more records than a float counts exactly, a record that
+# no gRPC message (at most 2 GiB) can carry, more dimensions than numpy's arrays have.
+MAX_RECORDS = 1 << 53
+MAX_RECORD_BYTES = (1 << 31) - 1
+MAX_DIMS = 31  # per record; a batch adds one (numpy: 32 at least)
+
+
 def _dataset_desc(info: pb.DatasetInfo) -> DatasetDesc:
+    """A worker's description, checked: anything that cannot be right is a ProtocolError
+    (naming no worker: the caller knows which one answered)."""
+
+    def bad(what: str) -> ProtocolError:
+        return ProtocolError(f"the description of dataset {info.name!r} {what}")
+
+    ids: set[str] = set()
+    total = 0
+    for s in info.shards:
+        if not s.id or s.id in ids:
+            raise bad(f"lists shard {s.id!r} twice" if s.id else "has a shard without an id")
+        ids.add(s.id)
+        if s.records < 0:
+            raise bad(f"gives shard {s.id!r} {s.records} records")
+        total += s.records
+    if total > MAX_RECORDS:
+        raise bad(f"claims {total} records, more than 2**53")
+    if info.total_records and info.total_records != total:
+        raise bad(f"claims {info.total_records} records, its shards {total}")
+    if not info.schema:
+        raise bad("has no fields (an empty schema)")
+    schema: list[FieldSpec] = []
+    names: set[str] = set()
+    for f in info.schema:
+        what = f"field {f.name!r}"
+        if not f.name or f.name in names:
+            raise bad(f"lists {what} twice" if f.name else "has a field without a name")
+        names.add(f.name)
+        try:
+            dtype = dtype_from_code(f.dtype)
+        except ValueError:
+            raise bad(f"gives {what} the unknown dtype code {f.dtype}") from None
+        shape = tuple(f.shape)
+        if (
+            len(shape) > MAX_DIMS
+            or any(d < 0 for d in shape)
+            or math.prod(shape) * dtype.itemsize > MAX_RECORD_BYTES
+        ):
+            raise bad(
+                f"gives {what} the shape {list(shape)}: at most {MAX_DIMS} dimensions, none "
+                f"negative, at most {MAX_RECORD_BYTES} bytes a record"
+            )
+        schema.append(FieldSpec(name=f.name, dtype=dtype.name, shape=shape))
     return DatasetDesc(
         name=info.name,
         format=info.format,
         shards=tuple(ShardDesc(s.id, s.records, s.fingerprint) for s in info.shards),
-        schema=tuple(
-            FieldSpec(name=f.name, dtype=dtype_from_code(f.dtype).name, shape=tuple(f.shape))
-            for f in info.schema
-        ),
+        schema=tuple(schema),
         fingerprint=info.fingerprint,
     )
 
@@ -106,10 +177,10 @@ def decode_response(data: bytes) -> Piece | StreamEnd:
     """Turn one streamed message into a Piece (arrays viewing the message) or an End."""
     if is_chunk(data):
         try:
-            start, count, arrays = parse_chunk(data)
+            start, count, shard, arrays = parse_chunk(data)
         except ValueError as exc:
             raise ProtocolError(f"malformed chunk: {exc}") from None
-        return Piece(start, count, arrays)
+        return Piece(start, count, arrays, shard)
     try:
         msg = pb.ReadResponse.FromString(data)
     except DecodeError as exc:
@@ -176,7 +247,20 @@ RETRYABLE = frozenset(
     }
 )
 
+# Set by a worker on RESOURCE_EXHAUSTED when it is only full (retry later or elsewhere);
+# without it, RESOURCE_EXHAUSTED is a message over a size limit, which no retry cures.
+BUSY_HEADER = "shardstream-busy"
+
+
+def is_retryable(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the same read may succeed later or on another worker."""
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return any(k == BUSY_HEADER for k, _ in exc.trailing_metadata() or ())
+    return exc.code() in RETRYABLE
+
+
 _ERRORS: Mapping[grpc.StatusCode, type[WorkerError]] = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: MessageTooLargeError,
     grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.FAILED_PRECONDITION: ShardChangedError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -192,8 +276,14 @@ def worker_error(exc: grpc.aio.AioRpcError, *, worker: str, dataset: str = "") -
     meta = {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
     record = meta.get("shardstream-record")
     cls = _ERRORS.get(exc.code(), WorkerError)
+    message = exc.details() or exc.code().name
+    if cls is MessageTooLargeError:
+        message += (
+            " (a message over a size limit, not a busy worker: raise the loader's "
+            "max_message_bytes, or lower the workers' --chunk-bytes)"
+        )
     return cls(
-        exc.details() or exc.code().name,
+        message,
         worker=worker,
         dataset=meta.get("shardstream-dataset") or dataset,
         shard=meta.get("shardstream-shard", ""),

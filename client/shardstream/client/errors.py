@@ -11,6 +11,7 @@
           ├── NotFoundError       unknown dataset or shard
           ├── InvalidRequestError a request the worker considers malformed
           ├── AccessDeniedError   missing or wrong credentials
+          ├── MessageTooLargeError a message over a gRPC size limit (max_message_bytes)
           └── ProtocolError       a stream that breaks the wire contract
                └── ReorderError   a chunk that does not fit the plan order (duplicate, gap)
 
@@ -30,6 +31,7 @@ __all__ = [
     "DataLossError",
     "DatasetMismatchError",
     "InvalidRequestError",
+    "MessageTooLargeError",
     "NotFoundError",
     "ProtocolError",
     "ReorderError",
@@ -118,6 +120,11 @@ class InvalidRequestError(WorkerError):
 
 class AccessDeniedError(WorkerError):
     """Credentials missing or refused (UNAUTHENTICATED, PERMISSION_DENIED)."""
+
+
+class MessageTooLargeError(WorkerError):
+    """A message over a gRPC size limit (RESOURCE_EXHAUSTED without the worker's busy
+    mark): raise the client's `max_message_bytes` or lower the worker's chunk size."""
 
 
 class ProtocolError(WorkerError):

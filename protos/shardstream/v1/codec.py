@@ -78,6 +78,17 @@ class FieldSpec:
         return f"{self.name}:{self.dtype}[{dims}]"
 
 
+# Bytes a chunk message needs beyond its tensor data and its shard id: tags, lengths,
+# names, shapes (a bound both sides size messages with).
+CHUNK_OVERHEAD = 1024
+
+
+def chunk_limit(schema: tuple[FieldSpec, ...], shard_id_bytes: int, max_message_bytes: int) -> int:
+    """Most records one chunk message of `max_message_bytes` can hold (0: not even one)."""
+    room = max_message_bytes - CHUNK_OVERHEAD - shard_id_bytes
+    return max(0, room) // max(1, record_bytes(schema))
+
+
 def record_bytes(schema: tuple[FieldSpec, ...]) -> int:
     """Bytes one record takes over all fields of a schema."""
     return sum(f.record_bytes for f in schema)

@@ -128,14 +128,16 @@ class ReadRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("start", "count", "tensors")
+    __slots__ = ("start", "count", "tensors", "shard")
     START_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     start: int
     count: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    shard: str
+    def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class End(_message.Message):
     __slots__ = ("records_sent", "reason")

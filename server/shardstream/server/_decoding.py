@@ -75,9 +75,10 @@ def read_chunk(
     start: int,
     count: int,
     schema: tuple[FieldSpec, ...],
+    shard_id: str = "",
 ) -> bytes:
     """Decode records [start, start + count) of a shard into a serialized chunk."""
-    return encode_chunk(start, decode_checked(ref, path, stamp, start, count, schema))
+    return encode_chunk(start, decode_checked(ref, path, stamp, start, count, schema), shard_id)
 
 
 def read_chunk_into(
@@ -88,13 +89,14 @@ def read_chunk_into(
     start: int,
     count: int,
     schema: tuple[FieldSpec, ...],
+    shard_id: str = "",
 ) -> int:
     """`read_chunk`, serialized into the shared-memory buffer named `buffer`; its size.
 
     The headers are written first and the decoder fills the tensors' room in place
     (`Decoder.read_into`): npz ranges go from the file straight into the buffer."""
     check_unchanged(path, stamp)
-    size, views = layout_chunk_into(attach(buffer), start, count, schema)
+    size, views = layout_chunk_into(attach(buffer), start, count, schema, shard_id)
     try:
         decoder(ref).read_into(path, start, count, views, schema)
     finally:

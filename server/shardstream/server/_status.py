@@ -42,6 +42,8 @@ STATUS: dict[type[RequestError], grpc.StatusCode] = {
     DataLossError: grpc.StatusCode.DATA_LOSS,
 }
 
+BUSY_HEADER = "shardstream-busy"
+
 # Refusals a client retries elsewhere: routine, so counted but not logged as warnings.
 _ROUTINE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
@@ -76,6 +78,10 @@ class StatusOnError:
         ]
         if exc.record is not None:
             metadata.append(("shardstream-record", str(exc.record)))
+        if isinstance(exc, BusyError):
+            # RESOURCE_EXHAUSTED is also gRPC's code for a message over a size limit,
+            # which no retry cures: this tells a client the worker is only full.
+            metadata.append((BUSY_HEADER, "1"))
         if code not in _ROUTINE:
             log.warning("%s: %s", code.name, exc)
         await self._context.abort(code, str(exc), trailing_metadata=tuple(metadata))

@@ -24,7 +24,7 @@ from shardstream.server._config import WorkerConfig
 from shardstream.server._decoding import read_chunk, read_chunk_into
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._wire import CHUNK_OVERHEAD, ReadArgs, encode_end
+from shardstream.server._wire import ReadArgs, encode_end
 from shardstream.server.errors import (
     DataLossError,
     DecodeError,
@@ -32,6 +32,7 @@ from shardstream.server.errors import (
     ShardChanged,
     ShardChangedError,
 )
+from shardstream.v1.codec import chunk_limit
 
 log = logging.getLogger("shardstream.worker")
 
@@ -58,7 +59,9 @@ class ChunkStreamer:
         """Records per chunk: `chunk_bytes`' worth, fitting a message and the client's cap."""
         per_record = max(1, ds.record_bytes)
         by_size = max(1, self._config.chunk_bytes // per_record)
-        by_max = max(1, (self._config.max_message_bytes - CHUNK_OVERHEAD) // per_record)
+        by_max = max(
+            1, chunk_limit(ds.schema, len(args.shard.encode()), self._config.max_message_bytes)
+        )
         n = min(by_size, by_max)
         if args.max_chunk_records > 0:
             n = min(n, args.max_chunk_records)
@@ -73,7 +76,7 @@ class ChunkStreamer:
 
         def submit(s: int) -> asyncio.Future[bytes]:
             submitted[0] = loop.time()
-            job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema)
+            job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema, shard.id)
             if self._buffers is None:
                 return loop.run_in_executor(self._executor, read_chunk, *job)
             return asyncio.ensure_future(self._decode_shared(self._buffers, job))

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
 
 SERVICE = "shardstream.v1.Worker"
 
-# Bytes a chunk needs beyond its tensor data: tags, lengths, names, shapes.
-CHUNK_OVERHEAD = 1024
-
 
 def _varint(n: int) -> bytes:
     if n < 0:
@@ -49,13 +46,22 @@ def _int_key(field: int) -> bytes:
     return _varint(field << 3)
 
 
-def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
-    """A serialized `ReadResponse{chunk}` holding records [start, start + count)."""
-    return b"".join(_chunk_parts(start, arrays))
+def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]], shard: str = "") -> bytes:
+    """A serialized `ReadResponse{chunk}` holding records [start, start + count) of `shard`."""
+    return b"".join(_chunk_parts(start, arrays, shard))
+
+
+def _chunk_head(start: int, count: int, shard: str) -> list[bytes]:
+    """A Chunk's fields before its tensors: start, count and the shard's id."""
+    head = [_int_key(1), _varint(start), _int_key(2), _varint(count)]
+    if shard:
+        shard_b = shard.encode()
+        head += [_len_key(4), _varint(len(shard_b)), shard_b]
+    return head
 
 
 def layout_chunk_into(
-    buf: memoryview, start: int, count: int, schema: tuple[FieldSpec, ...]
+    buf: memoryview, start: int, count: int, schema: tuple[FieldSpec, ...], shard: str = ""
 ) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
     """Write a chunk's protobuf headers into `buf` and leave room for its tensors.
 
@@ -64,8 +70,8 @@ def layout_chunk_into(
     completes the same bytes `encode_chunk` would produce, without an intermediate copy.
     """
     body: list[bytes | tuple[str, np.dtype[Any], tuple[int, ...]]] = [
-        _int_key(1), _varint(start), _int_key(2), _varint(count),
-    ]  # fmt: skip
+        *_chunk_head(start, count, shard)
+    ]
     for spec in schema:
         dtype = np.dtype(spec.dtype).newbyteorder("<")
         shape = (count, *spec.shape)
@@ -111,11 +117,11 @@ def _tensor_header(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], nbyt
 
 
 def _chunk_parts(
-    start: int, arrays: Mapping[str, np.ndarray[Any, Any]]
+    start: int, arrays: Mapping[str, np.ndarray[Any, Any]], shard: str
 ) -> list[bytes | memoryview]:
     """The pieces of a serialized chunk: protobuf headers and the arrays' own memory."""
     count = len(next(iter(arrays.values())))
-    body: list[bytes | memoryview] = [_int_key(1), _varint(start), _int_key(2), _varint(count)]
+    body: list[bytes | memoryview] = [*_chunk_head(start, count, shard)]
     for name, array in arrays.items():
         a = np.ascontiguousarray(array)
         if a.dtype.byteorder == ">":
