@@ -114,7 +114,7 @@ async def test_a_state_past_the_end_of_its_epoch_is_refused(npz_root: Path) -> N
                 pass
         # A later epoch's state: refused when it is loaded too.
         later = {**past, "epoch": 2}
-        with pytest.raises(StateMismatchError, match="of epoch 2 .* but the epoch has"):
+        with pytest.raises(StateMismatchError, match=r"of epoch 2 .* but the epoch has"):
             async with Loader([worker.address], dataset="train", state=later, **opts):
                 pass
         # The epoch's very end is an empty rest, which is right.

@@ -102,35 +102,44 @@ def test_npz_rereads_a_changed_file(tmp_path: Path, npz: NpzDecoder) -> None:
     _assert_rows(npz.read(path, 6, 3), _load(path), 6, 3)
 
 
-def test_npz_compressed_fallback_caches_two_shards(
+def test_npz_compressed_members_are_inflated_as_streams(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, npz: NpzDecoder
 ) -> None:
+    """Deflated members are never loaded whole: a read inflates up to its rows, and the
+    next read of the stream continues where the last one stopped."""
+    import zlib
+
     paths = []
     for i in range(3):
         path = tmp_path / f"c{i}.npz"
         np.savez_compressed(path, x=np.arange(10) + 100 * i, y=np.arange(20.0).reshape(10, 2))
         paths.append(path)
-    loads: list[str] = []
-    read_array = npformat.read_array
 
-    def counting(fp: Any, **kwargs: Any) -> Any:
-        loads.append(fp.name)
-        return read_array(fp, **kwargs)
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a compressed member was loaded whole")
 
-    monkeypatch.setattr(npformat, "read_array", counting)
-    assert npz.index(paths[0]).records == 10
+    starts: list[int] = []  # one per inflating from a member's first byte
+    decompressobj = zlib.decompressobj
+
+    def counting(*args: Any) -> Any:
+        starts.append(1)
+        return decompressobj(*args)
+
+    monkeypatch.setattr(npformat, "read_array", refuse)
+    monkeypatch.setattr(zlib, "decompressobj", counting)
+    assert npz.index(paths[0]).records == 10  # headers, then a CRC check of each member
+    starts.clear()
     got = npz.read(paths[0], 3, 4)
     assert got["x"].tolist() == [3, 4, 5, 6]
     assert got["y"].tolist() == [[6.0, 7.0], [8.0, 9.0], [10.0, 11.0], [12.0, 13.0]]
-    assert npz.read(paths[0], 9, 1)["x"].tolist() == [9]
-    assert loads == ["x.npy", "y.npy"]  # loaded once, then served from the cache
-    got["x"][:] = -1  # the caller owns its arrays: the cache is not touched
-    assert npz.read(paths[0], 3, 1)["x"].tolist() == [3]
+    assert len(starts) == 2  # x and y, from their first bytes
+    assert npz.read(paths[0], 7, 2)["x"].tolist() == [7, 8]
+    assert len(starts) == 2  # continued where the last read stopped
+    got["x"][:] = -1  # the caller owns its arrays
+    assert npz.read(paths[0], 3, 1)["x"].tolist() == [3]  # before the kept positions
+    assert len(starts) == 4
     assert npz.read(paths[1], 0, 1)["x"].tolist() == [100]
-    assert npz.read(paths[2], 0, 1)["x"].tolist() == [200]
-    assert len(loads) == 6
-    assert npz.read(paths[0], 0, 1)["x"].tolist() == [0]  # evicted: loaded again
-    assert len(loads) == 8
+    assert npz.read(paths[2], 9, 1)["x"].tolist() == [209]  # the end: CRC checked
 
 
 def test_npz_big_endian_and_fortran(tmp_path: Path, npz: NpzDecoder) -> None:

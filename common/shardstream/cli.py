@@ -1,4 +1,5 @@
-"""The `shardstream` command: worker, make-dataset, health, inspect, consume, audit, demo."""
+"""The `shardstream` command: worker, index, make-dataset, health, inspect, consume, audit,
+demo."""
 
 from __future__ import annotations
 
@@ -119,13 +120,24 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shardstream.server.cli import add_make_dataset_args, add_worker_args
+    from shardstream.server.cli import (
+        UsageParser,
+        add_index_args,
+        add_make_dataset_args,
+        add_worker_args,
+    )
 
-    parser = argparse.ArgumentParser(prog="shardstream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = UsageParser(prog="shardstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)  # of the same parser class
 
     p = sub.add_parser("worker", help="serve datasets to clients")
     add_worker_args(p)
+    p = sub.add_parser(
+        "index",
+        help="read every shard of datasets as a worker would and write their manifest "
+        "(for worker --manifest)",
+    )
+    add_index_args(p)
     p = sub.add_parser("make-dataset", help="write synthetic shards")
     add_make_dataset_args(p)
     p = sub.add_parser("health", help="exit 0 iff a worker reports SERVING")
@@ -199,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shardstream.server.cli import make_dataset_command
 
         return make_dataset_command(args)
+    if args.command == "index":
+        from shardstream.server.cli import index_command
+
+        return index_command(args)
     commands = {
         "health": _health, "inspect": _inspect, "demo": _demo, "audit": _audit,
         "consume": _consume,
@@ -208,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def health_main(argv: Sequence[str] | None = None) -> int:
     """`shardstream-health HOST:PORT [--service NAME]`, for container health checks."""
-    parser = argparse.ArgumentParser(prog="shardstream-health", description=health_main.__doc__)
+    from shardstream.server.cli import UsageParser
+
+    parser = UsageParser(prog="shardstream-health", description=health_main.__doc__)
     _add_health_args(parser)
     return _health(parser.parse_args(argv))
 

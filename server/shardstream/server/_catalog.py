@@ -4,34 +4,42 @@ Shard ids are paths relative to the data root with '/' separators. Nothing
 outside the data root is ever indexed or read: globs are relative, and files
 (or symlinks) resolving outside the root are refused. The data root is a local
 directory or an fsspec URL (see `_files`); a shard's path is a `Path` or its URL.
+
+Indexing a shard asks its decoder for the record count and schema (in a decoding
+process) and, at the same time, reads every byte for its content digest (threads
+of `_fingerprint.Digester`, or its cache); both must have seen the same file. A
+dataset whose spec names a manifest is then checked against it (`_manifest`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstream.server._config import DatasetSpec
 from shardstream.server._decoders import ShardMeta, decoder_ref, format_for_path
 from shardstream.server._decoding import decoder
-from shardstream.server._files import (
-    ShardPath,
-    Stamp,
-    glob_url,
-    is_url,
-    open_shard,
-    shard_stat,
-    url_root,
+from shardstream.server._files import ShardPath, Stamp, glob_url, is_url, shard_stat, url_root
+from shardstream.server._fingerprint import (
+    THREADS,
+    Digest,
+    Digester,
+    Progress,
+    shard_fingerprint,
 )
-from shardstream.server.errors import CatalogError, DecodeError
+from shardstream.server._manifest import Manifest, check_dataset, load_manifest
+from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
 from shardstream.v1.codec import FieldSpec, record_bytes
 
-__all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "fingerprint_file"]
+__all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "index_in_threads"]
 
-_SAMPLE = 64 * 1024  # bytes hashed at each end of a shard for its fingerprint
+log = logging.getLogger("shardstream.index")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +47,10 @@ class Shard:
     id: str
     path: ShardPath  # a Path under a local data root, the file's URL under a URL root
     records: int
-    fingerprint: str
-    stamp: Stamp  # (size, mtime_ns) when indexed (see `_files`): reads refuse a changed file
+    fingerprint: str  # of size, records, schema and digest (`_fingerprint.shard_fingerprint`)
+    stamp: Stamp  # `shard_stat` when indexed (see `_files`): reads refuse a changed file
+    size: int  # bytes
+    digest: str  # of every byte (`_fingerprint.ALGORITHM`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,31 +81,17 @@ class Catalog:
 @dataclass(frozen=True, slots=True)
 class Indexed:
     meta: ShardMeta
-    fingerprint: str
-    stamp: Stamp
+    stamp: Stamp  # `shard_stat` before the decoder looked at the file
 
 
 IndexFn = Callable[[str, ShardPath], Awaitable[Indexed]]
 
 
 def index_shard(ref: str, path: ShardPath) -> Indexed:
-    """Index one shard (runs in a decoding process): meta, fingerprint, file stamp."""
+    """Index one shard (runs in a decoding process): its meta and file stamp."""
     stamp = shard_stat(path)
     meta = decoder(ref).index(path)
-    return Indexed(meta, fingerprint_file(path, meta), stamp)
-
-
-def fingerprint_file(path: ShardPath, meta: ShardMeta) -> str:
-    """A content fingerprint: size, record count, schema and the first and last 64 KiB."""
-    h = hashlib.blake2b(digest_size=12)
-    size = shard_stat(path)[0]
-    h.update(f"{size}:{meta.records}:{';'.join(map(str, meta.schema))}".encode())
-    with open_shard(path) as f:
-        h.update(f.read(_SAMPLE))
-        if size > _SAMPLE:
-            f.seek(max(_SAMPLE, size - _SAMPLE))
-            h.update(f.read(_SAMPLE))
-    return h.hexdigest()
+    return Indexed(meta, stamp)
 
 
 def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardPath]]:
@@ -129,7 +125,12 @@ def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardP
 
 
 async def build_dataset(
-    root: Path | str, spec: DatasetSpec, index: IndexFn, max_record_bytes: int
+    root: Path | str,
+    spec: DatasetSpec,
+    index: IndexFn,
+    max_record_bytes: int,
+    digester: Digester,
+    manifest: Manifest | None = None,
 ) -> Dataset:
     files = await asyncio.to_thread(resolve_files, root, spec)
     formats = {spec.format or format_for_path(sid) for sid, _ in files}
@@ -142,17 +143,40 @@ async def build_dataset(
         ref = decoder_ref(fmt)
     except ValueError as exc:
         raise CatalogError(f"dataset {spec.name!r}: {exc}") from None
+    progress = Progress(spec.name, len(files))
+
+    async def index_one(sid: str, path: ShardPath) -> tuple[Indexed, Digest]:
+        try:
+            ix, dg = await asyncio.gather(
+                index(ref, path), digester.digest(path, progress, spec.cache_dir)
+            )
+        except ShardChanged as exc:
+            raise CatalogError(
+                f"dataset {spec.name!r}: shard {sid!r} {exc}; start again once it is written"
+            ) from None
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise CatalogError(f"dataset {spec.name!r}: cannot read shard {sid!r}: {why}") from None
+        if ix.stamp != dg.stamp:
+            raise CatalogError(
+                f"dataset {spec.name!r}: shard {sid!r} changed while it was being indexed; "
+                "start again once it is written"
+            )
+        return ix, dg
+
     try:
-        metas = await asyncio.gather(*(index(ref, path) for _, path in files))
+        metas = await asyncio.gather(*(index_one(sid, path) for sid, path in files))
     except DecodeError as exc:
         raise CatalogError(f"dataset {spec.name!r}: cannot index a shard: {exc}") from exc
+    log.info("dataset %r: indexed %s", spec.name, progress.summary())
+    schema = metas[0][0].meta.schema
     shards = tuple(
-        Shard(id=sid, path=path, records=ix.meta.records, fingerprint=ix.fingerprint,
-              stamp=ix.stamp)
-        for (sid, path), ix in zip(files, metas, strict=True)
+        Shard(id=sid, path=path, records=ix.meta.records, stamp=ix.stamp, size=dg.size,
+              digest=dg.digest,
+              fingerprint=shard_fingerprint(dg.size, ix.meta.records, ix.meta.schema, dg.digest))
+        for (sid, path), (ix, dg) in zip(files, metas, strict=True)
     )  # fmt: skip
-    schema = metas[0].meta.schema
-    for (sid, _), ix in zip(files, metas, strict=True):
+    for (sid, _), (ix, _dg) in zip(files, metas, strict=True):
         meta = ix.meta
         if meta.schema != schema:
             raise CatalogError(
@@ -165,7 +189,7 @@ async def build_dataset(
             f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
             f"a message may carry ({max_record_bytes}); raise --max-message-bytes"
         )
-    return Dataset(
+    ds = Dataset(
         name=spec.name,
         format=fmt,
         decoder=ref,
@@ -174,6 +198,10 @@ async def build_dataset(
         fingerprint=dataset_fingerprint(shards, schema),
         by_id={s.id: s for s in shards},
     )
+    if manifest is not None:
+        check_dataset(ds, manifest)
+        log.info("dataset %r matches the manifest %s", ds.name, manifest.path)
+    return ds
 
 
 def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) -> str:
@@ -187,11 +215,36 @@ def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) ->
 async def build_catalog(
     root: Path | str, specs: Sequence[DatasetSpec], index: IndexFn, max_record_bytes: int
 ) -> Catalog:
+    """Index every dataset: shards, counts, schema, content digests (cached where a spec
+    names a cache directory), checked against a manifest where a spec names one."""
     root = await asyncio.to_thread(_absolute_root, root)
-    datasets = {}
+    manifests: dict[Path, Manifest] = {}
     for spec in specs:
-        datasets[spec.name] = await build_dataset(root, spec, index, max_record_bytes)
+        if spec.manifest is not None and spec.manifest not in manifests:
+            manifests[spec.manifest] = await asyncio.to_thread(load_manifest, spec.manifest)
+    datasets = {}
+    async with Digester() as digester:
+        for spec in specs:
+            manifest = None if spec.manifest is None else manifests[spec.manifest]
+            datasets[spec.name] = await build_dataset(
+                root, spec, index, max_record_bytes, digester, manifest
+            )
     return Catalog(root=root, datasets=datasets)
+
+
+async def index_in_threads(root: Path | str, specs: Sequence[DatasetSpec]) -> Catalog:
+    """Index datasets in threads of this process, as `shardstream index` does (records
+    of any size are accepted: the manifest describes the data, not one worker)."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(THREADS, thread_name_prefix="shardstream-index")
+    try:
+
+        async def index(ref: str, path: ShardPath) -> Indexed:
+            return await loop.run_in_executor(pool, index_shard, ref, path)
+
+        return await build_catalog(root, specs, index, sys.maxsize)
+    finally:
+        await loop.run_in_executor(None, lambda: pool.shutdown(wait=True, cancel_futures=True))
 
 
 def _absolute_root(root: Path | str) -> Path | str:

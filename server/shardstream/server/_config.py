@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shardstream.server._security import ServerSecurity
@@ -19,6 +19,12 @@ class DatasetSpec:
     name: str
     pattern: str  # glob relative to the data root, e.g. "train/*.npz"
     format: str | None = None  # None: inferred from each file's suffix
+    # Where content digests are cached across restarts (see `_fingerprint`); None: no
+    # cache. WorkerConfig sets it from its `cache_dir` (the catalog reads it here).
+    cache_dir: Path | None = None
+    # A manifest (`shardstream index`) the shards must match, or start-up refuses;
+    # None: none. WorkerConfig sets it from its `manifest`.
+    manifest: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "=:/\0"):
@@ -59,10 +65,37 @@ class WorkerConfig:
     decoders: tuple[str, ...] = ()  # "module:Class" plug-in formats to import and register
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, bearer token
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0 picks one)
+    # Directory of the content-digest cache, so a restart does not read every shard again;
+    # None: no cache (the CLI defaults to $XDG_CACHE_HOME/shardstream or ~/.cache/shardstream).
+    cache_dir: Path | None = None
+    manifest: Path | None = None  # JSON from `shardstream index`: refuse to serve other data
+    # Seconds a peer may make no progress: a stream whose client reads nothing (each
+    # write waits on HTTP/2 flow control) is ended, and its client resumes elsewhere;
+    # a new connection must finish its (TLS/HTTP/2) handshake within this time too.
+    stream_stall_timeout: float = 30.0
+    # Concurrent connections (each a file descriptor); more are closed at once, before
+    # their handshake. The worker raises its open-files limit to fit, if it can.
+    max_connections: int = 4096
+    # Concurrent streams on one connection (HTTP/2 MAX_CONCURRENT_STREAMS): one client
+    # cannot take every --max-streams slot; its further streams wait on its side.
+    max_streams_per_connection: int = 16
+    # Seconds a connection may stay without any call before it is closed (GOAWAY); its
+    # client reconnects when it needs to. Loaders keep theirs busy with health watches.
+    idle_connection_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if isinstance(self.data_root, str) and "://" not in self.data_root:
             object.__setattr__(self, "data_root", Path(self.data_root))  # not a URL: a directory
+        if self.cache_dir is not None or self.manifest is not None:  # the catalog reads specs
+            specs = tuple(
+                replace(
+                    d,
+                    cache_dir=d.cache_dir or self.cache_dir,
+                    manifest=d.manifest or self.manifest,
+                )
+                for d in self.datasets
+            )
+            object.__setattr__(self, "datasets", specs)
         if not self.datasets:
             raise ValueError("a worker needs at least one dataset (--dataset NAME=GLOB)")
         names = [d.name for d in self.datasets]
@@ -86,6 +119,13 @@ class WorkerConfig:
                 raise ValueError(f"--decoder must look like module:Class, got {ref!r}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        for name in ("stream_stall_timeout", "idle_connection_timeout"):
+            seconds = getattr(self, name)
+            if not 0 < seconds < 1e6:  # also refuses NaN
+                raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {seconds}")
+        for name in ("max_connections", "max_streams_per_connection"):
+            if not 1 <= getattr(self, name) <= 2**31 - 1:
+                raise ValueError(f"{name} must be in [1, 2147483647], got {getattr(self, name)}")
 
     @property
     def address(self) -> str:

@@ -31,6 +31,7 @@ SCHEMA_FILE = "_schema.json"
 _STRIDE = 1024  # the sparse index keeps the byte offset of every _STRIDE-th line
 _MAX_INDEXED = 256  # shards whose index an instance keeps
 _SCHEMA_EXAMPLE = '{"fields": [{"name": "id", "dtype": "int64", "shape": []}, ...]}'
+_INFINITIES = ("inf", "infinity")  # how a csv value may say it is infinite (any case, +/-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,7 +80,7 @@ def _load_schema(path: ShardPath) -> tuple[FieldSpec, ...] | None:
             specs.append(
                 FieldSpec(name=entry["name"], dtype=entry["dtype"], shape=tuple(entry["shape"]))
             )
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: numpy knows no such dtype
             raise DecodeError(f"{file}: fields[{i}]: {e}") from None
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -96,7 +97,9 @@ def _default_schema(columns: int) -> tuple[FieldSpec, ...]:
 
 def _parse_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype a column is parsed as before the range check and cast."""
-    if dtype.kind == "f" or (dtype.kind == "u" and dtype.itemsize == 8):
+    if dtype.kind == "f":
+        return np.dtype(np.float64)
+    if dtype.kind == "u" and dtype.itemsize == 8:
         return dtype
     return np.dtype(np.int64)  # bool and the other integers
 
@@ -160,7 +163,9 @@ def _parse(
             values = table[:, pos : pos + _width(field)]
             pos += _width(field)
             target = np.dtype(field.dtype)
-            if target != parse_dtype:
+            if target.kind == "f":
+                _check_floats(path, texts, start, values, field, lo)
+            elif target != parse_dtype:
                 low, high = (
                     (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
                 )
@@ -175,6 +180,31 @@ def _parse(
                     )
             out[field.name].reshape(count, _width(field))[...] = values
     return out
+
+
+def _check_floats(
+    path: ShardPath,
+    texts: list[str],
+    start: int,
+    values: np.ndarray[Any, Any],
+    field: FieldSpec,
+    lo: int,
+) -> None:
+    """Refuse a value that is infinite in the field's dtype but was not written as an
+    infinity (1e39 in float32, 70000 in float16, 1e400 anywhere)."""
+    target = np.dtype(field.dtype)
+    with np.errstate(over="ignore"):
+        infinite = np.isinf(values.astype(target))
+    for row, col in np.argwhere(infinite).tolist():  # row-major: the first bad value first
+        token = texts[row].split(",")[lo + col].strip()
+        if not np.isinf(values[row, col]) or token.lower().lstrip("+-") not in _INFINITIES:
+            limit = float(np.finfo(target).max)
+            raise DecodeError(
+                f"{path}: record {start + row} (line {start + row + 1}): value {token} in "
+                f"column {lo + col + 1} is out of range for field {field.name!r} "
+                f"({target.name}: within ±{limit:.7g}, or inf)",
+                record=start + row,
+            )
 
 
 def _build_index(path: ShardPath) -> _Index:

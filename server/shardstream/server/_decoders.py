@@ -23,13 +23,18 @@ Decoders run in worker processes (never on the event loop). An instance may
 cache per-shard state (open files, offsets) between `read` calls; it is
 created with no arguments in every decoding process. Errors in the data are
 raised as `DecodeError` (from `shardstream.server.errors`, also importable from
-here and `shardstream.server`), naming the record where known.
+here and `shardstream.server`), naming the record where known. A `MemoryError`
+in a subclass's `index`, `read` or `read_into` becomes such a `DecodeError` on
+its own (`memory_is_data_loss`): a shard that declares more than a worker can
+hold is refused at start-up or is DATA_LOSS for the client, never UNKNOWN.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,8 +52,11 @@ __all__ = [
     "decoder_class",
     "decoder_ref",
     "load_decoder",
+    "memory_is_data_loss",
     "register_decoder",
 ]
+
+_GUARDED = "_shardstream_memory_guard"  # set on methods that `_guard` already wraps
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +67,53 @@ class ShardMeta:
     schema: tuple[FieldSpec, ...]
 
 
+@contextlib.contextmanager
+def memory_is_data_loss(
+    path: ShardPath, start: int | None = None, count: int = 0
+) -> Iterator[None]:
+    """A `MemoryError` inside becomes a `DecodeError` naming the shard and the records
+    [start, start + count) (`start` None: indexing the shard)."""
+    try:
+        yield
+    except MemoryError as e:
+        what = "indexing it" if start is None else f"records [{start}, {start + count})"
+        raise DecodeError(
+            f"{path}: {what} ran out of memory (MemoryError: {e}); the shard declares more "
+            "than this worker can hold, or the worker's memory limit is too low",
+            record=start,
+        ) from None
+
+
+def _guard(method: Callable[..., Any], *, reads: bool) -> Callable[..., Any]:
+    """`method` (index, read or read_into) with `memory_is_data_loss` around it."""
+    if getattr(method, _GUARDED, False) or getattr(method, "__isabstractmethod__", False):
+        return method
+
+    @functools.wraps(method)
+    def guarded(self: Any, path: ShardPath, *args: Any, **kwargs: Any) -> Any:
+        where = (_arg(args, kwargs, 0, "start"), _arg(args, kwargs, 1, "count")) if reads else ()
+        with memory_is_data_loss(path, *where):
+            return method(self, path, *args, **kwargs)
+
+    setattr(guarded, _GUARDED, True)
+    return guarded
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str) -> Any:
+    return args[i] if i < len(args) else kwargs.get(name, 0)
+
+
 class Decoder(abc.ABC):
     """Base class of shard formats; see the module docstring."""
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr, reads in (("index", False), ("read", True), ("read_into", True)):
+            if attr in cls.__dict__:
+                setattr(cls, attr, _guard(cls.__dict__[attr], reads=reads))
 
     @abc.abstractmethod
     def index(self, path: ShardPath) -> ShardMeta:
@@ -86,10 +136,11 @@ class Decoder(abc.ABC):
         of the message being built. This default calls `read`, checks its arrays against
         the schema and copies them; a format that can write in place overrides it (npz:
         straight from the file into the message)."""
-        arrays = self.read(path, start, count)
-        check_arrays(arrays, schema, start, count)
-        for name, target in out.items():
-            np.copyto(target, arrays[name], casting="no")
+        with memory_is_data_loss(path, start, count):
+            arrays = self.read(path, start, count)
+            check_arrays(arrays, schema, start, count)
+            for name, target in out.items():
+                np.copyto(target, arrays[name], casting="no")
 
 
 _REGISTRY: dict[str, type[Decoder]] = {}

@@ -22,7 +22,7 @@ import numpy as np
 from shardstream._common.malloc import tune_malloc
 from shardstream.server._decoders import Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
-from shardstream.server._shm import attach
+from shardstream.server._shm import BlockHandle, attach, slot
 from shardstream.server._wire import encode_chunk, layout_chunk_into
 from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
@@ -30,22 +30,28 @@ from shardstream.v1.codec import FieldSpec
 _decoders: dict[str, Decoder] = {}
 
 
-def process_init() -> None:
-    """Decoding processes leave signals to the server process, which drains them, and
-    die with it: a server killed with SIGKILL must not leave them behind."""
+def process_init(server: int, block: BlockHandle | None = None) -> None:
+    """Set up a decoding process (`_pool.DecodingPool` runs it first).
+
+    Decoding processes leave signals to the server process, which drains them, and
+    die with it (`server`, its pid): a server killed with SIGKILL must not leave them
+    behind. `block` is the server's shared memory for chunks (`_shm`), if any."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tune_malloc()
-    parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    # The server died before prctl took effect (also while this process was starting:
+    # `server` is the pid it was spawned by, not whoever is the parent now).
+    if os.getppid() != server:
         os._exit(1)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(server,), daemon=True).start()
+    if block is not None:
+        attach(block)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -53,11 +59,6 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
-
-
-def process_ready() -> int:
-    """Run once per pool process at start-up, so processes exist before serving."""
-    return os.getpid()
 
 
 def decoder(ref: str) -> Decoder:
@@ -82,7 +83,7 @@ def read_chunk(
 
 
 def read_chunk_into(
-    buffer: str,
+    index: int,
     ref: str,
     path: ShardPath,
     stamp: Stamp,
@@ -91,12 +92,12 @@ def read_chunk_into(
     schema: tuple[FieldSpec, ...],
     shard_id: str = "",
 ) -> int:
-    """`read_chunk`, serialized into the shared-memory buffer named `buffer`; its size.
+    """`read_chunk`, serialized into slot `index` of the shared memory (`_shm`); its size.
 
     The headers are written first and the decoder fills the tensors' room in place
     (`Decoder.read_into`): npz ranges go from the file straight into the buffer."""
     check_unchanged(path, stamp)
-    size, views = layout_chunk_into(attach(buffer), start, count, schema, shard_id)
+    size, views = layout_chunk_into(slot(index), start, count, schema, shard_id)
     try:
         decoder(ref).read_into(path, start, count, views, schema)
     finally:

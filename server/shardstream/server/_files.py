@@ -7,11 +7,15 @@ goes through fsspec (optional: `pip install 'shardstream[fsspec]'`).
 
 Decoders open shards with `open_shard` (a seekable binary file either way) and
 the catalog and `read_chunk` compare `shard_stat` stamps to notice a changed
-file. A URL shard's stamp is its size plus, from what the filesystem reports,
-the first of: a modification time (`mtime`, `LastModified`, `last_modified`,
-`updated`, `modified`, or `created`, which the in-memory filesystem renews on
-every write), else a content checksum or ETag (`ETag`, `etag`, `md5Hash`,
-`md5`, `crc32c`, `checksum`), else nothing (only the size is compared).
+file. A local shard's stamp is (size, mtime_ns, ctime_ns, inode): `os.utime` can
+put a modification time back, but not the change time, so a file rewritten in
+place with its size and mtime restored still gets a new stamp (so does any other
+change to its inode: mode, owner, links). A URL shard's stamp is its size plus,
+from what the filesystem reports, the first of: a modification time (`mtime`,
+`LastModified`, `last_modified`, `updated`, `modified`, or `created`, which the
+in-memory filesystem renews on every write), else a content checksum or ETag
+(`ETag`, `etag`, `md5Hash`, `md5`, `crc32c`, `checksum`), else nothing (only
+the size is compared).
 """
 
 from __future__ import annotations
@@ -34,16 +38,20 @@ __all__ = [
     "is_url",
     "open_shard",
     "shard_stat",
+    "shard_version",
     "sibling",
+    "stat_stamp",
     "url_root",
 ]
 
 ShardPath = Path | str  # Path: a local file; str: the URL of a file under an fsspec data root
-Stamp = tuple[int, int | str]  # (size, mtime_ns) locally; (size, mtime_ns or checksum) for URLs
+# (size, mtime_ns, ctime_ns, inode) locally; (size, mtime_ns or checksum) for URLs
+Stamp = tuple[int, int, int, int] | tuple[int, int | str]
 
 FSSPEC_HINT = "pip install 'shardstream[fsspec]'"
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
 _CHECKSUM_KEYS = ("ETag", "etag", "md5Hash", "md5", "crc32c", "checksum")
+_IDENTITY_KEYS = ("ino", "generation", "VersionId", "version_id")
 
 
 def is_url(path: object) -> bool:
@@ -71,12 +79,35 @@ def open_shard(path: ShardPath) -> IO[bytes]:
 
 
 def shard_stat(path: ShardPath) -> Stamp:
-    """A shard's stamp: (size, mtime_ns) locally; see the module docstring for URLs."""
+    """A shard's stamp: (size, mtime_ns, ctime_ns, inode) locally; see the module
+    docstring for URLs."""
     if isinstance(path, Path):
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
+        return stat_stamp(os.stat(path))
     fs, inner = filesystem(path)
     return info_stamp(fs.info(inner))
+
+
+def stat_stamp(st: os.stat_result) -> Stamp:
+    """The stamp of a local file from its `os.stat` / `os.fstat` result."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def shard_version(path: ShardPath) -> tuple[Stamp, tuple[int | str, ...] | None]:
+    """A shard's stamp and what identifies this version of its content, to cache its
+    digest by: locally the stamp again; for a URL its size and every time, checksum,
+    inode or version the filesystem reports (a `file://` root reports the ctime as
+    `created`), or None when it reports nothing but the size."""
+    if isinstance(path, Path):
+        stamp = shard_stat(path)
+        return stamp, stamp
+    fs, inner = filesystem(path)
+    info = fs.info(inner)
+    found: list[int | str] = []
+    for key in (*_MTIME_KEYS, *_CHECKSUM_KEYS, *_IDENTITY_KEYS):
+        value = info.get(key)
+        if value is not None:
+            found += [key, _nanoseconds(value) if key in _MTIME_KEYS else str(value)]
+    return info_stamp(info), ((int(info["size"]), *found) if found else None)
 
 
 def info_stamp(info: dict[str, Any]) -> Stamp:

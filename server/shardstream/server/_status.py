@@ -3,14 +3,22 @@
     async with StatusOnError(context, metrics):
         ...  # a RequestError raised here aborts the call with its status
 
+    async with FinishOnError(context, metrics):      # a stream: never waits on its client
+        ...  # a RequestError raised here ends the handler; gRPC sends the status after
+
 The status carries the error's message, and its context as trailing metadata
 (`shardstream-dataset`, `shardstream-shard`, `shardstream-record`), which the
-client turns into its own `WorkerError`.
+client turns into its own `WorkerError`. Whatever a client sent is bounded
+(`shown`) before it is echoed or logged, and refusals are logged at most a few
+lines a second per status code (`LogLimit`), with a count of the lines left out.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -20,10 +28,13 @@ from shardstream.server.errors import (
     BusyError,
     DataLossError,
     DrainingError,
+    MalformedRequestError,
     NotReadyError,
+    ProcessDiedError,
     RequestError,
     ShardChangedError,
     ShardOutsideRootError,
+    StalledError,
     UnknownDatasetError,
     UnknownShardError,
 )
@@ -33,19 +44,73 @@ log = logging.getLogger("shardstream.worker")
 STATUS: dict[type[RequestError], grpc.StatusCode] = {
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
     DrainingError: grpc.StatusCode.UNAVAILABLE,
+    ProcessDiedError: grpc.StatusCode.UNAVAILABLE,
+    StalledError: grpc.StatusCode.UNAVAILABLE,
     BusyError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnknownDatasetError: grpc.StatusCode.NOT_FOUND,
     UnknownShardError: grpc.StatusCode.NOT_FOUND,
     ShardOutsideRootError: grpc.StatusCode.PERMISSION_DENIED,
     BadRangeError: grpc.StatusCode.INVALID_ARGUMENT,
+    MalformedRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ShardChangedError: grpc.StatusCode.FAILED_PRECONDITION,
     DataLossError: grpc.StatusCode.DATA_LOSS,
 }
 
 BUSY_HEADER = "shardstream-busy"
+SHOWN_CHARS = 256  # characters of a client-sent string a status or a log line shows
+MESSAGE_CHARS = 2048  # characters of a status message (it names at most a few such strings)
 
 # Refusals a client retries elsewhere: routine, so counted but not logged as warnings.
 _ROUTINE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` bounded for a status or a log line: at most `limit` characters, then
+    '…(N bytes)' giving the whole length when it is longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
+
+
+class LogLimit:
+    """Logs at most `per_second` lines a second of each kind; the next line logged of a
+    kind says how many were left out, so a flood of refusals costs a few lines."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        per_second: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._per_second = per_second
+        self._clock = clock
+        self._kinds: dict[str, list[float]] = {}  # kind -> [window start, lines, left out]
+
+    def log(self, level: int, kind: str, message: str, *args: Any) -> bool:
+        """Log `message % args` unless `kind` is over its rate; True if it was logged."""
+        now = self._clock()
+        state = self._kinds.setdefault(kind, [now, 0, 0])
+        if now - state[0] >= 1.0:
+            state[0], state[1] = now, 0
+        if state[1] >= self._per_second:
+            state[2] += 1
+            return False
+        state[1] += 1
+        if state[2]:
+            message += " (and %d more like it in the last seconds, not logged)"
+            args = (*args, int(state[2]))
+            state[2] = 0
+        self._log.log(level, message, *args)
+        return True
+
+    def left_out(self, kind: str) -> int:
+        """Lines of `kind` left out and not yet counted in a logged line."""
+        state = self._kinds.get(kind)
+        return 0 if state is None else int(state[2])
+
+
+REFUSALS = LogLimit(log)  # the worker's refusals: per status code, and per kind of stream end
 
 
 def status_code(exc: RequestError) -> grpc.StatusCode:
@@ -55,6 +120,32 @@ def status_code(exc: RequestError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL  # a RequestError without an entry: a bug, still an answer
+
+
+def _refusal(
+    exc: RequestError, metrics: WorkerMetrics
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """`exc` as a status: its code, bounded message and metadata; counted and logged."""
+    code = status_code(exc)
+    metrics.error(code.name)
+    message = str(exc)
+    for value in (exc.shard, exc.dataset):  # ids a client sent, bounded where echoed
+        if len(value) > SHOWN_CHARS:
+            message = message.replace(repr(value), repr(shown(value))).replace(value, shown(value))
+    message = shown(message, MESSAGE_CHARS)
+    metadata = [
+        ("shardstream-dataset", _header_safe(exc.dataset)),
+        ("shardstream-shard", _header_safe(exc.shard)),
+    ]
+    if exc.record is not None:
+        metadata.append(("shardstream-record", str(exc.record)))
+    if isinstance(exc, BusyError):
+        # RESOURCE_EXHAUSTED is also gRPC's code for a message over a size limit,
+        # which no retry cures: this tells a client the worker is only full.
+        metadata.append((BUSY_HEADER, "1"))
+    if code not in _ROUTINE:
+        REFUSALS.log(logging.WARNING, code.name, "%s: %s", code.name, message)
+    return code, message, tuple(metadata)
 
 
 class StatusOnError:
@@ -70,23 +161,33 @@ class StatusOnError:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if not isinstance(exc, RequestError):
             return
-        code = status_code(exc)
-        self._metrics.error(code.name)
-        metadata = [
-            ("shardstream-dataset", _header_safe(exc.dataset)),
-            ("shardstream-shard", _header_safe(exc.shard)),
-        ]
-        if exc.record is not None:
-            metadata.append(("shardstream-record", str(exc.record)))
-        if isinstance(exc, BusyError):
-            # RESOURCE_EXHAUSTED is also gRPC's code for a message over a size limit,
-            # which no retry cures: this tells a client the worker is only full.
-            metadata.append((BUSY_HEADER, "1"))
-        if code not in _ROUTINE:
-            log.warning("%s: %s", code.name, exc)
-        await self._context.abort(code, str(exc), trailing_metadata=tuple(metadata))
+        code, message, metadata = _refusal(exc, self._metrics)
+        await self._context.abort(code, message, trailing_metadata=metadata)
+
+
+class FinishOnError:
+    """`async with FinishOnError(context, metrics):` for a stream's handler: a RequestError
+    sets the call's status and ends the block, and gRPC sends the status once the messages
+    before it are out. Unlike `abort`, nothing waits here for a client that reads nothing."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, metrics: WorkerMetrics) -> None:
+        self._context = context
+        self._metrics = metrics
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if not isinstance(exc, RequestError):
+            return False
+        code, message, metadata = _refusal(exc, self._metrics)
+        self._context.set_code(code)
+        self._context.set_details(message)
+        self._context.set_trailing_metadata(metadata)
+        return True
 
 
 def _header_safe(value: str) -> str:
     """Printable ASCII (gRPC metadata refuses anything else), escaped, bounded."""
-    return value.encode("unicode_escape").decode("ascii")[:512]
+    escaped = value.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= 512 else shown(escaped, 400).replace("…", "...")

@@ -7,16 +7,19 @@
 Chunks are sized to `chunk_bytes` (and to what a message may carry, and to the
 client's `max_chunk_records`). The next chunk is decoding while the current
 one is sent. With decoding processes, chunks come back through shared-memory
-buffers (`_shm`); with threads, as bytes. A drain ends the stream at the next
-chunk boundary with an `End` that says so; the client resumes elsewhere.
+slots (`_shm`); with threads, as bytes. A decoding process that dies fails the
+read of its chunk with `ProcessDiedError` (UNAVAILABLE; the client resumes it).
+A drain ends the stream at the next chunk boundary with an `End` that says so;
+the client resumes elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from shardstream.server._catalog import Dataset, Shard
@@ -28,6 +31,7 @@ from shardstream.server._wire import ReadArgs, encode_end
 from shardstream.server.errors import (
     DataLossError,
     DecodeError,
+    ProcessDiedError,
     RequestError,
     ShardChanged,
     ShardChangedError,
@@ -67,8 +71,11 @@ class ChunkStreamer:
             n = min(n, args.max_chunk_records)
         return n
 
-    async def stream(self, ds: Dataset, shard: Shard, args: ReadArgs) -> AsyncIterator[bytes]:
-        """Chunks of [start, start + count), decoding one chunk ahead, then the end."""
+    async def stream(
+        self, ds: Dataset, shard: Shard, args: ReadArgs
+    ) -> AsyncGenerator[bytes, None]:
+        """Chunks of [start, start + count), decoding one chunk ahead, then the end. Close it
+        (`aclose`) when stopping early: that cancels the chunk decoding ahead."""
         loop = asyncio.get_running_loop()
         step = self.chunk_records(ds, args)
         end = args.start + args.count
@@ -108,14 +115,29 @@ class ChunkStreamer:
                 pending.cancel()
 
     async def _decode_shared(self, buffers: ChunkBuffers, job: tuple[Any, ...]) -> bytes:
-        """Decode in a process, through a shared-memory buffer (bounded: one per slot)."""
+        """Decode in a process, through a shared-memory slot (bounded: one chunk per slot)."""
+        try:
+            return await self._decode_into(buffers, job)
+        except BrokenProcessPool as exc:  # its process died; it is dead and reaped by now
+            _, _, _, start, count, _, shard_id = job
+            raise ProcessDiedError(
+                f"shard {shard_id!r}, records {start}-{start + count - 1}: {exc}; resume the read",
+                shard=shard_id,
+                record=start,
+            ) from exc
+
+    async def _decode_into(self, buffers: ChunkBuffers, job: tuple[Any, ...]) -> bytes:
         index = await buffers.acquire()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, read_chunk_into, buffers.name(index), *job)
+        try:
+            future = loop.run_in_executor(self._executor, read_chunk_into, index, *job)
+        except BaseException:
+            buffers.release(index)
+            raise
         try:
             nbytes = await asyncio.shield(future)
         except asyncio.CancelledError:
-            # The process may still be writing into the buffer: free it only when done.
+            # The process may still be writing into the slot: free it only when done.
             future.add_done_callback(lambda _: buffers.release(index))
             raise
         except BaseException:

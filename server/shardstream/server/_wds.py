@@ -15,13 +15,16 @@ center-cropped to SIZE x SIZE, where the worker's environment sets SIZE
 (`SHARDSTREAM_WDS_SIZE`, default 224): fields `image` uint8 (SIZE, SIZE, 3),
 `label` int64 and, when the samples have `.id` members, `id` int64. Images
 larger than `SHARDSTREAM_WDS_MAX_IMAGE_BYTES` (default 64 MiB) are refused
-before they are read; Pillow's decompression-bomb check stays on.
+before they are read, and images of more than `SHARDSTREAM_MAX_IMAGE_PIXELS`
+(width x height, default 2**26 = 8192 x 8192; see `_limits`) from their header,
+before they are decoded. Pillow's own decompression-bomb check stays on, with
+its own limit (`PIL.Image.MAX_IMAGE_PIXELS`, which this module leaves alone:
+Pillow refuses images over twice it, ~179 Mpx by default).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
 from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
+from shardstream.server._limits import MAX_IMAGE_PIXELS_ENV, env_int, max_image_pixels
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder"]
@@ -51,19 +55,6 @@ class _Index:
     # per sample: (offset, size) of the image, the .cls and the .id member (-1, -1: none)
     members: np.ndarray[Any, np.dtype[np.int64]]
     has_id: bool
-
-
-def _env_int(name: str, default: int, high: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= high:
-        raise ValueError(f"{name} must be an integer in [1, {high}], got {text!r}")
-    return value
 
 
 def _pillow() -> Any:
@@ -188,8 +179,17 @@ def _integer(data: bytes, where: str, record: int) -> int:
     return value
 
 
-def _decode_image(image: Any, data: bytes, size: int) -> np.ndarray[Any, Any]:
-    with image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+def _decode_image(
+    image: Any, data: bytes, size: int, max_pixels: int, where: str, record: int
+) -> np.ndarray[Any, Any]:
+    with image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:  # reads the header
+        w, h = im.size
+        if w * h > max_pixels:
+            raise DecodeError(
+                f"{where}: its image is {w} x {h} pixels ({w * h}), more than the limit of "
+                f"{max_pixels} ({MAX_IMAGE_PIXELS_ENV}); not decoding it",
+                record=record,
+            )
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size, much faster
         rgb = im.convert("RGB")
     w, h = rgb.size
@@ -209,8 +209,9 @@ class WdsDecoder(Decoder):
     suffixes = (".tar",)
 
     def __init__(self) -> None:
-        self.size = _env_int(SIZE_ENV, 224, 8192)
-        self.max_image_bytes = _env_int(MAX_IMAGE_BYTES_ENV, 64 << 20, 1 << 31)
+        self.size = env_int(SIZE_ENV, 224, 8192)
+        self.max_image_bytes = env_int(MAX_IMAGE_BYTES_ENV, 64 << 20, 1 << 31)
+        self.max_image_pixels = max_image_pixels()
         self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED)
 
     def index(self, path: ShardPath) -> ShardMeta:
@@ -264,8 +265,12 @@ class WdsDecoder(Decoder):
                         )
                 data = _read_at(f, img_at, img_size, where, record)
                 try:
-                    out["image"][i] = _decode_image(image, data, s)
+                    pixels = self.max_image_pixels
+                    out["image"][i] = _decode_image(image, data, s, pixels, where, record)
+                except DecodeError:
+                    raise
                 except Exception as e:  # anything Pillow raises means an undecodable image
+                    # (its DecompressionBombError, or its Warning when warnings are errors)
                     raise DecodeError(
                         f"{where}: cannot decode its image: {type(e).__name__}: {e}", record=record
                     ) from None

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from shardstream.server.errors import MalformedRequestError
 from shardstream.v1 import shardstream_pb2 as pb
 from shardstream.v1.codec import FieldSpec, dtype_code
 
@@ -152,17 +154,54 @@ class ReadArgs:
     max_chunk_records: int = 0
 
 
-def _read_args(data: bytes) -> ReadArgs:
-    r = pb.ReadRequest.FromString(data)
+# Requests are decoded by the handlers, not by gRPC: bytes that do not parse become
+# a MalformedRequestError (INVALID_ARGUMENT) naming what was expected, never a
+# traceback and UNKNOWN; and only once the call passed the interceptors (the token).
+MAX_ID_BYTES = 4096  # longest dataset name or shard id read (PATH_MAX); longer: refused
+MAX_FINGERPRINT_BYTES = 256  # fingerprints are hex digests, far shorter
+
+
+def _parse(cls: Any, data: bytes) -> Any:
+    try:
+        return cls.FromString(data)
+    except (DecodeError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a string
+        raise MalformedRequestError(
+            f"the request is not a {cls.DESCRIPTOR.name} ({len(data)} bytes): {exc}"
+        ) from None
+
+
+def _bounded(what: str, value: str, limit: int = MAX_ID_BYTES) -> str:
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise MalformedRequestError(
+            f"the {what} in the request has {size} bytes, more than the {limit} any served "
+            f"one has; starts {value[:64]!r}"
+        )
+    return value
+
+
+def decode_read(data: bytes) -> ReadArgs:
+    """A ReadRequest's fields, or MalformedRequestError."""
+    r = _parse(pb.ReadRequest, data)
     return ReadArgs(
-        dataset=r.dataset,
-        shard=r.shard,
+        dataset=_bounded("dataset name", r.dataset),
+        shard=_bounded("shard id", r.shard),
         start=r.start,
         count=r.count,
         seed=r.seed,
-        shard_fingerprint=r.shard_fingerprint,
+        shard_fingerprint=_bounded("shard fingerprint", r.shard_fingerprint, MAX_FINGERPRINT_BYTES),
         max_chunk_records=r.max_chunk_records,
     )
+
+
+def decode_describe(data: bytes) -> str:
+    """The dataset name a DescribeDatasetRequest asks for, or MalformedRequestError."""
+    return _bounded("dataset name", _parse(pb.DescribeDatasetRequest, data).dataset)
+
+
+def decode_list(data: bytes) -> None:
+    """Check a ListDatasetsRequest (it has no fields), or MalformedRequestError."""
+    _parse(pb.ListDatasetsRequest, data)
 
 
 def dataset_info(ds: Dataset) -> pb.DatasetInfo:
@@ -186,22 +225,24 @@ def _identity(data: bytes) -> bytes:
 
 
 def service_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
-    """The Worker service, with hand-serialized chunks, for `server.add_generic_rpc_handlers`."""
-    describe: Callable[[str, Any], Awaitable[Dataset]] = servicer.describe
+    """The Worker service, with hand-serialized chunks, for `server.add_generic_rpc_handlers`.
+
+    Handlers get the request's bytes (see `decode_read`); Read writes its chunks itself."""
+    describe: Callable[[bytes, Any], Awaitable[Dataset]] = servicer.describe
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Read": grpc.unary_stream_rpc_method_handler(
-                servicer.read, request_deserializer=_read_args, response_serializer=_identity
+                servicer.read, request_deserializer=None, response_serializer=_identity
             ),
             "DescribeDataset": grpc.unary_unary_rpc_method_handler(
                 describe,
-                request_deserializer=lambda b: pb.DescribeDatasetRequest.FromString(b).dataset,
+                request_deserializer=None,
                 response_serializer=lambda ds: dataset_info(ds).SerializeToString(),
             ),
             "ListDatasets": grpc.unary_unary_rpc_method_handler(
                 servicer.list_datasets,
-                request_deserializer=pb.ListDatasetsRequest.FromString,
+                request_deserializer=None,
                 response_serializer=lambda dss: pb.ListDatasetsResponse(
                     datasets=[dataset_info(d) for d in dss]
                 ).SerializeToString(),

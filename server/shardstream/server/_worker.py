@@ -6,16 +6,21 @@
 
 The decoding pool is created (and, for processes, started with `spawn`)
 before the gRPC server, so no process is ever forked after gRPC is running.
+A decoding process that dies is replaced (`_pool`); if one cannot be, the
+worker reports NOT_SERVING, stops, and `wait_closed` raises `OSError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-import multiprocessing
 import os
+import resource
+import socket
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from types import TracebackType
 
 import grpc
@@ -24,9 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardstream.server._catalog import Indexed, build_catalog, index_shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoders import register_plugins
-from shardstream.server._decoding import process_init, process_ready
+from shardstream.server._decoding import process_init
 from shardstream.server._files import ShardPath
 from shardstream.server._metrics import WorkerMetrics
+from shardstream.server._pool import DecodingPool
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._wire import SERVICE, service_handler
@@ -36,16 +42,80 @@ log = logging.getLogger("shardstream.worker")
 __all__ = ["Worker"]
 
 
+MAX_REQUEST_BYTES = 64 * 1024  # requests are a few ids and numbers; larger: RESOURCE_EXHAUSTED
+FDS_BESIDES_CONNECTIONS = 256  # open files the worker needs besides its connections
+
+
 def grpc_options(config: WorkerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", min(MAX_REQUEST_BYTES, config.max_message_bytes)),
         # Accept client keepalive pings (every >= 5 s, also without active calls),
         # so clients can detect a hung worker without being sent GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
+        # A port already bound (by another worker) is an error, not a shared port that
+        # would hand a client's connections to either worker.
+        ("grpc.so_reuseport", 0),
+        # Hostile or broken peers: connections over the cap are closed before their
+        # handshake, handshakes that make no progress end, idle connections get GOAWAY,
+        # and one connection cannot open every stream the worker has.
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(config.stream_stall_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(config.idle_connection_timeout * 1000)),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
     ]
+
+
+def listen_address(host: str, port: int) -> str:
+    """HOST:PORT as a server listens on it ([...] around an IPv6 host)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _bind_error(address: str, host: str, port: int) -> OSError:
+    """Why `address` could not be bound, found by binding it once more without gRPC."""
+    bare = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((bare, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return OSError(
+                f"cannot listen on {address}: port {port} is already in use (another "
+                f"worker?); choose another --port, or stop what listens there",
+            )
+        return OSError(f"cannot listen on {address}: {exc.strerror or exc}")
+    return OSError(f"cannot listen on {address}")
+
+
+def _fit_open_files(connections: int) -> int:
+    """Raise this process's open-files limit to fit `connections` and what else the worker
+    opens, as far as the hard limit allows; returns the connections that fit."""
+    want = connections + FDS_BESIDES_CONNECTIONS
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (OSError, ValueError):
+        return connections
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return connections
+    fit = max(1, soft - FDS_BESIDES_CONNECTIONS)
+    log.warning(
+        "--max-connections %d needs %d open files, the limit is %d (ulimit -n): "
+        "accepting at most %d connections",
+        connections,
+        want,
+        soft,
+        fit,
+    )
+    return fit
 
 
 class Worker:
@@ -58,6 +128,8 @@ class Worker:
         self._health = health.aio.HealthServicer()
         self._servicer: WorkerServicer | None = None
         self._buffers: ChunkBuffers | None = None
+        self._failure: BaseException | None = None  # decoding processes cannot be replaced
+        self._failing: asyncio.Task[None] | None = None  # the drain that failure started
         self._port = 0
         self.metrics_port: int | None = None  # where Prometheus metrics are served, if enabled
         self._closed = asyncio.Event()
@@ -71,12 +143,16 @@ class Worker:
 
     @property
     def address(self) -> str:
+        """Where a client on this host connects (127.0.0.1 for a wildcard host)."""
         host = self.config.host
         if host in ("0.0.0.0", "::", "[::]", ""):
             host = "127.0.0.1"
-        elif ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.port}"
+        return listen_address(host, self.port)
+
+    @property
+    def listen_address(self) -> str:
+        """What the worker listens on, e.g. 0.0.0.0:50051 (`address` to connect to it)."""
+        return listen_address(self.config.host, self.port)
 
     async def start(self) -> None:
         if self._state != "new":
@@ -88,14 +164,21 @@ class Worker:
         if plugins:
             log.info("plug-in formats: %s", ", ".join(plugins))
         if cfg.processes:
-            ctx = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(
-                cfg.processes, mp_context=ctx, initializer=process_init
+            # Chunks come back through shared memory, a few per process (see `_shm`).
+            self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
+            pool = DecodingPool(
+                cfg.processes,
+                initializer=process_init,
+                initargs=(os.getpid(), self._buffers.handle()),
+                on_failure=lambda exc: loop.call_soon_threadsafe(self._pool_failed, exc),
             )
-            pids = await asyncio.gather(
-                *(loop.run_in_executor(self._executor, process_ready) for _ in range(cfg.processes))
-            )
-            log.debug("decoding processes: %s", sorted(set(pids)))
+            self._executor = pool
+            try:
+                pids = await loop.run_in_executor(None, pool.start)
+            except BaseException:
+                await self.aclose()
+                raise
+            log.debug("decoding processes: %s", sorted(pids))
         else:
             self._executor = ThreadPoolExecutor(
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shardstream-decode"
@@ -104,20 +187,25 @@ class Worker:
         metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
             self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port)
-        if cfg.processes:  # chunks come back through shared memory, a few per process
-            self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
         self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers)
+        connections = _fit_open_files(cfg.max_connections)
         self._server = grpc.aio.server(
-            options=grpc_options(cfg), interceptors=security.interceptors()
+            options=grpc_options(replace(cfg, max_connections=connections)),
+            interceptors=security.interceptors(),
         )
         self._server.add_generic_rpc_handlers((service_handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         credentials = security.credentials()
-        if credentials is None:
-            self._port = self._server.add_insecure_port(cfg.address)
-        else:
-            self._port = self._server.add_secure_port(cfg.address, credentials)
+        try:
+            if credentials is None:
+                self._port = self._server.add_insecure_port(cfg.address)
+            else:
+                self._port = self._server.add_secure_port(cfg.address, credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"; find out why
+            await self.aclose()
+            raise _bind_error(cfg.address, cfg.host, cfg.port) from None
         if self._port == 0:
+            await self.aclose()
             raise OSError(f"cannot listen on {cfg.address}")
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -125,7 +213,7 @@ class Worker:
         self._state = "indexing"
         log.info(
             "listening on %s (%s%s); indexing %d dataset(s)",
-            self.address,
+            self.listen_address,
             "mTLS" if cfg.security.mtls else "TLS" if cfg.security.tls else "no TLS",
             ", bearer token required" if cfg.security.auth_token_file else "",
             len(cfg.datasets),
@@ -158,7 +246,7 @@ class Worker:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._state = "serving"
-        log.info("serving on %s (indexed in %.2fs)", self.address, time.perf_counter() - t0)
+        log.info("serving on %s (indexed in %.2fs)", self.listen_address, time.perf_counter() - t0)
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking streams, let running ones end at a record boundary, then close."""
@@ -188,6 +276,8 @@ class Worker:
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
+        if self._servicer is not None:
+            self._servicer.close()
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.get_running_loop().run_in_executor(
@@ -200,8 +290,24 @@ class Worker:
         self._closed.set()
         log.info("stopped")
 
+    def _pool_failed(self, exc: BaseException) -> None:
+        """A decoding process died and cannot be replaced: NOT_SERVING, drain, stop."""
+        if self._failure is not None or self._state in ("closing", "closed"):
+            return
+        self._failure = exc
+        log.error("decoding processes cannot be replaced (%s): stopping", exc)
+        self._failing = asyncio.ensure_future(self.drain())
+
     async def wait_closed(self) -> None:
+        """Until the worker is closed; `OSError` if it stopped because decoding
+        processes died and could not be replaced (so a CLI exits non-zero)."""
         await self._closed.wait()
+        if self._failing is not None:
+            await self._failing
+        if self._failure is not None:
+            raise OSError(
+                f"stopped: decoding processes died and cannot be replaced ({self._failure})"
+            ) from self._failure
 
     async def __aenter__(self) -> Worker:
         await self.start()

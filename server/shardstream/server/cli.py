@@ -1,7 +1,10 @@
 """Command line of the worker: `shardstream worker` (also `shardstream-worker`).
 
 Every flag has an environment variable (SHARDSTREAM_<FLAG>), which is how the
-docker image is configured; flags win over the environment.
+docker image is configured; flags win over the environment. A variable is read
+as the default of its flag, so a malformed one (SHARDSTREAM_PORT=abc, or set but
+empty) is a one-line usage error naming it (exit status 2) when it is used, never
+for --help or another command.
 """
 
 from __future__ import annotations
@@ -9,14 +12,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from shardstream._common import run_async, tune_malloc
+from shardstream.server._catalog import index_in_threads
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
+from shardstream.server._decoders import register_plugins
+from shardstream.server._files import is_url
+from shardstream.server._manifest import manifest_of, manifest_text
 from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import FORMATS, make_dataset
 from shardstream.server._worker import Worker
@@ -25,14 +35,99 @@ from shardstream.server.errors import CatalogError
 log = logging.getLogger("shardstream.worker")
 
 
+class UsageParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _EnvText(str):
+    """A flag's default taken from SHARDSTREAM_<NAME>. argparse converts a string
+    default with the flag's `type` only when the flag is not given, so a bad value is
+    a usage error naming the variable then, never at import or for --help."""
+
+    variable = ""
+
+
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"SHARDSTREAM_{name}", default)
+    """SHARDSTREAM_<name> as a flag default (converted and checked by the flag's type)."""
+    value = os.environ.get(f"SHARDSTREAM_{name}")
+    if value is None:
+        return default
+    text = _EnvText(value)
+    text.variable = f"SHARDSTREAM_{name}"
+    return text
 
 
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    env_datasets = (_env("DATASETS") or "").split()
+T = TypeVar("T")
+
+
+def _checked(convert: Callable[[str], T], accepts: str) -> Callable[[str], T]:
+    """A flag type: `convert` (ValueError if it refuses), with an error naming the
+    flag's value or the variable it came from and what is accepted."""
+
+    def parse(text: str) -> T:
+        if text.strip():
+            try:
+                return convert(str(text))
+            except ValueError:
+                pass
+        if isinstance(text, _EnvText):
+            got = f"{text.variable} is set but empty" if not text else f"{text.variable}={text!r}"
+        else:
+            got = repr(str(text))
+        raise argparse.ArgumentTypeError(f"{got}: expected {accepts}")
+
+    return parse
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        n = int(text)
+        if n < low or (high is not None and n > high):
+            raise ValueError(text)
+        return n
+
+    return _checked(
+        convert, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    )
+
+
+def _seconds(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(text)
+    return x
+
+
+def _timeout(text: str) -> float:
+    x = float(text)
+    if not 0 < x < 1e6:  # also refuses NaN
+        raise ValueError(text)
+    return x
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_PORT = _int_in(0, 65535)
+_TIMEOUT = _checked(_timeout, "a number of seconds > 0 (under 1e6)")
+_TEXT = _checked(str, "a non-empty value")
+_PATH = _checked(Path, "a file name")
+_LOG_LEVEL = _checked(lambda text: _log_level(text), f"one of {', '.join(LOG_LEVELS)}")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(text)
+    return level
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """What to index: the data root, datasets, plug-in formats, the digest cache."""
     p.add_argument(
         "--data-root",
+        type=_TEXT,
         default=_env("DATA_ROOT"),
         help="directory (or fsspec URL) holding the shards [SHARDSTREAM_DATA_ROOT]",
     )
@@ -41,50 +136,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         action="append",
         dest="datasets",
         metavar="NAME=GLOB[:FORMAT]",
-        help="a dataset to serve; repeatable [SHARDSTREAM_DATASETS, space-separated]",
+        help="a dataset; repeatable [SHARDSTREAM_DATASETS, space-separated]",
     )
-    p.set_defaults(env_datasets=env_datasets)
-    p.add_argument(
-        "--host",
-        default=_env("HOST", "127.0.0.1"),
-        help="address to listen on; 0.0.0.0 for all [SHARDSTREAM_HOST]",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("PORT", "50051") or 0),
-        help="port; 0 picks a free one and logs it [SHARDSTREAM_PORT]",
-    )
-    p.add_argument(
-        "--processes",
-        type=int,
-        default=int(_env("PROCESSES", "1") or 0),
-        help="decoding processes; 0 decodes in threads [SHARDSTREAM_PROCESSES]",
-    )
-    p.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=int(_env("MAX_MESSAGE_BYTES", str(8 * MiB)) or 0),
-        help="gRPC max message size [SHARDSTREAM_MAX_MESSAGE_BYTES]",
-    )
-    p.add_argument(
-        "--chunk-bytes",
-        type=int,
-        default=int(_env("CHUNK_BYTES", str(4 * MiB)) or 0),
-        help="target bytes per streamed chunk [SHARDSTREAM_CHUNK_BYTES]",
-    )
-    p.add_argument(
-        "--max-streams",
-        type=int,
-        default=int(_env("MAX_STREAMS", "64") or 0),
-        help="concurrent read streams [SHARDSTREAM_MAX_STREAMS]",
-    )
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=float(_env("GRACE", "10") or 0),
-        help="seconds running streams get to end on SIGTERM [SHARDSTREAM_GRACE]",
-    )
+    p.set_defaults(env_datasets=_env("DATASETS"))
     p.add_argument(
         "--decoder",
         action="append",
@@ -94,9 +148,107 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="a plug-in format to load; repeatable [SHARDSTREAM_DECODERS, space-separated]",
     )
     p.add_argument(
+        "--cache-dir",
+        type=_TEXT,
+        default=_env("CACHE_DIR"),
+        metavar="DIR",
+        help="where content digests are cached, so a restart does not read every shard "
+        "again; 'off' for no cache (default: $XDG_CACHE_HOME/shardstream, else "
+        "~/.cache/shardstream) [SHARDSTREAM_CACHE_DIR]",
+    )
+    p.add_argument(
+        "--log-level",
+        type=_LOG_LEVEL,
+        metavar="LEVEL",
+        default=_env("LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} [SHARDSTREAM_LOG_LEVEL]",
+    )
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    add_dataset_args(p)
+    p.add_argument(
+        "--manifest",
+        type=_PATH,
+        default=_env("MANIFEST"),
+        metavar="FILE",
+        help="a manifest written by `shardstream index`: refuse to start unless every shard "
+        "matches it [SHARDSTREAM_MANIFEST]",
+    )
+    p.add_argument(
+        "--host",
+        type=_TEXT,
+        default=_env("HOST", "127.0.0.1"),
+        help="address to listen on; 0.0.0.0 for all [SHARDSTREAM_HOST]",
+    )
+    p.add_argument(
+        "--port",
+        type=_PORT,
+        default=_env("PORT", "50051"),
+        help="port; 0 picks a free one and logs it [SHARDSTREAM_PORT]",
+    )
+    p.add_argument(
+        "--processes",
+        type=_int_in(0),
+        default=_env("PROCESSES", "1"),
+        help="decoding processes; 0 decodes in threads [SHARDSTREAM_PROCESSES]",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=_int_in(64 * 1024),
+        default=_env("MAX_MESSAGE_BYTES", str(8 * MiB)),
+        help="gRPC max message size [SHARDSTREAM_MAX_MESSAGE_BYTES]",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        type=_int_in(1),
+        default=_env("CHUNK_BYTES", str(4 * MiB)),
+        help="target bytes per streamed chunk [SHARDSTREAM_CHUNK_BYTES]",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_int_in(1),
+        default=_env("MAX_STREAMS", "64"),
+        help="concurrent read streams [SHARDSTREAM_MAX_STREAMS]",
+    )
+    p.add_argument(
+        "--grace",
+        type=_checked(_seconds, "a number of seconds >= 0"),
+        default=_env("GRACE", "10"),
+        help="seconds running streams get to end on SIGTERM [SHARDSTREAM_GRACE]",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=_TIMEOUT,
+        default=_env("STREAM_STALL_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="end a stream whose client reads nothing for this long (it resumes elsewhere), "
+        "and a connection still in its handshake [SHARDSTREAM_STREAM_STALL_TIMEOUT]",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_int_in(1, 2**31 - 1),
+        default=_env("MAX_CONNECTIONS", "4096"),
+        help="concurrent connections; more are closed at once [SHARDSTREAM_MAX_CONNECTIONS]",
+    )
+    p.add_argument(
+        "--max-streams-per-connection",
+        type=_int_in(1, 2**31 - 1),
+        default=_env("MAX_STREAMS_PER_CONNECTION", "16"),
+        help="concurrent streams on one connection; a client's further ones wait "
+        "[SHARDSTREAM_MAX_STREAMS_PER_CONNECTION]",
+    )
+    p.add_argument(
+        "--idle-connection-timeout",
+        type=_TIMEOUT,
+        default=_env("IDLE_CONNECTION_TIMEOUT", "300"),
+        metavar="SECONDS",
+        help="close a connection without calls for this long [SHARDSTREAM_IDLE_CONNECTION_TIMEOUT]",
+    )
+    p.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT") or -1),
+        type=_PORT,
+        default=_env("METRICS_PORT"),
         help="serve Prometheus metrics on this port (needs shardstream[metrics]) "
         "[SHARDSTREAM_METRICS_PORT]",
     )
@@ -107,21 +259,49 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         ("--auth-token-file", "file with a bearer token every client must send (not health)"),
     ):
         env = flag[2:].upper().replace("-", "_")
-        p.add_argument(flag, type=Path, default=_env(env), help=f"{what} [SHARDSTREAM_{env}]")
-    p.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING [SHARDSTREAM_LOG_LEVEL]",
-    )
+        p.add_argument(flag, type=_PATH, default=_env(env), help=f"{what} [SHARDSTREAM_{env}]")
+
+
+def _specs(args: argparse.Namespace) -> tuple[DatasetSpec, ...]:
+    if args.datasets:
+        return tuple(DatasetSpec.parse(t) for t in args.datasets)
+    specs = []
+    for text in (args.env_datasets or "").split():
+        try:
+            specs.append(DatasetSpec.parse(text))
+        except ValueError as exc:
+            raise ValueError(f"SHARDSTREAM_DATASETS: {exc}") from None
+    return tuple(specs)
+
+
+def _data_root(args: argparse.Namespace) -> str:
+    if args.data_root is None:
+        raise ValueError("--data-root is required (or SHARDSTREAM_DATA_ROOT)")
+    return str(args.data_root)
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    """--cache-dir, 'off', or the user's cache directory (None if there is no home)."""
+    if args.cache_dir is not None:
+        return None if args.cache_dir == "off" else Path(args.cache_dir)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "shardstream"
+    try:
+        return Path.home() / ".cache" / "shardstream"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+        return None
+
+
+def _decoders(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.decoders or (_env("DECODERS") or "").split())
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    if args.data_root is None:
-        raise ValueError("--data-root is required (or SHARDSTREAM_DATA_ROOT)")
-    texts = args.datasets or args.env_datasets
+    data_root = _data_root(args)
     return WorkerConfig(
-        data_root=args.data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
-        datasets=tuple(DatasetSpec.parse(t) for t in texts),
+        data_root=data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
+        datasets=_specs(args),
         host=args.host,
         port=args.port,
         processes=args.processes,
@@ -129,24 +309,26 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         chunk_bytes=args.chunk_bytes,
         max_streams=args.max_streams,
         grace_seconds=args.grace,
-        decoders=tuple(args.decoders or (_env("DECODERS") or "").split()),
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        stream_stall_timeout=args.stream_stall_timeout,
+        max_connections=args.max_connections,
+        max_streams_per_connection=args.max_streams_per_connection,
+        idle_connection_timeout=args.idle_connection_timeout,
+        decoders=_decoders(args),
+        metrics_port=args.metrics_port,
+        cache_dir=_cache_dir(args),
+        manifest=args.manifest,
         security=ServerSecurity(
-            tls_cert=_path(args.tls_cert),
-            tls_key=_path(args.tls_key),
-            tls_client_ca=_path(args.tls_client_ca),
-            auth_token_file=_path(args.auth_token_file),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_token_file=args.auth_token_file,
         ),
     )
 
 
-def _path(value: str | Path | None) -> Path | None:
-    return Path(value) if value else None
-
-
 def setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
@@ -170,8 +352,9 @@ async def serve(config: WorkerConfig) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with worker:
-            # The one line on stdout: scripts (and WorkerProcess) learn the port here.
-            print(f"serving {worker.address}", flush=True)
+            # The one line on stdout: scripts (and WorkerProcess) learn the port here. It
+            # names what the worker listens on: 0.0.0.0:PORT for --host 0.0.0.0.
+            print(f"serving {worker.listen_address}", flush=True)
             await worker.wait_closed()
         for task in drains:
             await task
@@ -196,6 +379,59 @@ def worker_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    add_dataset_args(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        type=_PATH,
+        metavar="FILE",
+        help="write the manifest to FILE (default: standard output)",
+    )
+
+
+def index_command(args: argparse.Namespace) -> int:
+    """Index datasets as a worker would and write their manifest (`_manifest`)."""
+    setup_logging(args.log_level)
+    try:
+        data_root = _data_root(args)
+        root: Path | str = data_root if is_url(data_root) else Path(data_root)
+        cache_dir = _cache_dir(args)
+        specs = tuple(replace(s, cache_dir=cache_dir) for s in _specs(args))
+        if not specs:
+            raise ValueError("name a dataset: --dataset NAME=GLOB (or SHARDSTREAM_DATASETS)")
+        register_plugins(_decoders(args))
+    except ValueError as exc:
+        print(f"shardstream index: {exc}", file=sys.stderr)
+        return 2
+    try:
+        catalog = run_async(lambda: index_in_threads(root, specs))
+    except CatalogError as exc:
+        log.error("cannot index: %s", exc)
+        return 1
+    text = manifest_text(manifest_of(catalog))
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            tmp = args.output.with_name(f".{args.output.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(args.output)
+        except OSError as exc:
+            log.error("cannot write %s: %s", args.output, exc.strerror or exc)
+            return 1
+    for ds in catalog.datasets.values():
+        log.info(
+            "manifest of dataset %r: %d shards, %d records, %.3f GB, fingerprint %s",
+            ds.name,
+            len(ds.shards),
+            ds.total_records,
+            sum(s.size for s in ds.shards) / 1e9,
+            ds.fingerprint,
+        )
+    return 0
 
 
 def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -239,7 +475,7 @@ def make_dataset_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`shardstream-worker`: the same as `shardstream worker`."""
-    parser = argparse.ArgumentParser(prog="shardstream-worker", description=__doc__)
+    parser = UsageParser(prog="shardstream-worker", description=__doc__)
     add_worker_args(parser)
     return worker_command(parser.parse_args(argv))
 

@@ -7,11 +7,14 @@
      └── RequestError                a request the worker refuses or fails; one status each:
           ├── NotReadyError          UNAVAILABLE          still indexing
           ├── DrainingError          UNAVAILABLE          shutting down; no new streams
+          ├── ProcessDiedError       UNAVAILABLE          a decoding process died mid-read
+          ├── StalledError           UNAVAILABLE          no reads for --stream-stall-timeout
           ├── BusyError              RESOURCE_EXHAUSTED   --max-streams streams running
           ├── UnknownDatasetError    NOT_FOUND            no such dataset
           ├── UnknownShardError      NOT_FOUND            no such shard in the dataset
           ├── ShardOutsideRootError  PERMISSION_DENIED    a shard id leaving the data root
           ├── BadRangeError          INVALID_ARGUMENT     records outside the shard
+          ├── MalformedRequestError  INVALID_ARGUMENT     unparsable, or ids too long
           ├── ShardChangedError      FAILED_PRECONDITION  fingerprint differs, ShardChanged
           └── DataLossError          DATA_LOSS            a DecodeError while streaming
 
@@ -22,6 +25,8 @@ request's context: the chunk streamer re-raises them as `DataLossError` and
 becomes a gRPC status in one place, `_status.StatusOnError`, through the table
 `_status.STATUS`; the client sees the matching `shardstream.client.errors` class,
 or, for UNAVAILABLE and RESOURCE_EXHAUSTED, resumes the read on another worker.
+A decoding process that dies (the OOM killer, a crash in native code) fails the
+chunk it was decoding as `ProcessDiedError`; the worker replaces the process.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ __all__ = [
     "DataLossError",
     "DecodeError",
     "DrainingError",
+    "MalformedRequestError",
     "NotReadyError",
+    "ProcessDiedError",
     "RequestError",
     "ShardChanged",
     "ShardChangedError",
     "ShardOutsideRootError",
+    "StalledError",
     "UnknownDatasetError",
     "UnknownShardError",
 ]
@@ -91,6 +99,15 @@ class DrainingError(RequestError):
     """The worker is draining and takes no new streams (UNAVAILABLE)."""
 
 
+class StalledError(RequestError):
+    """The stream's client read nothing for `--stream-stall-timeout` (UNAVAILABLE): the
+    stream is ended so that it holds no slot and no decoded chunks; the client resumes."""
+
+
+class ProcessDiedError(RequestError):
+    """The decoding process of a chunk died; it is replaced (UNAVAILABLE: resume the read)."""
+
+
 class BusyError(RequestError):
     """The worker already runs `--max-streams` streams (RESOURCE_EXHAUSTED)."""
 
@@ -109,6 +126,11 @@ class ShardOutsideRootError(RequestError):
 
 class BadRangeError(RequestError):
     """A record range outside the shard (INVALID_ARGUMENT)."""
+
+
+class MalformedRequestError(RequestError):
+    """Request bytes that do not parse, or ids longer than any the worker serves
+    (INVALID_ARGUMENT)."""
 
 
 class ShardChangedError(RequestError):
