@@ -152,15 +152,16 @@ class Loader:
     def schema(self) -> tuple[FieldSpec, ...]:
         return self.dataset.schema
 
-    def plan(self, epoch: int) -> RankPlan:
-        """This rank's plan for an epoch (pure; no I/O); the rest of it after a restored state."""
+    def plan(self, epoch: int, *, whole: bool = False) -> RankPlan:
+        """This rank's plan for an epoch (pure; no I/O); the rest of it after a restored
+        state, unless `whole`."""
         desc = self.dataset
         cfg = self.config
         per_record = max(1, record_bytes(desc.schema))
         read_records = max(1, cfg.read_bytes // per_record)
         if read_records >= cfg.batch_size:  # reads aligned to batches: zero-copy batches
             read_records -= read_records % cfg.batch_size
-        history = self._history(epoch)
+        history = () if whole else self._history(epoch)
         try:
             return resume_plan(
                 [s.records for s in desc.shards],
@@ -207,7 +208,7 @@ class Loader:
         history: tuple[Interruption, ...] = ()
         if iterator is not None:
             epoch, history = iterator.plan.epoch, self._running_history
-            if completed:
+            if completed or batches >= iterator.plan.batches:  # every batch received
                 epoch, batches, history = epoch + 1, 0, ()
         elif self._resume is not None:
             epoch, history = self._resume.epoch, self._resume.interruptions()
@@ -250,8 +251,9 @@ class Loader:
             raise
 
     def batches_per_epoch(self) -> int:
-        """Batches every rank gets in an epoch (the same on every rank)."""
-        return self.plan(0).batches
+        """Batches every rank gets in an epoch (the same on every rank), whole: after a
+        restored state, the epoch it names has `state["batches"]` fewer left."""
+        return self.plan(0, whole=True).batches
 
     def epoch(self, epoch: int) -> EpochIterator:
         """The batches of one epoch, as an async iterator. Starting an epoch stops

@@ -108,8 +108,8 @@ class SyncLoader:
     def schema(self) -> tuple[FieldSpec, ...]:
         return self._loader.schema
 
-    def plan(self, epoch: int) -> RankPlan:
-        return self._loader.plan(epoch)
+    def plan(self, epoch: int, *, whole: bool = False) -> RankPlan:
+        return self._loader.plan(epoch, whole=whole)
 
     def batches_per_epoch(self) -> int:
         return self._loader.batches_per_epoch()

@@ -17,8 +17,10 @@ in place. Writable arrays are always shared (`torch.from_numpy`).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -51,14 +53,46 @@ def to_torch(
     return out
 
 
+# Wrappers that split an IterableDataset's output between processes: applied to data
+# shardstream already split by rank, they would drop or duplicate records.
+_RESHARDERS = ("IterableDatasetShard", "DataLoaderDispatcher")
+
+
+def _refuse_resharding(frame: FrameType | None) -> None:
+    """Raise if a framework re-shards this rank's data (Accelerate's `prepare()` of a
+    DataLoader over a ShardstreamIterable does, in more than one process)."""
+    for _ in range(40):
+        if frame is None:
+            return
+        qualname = frame.f_code.co_qualname
+        if any(name in qualname for name in _RESHARDERS):
+            raise RuntimeError(
+                f"a ShardstreamIterable is being re-sharded by {qualname} (Accelerate's "
+                "prepare() of a DataLoader over it): shardstream already gives each rank its "
+                "own part. Pass the ShardstreamIterable itself to accelerator.prepare() (it is "
+                "returned as it is), or iterate it directly, and move batches to the device "
+                "with .to(accelerator.device)"
+            )
+        frame = frame.f_back
+
+
 def _pin(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return tensor.pin_memory() if pin and torch.cuda.is_available() else tensor
 
 
 class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ignore[misc]
     """One rank's batches as a torch data source (already batched: use
-    `DataLoader(..., batch_size=None, num_workers=0)`; shardstream does the prefetching).
-    Takes the `Loader` arguments, plus `writable` and `pin_memory` for `to_torch`."""
+    `DataLoader(..., batch_size=None, num_workers=0)`, or torchdata's
+    `StatefulDataLoader` the same way; shardstream does the prefetching).
+    Takes the `Loader` arguments, plus `writable` and `pin_memory` for `to_torch`.
+
+    Epochs: each iteration delivers `self.epoch`; an iteration that reaches the epoch's
+    end moves `self.epoch` on by one, so frameworks that never call `set_epoch`
+    (Lightning, Accelerate, a plain `for epoch in ...: for batch in loader`) still get a
+    new order every epoch. `set_epoch(e)` always wins. `len()` is this rank's batches per
+    epoch (the same on every rank). `state_dict()` is the position after the batches
+    yielded so far; `load_state_dict()` makes the next iteration yield exactly the rest.
+    """
 
     def __init__(
         self,
@@ -68,7 +102,10 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         pin_memory: bool = False,
         **options: Any,
     ) -> None:
+        self._addresses = addresses
+        self._options = options
         self._loader = SyncLoader(addresses, **options)  # options are checked here
+        self._closed_state: dict[str, Any] | None = None  # the position when last closed
         self._writable = writable
         self._pin = pin_memory
         self._open = False
@@ -78,6 +115,10 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         """The epoch the next iteration delivers."""
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        self._ensure_open()
+        return self._loader.batches_per_epoch()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
@@ -85,18 +126,35 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
                 "ShardstreamIterable must be read with DataLoader(num_workers=0): every "
                 "DataLoader worker would deliver the whole rank's data again"
             )
+        _refuse_resharding(sys._getframe(1))
         self._ensure_open()
-        for batch in self._loader.epoch(self.epoch):
+        epoch = self.epoch
+        last = self._loader.plan(epoch).batches - 1  # of the rest, after a restored state
+        if last < 0 and self.epoch == epoch:
+            self.epoch = epoch + 1
+        for i, batch in enumerate(self._loader.epoch(epoch)):
+            # Frameworks that know len() stop asking after the last batch: move on as it
+            # is handed over, unless someone chose another epoch meanwhile.
+            if i == last and self.epoch == epoch:
+                self.epoch = epoch + 1
             yield to_torch(batch, writable=self._writable, pin_memory=self._pin)
 
     def _ensure_open(self) -> None:
-        if not self._open:
-            self._loader.open()
-            self._open = True
+        if self._open:
+            return
+        if self._closed_state is not None:  # used again after close(): go on from there
+            self._loader = SyncLoader(self._addresses, **self._options)
+        self._loader.open()
+        self._open = True
+        if self._closed_state is not None:
+            self._loader.load_state_dict(self._closed_state)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterable has yielded (see
-        `Loader.state_dict`); connects to the workers if not yet connected."""
+        `Loader.state_dict`); connects to the workers if not yet connected (after
+        `close()`: the position then)."""
+        if not self._open and self._closed_state is not None:
+            return dict(self._closed_state)
         self._ensure_open()
         return self._loader.state_dict()
 
@@ -108,6 +166,11 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         self.epoch = self._loader.start_epoch
 
     def close(self) -> None:
+        """Close the connections (idempotent); the position is kept: `state_dict()` still
+        answers, and iterating again reconnects and goes on from there."""
         if self._open:
-            self._loader.close()
-            self._open = False
+            try:
+                self._closed_state = self._loader.state_dict()
+            finally:
+                self._loader.close()
+                self._open = False

@@ -1,0 +1,177 @@
+"""Training loops as frameworks run them: torchdata's StatefulDataLoader, Lightning
+(DDP, 2 CPU processes), Accelerate (torchrun, 2 processes). Each checks the data itself:
+every record exactly once per epoch across ranks, equal steps, a new order per epoch, and
+a mid-epoch resume that yields exactly the rest."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_examples import free_port
+
+from shardstream.server import make_dataset
+
+from conftest import worker_processes
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch is not installed"
+)
+EXAMPLES = Path(__file__).parents[1] / "examples"
+RECORDS = 1200
+OPTS: dict[str, Any] = {"dataset": "train", "batch_size": 32, "seed": 1, "shuffle": True}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _needs(module: str) -> Any:
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None,
+        reason=f"{module} is not installed (pip install 'shardstream[lightning,accelerate]')",
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("frameworks")
+    make_dataset(root, shards=6, records=RECORDS, shape=(8, 8, 3))
+    return root
+
+
+@_needs("torchdata")
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+def test_stateful_dataloader_resumes_exactly_and_epochs_advance(
+    data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from shardstream.client.torch import ShardstreamIterable
+
+    with worker_processes(data, 1) as (worker,):
+        first = ShardstreamIterable([worker.address], **OPTS)
+        loader = StatefulDataLoader(first, batch_size=None)
+        assert len(loader) == len(first) == -(-RECORDS // 32)  # known totals for progress bars
+        batches = iter(loader)
+        head = [next(batches)["id"].tolist() for _ in range(11)]
+        state = loader.state_dict()
+        first.close()
+        assert first.state_dict()["batches"] == 11  # still answers once closed
+
+        second = ShardstreamIterable([worker.address], **OPTS)
+        resumed = StatefulDataLoader(second, batch_size=None)
+        with caplog.at_level(logging.WARNING):
+            resumed.load_state_dict(state)
+            rest = [b["id"].tolist() for b in resumed]
+        assert not [r for r in caplog.records if "fast-forward" in r.getMessage()]
+        epoch0 = [i for b in head + rest for i in b]
+        assert sorted(epoch0) == list(range(RECORDS))
+        assert len(head) + len(rest) == len(second)
+        epoch1 = [i for b in resumed for i in b["id"].tolist()]  # nobody called set_epoch
+        second.close()
+    assert sorted(epoch1) == list(range(RECORDS)) and epoch1 != epoch0
+
+
+def test_plain_loop_gets_a_new_order_each_epoch_without_set_epoch(data: Path) -> None:
+    import torch
+
+    from shardstream.client.torch import ShardstreamIterable
+
+    with worker_processes(data, 1) as (worker,):
+        source = ShardstreamIterable([worker.address], **OPTS)
+        loader = torch.utils.data.DataLoader(source, batch_size=None)
+        try:
+            epochs = [[int(i) for b in loader for i in b["id"]] for _ in range(3)]
+            source.set_epoch(1)  # set_epoch still wins
+            again = [int(i) for b in loader for i in b["id"]]
+        finally:
+            source.close()
+    assert all(sorted(e) == list(range(RECORDS)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3
+    assert again == epochs[1]
+
+
+def _rank_logs(folder: Path) -> dict[int, list[dict[str, Any]]]:
+    return {
+        int(p.stem.split("-")[1]): [json.loads(x) for x in p.read_text().splitlines()]
+        for p in folder.glob("rank-*.jsonl")
+    }
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+@_needs("lightning")
+@_needs("torchdata")
+def test_lightning_ddp_exactly_once_new_order_and_mid_epoch_resume(
+    data: Path, tmp_path: Path
+) -> None:
+    script = [sys.executable, str(EXAMPLES / "train_lightning.py"), "--devices", "2"]
+    full, crashed, resumed = tmp_path / "full", tmp_path / "crashed", tmp_path / "resumed"
+    for d in (full, crashed, resumed):
+        d.mkdir()
+    ckpt = tmp_path / "mid.ckpt"
+    with worker_processes(data, 2) as workers:
+        addresses = ",".join(w.address for w in workers)
+        _run([*script, "--workers", addresses, "--epochs", "2", "--record", str(full)])
+        _run([*script, "--workers", addresses, "--epochs", "2", "--record", str(crashed),
+              "--crash-after-steps", "7", "--save", str(ckpt)])  # fmt: skip
+        _run([*script, "--workers", addresses, "--epochs", "2", "--record", str(resumed),
+              "--resume", str(ckpt)])  # fmt: skip
+    logs = _rank_logs(full)
+    assert sorted(logs) == [0, 1]
+    orders = {}
+    for epoch in (0, 1):
+        steps = {r: [x for x in lines if x["epoch"] == epoch] for r, lines in logs.items()}
+        assert len({len(s) for s in steps.values()}) == 1  # equal steps
+        ids = [i for s in steps.values() for x in s for i in x["ids"]]
+        assert sorted(ids) == list(range(RECORDS))  # exactly once across the ranks
+        orders[epoch] = [x["ids"] for x in steps[0]]
+    assert orders[0] != orders[1]  # Lightning never calls set_epoch: the data moved on
+    # Crash after step 7, resume from that checkpoint: the same epochs, exactly.
+    before, after = _rank_logs(crashed), _rank_logs(resumed)
+    for rank in (0, 1):
+        assert len(before[rank]) == 7
+        joined = before[rank] + after[rank]
+        for epoch in (0, 1):
+            got = [x["ids"] for x in joined if x["epoch"] == epoch]
+            want = [x["ids"] for x in logs[rank] if x["epoch"] == epoch]
+            assert got == want, (rank, epoch)
+
+
+@_needs("accelerate")
+def test_accelerate_two_processes_exactly_once(data: Path) -> None:
+    def launch(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+             str(EXAMPLES / "train_accelerate.py"), "--workers", addresses, *extra],
+            capture_output=True, text=True, timeout=300, env=ENV,
+        )  # fmt: skip
+
+    with worker_processes(data, 2) as workers:
+        addresses = ",".join(w.address for w in workers)
+        r = launch("--epochs", "2")
+        wrong = launch("--epochs", "1", "--wrong-way")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 4
+    for epoch in (0, 1):
+        per_rank = [x for x in lines if x["epoch"] == epoch]
+        assert {x["rank"] for x in per_rank} == {0, 1}
+        assert {x["steps"] for x in per_rank} == {-(-RECORDS // 2 // 32)}  # equal steps
+        assert {x["records"] for x in per_rank} == {RECORDS}
+        assert {x["id_sum"] for x in per_rank} == {RECORDS * (RECORDS - 1) // 2}
+    firsts = Counter((x["rank"], x["first"]) for x in lines)
+    assert len(firsts) == 4  # each rank starts each epoch elsewhere: a new order
+    assert wrong.returncode != 0
+    assert "is being re-sharded by DataLoaderDispatcher" in wrong.stderr
