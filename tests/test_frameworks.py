@@ -86,6 +86,10 @@ def test_plain_loop_gets_a_new_order_each_epoch_without_set_epoch(data: Path) ->
     with worker_processes(data, 1) as (worker,):
         source = ShardstreamIterable([worker.address], **OPTS)
         loader = torch.utils.data.DataLoader(source, batch_size=None)
+        if importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+
+            assert tqdm(loader, disable=True).total == -(-RECORDS // 32)  # progress totals
         try:
             epochs = [[int(i) for b in loader for i in b["id"]] for _ in range(3)]
             source.set_epoch(1)  # set_epoch still wins

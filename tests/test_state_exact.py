@@ -121,5 +121,8 @@ async def test_async_loader_state_counts_the_batches_returned(npz_root: Path) ->
             state = loader.state_dict()
         async with Loader([workers[0].address], state=state, **OPTIONS) as loader:
             rest = [b async for b in loader.epoch(loader.start_epoch)]
+            stats = loader.statistics().epochs[0]  # per epoch: is input the bottleneck?
+    assert stats.completed and stats.batches == len(rest) == BATCHES - 5
+    assert 0 <= stats.wait_seconds <= stats.seconds and 0 <= stats.wait_fraction <= 1
     ids = ids_of(got + rest)
     assert np.array_equal(np.sort(ids), np.arange(RECORDS))

@@ -16,7 +16,12 @@ import numpy as np
 from shardstream._common.malloc import tune_malloc
 from shardstream.client._fetch import FetchCounters
 from shardstream.client._ledger import LedgerWriter
-from shardstream.client._options import LoaderConfig, LoaderOptions, LoaderStatistics
+from shardstream.client._options import (
+    EpochStatistics,
+    LoaderConfig,
+    LoaderOptions,
+    LoaderStatistics,
+)
 from shardstream.client._pipeline import EpochCounters, EpochIterator
 from shardstream.client._planner import RankPlan
 from shardstream.client._pool import WorkerPool
@@ -82,6 +87,7 @@ class Loader:
         self._current: EpochIterator | None = None
         self._fetch_counters = FetchCounters()
         self._past = EpochCounters()  # epochs before the current one
+        self._by_epoch: dict[int, EpochIterator] = {}  # the last iterator of each epoch
         self._epochs_completed = 0
         self._started_at = 0.0
         self._state = "new"
@@ -295,6 +301,7 @@ class Loader:
             ledger=ledger,
         )
         self._current = iterator
+        self._by_epoch[epoch] = iterator
         return iterator
 
     def _ledger_header(self, plan: RankPlan) -> dict[str, Any]:
@@ -353,4 +360,15 @@ class Loader:
             reads_in_flight={c.address: c.outstanding for c in conns},
             seconds=time.monotonic() - self._started_at if self._started_at else 0.0,
             reads_by_worker={c.address: c.assigned for c in conns},
+            epochs={
+                e: EpochStatistics(
+                    batches=it.counters.batches,
+                    records=it.counters.records,
+                    bytes=it.counters.bytes,
+                    wait_seconds=it.counters.wait_seconds,
+                    seconds=it.counters.seconds,
+                    completed=it.completed,
+                )
+                for e, it in sorted(self._by_epoch.items())
+            },
         )

@@ -290,6 +290,23 @@ class LoaderOptions(TypedDict, total=False):
 
 
 @dataclass(frozen=True, slots=True)
+class EpochStatistics:
+    """One epoch as this rank's consumer saw it (`LoaderStatistics.epochs`)."""
+
+    batches: int
+    records: int
+    bytes: int
+    wait_seconds: float  # time the consumer waited for a batch: input-bound time
+    seconds: float  # from the first batch asked for to the last one received
+    completed: bool  # iterated to its end
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of the epoch spent waiting for data (near 0: input keeps up)."""
+        return self.wait_seconds / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoaderStatistics:
     """What a loader has delivered so far (`Loader.statistics()`)."""
 
@@ -306,6 +323,8 @@ class LoaderStatistics:
     reads_in_flight: dict[str, int]  # reads running now, by worker
     reads_by_worker: dict[str, int]  # read streams started, by worker
     seconds: float  # since the loader started: batches / seconds is the rate
+    # Per epoch (the last iteration of each): batches, waiting, duration.
+    epochs: dict[int, EpochStatistics] = field(default_factory=dict)
 
     @property
     def batches_per_second(self) -> float:

@@ -41,6 +41,7 @@ class EpochCounters:
     bytes: int = 0
     wait_seconds: float = 0.0  # time the consumer waited for a batch
     max_reorder_depth: int = 0
+    seconds: float = 0.0  # from the first batch asked for to the last one handed over
 
     def add(self, other: EpochCounters) -> None:
         self.batches += other.batches
@@ -109,6 +110,7 @@ class EpochIterator:
         self._finished = False
         self.completed = False  # iterated to its end
         self._abandoned: str | None = None  # why it can no longer be iterated
+        self._began = 0.0  # when the first batch was asked for
         self._fetch_counters = counters
         self.counters = EpochCounters()
         self._emitted = 0
@@ -131,6 +133,7 @@ class EpochIterator:
             raise StopAsyncIteration
         if self._task is None:
             self._task = self._spawn(self._run())
+            self._began = time.perf_counter()
         t0 = time.perf_counter()
         item = await self._next_item()
         if not self.external_wait:
@@ -153,6 +156,7 @@ class EpochIterator:
         c.batches += 1
         c.records += len(next(iter(item.values())))
         c.bytes += sum(a.nbytes for a in item.values())
+        c.seconds = time.perf_counter() - self._began
         return item
 
     async def _next_item(self) -> Batch | EndOfEpoch | Failure:

@@ -4,14 +4,21 @@ Explicit `rank=` / `world_size=` arguments always win. Otherwise, in order:
 
 1. Horovod, when it is imported and initialised: `hvd.rank()`, `hvd.size()`;
 2. torch.distributed, when it is imported and initialised;
-3. the environment of the launcher:
+3. JAX, when it is imported and either `jax.distributed.initialize()` ran or its
+   already started backends span several processes (a multi-host TPU slice):
+   `jax.process_index()`, `jax.process_count()`;
+4. the environment of the launcher:
    `HOROVOD_RANK`/`HOROVOD_SIZE` (horovodrun), `RANK`/`WORLD_SIZE` (torchrun),
    `OMPI_COMM_WORLD_RANK`/`OMPI_COMM_WORLD_SIZE` (Open MPI), `PMI_RANK`/`PMI_SIZE`
    (MPICH, Intel MPI), `SLURM_PROCID`/`SLURM_NTASKS` (SLURM);
-4. rank 0 of 1.
+5. rank 0 of 1.
 
 Frameworks are never imported here: only ones the program already imported
-are asked.
+are asked, and asking has no side effects. In particular JAX's backends are
+never started from here (starting one claims the accelerators, e.g. most of a
+GPU's memory): while they are not started yet, an initialised `jax.distributed`
+is asked for the process id and count it was given, which are what
+`jax.process_index()` / `jax.process_count()` report once they are.
 """
 
 from __future__ import annotations
@@ -53,6 +60,26 @@ def _torch_distributed() -> tuple[int, int] | None:
     return None
 
 
+def _jax() -> tuple[int, int] | None:
+    jax: Any = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        distributed: Any = sys.modules.get("jax._src.distributed")
+        bridge: Any = sys.modules.get("jax._src.xla_bridge")
+        started = bridge is not None and bool(bridge.backends_are_initialized())
+        state = None if distributed is None else distributed.global_state
+        if state is not None and state.client is not None:  # jax.distributed.is_initialized()
+            if started:
+                return int(jax.process_index()), int(jax.process_count())
+            return int(state.process_id), int(state.num_processes)
+        if started and int(jax.process_count()) > 1:  # several processes without it (TPU)
+            return int(jax.process_index()), int(jax.process_count())
+    except (AttributeError, TypeError, RuntimeError):  # a JAX whose internals moved: not asked
+        return None
+    return None
+
+
 def discover(env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
     """(rank, world_size, where they came from)."""
     found = _horovod()
@@ -61,6 +88,9 @@ def discover(env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
     found = _torch_distributed()
     if found:
         return (*found, "torch.distributed")
+    found = _jax()
+    if found:
+        return (*found, "jax")
     env = os.environ if env is None else env
     for rank_var, size_var, launcher in ENV_PAIRS:
         if rank_var in env and size_var in env:
