@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -63,24 +62,6 @@ def test_torch_ddp_example_with_torchrun(data: Path) -> None:
         )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    check(lines, ranks=2, epochs=2)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("horovod") is None or shutil.which("horovodrun") is None,
-    reason="Horovod is not installed (bash ../shared/scripts/install-horovod.sh installs it)",
-)
-def test_horovod_example_with_horovodrun(data: Path) -> None:
-    with worker_processes(data, 2) as workers:
-        r = subprocess.run(
-            ["horovodrun", "-np", "2", "--gloo", "-H", "localhost:2",
-             sys.executable, str(EXAMPLES / "train_torch_horovod.py"), "--workers",
-             ",".join(w.address for w in workers), "--epochs", "2"],
-            capture_output=True, text=True, timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = [json.loads(x[x.index("{") :]) for x in r.stdout.splitlines() if '{"rank"' in x]
     check(lines, ranks=2, epochs=2)
 
 

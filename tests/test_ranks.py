@@ -59,3 +59,82 @@ def test_explicit_arguments_win_and_fill_in(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(ConfigError, match=r"rank must be in \[0, world_size=2\), got 5"):
         Loader(["127.0.0.1:1"], dataset="train", batch_size=4)
+
+
+def fake_jax(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    distributed: tuple[int, int] | None,
+    started: bool,
+    backend: tuple[int, int] = (0, 1),
+) -> None:
+    """JAX as `_ranks` sees it: `jax.distributed` initialised with (process id, count) or not,
+    backends started or not, and what `jax.process_index()` / `process_count()` answer."""
+
+    def ask(value: int) -> object:
+        def answer() -> int:
+            assert started, "asked a JAX whose backends are not started: that would start them"
+            return value
+
+        return answer
+
+    jax = types.ModuleType("jax")
+    jax.process_index = ask(backend[0])  # type: ignore[attr-defined]
+    jax.process_count = ask(backend[1])  # type: ignore[attr-defined]
+    dist = types.ModuleType("jax._src.distributed")
+    state = types.SimpleNamespace(client=None, process_id=0, num_processes=1)
+    if distributed is not None:
+        state.client, (state.process_id, state.num_processes) = object(), distributed
+    dist.global_state = state  # type: ignore[attr-defined]
+    bridge = types.ModuleType("jax._src.xla_bridge")
+    bridge.backends_are_initialized = lambda: started  # type: ignore[attr-defined]
+    for name, module in (("jax", jax), ("jax._src.distributed", dist),
+                         ("jax._src.xla_bridge", bridge)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2"}
+
+
+def test_jax_distributed_is_asked_without_starting_a_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not started: the id and count given to jax.distributed.initialize, read from its state
+    # (jax.process_index() would start the backends; the fake fails the test if asked).
+    fake_jax(monkeypatch, distributed=(3, 4), started=False)
+    assert discover(TORCHRUN) == (3, 4, "jax")
+    # Started: JAX's own answer.
+    fake_jax(monkeypatch, distributed=(3, 4), started=True, backend=(3, 4))
+    assert discover(TORCHRUN) == (3, 4, "jax")
+
+
+def test_jax_without_distributed_is_asked_only_when_it_spans_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_jax(monkeypatch, distributed=None, started=False)  # imported, nothing more
+    assert discover(TORCHRUN)[:2] == (1, 2)
+    fake_jax(monkeypatch, distributed=None, started=True, backend=(0, 1))  # one process
+    assert discover(TORCHRUN)[:2] == (1, 2)
+    assert discover({}) == (0, 1, "default (no launcher found)")
+    fake_jax(monkeypatch, distributed=None, started=True, backend=(5, 8))  # multi-host TPU
+    assert discover(TORCHRUN) == (5, 8, "jax")
+
+
+def test_discovery_order_horovod_torch_jax_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_jax(monkeypatch, distributed=(3, 4), started=False)
+    torch_dist = types.ModuleType("torch.distributed")
+    torch_dist.is_available = lambda: True  # type: ignore[attr-defined]
+    torch_dist.is_initialized = lambda: True  # type: ignore[attr-defined]
+    torch_dist.get_rank = lambda: 0  # type: ignore[attr-defined]
+    torch_dist.get_world_size = lambda: 6  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.distributed", torch_dist)
+    assert discover(TORCHRUN) == (0, 6, "torch.distributed")
+    torch_dist.is_initialized = lambda: False  # type: ignore[attr-defined]
+    assert discover(TORCHRUN) == (3, 4, "jax")
+
+
+def test_a_jax_whose_internals_moved_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_jax(monkeypatch, distributed=(3, 4), started=False)
+    monkeypatch.delitem(sys.modules, "jax._src.distributed")
+    monkeypatch.setattr(sys.modules["jax._src.xla_bridge"], "backends_are_initialized", None)
+    assert discover(TORCHRUN)[:2] == (1, 2)

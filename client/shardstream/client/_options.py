@@ -251,7 +251,7 @@ class LoaderConfig:
 class LoaderOptions(TypedDict, total=False):
     """`Loader(addresses, **options)`'s keyword arguments, typed for editors and type
     checkers: `LoaderConfig`'s fields (documented there), with `rank` and `world_size`
-    optional (None: discovered from Horovod, torch.distributed or the environment).
+    optional (None: discovered from Horovod, torch.distributed, JAX or the environment).
     A test keeps the two in step."""
 
     dataset: Required[str]

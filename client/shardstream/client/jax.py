@@ -6,10 +6,10 @@
     arrays = to_jax(batch, sharding=sharding)   # with jax.distributed: global arrays whose
                                                 # first dimension spans every process's batch
 
-Needs jax (`pip install shardstream[jax]`). What it adds to `jax.device_put(batch)`:
+Needs jax (`pip install shardstream[jax]`). How it differs from `jax.device_put(batch)`:
 
-- Arrays go to JAX as they are, read-only message views included: no copy is made
-  on the host first (`to_torch` has to copy those unless told not to). The transfer
+- Not in placing: arrays go to JAX as they are, read-only message views included (no copy
+  on the host first; `to_torch` has to copy those unless told not to). The transfer
   is the one copy, except on CPU when an array happens to be 64-byte aligned, where
   XLA shares its memory (then it must not be written; message views never are).
 - 64-bit integers are checked. Unless `jax_enable_x64` is on, JAX turns int64 /
@@ -19,6 +19,9 @@ Needs jax (`pip install shardstream[jax]`). What it adds to `jax.device_put(batc
   (`jax.make_array_from_process_local_data`), the usual input of a `jit`-compiled,
   data-parallel step. Every rank has the same number of batches and, batch by batch,
   the same batch size, which this needs: no rank waits in a collective for another.
+  (Not with `on_error="skip"`: a batch missing a skipped record is shorter on that
+  rank only; pad it. The last batch of an epoch, if partial, has another shape on
+  every rank, so `jit` compiles once more; `drop_last=True` keeps one shape.)
 """
 
 from __future__ import annotations
