@@ -217,7 +217,7 @@ def format_for_path(path: str) -> str:
 
 def _load_builtin() -> None:
     # The built-in formats register themselves on import.
-    from shardstream.server import _csv, _npz, _parquet, _wds  # noqa: F401
+    from shardstream.server import _csv, _npz, _packed, _parquet, _tokens, _wds  # noqa: F401
 
 
 def check_arrays(

@@ -6,6 +6,9 @@ from a generator seeded with (seed, shard index)). The content depends only on
 (seed, shards, records, shape), not on the format, so the same arguments give
 the same records as npz, csv and parquet; wds stores the images as JPEG (quality
 95, no chroma subsampling: close to, not equal to, the others' pixels).
+
+`make_token_files` writes flat token files for the `tokens` and `tokens-packed`
+formats instead (`_tokens`, `_packed`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import IO, Any
 import numpy as np
 
 from shardstream.server._csv import SCHEMA_FILE
+from shardstream.server._tokens import SIDECAR, TOKEN_DTYPES
 
-__all__ = ["FORMATS", "make_dataset"]
+__all__ = ["FORMATS", "make_dataset", "make_token_files"]
 
 FORMATS: tuple[str, ...] = ("npz", "csv", "wds", "parquet")
 _CORE = ("npz", "csv")  # the formats that need no optional library
@@ -188,6 +192,59 @@ _WRITERS: dict[str, Callable[..., None]] = {
     "wds": _write_wds,
     "parquet": _write_parquet,
 }
+
+
+def make_token_files(
+    directory: Path,
+    *,
+    shards: int,
+    tokens: int,
+    seq_len: int,
+    dtype: str = "uint16",
+    vocab_size: int = 50257,
+    eos_id: int | None = None,
+    mean_doc_tokens: int = 0,
+    suffix: str = ".bin",
+    seed: int = 0,
+) -> list[Path]:
+    """Write `tokens` pseudo-random token ids in [0, vocab_size) over `shards` files
+    `tokens-00000.bin` (raw little-endian) or `.npy` (`suffix`), plus `_tokens.json`
+    (dtype, seq_len, vocab_size, eos_id when given); their paths. With `eos_id` and
+    `mean_doc_tokens`, documents of geometric lengths (that mean) end with `eos_id`,
+    which appears nowhere else. Shard k depends only on (seed, k, its size)."""
+    if dtype not in TOKEN_DTYPES or suffix not in (".bin", ".npy") or not 0 < shards <= tokens:
+        raise ValueError(
+            f"need dtype in {TOKEN_DTYPES}, suffix .bin or .npy and 0 < shards <= tokens, got "
+            f"{dtype!r}, {suffix!r}, {shards} shards of {tokens} tokens"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base, extra = divmod(tokens, shards)
+    paths = []
+    for index in range(shards):
+        rng = np.random.default_rng([seed, index])
+        n = base + (1 if index < extra else 0)
+        ids = rng.integers(0, vocab_size - (eos_id is not None), size=n, dtype=np.uint32)
+        if eos_id is not None:
+            ids += ids >= eos_id  # every id but eos_id
+            if mean_doc_tokens > 0:
+                ids[rng.random(n) < 1 / mean_doc_tokens] = eos_id
+        array = ids.astype(np.dtype(dtype).newbyteorder("<"))
+        path = directory / f"tokens-{index:05d}{suffix}"
+        _write_atomic(path, functools.partial(_write_tokens, array=array, npy=suffix == ".npy"))
+        paths.append(path)
+    options: dict[str, Any] = {"dtype": dtype, "seq_len": seq_len, "vocab_size": vocab_size}
+    if eos_id is not None:
+        options["eos_id"] = eos_id
+    _write_atomic(directory / SIDECAR, lambda f: f.write(json.dumps(options).encode()))
+    return paths
+
+
+def _write_tokens(f: IO[bytes], array: np.ndarray[Any, Any], npy: bool) -> None:
+    if npy:
+        np.save(f, array)
+    else:
+        f.write(array.tobytes())
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
