@@ -129,7 +129,10 @@ async def test_a_pad_state_of_ten_million_ranks_resumes_at_once(npz_root: Path) 
     opts = {"batch_size": 1, "remainder": "pad", "world_size": ws}
     async with running_workers(npz_root, 1) as (worker,):
         state = await _state(worker.address, 1, rank=ws - 1, **opts)
-        assert (state["world_size"], state["batches"]) == (ws, 1)
+        # Every batch of the epoch received: the state points at the next epoch; the
+        # same position said the other way (1 of epoch 0's 1 batch) must load too.
+        assert (state["world_size"], state["epoch"], state["batches"]) == (ws, 1, 0)
+        state = {**state, "epoch": 0, "batches": 1}
         t0 = time.perf_counter()
         for rank, world in ((ws - 1, ws), (0, ws), (2, 3)):  # the same, or another world size
             options = {**opts, "rank": rank, "world_size": world}

@@ -143,6 +143,7 @@ class EpochIterator:
         if self._finished:  # woken by aclose() while waiting
             raise StopAsyncIteration
         if isinstance(item, EndOfEpoch):
+            self.counters.seconds = time.perf_counter() - self._began
             self._finished = self.completed = True
             self._close_ledger()
             raise StopAsyncIteration
