@@ -14,12 +14,17 @@ travels in clear text: use both together outside a trusted network.
 
 The token is checked before anything else reads the request: a refused call's
 bytes are never decoded, and refusals are logged a few lines a second at most.
+`RequestGuard` (always installed, after the token) gives request bytes that do
+not parse INVALID_ARGUMENT in one line, also for services whose handlers let
+gRPC decode their requests (health), where gRPC would log a traceback and
+answer UNKNOWN.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,11 +34,9 @@ from typing import Any
 import grpc
 
 from shardstream._common.pem import read_pem, read_token_file
-from shardstream.server._status import REFUSALS
+from shardstream.server._status import LogLimit
 
-log = logging.getLogger("shardstream.worker")
-
-__all__ = ["BearerTokenInterceptor", "LoadedServerSecurity", "ServerSecurity"]
+__all__ = ["BearerTokenInterceptor", "LoadedServerSecurity", "RequestGuard", "ServerSecurity"]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _MISSING = "missing bearer token: send the metadata 'authorization: Bearer <token>'"
@@ -122,6 +125,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not token:
             raise ValueError("the bearer token must be non-empty")
         self._expected = _digest(token.encode("ascii"))
+        self._refusals = LogLimit(logging.getLogger("shardstream.worker"))
 
     async def intercept_service(
         self,
@@ -135,7 +139,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         problem = self._check(handler_call_details.invocation_metadata or ())
         if problem is None:
             return handler
-        REFUSALS.log(logging.WARNING, "UNAUTHENTICATED", "refused %s: %s", method, problem)
+        self._refusals.log(logging.WARNING, "UNAUTHENTICATED", "refused %s: %s", method, problem)
         return _rejecting_handler(handler, problem)
 
     def _check(self, metadata: Any) -> str | None:
@@ -171,3 +175,74 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
     else:
         make = grpc.unary_unary_rpc_method_handler
     return make(reject, request_deserializer=None, response_serializer=None)
+
+
+class _Malformed:
+    """What a guarded deserializer returns for bytes that do not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers request bytes that do not parse with INVALID_ARGUMENT and a one-line,
+    rate-limited log line, where gRPC would log a traceback and answer UNKNOWN."""
+
+    def __init__(self) -> None:
+        self._refusals = LogLimit(logging.getLogger("shardstream.worker"))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler  # no request to decode here (the Worker's handlers decode their own)
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler
+        return _guarded(handler, behavior, handler_call_details.method, self._refusals)
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler, behavior: Any, method: str, refusals: LogLimit
+) -> grpc.RpcMethodHandler:
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a deserializer's own error
+            return _Malformed(f"the request is not a valid message ({len(data)} bytes): {exc}")
+
+    async def refuse(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
+        reason = request.reason[:300]
+        refusals.log(logging.WARNING, "INVALID_ARGUMENT", "INVALID_ARGUMENT %s: %s", method, reason)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for message in behavior(request, context):
+                yield message
+
+        guarded: Any = stream
+    else:
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await behavior(request, context)
+
+        guarded = call
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return make(
+        guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer
+    )

@@ -1,19 +1,20 @@
 """The Worker service: thin handlers over the catalog and the chunk streamer.
 
 Handlers take a request's bytes, decode and check them (`_wire`, `_requests`),
-and return domain objects or write serialized chunks (`_streaming`); `_wire`
-encodes replies. Refusals are `errors.RequestError`s, which become gRPC status
-codes in one place, `_status`.
+and return domain objects or serialized chunks (`_streaming`); `_wire` encodes
+replies. Refusals are `errors.RequestError`s, which become gRPC status codes in
+one place, `_status`.
 
-A stream's every write must complete within `stream_stall_timeout`: a client
-that reads nothing for that long (its HTTP/2 window stays full) has its stream
-ended with `StalledError`, so it keeps neither a `max_streams` slot nor decoded
-chunks; the status reaches it after the chunk gRPC still holds for it, if it
-ever reads, and it resumes the read. Until its client reads or leaves, such a
-stream still holds that one chunk, so stalled streams count too: at most
-`max_streams` run, and running plus stalled ones stay under `2 * max_streams`.
-Once no stream runs or waits for a second, freed heap is handed back to the
-kernel (glibc's `malloc_trim`), so a worker returns near its baseline memory.
+`read` yields a stream's messages; `serve_read`, the Read handler, writes them,
+each within `stream_stall_timeout`: a client that reads nothing for that long
+(its HTTP/2 window stays full) has its stream ended with `StalledError`, so it
+keeps neither a `max_streams` slot nor decoded chunks; the status reaches it
+after the chunk gRPC still holds for it, if it ever reads, and it resumes the
+read. Until its client reads or leaves, such a stream still holds that chunk,
+so stalled streams count too: at most `max_streams` run, and running plus
+stalled ones stay under `2 * max_streams`. A second after the last stream is
+gone, or after streams stalled, freed heap is handed back to the kernel
+(glibc's `malloc_trim`), so a worker returns near its baseline memory.
 """
 
 from __future__ import annotations
@@ -24,22 +25,20 @@ import ctypes
 import functools
 import logging
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 
 import grpc
 
-from shardstream.server._catalog import Catalog, Dataset, Shard
+from shardstream.server._catalog import Catalog, Dataset
 from shardstream.server._config import WorkerConfig
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._requests import check_read, find_dataset, ready
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._status import REFUSALS, FinishOnError, StatusOnError, shown
+from shardstream.server._status import FinishOnError, LogLimit, StatusOnError, shown
 from shardstream.server._streaming import ChunkStreamer
-from shardstream.server._wire import decode_describe, decode_list, decode_read
+from shardstream.server._wire import ReadArgs, decode_describe, decode_list, decode_read
 from shardstream.server.errors import BusyError, DrainingError, StalledError
-
-log = logging.getLogger("shardstream.worker")
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
 
@@ -64,8 +63,10 @@ class WorkerServicer:
         self.idle = asyncio.Event()  # set while no stream runs
         self.idle.set()
         self._streams_since_trim = 0
+        self._trim_for_stall = False
         self._trim: asyncio.TimerHandle | None = None
         self._closed = False
+        self.refusals = LogLimit(logging.getLogger("shardstream.worker"))  # this worker's
 
     def is_draining(self) -> bool:
         return self.draining
@@ -78,19 +79,22 @@ class WorkerServicer:
             self._trim = None
 
     async def describe(self, request: bytes, context: grpc.aio.ServicerContext) -> Dataset:
-        async with StatusOnError(context, self.metrics):
+        async with StatusOnError(context, self.metrics, self.refusals):
             return find_dataset(self.catalog, decode_describe(request))
 
     async def list_datasets(
         self, request: bytes, context: grpc.aio.ServicerContext
     ) -> list[Dataset]:
-        async with StatusOnError(context, self.metrics):
+        async with StatusOnError(context, self.metrics, self.refusals):
             decode_list(request)
             return list(ready(self.catalog).datasets.values())
 
-    async def read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        """Write a read's chunks, then its End; a refusal or failure sets the status."""
-        async with FinishOnError(context, self.metrics):
+    async def read(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[bytes, None]:
+        """A read's chunks, then its End; a refusal or failure sets the call's status.
+        `serve_read` writes them; closing this generator ends the stream's work."""
+        async with FinishOnError(context, self.metrics, self.refusals):
             args = decode_read(request)
             if self.draining:
                 raise DrainingError("the worker is draining")
@@ -101,13 +105,23 @@ class WorkerServicer:
             self.idle.clear()
             self.metrics.stream(ds.name, +1)
             try:
-                await self._send(context, self._streamer.stream(ds, shard, args), ds, shard)
+                # Closed with this generator: that cancels the chunk decoding ahead.
+                async with contextlib.aclosing(self._streamer.stream(ds, shard, args)) as chunks:
+                    async for message in chunks:
+                        yield message
             finally:
                 self.active -= 1
                 self.metrics.stream(ds.name, -1)
                 if self.active == 0:
                     self.idle.set()
                 self._maybe_idle()
+
+    async def serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """The Read handler: writes `read`'s messages, each within the stall timeout."""
+        async with FinishOnError(context, self.metrics, self.refusals):
+            stalled = await self._send(context, self.read(request, context))
+            if stalled is not None:
+                await self._linger(stalled, decode_read(request))
 
     def _admit(self) -> None:
         limit = self._config.max_streams
@@ -118,54 +132,65 @@ class WorkerServicer:
             )
 
     async def _send(
-        self,
-        context: grpc.aio.ServicerContext,
-        messages: AsyncGenerator[bytes, None],
-        ds: Dataset,
-        shard: Shard,
-    ) -> None:
-        """Write `messages`, each within the stall timeout, else end with StalledError."""
+        self, context: grpc.aio.ServicerContext, messages: AsyncGenerator[bytes, None]
+    ) -> asyncio.Task[None] | None:
+        """Write the headers, then `messages`, each within the stall timeout. Returns None
+        once all are written, or the write still waiting on a client that reads nothing;
+        `messages` is closed either way (which frees its slot and decoded chunks)."""
         timeout = self._config.stream_stall_timeout
-        async with contextlib.aclosing(messages):  # cancels the chunk decoding ahead
-            # Headers first: a status set after a write that timed out must not carry them.
-            sent = await _within(timeout, context.send_initial_metadata(()))
-            if sent:
+        write: asyncio.Task[None] | None = None
+        try:
+            async with contextlib.aclosing(messages):
+                # Headers first and alone, so that a status after a stall carries none.
+                write = asyncio.ensure_future(context.send_initial_metadata(()))
+                if not await _completes(write, timeout):
+                    return write
                 async for message in messages:
-                    if not await _within(timeout, context.write(message)):
-                        sent = False
-                        break
-        if not sent:
-            self._stall(context)
-            REFUSALS.log(
-                logging.INFO,
-                "stalled",
-                "ended a stream of shard %s of dataset %r: its client read nothing for %gs",
-                shown(repr(shard.id)),
-                ds.name,
-                timeout,
-            )
-            raise StalledError(
-                f"ended the stream of shard {shard.id!r} of dataset {ds.name!r}: the client "
-                f"read nothing for {timeout:g}s (--stream-stall-timeout); resume it elsewhere",
-                dataset=ds.name,
-                shard=shard.id,
-            )
+                    write = asyncio.ensure_future(context.write(message))
+                    if not await _completes(write, timeout):
+                        return write
+                return None
+        except BaseException:
+            if write is not None:
+                write.cancel()
+            raise
 
-    def _stall(self, context: grpc.aio.ServicerContext) -> None:
-        """Count a stalled stream until gRPC is done with it (its client read or left)."""
+    async def _linger(self, write: asyncio.Task[None], args: ReadArgs) -> None:
+        """A stalled stream: it holds no slot nor decoded chunk, only the write gRPC still
+        has. Wait until its client reads it, then end with StalledError (the client
+        resumes); if the client leaves, the call is cancelled and nothing is sent."""
+        timeout = self._config.stream_stall_timeout
+        self.refusals.log(
+            logging.INFO,
+            "stalled",
+            "ended a stream of shard %s of dataset %s: its client read nothing for %gs",
+            shown(repr(args.shard)),
+            shown(repr(args.dataset)),
+            timeout,
+        )
         self.stalled += 1
-
-        def done(_: object) -> None:
+        self._maybe_idle(stalled=True)
+        try:
+            await _completes(write, None)
+        finally:
+            write.cancel()
             self.stalled -= 1
             self._maybe_idle()
+        raise StalledError(
+            f"ended the stream of shard {args.shard!r} of dataset {args.dataset!r}: the "
+            f"client read nothing for {timeout:g}s (--stream-stall-timeout); resume it "
+            "elsewhere",
+            dataset=args.dataset,
+            shard=args.shard,
+        )
 
-        add_done_callback: Callable[[Callable[[object], None]], None]
-        add_done_callback = context.add_done_callback
-        add_done_callback(done)
-
-    def _maybe_idle(self) -> None:
-        """Once no stream runs or stalls for TRIM_AFTER_IDLE, hand freed heap back."""
-        if self.active or self.stalled or self._closed or not self._streams_since_trim:
+    def _maybe_idle(self, *, stalled: bool = False) -> None:
+        """Hand freed heap back TRIM_AFTER_IDLE after the last stream is gone, or after
+        streams stalled (their decoded chunks are freed, their clients may linger)."""
+        self._trim_for_stall |= stalled
+        if self._closed or not self._streams_since_trim:
+            return
+        if (self.active or self.stalled) and not self._trim_for_stall:
             return
         if self._trim is not None:
             self._trim.cancel()
@@ -173,20 +198,24 @@ class WorkerServicer:
 
     def _trim_heap(self) -> None:
         self._trim = None
-        if self.active or self.stalled or self._closed:
+        if self._closed or ((self.active or self.stalled) and not self._trim_for_stall):
             return
         self._streams_since_trim = 0
+        self._trim_for_stall = False
         trim_heap()
 
 
-async def _within(seconds: float, write: Awaitable[object]) -> bool:
-    """Await `write`; False if it did not complete within `seconds` (HTTP/2 flow control:
-    the client reads nothing)."""
-    try:
-        async with asyncio.timeout(seconds):
-            await write
-    except TimeoutError:
+async def _completes(write: asyncio.Task[None], seconds: float | None) -> bool:
+    """Wait up to `seconds` for `write`; False if it is still waiting (HTTP/2 flow control:
+    the client reads nothing). A write that failed means the client left: the call is
+    cancelled (gRPC already ends it without a status, and logs nothing)."""
+    await asyncio.wait((write,), timeout=seconds)
+    if not write.done():
         return False
+    if write.cancelled():
+        raise asyncio.CancelledError
+    if write.exception() is not None:
+        raise asyncio.CancelledError(f"the write failed: {write.exception()}")
     return True
 
 

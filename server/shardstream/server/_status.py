@@ -110,7 +110,7 @@ class LogLimit:
         return 0 if state is None else int(state[2])
 
 
-REFUSALS = LogLimit(log)  # the worker's refusals: per status code, and per kind of stream end
+REFUSALS = LogLimit(log)  # refusals of callers that bring no LogLimit of their own
 
 
 def status_code(exc: RequestError) -> grpc.StatusCode:
@@ -123,7 +123,7 @@ def status_code(exc: RequestError) -> grpc.StatusCode:
 
 
 def _refusal(
-    exc: RequestError, metrics: WorkerMetrics
+    exc: RequestError, metrics: WorkerMetrics, refusals: LogLimit
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """`exc` as a status: its code, bounded message and metadata; counted and logged."""
     code = status_code(exc)
@@ -144,16 +144,23 @@ def _refusal(
         # which no retry cures: this tells a client the worker is only full.
         metadata.append((BUSY_HEADER, "1"))
     if code not in _ROUTINE:
-        REFUSALS.log(logging.WARNING, code.name, "%s: %s", code.name, message)
+        refusals.log(logging.WARNING, code.name, "%s: %s", code.name, message)
     return code, message, tuple(metadata)
 
 
 class StatusOnError:
-    """`async with StatusOnError(context, metrics):` turns a RequestError into a status."""
+    """`async with StatusOnError(context, metrics):` turns a RequestError into a status.
+    Refusals are logged through `refusals` (a worker's own; `REFUSALS` by default)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        metrics: WorkerMetrics,
+        refusals: LogLimit | None = None,
+    ) -> None:
         self._context = context
         self._metrics = metrics
+        self._refusals = refusals or REFUSALS
 
     async def __aenter__(self) -> None:
         return None
@@ -161,7 +168,7 @@ class StatusOnError:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if not isinstance(exc, RequestError):
             return
-        code, message, metadata = _refusal(exc, self._metrics)
+        code, message, metadata = _refusal(exc, self._metrics, self._refusals)
         await self._context.abort(code, message, trailing_metadata=metadata)
 
 
@@ -170,9 +177,15 @@ class FinishOnError:
     sets the call's status and ends the block, and gRPC sends the status once the messages
     before it are out. Unlike `abort`, nothing waits here for a client that reads nothing."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        metrics: WorkerMetrics,
+        refusals: LogLimit | None = None,
+    ) -> None:
         self._context = context
         self._metrics = metrics
+        self._refusals = refusals or REFUSALS
 
     async def __aenter__(self) -> None:
         return None
@@ -180,7 +193,7 @@ class FinishOnError:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
         if not isinstance(exc, RequestError):
             return False
-        code, message, metadata = _refusal(exc, self._metrics)
+        code, message, metadata = _refusal(exc, self._metrics, self._refusals)
         self._context.set_code(code)
         self._context.set_details(message)
         self._context.set_trailing_metadata(metadata)

@@ -227,13 +227,14 @@ def _identity(data: bytes) -> bytes:
 def service_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
     """The Worker service, with hand-serialized chunks, for `server.add_generic_rpc_handlers`.
 
-    Handlers get the request's bytes (see `decode_read`); Read writes its chunks itself."""
+    Handlers get the request's bytes (see `decode_read`); Read writes its chunks itself
+    (`serve_read`: each write within the stall timeout)."""
     describe: Callable[[bytes, Any], Awaitable[Dataset]] = servicer.describe
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Read": grpc.unary_stream_rpc_method_handler(
-                servicer.read, request_deserializer=None, response_serializer=_identity
+                servicer.serve_read, request_deserializer=None, response_serializer=_identity
             ),
             "DescribeDataset": grpc.unary_unary_rpc_method_handler(
                 describe,

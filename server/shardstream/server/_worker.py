@@ -33,6 +33,7 @@ from shardstream.server._decoding import process_init
 from shardstream.server._files import ShardPath
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
+from shardstream.server._security import RequestGuard
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._wire import SERVICE, service_handler
@@ -191,7 +192,7 @@ class Worker:
         connections = _fit_open_files(cfg.max_connections)
         self._server = grpc.aio.server(
             options=grpc_options(replace(cfg, max_connections=connections)),
-            interceptors=security.interceptors(),
+            interceptors=[*security.interceptors(), RequestGuard()],  # the token first
         )
         self._server.add_generic_rpc_handlers((service_handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

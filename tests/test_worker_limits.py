@@ -1,0 +1,114 @@
+"""The worker's limits on clients: options, their flags and variables, and their gRPC settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardstream.server import DatasetSpec, WorkerConfig
+from shardstream.server._worker import Worker, grpc_options
+from shardstream.server.cli import UsageParser, add_worker_args, config_from_args
+
+FLAGS = ["--data-root", "/data", "--dataset", "train=*.npz"]
+
+
+def parse(*argv: str) -> WorkerConfig:
+    parser = UsageParser(prog="shardstream-worker")
+    add_worker_args(parser)
+    return config_from_args(parser.parse_args([*FLAGS, *argv]))
+
+
+def config(**kw: object) -> WorkerConfig:
+    return WorkerConfig(data_root="/data", datasets=(DatasetSpec.parse("t=*.npz"),), **kw)  # type: ignore[arg-type]
+
+
+def test_defaults_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STREAM_STALL_TIMEOUT", "MAX_CONNECTIONS", "MAX_STREAMS_PER_CONNECTION",
+                 "IDLE_CONNECTION_TIMEOUT"):  # fmt: skip
+        monkeypatch.delenv(f"SHARDSTREAM_{name}", raising=False)
+    c = parse()
+    assert (c.stream_stall_timeout, c.max_connections, c.max_streams_per_connection,
+            c.idle_connection_timeout) == (30.0, 4096, 16, 300.0)  # fmt: skip
+    c = parse("--stream-stall-timeout", "2.5", "--max-connections", "100",
+              "--max-streams-per-connection", "4", "--idle-connection-timeout", "60")  # fmt: skip
+    assert (c.stream_stall_timeout, c.max_connections, c.max_streams_per_connection,
+            c.idle_connection_timeout) == (2.5, 100, 4, 60.0)  # fmt: skip
+    monkeypatch.setenv("SHARDSTREAM_STREAM_STALL_TIMEOUT", "7")
+    monkeypatch.setenv("SHARDSTREAM_MAX_CONNECTIONS", "9")
+    c = parse("--max-connections", "10")  # a flag wins over its variable
+    assert (c.stream_stall_timeout, c.max_connections) == (7.0, 10)
+
+
+def test_grpc_settings() -> None:
+    options = dict(
+        grpc_options(
+            config(
+                stream_stall_timeout=2.5,
+                max_connections=100,
+                max_streams_per_connection=4,
+                idle_connection_timeout=60,
+            )
+        )
+    )
+    assert options["grpc.so_reuseport"] == 0
+    assert options["grpc.max_allowed_incoming_connections"] == 100
+    assert options["grpc.max_concurrent_streams"] == 4
+    assert options["grpc.server_handshake_timeout_ms"] == 2500
+    assert options["grpc.max_connection_idle_ms"] == 60_000
+    assert options["grpc.max_receive_message_length"] == 64 * 1024  # requests are small
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"stream_stall_timeout": 0}, "stream_stall_timeout must be a number of seconds in (0"),
+        ({"stream_stall_timeout": float("nan")}, "stream_stall_timeout must be"),
+        ({"idle_connection_timeout": -1}, "idle_connection_timeout must be"),
+        ({"max_connections": 0}, "max_connections must be in [1, 2147483647], got 0"),
+        ({"max_streams_per_connection": 0}, "max_streams_per_connection must be in [1,"),
+    ],
+)
+def test_config_refuses_bad_limits(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        config(**kw)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--stream-stall-timeout", "0"], ["'0'", "expected a number of seconds > 0"]),
+        (["--max-connections", "many"], ["'many'", "expected an integer in [1,"]),
+        (["--max-streams-per-connection", "0"], ["'0'", "expected an integer in [1,"]),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(args: list[str], words: list[str]) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDSTREAM_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "shardstream.server", *FLAGS, *args],
+        capture_output=True, text=True, timeout=60, env=clean, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert all(word in line for word in words), line
+
+
+async def test_listen_address_and_address(npz_root: Path) -> None:
+    c = WorkerConfig(data_root=npz_root, datasets=(DatasetSpec.parse("train=*.npz"),),
+                     host="0.0.0.0", port=0, processes=0)  # fmt: skip
+    async with Worker(c) as w:
+        assert w.listen_address == f"0.0.0.0:{w.port}"
+        assert w.address == f"127.0.0.1:{w.port}"  # what a client on this host dials
+
+
+async def test_a_port_in_use_is_refused_in_process(npz_root: Path) -> None:
+    spec = (DatasetSpec.parse("train=*.npz"),)
+    async with Worker(WorkerConfig(data_root=npz_root, datasets=spec, port=0, processes=0)) as a:
+        second = Worker(WorkerConfig(data_root=npz_root, datasets=spec, port=a.port, processes=0))
+        with pytest.raises(OSError, match=f"port {a.port} is already in use"):
+            await second.start()
+        await second.wait_closed()  # closed again, nothing left running
