@@ -84,6 +84,11 @@ class WorkerConfig:
     idle_connection_timeout: float = 300.0
 
     def __post_init__(self) -> None:
+        self._normalise()
+        self._check_datasets()
+        self._check_limits()
+
+    def _normalise(self) -> None:
         if isinstance(self.data_root, str) and "://" not in self.data_root:
             object.__setattr__(self, "data_root", Path(self.data_root))  # not a URL: a directory
         if self.cache_dir is not None or self.manifest is not None:  # the catalog reads specs
@@ -96,11 +101,18 @@ class WorkerConfig:
                 for d in self.datasets
             )
             object.__setattr__(self, "datasets", specs)
+
+    def _check_datasets(self) -> None:
         if not self.datasets:
             raise ValueError("a worker needs at least one dataset (--dataset NAME=GLOB)")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}")
+        for ref in self.decoders:
+            if ":" not in ref:
+                raise ValueError(f"--decoder must look like module:Class, got {ref!r}")
+
+    def _check_limits(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.processes < 0:
@@ -114,9 +126,6 @@ class WorkerConfig:
             )
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be positive, got {self.max_streams}")
-        for ref in self.decoders:
-            if ":" not in ref:
-                raise ValueError(f"--decoder must look like module:Class, got {ref!r}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         for name in ("stream_stall_timeout", "idle_connection_timeout"):
