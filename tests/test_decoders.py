@@ -361,7 +361,7 @@ def test_format_for_path_and_decoder_class() -> None:
     assert decoder_class("npz") is NpzDecoder
     assert decoder_class("csv") is CsvDecoder
     with pytest.raises(
-        ValueError, match="unknown shard format 'tfrecord'; known formats: csv, npz"
+        ValueError, match="unknown shard format 'tfrecord'; known formats: csv, jsonl, npz"
     ):
         decoder_class("tfrecord")
 

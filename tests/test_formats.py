@@ -136,14 +136,17 @@ def test_wds_resizes_the_shorter_side_and_crops_the_center(tmp_path: Path, wds_s
     tall = np.zeros((64, 32, 3), np.uint8)
     tall[16:48, :, :] = 200  # a band in the middle
     path = write_tar(tmp_path / "a.tar", [
-        ("k0.png", jpeg(wide, "PNG")), ("k0.cls", b"3"),
-        ("k1.jpeg", jpeg(tall)), ("k1.cls", b" 4\n"),
-        ("k1.txt", b"ignored"),
+        ("k0.png", jpeg(wide, "PNG")), ("k0.cls", b"3"), ("k0.txt", b"wide"),
+        ("k1.jpeg", jpeg(tall)), ("k1.cls", b" 4\n"), ("k1.txt", b"tall"),
     ])  # fmt: skip
     decoder = WdsDecoder()
-    assert [f.name for f in decoder.index(path).schema] == ["image", "label"]  # no .id: no field
+    # no .id: no field; other members are fields named by their extension (.txt: text)
+    assert [str(f) for f in decoder.index(path).schema] == [
+        f"image:uint8[{SIZE}x{SIZE}x3]", "label:int64[scalar]", "txt:string",
+    ]  # fmt: skip
     got = decoder.read(path, 0, 2)
     assert got["label"].tolist() == [3, 4]
+    assert got["txt"].values.tobytes() == b"widetall" and got["txt"].lengths.tolist() == [4, 4]
     center = got["image"][0].astype(int)
     assert center.shape == (SIZE, SIZE, 3)
     assert center[..., 1].mean() > 200 and center[..., 0].mean() < 60 and center[..., 2].mean() < 60
@@ -289,7 +292,7 @@ def test_parquet_round_trip_reads_only_the_row_groups_needed(
     assert meta.records == n
     assert [str(f) for f in meta.schema] == [
         "id:int64[scalar]", "x:float32[scalar]", "flag:bool[scalar]", "half:float16[scalar]",
-        "vec:int16[3]", "seq:float64[2]", "img:uint8[2x2x3]",
+        "vec:int16[3]", "seq:float64[*]", "img:uint8[2x2x3]",
     ]  # fmt: skip
     groups: list[list[int]] = []
     read_row_groups = pq.ParquetFile.read_row_groups
@@ -308,8 +311,12 @@ def test_parquet_round_trip_reads_only_the_row_groups_needed(
         fresh = start == 120  # a decoder that never indexed the shard
         got = (ParquetDecoder() if fresh else decoder).read(path, start, count)
         for name, array in want.items():
-            np.testing.assert_array_equal(got[name], array[start : start + count], err_msg=name)
-            assert got[name].dtype == array.dtype and got[name].flags.c_contiguous
+            value = got[name]
+            if name == "seq":  # a list column is ragged: values + offsets
+                assert value.lengths.tolist() == [2] * count
+                value = value.values.reshape(count, 2)
+            np.testing.assert_array_equal(value, array[start : start + count], err_msg=name)
+            assert value.dtype == array.dtype and value.flags.c_contiguous
     assert groups[:3] == [[0], [0, 1], [1, 2, 3, 4]]
 
 
@@ -327,6 +334,8 @@ async def test_parquet_through_a_worker_matches_npz(tmp_path: Path, pa: Any) -> 
 
 
 def test_parquet_nulls_ragged_lists_and_unsupported_types(tmp_path: Path, pa: Any) -> None:
+    import pyarrow.parquet as pq
+
     from shardstream.server._parquet import ParquetDecoder
 
     x: list[float | None] = [float(i) for i in range(300)]
@@ -343,17 +352,33 @@ def test_parquet_nulls_ragged_lists_and_unsupported_types(tmp_path: Path, pa: An
         decoder.read(path, 0, 3)
     ragged = pa.array([[1, 2], [3, 4], [5]], pa.list_(pa.int64()))
     path = write_parquet(pa, tmp_path / "ragged.parquet", {"r": ragged}, 2)
-    assert decoder.index(path).schema[0].shape == (2,)
+    assert decoder.index(path).schema[0].shape == (-1,)  # a list column is ragged
+    got = decoder.read(path, 1, 2)["r"]
+    assert got.lengths.tolist() == [2, 1] and got.values.tolist() == [3, 4, 5]
+    nulls = pa.array([[1], [2, None], [3]], pa.list_(pa.int64()))
+    path = write_parquet(pa, tmp_path / "ragged-null.parquet", {"r": nulls}, 3)
+    with pytest.raises(DecodeError, match="column 'r' holds a null at record 1"):
+        decoder.read(path, 0, 3)
+    # with a fixed shape in its metadata, every row must have it
+    fixed = pa.schema([pa.field("r", pa.list_(pa.int64()), metadata={"shardstream.shape": "[2]"})])
+    table = pa.Table.from_arrays([ragged], schema=fixed)
+    pq.write_table(table, tmp_path / "fixed.parquet", row_group_size=2)
+    assert decoder.index(tmp_path / "fixed.parquet").schema[0].shape == (2,)
     with pytest.raises(DecodeError, match="column 'r' has 1 values at record 2") as e:
-        decoder.read(path, 1, 2)
+        decoder.read(tmp_path / "fixed.parquet", 1, 2)
     assert e.value.record == 2
+    path = write_parquet(pa, tmp_path / "s.parquet", {"id": [1, 2], "s": pa.array(["a", "b"])}, 1)
+    assert str(ParquetDecoder().index(path).schema[1]) == "s:string"
     for name, column in [
-        ("s", pa.array(["a", "b"])),
         ("st", pa.array([{"a": 1}, {"a": 2}])),
         ("ts", pa.array([1, 2], pa.timestamp("s"))),
         ("nested", pa.array([[[1]], [[2]]], pa.list_(pa.list_(pa.int8())))),
-    ]:
+    ]:  # left out, named, unless selected (tests/test_ragged.py)
         path = write_parquet(pa, tmp_path / f"{name}.parquet", {"id": [1, 2], name: column}, 1)
+        meta = ParquetDecoder().index(path)
+        assert [f.name for f in meta.schema] == ["id"]
+        assert f"column '{name}' has type" in meta.skipped[0]
+        path = write_parquet(pa, tmp_path / f"only-{name}.parquet", {name: column}, 1)
         with pytest.raises(DecodeError, match=f"column '{name}' has type"):
             ParquetDecoder().index(path)
     junk = tmp_path / "junk.parquet"

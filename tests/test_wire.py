@@ -12,14 +12,26 @@ from shardstream.client._wire import Piece, decode_response
 from shardstream.server._npz import NpzDecoder as NpzDecoderBase
 from shardstream.server._wire import encode_chunk, encode_end
 from shardstream.v1 import shardstream_pb2 as pb
-from shardstream.v1.codec import SUPPORTED_DTYPES, FieldSpec, dtype_code, dtype_from_code
+from shardstream.v1.codec import (
+    SUPPORTED_DTYPES,
+    TEXT_DTYPES,
+    FieldSpec,
+    dtype_code,
+    dtype_from_code,
+    dtype_name,
+)
 
 
 def test_codec_enum_matches_the_proto() -> None:
     for name in SUPPORTED_DTYPES:
         assert dtype_code(name) == pb.DType.Value(f"DTYPE_{name.upper()}")
         assert dtype_from_code(dtype_code(name)) == np.dtype(name)
-    assert len(SUPPORTED_DTYPES) == len(pb.DType.keys()) - 1  # all but UNSPECIFIED
+    for name in TEXT_DTYPES:  # one string per record, uint8 values on the wire
+        assert dtype_code(name) == pb.DType.Value(f"DTYPE_{name.upper()}")
+        assert dtype_from_code(dtype_code(name)) == np.dtype("uint8")
+        assert dtype_name(dtype_code(name)) == name
+    # all but UNSPECIFIED
+    assert len(SUPPORTED_DTYPES) + len(TEXT_DTYPES) == len(pb.DType.keys()) - 1
     with pytest.raises(ValueError, match="cannot travel on the wire"):
         dtype_code("complex64")
     with pytest.raises(ValueError, match="unknown wire dtype code 99"):
@@ -87,7 +99,12 @@ def test_malformed_chunks_are_protocol_errors() -> None:
 def test_field_spec_validation() -> None:
     assert FieldSpec(name="image", dtype="uint8", shape=(2, 3)).record_bytes == 6
     with pytest.raises(ValueError, match="non-negative"):
-        FieldSpec(name="x", dtype="uint8", shape=(-1,))
+        FieldSpec(name="x", dtype="uint8", shape=(2, -1))  # only the first may be ragged
+    with pytest.raises(ValueError, match="non-negative"):
+        FieldSpec(name="x", dtype="uint8", shape=(-2,))
+    assert FieldSpec(name="x", dtype="uint8", shape=(-1, 3)).ragged
+    with pytest.raises(ValueError, match="shape must be"):
+        FieldSpec(name="x", dtype="string", shape=(3,))
     with pytest.raises(ValueError, match="cannot travel"):
         FieldSpec(name="x", dtype="object", shape=())
 

@@ -40,7 +40,7 @@ async def _rank(loader: Loader, epoch: int) -> tuple[np.ndarray, int, int]:
     with progress(loader.plan(epoch).batches, label) as bar:
         async for batch in loader.epoch(epoch):
             ids.append(batch["id"])
-            nbytes += sum(a.nbytes for a in batch.values())
+            nbytes += sum(getattr(a, "nbytes", 0) for a in batch.values())
             batches += 1
             if bar is not None:
                 bar.update(1)

@@ -4,8 +4,11 @@ A generic protobuf parser copies every `bytes` field (once into its arena,
 again into a Python object). Tensor data is nearly all of a chunk, so this
 parser walks the wire format itself and returns numpy arrays that are views
 of the received message (`numpy.frombuffer`): no copy at all. It accepts any
-valid encoding of the message (field order, packed or unpacked shapes,
-unknown fields); anything else is a `ValueError`.
+valid encoding of the message (field order, packed or unpacked shapes and
+lengths, unknown fields); anything else is a `ValueError`. A tensor with
+`lengths` (a ragged field) becomes a `Ragged` over the values, its lengths
+checked: one per record, none negative, adding up to the values' first
+dimension.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from shardstream.v1.codec import dtype_from_code
+from shardstream.v1.codec import TEXT_DTYPES, dtype_from_code, dtype_name
+from shardstream.v1.ragged import Ragged
 
 # Field numbers, from shardstream.proto.
 _RESPONSE_CHUNK = 1
 _CHUNK_START, _CHUNK_COUNT, _CHUNK_TENSORS, _CHUNK_SHARD = 1, 2, 3, 4
-_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3, 4
+_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_LENGTHS = 1, 2, 3, 4, 5
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -50,6 +54,9 @@ def _fields(buf: memoryview, pos: int, end: int) -> Any:
             yield field, wire, (pos, pos + n)
             pos += n
         elif wire == 1:
+            if pos + 8 > end:
+                raise ValueError(f"field {field} runs past the end of its message")
+            yield field, wire, int.from_bytes(buf[pos : pos + 8], "little", signed=True)
             pos += 8
         elif wire == 5:
             pos += 4
@@ -68,7 +75,7 @@ def is_chunk(data: bytes) -> bool:
     return len(data) > 0 and data[0] == (_RESPONSE_CHUNK << 3 | 2)
 
 
-def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, np.ndarray[Any, Any]]]:
+def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, Any]]:
     """(start, count, shard, arrays) of a serialized `ReadResponse{chunk}`; arrays view
     `data`. Two tensors of one name are refused (a protobuf map would keep the last)."""
     buf = memoryview(data)
@@ -90,10 +97,15 @@ def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, np.ndarray[Any, A
             tensors.append(value)
         elif field == _CHUNK_SHARD and wire == 2:
             shard = _text(buf, value, "the chunk's shard id")
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    arrays: dict[str, Any] = {}
     for span in tensors:
         name, array = _tensor(data, buf, span)
-        if not array.ndim or array.shape[0] != count:
+        if isinstance(array, Ragged):
+            if len(array) != count:
+                raise ValueError(
+                    f"tensor {name!r} has lengths for {len(array)} records in a chunk of {count}"
+                )
+        elif not array.ndim or array.shape[0] != count:
             raise ValueError(f"tensor {name!r} has shape {array.shape} in a chunk of {count}")
         if name in arrays:
             raise ValueError(f"two tensors are named {name!r}")
@@ -110,11 +122,13 @@ def _text(buf: memoryview, span: tuple[int, int], what: str) -> str:
 
 def _tensor(
     data: bytes, buf: memoryview, span: tuple[int, int]
-) -> tuple[str, np.ndarray[Any, Any]]:
+) -> tuple[str, np.ndarray[Any, Any] | Ragged]:
     name = ""
     code = 0
     shape: list[int] = []
     payload = (0, 0)
+    lengths: list[tuple[int, int] | int] = []  # spans of packed runs, or unpacked values
+    has_lengths = False
     for field, wire, value in _fields(buf, *span):
         if field == _TENSOR_NAME and wire == 2:
             name = _text(buf, value, "a tensor name")
@@ -129,6 +143,9 @@ def _tensor(
             shape.append(_signed(value))
         elif field == _TENSOR_DATA and wire == 2:
             payload = value
+        elif field == _TENSOR_LENGTHS and wire in (1, 2):
+            lengths.append(value)
+            has_lengths = True
     try:
         dtype = dtype_from_code(code)
     except ValueError as exc:
@@ -142,4 +159,27 @@ def _tensor(
             f"tensor {name!r}: {nbytes} bytes, shape {tuple(shape)} of {dtype} needs {expected}"
         )
     array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=payload[0])
-    return name, array.reshape(shape)
+    array = array.reshape(shape)
+    if not has_lengths:
+        if dtype_name(code) in TEXT_DTYPES:
+            raise ValueError(f"tensor {name!r} holds {dtype_name(code)} values but no lengths")
+        return name, array
+    try:
+        return name, Ragged.from_lengths(array, _lengths(data, lengths))
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r}: {exc}") from None
+
+
+def _lengths(data: bytes, parts: list[tuple[int, int] | int]) -> np.ndarray[Any, Any]:
+    """A ragged tensor's lengths: packed sfixed64 viewed without a copy where there is
+    one packed run (as a worker writes them), gathered in order otherwise."""
+    runs = []
+    for part in parts:
+        if isinstance(part, int):
+            runs.append(np.array([part], "<i8"))
+            continue
+        start, stop = part
+        if (stop - start) % 8:
+            raise ValueError(f"packed lengths of {stop - start} bytes, not sfixed64")
+        runs.append(np.frombuffer(data, "<i8", count=(stop - start) // 8, offset=start))
+    return runs[0] if len(runs) == 1 else np.concatenate(runs)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from shardstream.client._loader import Loader
+from shardstream.client._ragged import batch_nbytes, batch_records
 
 
 @contextmanager
@@ -48,8 +49,8 @@ async def consume(addresses: list[str], epochs: int, options: dict[str, Any]) ->
                     if first is None:
                         first = time.perf_counter() - t0
                     batches += 1
-                    records += len(next(iter(batch.values())))
-                    nbytes += sum(a.nbytes for a in batch.values())
+                    records += batch_records(batch)
+                    nbytes += batch_nbytes(batch)
                     if "id" in batch:
                         ids.append(batch["id"])
                     if bar is not None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
-
-import numpy as np
 
 from shardstream._common.malloc import tune_malloc
 from shardstream.client._fetch import FetchCounters
@@ -25,13 +23,21 @@ from shardstream.client._options import (
 from shardstream.client._pipeline import EpochCounters, EpochIterator
 from shardstream.client._planner import RankPlan
 from shardstream.client._pool import WorkerPool
+from shardstream.client._ragged import empty_batch, extra_names, format_batch
 from shardstream.client._ranks import discover
 from shardstream.client._resume import Interruption, resume_plan
 from shardstream.client._state import LoaderState
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
-from shardstream.v1.codec import CHUNK_OVERHEAD, FieldSpec, chunk_limit, record_bytes
+from shardstream.v1.codec import (
+    CHUNK_OVERHEAD,
+    FieldSpec,
+    chunk_limit,
+    estimated_record_bytes,
+    is_ragged,
+    record_bytes,
+)
 
 log = logging.getLogger("shardstream.client")
 
@@ -47,7 +53,9 @@ class Loader:
                 async for batch in loader.epoch(epoch):
                     ...  # dict[str, numpy.ndarray], first dimension = batch
 
-    Batches may be read-only views of received messages; copy what you modify.
+    Batches may be read-only views of received messages; copy what you modify. Ragged
+    fields (variable length, strings, bytes) come padded or flat, as the `ragged`
+    option says (see `_ragged`).
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class Loader:
                 self.load_state_dict(self._pending_state, override=self._override)
             self.plan(0)  # refuse impossible options now, not at the first epoch
             self._chunk_limit()  # and records that no message of ours can hold
+            self._check_ragged_names()
         except BaseException:
             await self.aclose()
             raise
@@ -163,7 +172,7 @@ class Loader:
         state, unless `whole`."""
         desc = self.dataset
         cfg = self.config
-        per_record = max(1, record_bytes(desc.schema))
+        per_record = max(1, estimated_record_bytes(desc.schema))
         read_records = max(1, cfg.read_bytes // per_record)
         if read_records >= cfg.batch_size:  # reads aligned to batches: zero-copy batches
             read_records -= read_records % cfg.batch_size
@@ -278,8 +287,10 @@ class Loader:
         cfg = self.config
         plan = self.plan(epoch)
         self._running_history = self._history(epoch)
-        per_record = max(1, record_bytes(self.dataset.schema))
+        per_record = max(1, estimated_record_bytes(self.dataset.schema))
         chunk = max(1, min(cfg.chunk_bytes // per_record, self._chunk_limit()))
+        if is_ragged(self.schema):  # the worker cuts chunks from the records' actual bytes
+            chunk = self._chunk_limit()
         if chunk >= cfg.batch_size:
             chunk -= chunk % cfg.batch_size
         ledger = None
@@ -297,8 +308,9 @@ class Loader:
             options=cfg.pipeline_options(),
             spawn=self._spawn,
             counters=self._fetch_counters,
-            empty={f.name: np.empty((0, *f.shape), dtype=f.dtype) for f in self.schema},
+            empty=empty_batch(self.schema),
             ledger=ledger,
+            formatter=self._formatter(),
         )
         self._current = iterator
         self._by_epoch[epoch] = iterator
@@ -332,6 +344,24 @@ class Loader:
                 "(and the workers' --max-message-bytes too)"
             )
         return limit
+
+    def _formatter(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """How batches with ragged fields reach the consumer (None: no ragged field)."""
+        if not is_ragged(self.schema):
+            return None
+        schema, mode, pad_to = self.schema, self.config.ragged, self.config.pad_to
+        return lambda batch: format_batch(batch, schema, mode, pad_to)
+
+    def _check_ragged_names(self) -> None:
+        """Refuse a schema whose fields clash with the arrays ragged fields add."""
+        names = {f.name for f in self.schema}
+        for added, field in extra_names(self.schema, self.config.ragged).items():
+            if added in names:
+                raise ConfigError(
+                    f"dataset {self.config.dataset!r} has a field {added!r}, the name the "
+                    f"ragged field {field!r} adds with ragged={self.config.ragged!r}: rename "
+                    "one of them on the workers, or use the other ragged mode"
+                )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a background task of this loader (in its TaskScope)."""

@@ -11,6 +11,7 @@ from shardstream.client._fetch import FetchOptions
 from shardstream.client._pipeline import PipelineOptions
 from shardstream.client._planner import SEED_LIMIT, PlanOptions, Remainder
 from shardstream.client._pool import PoolOptions
+from shardstream.client._ragged import RaggedMode
 from shardstream.client._security import ClientSecurity
 from shardstream.client.errors import ConfigError
 from shardstream.v1.codec import FieldSpec
@@ -44,6 +45,11 @@ class LoaderConfig:
     drop_last: bool = False  # drop each rank's last partial batch
     on_error: Literal["raise", "skip"] = "raise"  # records a worker cannot decode: raise, or
     # skip them (their batch is that much shorter; the number of batches never changes)
+    # Ragged fields (variable length, strings, bytes) in batches: "pad" to the batch's
+    # longest record (+ NAME_lengths; text as list[str] / list[bytes]), or "flat" values
+    # + NAME_offsets (batch + 1); see `_ragged`.
+    ragged: RaggedMode = "pad"
+    pad_to: int | None = None  # "pad": this fixed length instead, longer records truncated
     read_bytes: int = 8 * MiB  # target size of one read (a slice of a shard)
     max_inflight_reads: int = 8  # read streams running at once, over all workers...
     # ...and on any one worker. A worker decodes one chunk ahead per stream, so this should
@@ -129,6 +135,12 @@ class LoaderConfig:
             fail("remainder", "'drop' or 'pad'")
         if self.on_error not in ("raise", "skip"):
             fail("on_error", "'raise' or 'skip'")
+        if self.ragged not in ("pad", "flat"):
+            fail("ragged", "'pad' or 'flat'")
+        if self.pad_to is not None:
+            integer("pad_to", 1, None, "None or a positive int", "positive")
+            if self.ragged != "pad":
+                fail("pad_to", "None with ragged='flat' (it pads; give ragged='pad')")
         if self.ledger_dir is not None and not isinstance(self.ledger_dir, str | os.PathLike):
             fail("ledger_dir", "None or a folder (str or path)")
         if self.security is not None and not isinstance(self.security, ClientSecurity):
@@ -264,6 +276,8 @@ class LoaderOptions(TypedDict, total=False):
     remainder: Remainder
     drop_last: bool
     on_error: Literal["raise", "skip"]
+    ragged: RaggedMode
+    pad_to: int | None
     read_bytes: int
     max_inflight_reads: int
     reads_per_worker: int

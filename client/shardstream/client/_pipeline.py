@@ -25,11 +25,13 @@ from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import RankPlan, Read
 from shardstream.client._pool import WorkerPool
+from shardstream.client._ragged import batch_nbytes
 from shardstream.client._rebatch import Batch, Rebatcher
 from shardstream.client._reorder import ReorderBuffer
 from shardstream.client._tasks import first_error
 from shardstream.client._wire import Piece, ShardDesc
 from shardstream.client.errors import ProtocolError
+from shardstream.v1.ragged import concat
 
 log = logging.getLogger("shardstream.client")
 
@@ -91,9 +93,11 @@ class EpochIterator:
         counters: FetchCounters,
         empty: Batch,
         ledger: LedgerWriter | None = None,
+        formatter: Callable[[Batch], Batch] | None = None,
     ) -> None:
         self.plan = plan
         self._empty = empty
+        self._format = formatter  # ragged fields as the consumer asked (`_ragged`)
         self._ledger = ledger
         self._lag_warning = options.lag_warning_seconds
         self._depth = 0  # chunks held in the reorder buffer now
@@ -156,9 +160,9 @@ class EpochIterator:
             self._ledger.batch(c.batches)
         c.batches += 1
         c.records += len(next(iter(item.values())))
-        c.bytes += sum(a.nbytes for a in item.values())
+        c.bytes += batch_nbytes(item)
         c.seconds = time.perf_counter() - self._began
-        return item
+        return item if self._format is None else self._format(item)
 
     async def _next_item(self) -> Batch | EndOfEpoch | Failure:
         """The next queue item; while none comes, a warning every `lag_warning` seconds."""
@@ -340,7 +344,7 @@ def _shuffled(
     data = [p for p in pieces if isinstance(p, Piece)]
     if not data:
         return rebatcher.push_holes(len(take))
-    arrays = {k: np.concatenate([p.arrays[k] for p in data]) for k in data[0].arrays}
+    arrays = {k: concat([p.arrays[k] for p in data]) for k in data[0].arrays}
     if len(data) == len(pieces):
         return rebatcher.push({k: v[take] for k, v in arrays.items()})
     valid = np.concatenate([np.full(p.count, isinstance(p, Piece)) for p in pieces])

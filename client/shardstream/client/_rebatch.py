@@ -1,8 +1,9 @@
 """Rebatching: pieces of any length in, batches of exactly `batch_size` out.
 
-A piece is a dict of arrays sharing their first (record) dimension. A batch
-that lies inside one piece is a view of it (no copy); a batch spanning pieces
-is gathered with one copy. Views of received messages are read-only.
+A piece is a dict of arrays sharing their first (record) dimension, or of
+`Ragged` values (ragged fields: cut and joined by records the same way). A
+batch that lies inside one piece is a view of it (no copy); a batch spanning
+pieces is gathered with one copy. Views of received messages are read-only.
 
 Batches are cut by *slots*: every planned record has a slot, also one that
 was skipped as bad (a hole, pushed with a mask or `push_holes`). A hole leaves
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-Batch = dict[str, np.ndarray[Any, Any]]
+from shardstream.v1.ragged import concat
+
+Batch = dict[str, Any]  # per field: an array (records first), or a `Ragged`
 Mask = np.ndarray[Any, np.dtype[np.bool_]]
 
 
@@ -112,4 +115,4 @@ class Rebatcher:
             if self._empty is None:
                 raise RuntimeError("a batch of skipped records only, and no schema to shape it")
             return dict(self._empty)
-        return {k: np.concatenate([t[k] for t in taken]) for k in taken[0]}
+        return {k: concat([t[k] for t in taken]) for k in taken[0]}

@@ -24,11 +24,12 @@ from shardstream.client.errors import (
     WorkerError,
 )
 from shardstream.v1 import shardstream_pb2 as pb
-from shardstream.v1.codec import FieldSpec, dtype_from_code
+from shardstream.v1.codec import RAGGED, TEXT_DTYPES, FieldSpec, dtype_from_code, dtype_name
+from shardstream.v1.ragged import Ragged
 
 SERVICE = "shardstream.v1.Worker"
 
-Arrays = dict[str, np.ndarray[Any, Any]]
+Arrays = dict[str, Any]  # per field: an array (records first), or a `Ragged`
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +78,36 @@ def check_piece(piece: Piece, schema: tuple[FieldSpec, ...], shard: str) -> None
         )
     for spec in schema:
         array = piece.arrays[spec.name]
-        if array.dtype != np.dtype(spec.dtype) or array.shape[1:] != spec.shape:
+        if isinstance(array, Ragged) or spec.ragged:
+            _check_ragged(spec, array)
+        elif array.dtype != np.dtype(spec.dtype) or array.shape[1:] != spec.shape:
             raise ProtocolError(
                 f"tensor {spec.name!r} is {array.dtype.name}{list(array.shape[1:])} per record, "
                 f"the schema says {spec.dtype}{list(spec.shape)}"
             )
+
+
+def _check_ragged(spec: FieldSpec, column: Any) -> None:
+    """A ragged field's values (its lengths were checked when parsed): item dtype and
+    shape as the schema says, and UTF-8 for a string field."""
+    if not isinstance(column, Ragged):
+        raise ProtocolError(f"tensor {spec.name!r} has no lengths, the schema says ragged {spec}")
+    if not spec.ragged:
+        raise ProtocolError(
+            f"tensor {spec.name!r} has lengths (ragged), the schema says fixed {spec}"
+        )
+    values = column.values
+    storage = "uint8" if spec.dtype in TEXT_DTYPES else spec.dtype
+    if values.dtype != np.dtype(storage) or values.shape[1:] != spec.inner:
+        raise ProtocolError(
+            f"tensor {spec.name!r} holds {values.dtype.name}{list(values.shape[1:])} items, "
+            f"the schema says {spec}"
+        )
+    if spec.dtype == "string":
+        try:
+            values.tobytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"tensor {spec.name!r} holds invalid UTF-8 ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,19 +156,28 @@ def _dataset_desc(info: pb.DatasetInfo) -> DatasetDesc:
         names.add(f.name)
         try:
             dtype = dtype_from_code(f.dtype)
+            name = dtype_name(f.dtype)
         except ValueError:
             raise bad(f"gives {what} the unknown dtype code {f.dtype}") from None
         shape = tuple(f.shape)
+        inner = shape[1:] if shape[:1] == (RAGGED,) and f.ragged else shape
         if (
             len(shape) > MAX_DIMS
-            or any(d < 0 for d in shape)
-            or math.prod(shape) * dtype.itemsize > MAX_RECORD_BYTES
+            or any(d < 0 for d in inner)
+            or math.prod(inner) * dtype.itemsize > MAX_RECORD_BYTES
         ):
             raise bad(
                 f"gives {what} the shape {list(shape)}: at most {MAX_DIMS} dimensions, none "
-                f"negative, at most {MAX_RECORD_BYTES} bytes a record"
+                f"negative (but a ragged field's first, -1), at most {MAX_RECORD_BYTES} bytes "
+                "a record"
             )
-        schema.append(FieldSpec(name=f.name, dtype=dtype.name, shape=shape))
+        text = name in TEXT_DTYPES
+        if f.ragged != (text or shape[:1] == (RAGGED,)) or (text and shape):
+            raise bad(
+                f"gives {what} (dtype {name}, shape {list(shape)}) ragged={f.ragged}: a ragged "
+                "field has shape [-1, ...] or is a string/bytes field of shape []"
+            )
+        schema.append(FieldSpec(name=f.name, dtype=name, shape=shape))
     return DatasetDesc(
         name=info.name,
         format=info.format,

@@ -38,18 +38,22 @@ _NARROW = {np.dtype(np.int64): np.dtype(np.int32), np.dtype(np.uint64): np.dtype
 
 
 def to_jax(
-    batch: Mapping[str, np.ndarray[Any, Any]],
+    batch: Mapping[str, Any],
     *,
     sharding: jax.sharding.Sharding | None = None,
     device: jax.Device | None = None,
-) -> dict[str, jax.Array]:
+) -> dict[str, Any]:
     """The batch's arrays as `jax.Array`s: on `device` (default: JAX's default device),
-    or, with `sharding`, as this process's part of global arrays laid out by it."""
+    or, with `sharding`, as this process's part of global arrays laid out by it. Lists
+    (string and bytes fields with `ragged="pad"`) pass through as they are."""
     if sharding is not None and device is not None:
         raise ValueError("give `sharding` or `device`, not both")
     x64 = bool(jax.config.read("jax_enable_x64"))
-    out: dict[str, jax.Array] = {}
+    out: dict[str, Any] = {}
     for name, array in batch.items():
+        if not isinstance(array, np.ndarray):
+            out[name] = array
+            continue
         if not x64 and array.dtype in _NARROW:
             _check_fits(name, array, _NARROW[array.dtype])
         if sharding is not None:

@@ -33,12 +33,16 @@ __all__ = ["ShardstreamIterable", "to_torch"]
 
 
 def to_torch(
-    batch: Mapping[str, np.ndarray[Any, Any]], *, writable: bool = True, pin_memory: bool = False
-) -> dict[str, torch.Tensor]:
+    batch: Mapping[str, Any], *, writable: bool = True, pin_memory: bool = False
+) -> dict[str, Any]:
     """Tensors over a batch's arrays. `pin_memory` pins them for fast, asynchronous
-    copies to a GPU (ignored, with no copy, when CUDA is not available)."""
-    out = {}
+    copies to a GPU (ignored, with no copy, when CUDA is not available). Lists (string
+    and bytes fields with `ragged="pad"`) pass through as they are."""
+    out: dict[str, Any] = {}
     for name, array in batch.items():
+        if not isinstance(array, np.ndarray):
+            out[name] = array
+            continue
         if not array.flags.writeable:
             if writable:
                 array = array.copy()

@@ -182,8 +182,15 @@ async def build_dataset(
             raise CatalogError(
                 f"dataset {spec.name!r}: shard {sid!r} has schema "
                 f"[{', '.join(map(str, meta.schema))}], but shard {files[0][0]!r} has "
-                f"[{', '.join(map(str, schema))}]"
+                f"[{', '.join(map(str, schema))}]{_schema_difference(schema, meta.schema)}"
             )
+    skipped = sorted({line for ix, _ in metas for line in ix.meta.skipped})
+    if skipped:
+        log.warning(
+            "dataset %r: not served (select fields explicitly to make this an error): %s",
+            spec.name,
+            "; ".join(skipped),
+        )
     if record_bytes(schema) > max_record_bytes:
         raise CatalogError(
             f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
@@ -202,6 +209,28 @@ async def build_dataset(
         check_dataset(ds, manifest)
         log.info("dataset %r matches the manifest %s", ds.name, manifest.path)
     return ds
+
+
+def _schema_difference(first: Sequence[FieldSpec], other: Sequence[FieldSpec]) -> str:
+    """Which fields differ between two schemas, saying when one is ragged and one fixed."""
+    a, b = {f.name: f for f in first}, {f.name: f for f in other}
+    notes = []
+    for name in sorted(a.keys() | b.keys()):
+        fa, fb = a.get(name), b.get(name)
+        if fa is None or fb is None:
+            notes.append(f"field {name!r} is only in {'the first' if fb is None else 'this'} shard")
+        elif fa != fb:
+            kind = ""
+            if fa.ragged != fb.ragged:
+                kind = (
+                    f" (ragged in {'the first' if fa.ragged else 'this'} shard, fixed in the other)"
+                )
+            notes.append(f"field {name!r}: {fb} here, {fa} there{kind}")
+    hint = (
+        "; declare the fields in a _schema.json beside the shards (or fix the shards) so "
+        "that every shard has the same"
+    )
+    return (": " + "; ".join(notes) + hint) if notes else ""
 
 
 def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) -> str:

@@ -88,6 +88,18 @@ def _load_schema(path: ShardPath) -> tuple[FieldSpec, ...] | None:
     return tuple(specs)
 
 
+def _fixed_schema(path: ShardPath) -> tuple[FieldSpec, ...] | None:
+    """`_load_schema` for csv: fixed-size numbers only (ragged and text need jsonl)."""
+    specs = _load_schema(path)
+    for spec in specs or ():
+        if spec.ragged:
+            raise DecodeError(
+                f"{sibling(path, SCHEMA_FILE)}: field {spec} is ragged or text, which csv "
+                "columns cannot hold; use fixed shapes of numbers (or JSON Lines shards)"
+            )
+    return specs
+
+
 def _default_schema(columns: int) -> tuple[FieldSpec, ...]:
     id_field = FieldSpec(name="id", dtype="int64", shape=())
     if columns == 1:
@@ -209,7 +221,7 @@ def _check_floats(
 
 def _build_index(path: ShardPath) -> _Index:
     stamp = _stamp(path)
-    schema = _load_schema(path)
+    schema = _fixed_schema(path)
     offsets: list[int] = []
     records = pos = 0
     first: bytes | None = None

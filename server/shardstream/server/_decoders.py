@@ -12,6 +12,12 @@ A format is one class::
         def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray]:
             ...  # records [start, start + count): one array per field, first dim = count
 
+A ragged field (`FieldSpec.ragged`: a first dimension of -1, or a "string" /
+"bytes" field) is read as a `Ragged` (`shardstream.v1.ragged`) of `count`
+records: e.g. `Ragged.from_items(token_lists, "int32")`, or
+`Ragged.from_bytes(texts)` for text (the UTF-8 of a "string" field is checked
+for the decoder, naming the first bad record).
+
 A format that can decode straight into preallocated arrays (the message being
 built) may also override `read_into`; the default calls `read` and copies.
 
@@ -42,7 +48,8 @@ import numpy as np
 
 from shardstream.server._files import ShardPath
 from shardstream.server.errors import DecodeError
-from shardstream.v1.codec import FieldSpec
+from shardstream.v1.codec import FieldSpec, storage_dtype
+from shardstream.v1.ragged import Ragged
 
 __all__ = [
     "DecodeError",
@@ -65,6 +72,9 @@ class ShardMeta:
 
     records: int
     schema: tuple[FieldSpec, ...]
+    # What the shard holds that is not served, one line each (e.g. "column 'when'
+    # (timestamp[ms]): no tensor type"): the catalog logs them.
+    skipped: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -120,8 +130,9 @@ class Decoder(abc.ABC):
         """Count the records of a shard and describe their fields."""
 
     @abc.abstractmethod
-    def read(self, path: ShardPath, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
-        """Decode records [start, start + count) of a shard."""
+    def read(self, path: ShardPath, start: int, count: int) -> Mapping[str, Any]:
+        """Decode records [start, start + count) of a shard: an array per fixed field, a
+        `Ragged` per ragged one."""
 
     def read_into(
         self,
@@ -217,11 +228,11 @@ def format_for_path(path: str) -> str:
 
 def _load_builtin() -> None:
     # The built-in formats register themselves on import.
-    from shardstream.server import _csv, _npz, _packed, _parquet, _tokens, _wds  # noqa: F401
+    from shardstream.server import _csv, _jsonl, _npz, _packed, _parquet, _tokens, _wds  # noqa: F401
 
 
 def check_arrays(
-    arrays: Mapping[str, np.ndarray[Any, Any]],
+    arrays: Mapping[str, Any],
     schema: tuple[FieldSpec, ...],
     start: int,
     count: int,
@@ -235,6 +246,9 @@ def check_arrays(
         )
     for spec in schema:
         a = arrays[spec.name]
+        if spec.ragged or isinstance(a, Ragged):
+            _check_ragged(spec, a, start, count)
+            continue
         if not isinstance(a, np.ndarray):
             raise DecodeError(
                 f"field {spec.name!r}: decoder returned {type(a).__name__}", record=start
@@ -249,3 +263,62 @@ def check_arrays(
                 f"field {spec.name!r}: shape {a.shape}, expected {(count, *spec.shape)}",
                 record=bad,
             )
+
+
+def _check_ragged(spec: FieldSpec, a: Any, start: int, count: int) -> None:
+    """A ragged field's `Ragged`: its records, item dtype and shape; valid UTF-8 text."""
+    if not spec.ragged:
+        raise DecodeError(
+            f"field {spec.name!r} is ragged (records of varying length) where the schema says "
+            f"fixed {spec}",
+            record=start,
+        )
+    if not isinstance(a, Ragged):
+        raise DecodeError(
+            f"field {spec.name!r}: decoder returned {type(a).__name__} for the ragged field "
+            f"{spec}, not a Ragged",
+            record=start,
+        )
+    values, offsets = a.values, a.offsets
+    dtype = storage_dtype(spec.dtype)
+    if values.dtype != dtype or values.shape[1:] != spec.inner:
+        raise DecodeError(
+            f"field {spec.name!r}: items {values.dtype.name}{list(values.shape[1:])}, the "
+            f"schema says {dtype.name}{list(spec.inner)} ({spec})",
+            record=start,
+        )
+    if (
+        len(a) != count
+        or offsets.dtype != np.int64
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != len(values)
+        or (count and int(np.diff(offsets).min()) < 0)
+    ):
+        raise DecodeError(
+            f"field {spec.name!r}: {len(a)} records with inconsistent offsets, expected "
+            f"{count} records",
+            record=start,
+        )
+    if spec.dtype == "string":
+        bad, why = _bad_utf8(values, offsets)
+        if bad >= 0:
+            raise DecodeError(
+                f"field {spec.name!r} holds invalid UTF-8 at record {start + bad} ({why}); a "
+                "string field must be UTF-8 (declare it bytes otherwise)",
+                record=start + bad,
+            )
+
+
+def _bad_utf8(values: np.ndarray[Any, Any], offsets: np.ndarray[Any, Any]) -> tuple[int, str]:
+    """The first record that is not valid UTF-8 on its own (-1 if none), and why."""
+    try:
+        values.tobytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return int(np.searchsorted(offsets, exc.start, side="right")) - 1, exc.reason
+    # Valid as a whole; each record is too unless one starts inside a character.
+    starts = offsets[:-1][np.diff(offsets) > 0]
+    inside = np.flatnonzero((values[starts] & 0xC0) == 0x80)
+    if inside.size:
+        record = int(np.searchsorted(offsets, starts[inside[0]], side="right")) - 1
+        return record, "it starts inside a multi-byte character"
+    return -1, ""

@@ -6,16 +6,24 @@ refuses to index with that hint, and the rest of the worker is unaffected.
 - numeric columns (bool, int8 ... uint64, float16/32/64) are scalar fields;
 - `fixed_size_list` columns of numbers (nested: more dimensions) are fields of
   that shape;
-- `list` / `large_list` columns of numbers (outermost level only) are 1-D
-  fields whose length comes from the first row, and every row must have it;
+- `list` / `large_list` columns of numbers (outermost level only; inner levels
+  fixed-size lists) are ragged fields, `dtype[*]` or `dtype[*, ...]`;
 - a column's field metadata `shardstream.shape` (JSON, e.g. `[32, 32, 3]`)
-  reshapes it (the product must match the number of values per row).
+  makes a list column fixed, of that shape (every row must then hold
+  prod(shape) values);
+- `string` / `large_string` columns are "string" fields; `binary`,
+  `large_binary` and `fixed_size_binary` columns are "bytes" fields.
 
-Other types (strings, binary, structs, maps, dictionaries, timestamps,
-decimals) are refused at index time naming the column; a null is refused at
-read time naming the column and the first record holding it. Indexing reads
-the footer only (plus the first row of a variable-length list column without
-`shardstream.shape`); a read decodes only the row groups covering its range.
+A `_schema.json` beside the shards may select the columns served, in order::
+
+    {"columns": ["caption", "tokens", "label"]}
+
+Without it every usable column is served; the others (structs, maps,
+dictionaries, timestamps, decimals, lists of strings...) are left out with a
+log line naming them. A selected column that is missing or unusable is
+refused at index time naming it. A null is refused at read time naming the
+column and the first record holding it. Indexing reads the footer only; a
+read decodes only the row groups covering its range.
 """
 
 from __future__ import annotations
@@ -29,29 +37,70 @@ from typing import Any
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
-from shardstream.v1.codec import FieldSpec
+from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat, sibling
+from shardstream.v1.codec import RAGGED, FieldSpec
+from shardstream.v1.ragged import Ragged
 
-__all__ = ["SHAPE_KEY", "ParquetDecoder"]
+__all__ = ["SCHEMA_FILE", "SHAPE_KEY", "ParquetDecoder"]
 
 SHAPE_KEY = b"shardstream.shape"
+SCHEMA_FILE = "_schema.json"
+_SCHEMA_EXAMPLE = '{"columns": ["caption", "tokens"]}'
 _MAX_INDEXED = 256  # shards whose index an instance keeps
-_HINT = "tensor fields need numbers or (fixed-size) lists of numbers; drop or convert the column"
+_HINT = (
+    "fields need numbers, (fixed-size) lists of numbers, strings or binary; drop or convert "
+    "the column"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Column:
     field: FieldSpec
     levels: tuple[int, ...]  # values per item at each list level, outermost first
-    variable: bool  # the outermost level is a list / large_list: check each row's length
+    variable: bool  # the outermost level is a list / large_list
+    # A `variable` list column served as a fixed field (`shardstream.shape`): every row's
+    # length must be levels[0]; otherwise the column is ragged.
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Index:
-    stamp: Stamp
+    stamp: tuple[Stamp, Stamp | None]  # of the shard and of its _schema.json
     metadata: Any  # pyarrow.parquet.FileMetaData: reused by every read
     starts: tuple[int, ...]  # first record of each row group, then the record count
     columns: tuple[_Column, ...]
+    skipped: tuple[str, ...]
+
+
+def _stamp(path: ShardPath) -> tuple[Stamp, Stamp | None]:
+    stamp = shard_stat(path)
+    try:
+        return (stamp, shard_stat(sibling(path, SCHEMA_FILE)))
+    except FileNotFoundError:
+        return (stamp, None)
+
+
+def _selection(path: ShardPath) -> list[str] | None:
+    """The columns `_schema.json` beside the shard selects (None: no such file)."""
+    file = sibling(path, SCHEMA_FILE)
+    try:
+        with open_shard(file) as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{file} is not valid JSON ({e}); expected {_SCHEMA_EXAMPLE}") from None
+    columns = doc.get("columns") if isinstance(doc, dict) else None
+    if (
+        not isinstance(columns, list)
+        or not columns
+        or not all(isinstance(c, str) for c in columns)
+        or len(set(columns)) != len(columns)
+    ):
+        raise DecodeError(
+            f"{file} needs a non-empty list `columns` of distinct column names, like "
+            f"{_SCHEMA_EXAMPLE}; got {doc!r}"
+        )
+    return list(columns)
 
 
 def _pyarrow() -> tuple[Any, tuple[type[Exception], ...]]:
@@ -85,6 +134,10 @@ def _column(path: ShardPath, pf: Any, index: int) -> _Column:
     field = pf.schema_arrow.field(index)
     where = f"{path}: column {field.name!r}"
     t, dims, variable = field.type, [], False
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return _Column(field=FieldSpec(field.name, "string", ()), levels=(), variable=False)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return _Column(field=FieldSpec(field.name, "bytes", ()), levels=(), variable=False)
     while pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
         if pa.types.is_fixed_size_list(t):
             dims.append(t.list_size)
@@ -92,19 +145,20 @@ def _column(path: ShardPath, pf: Any, index: int) -> _Column:
             raise DecodeError(f"{where} has type {field.type}: only the outermost list may vary")
         else:
             variable = True
-            dims.append(-1)
+            dims.append(RAGGED)
         t = t.value_type
     if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise DecodeError(f"{where} has type {field.type}, which cannot be a field: {_HINT}")
     dtype = np.dtype(t.to_pandas_dtype()).name
     shape = _metadata_shape(where, field.metadata or {})
     inner = int(np.prod(dims[1:], dtype=np.int64))
+    if variable and shape is None:  # ragged: dtype[*, *inner]
+        spec = FieldSpec(name=field.name, dtype=dtype, shape=tuple(dims))
+        return _Column(field=spec, levels=tuple(dims), variable=True)
     if variable and shape is not None:
         if inner == 0 or int(np.prod(shape, dtype=np.int64)) % inner:
             raise DecodeError(f"{where}: {SHAPE_KEY.decode()} {list(shape)} does not fit {t}")
         dims[0] = int(np.prod(shape, dtype=np.int64)) // inner
-    elif variable:
-        dims[0] = _first_length(where, pf, field.name)
     if shape is None:
         shape = tuple(dims)
     elif int(np.prod(shape, dtype=np.int64)) != int(np.prod(dims, dtype=np.int64)):
@@ -135,99 +189,160 @@ def _metadata_shape(where: str, metadata: dict[bytes, bytes]) -> tuple[int, ...]
     return tuple(shape)
 
 
-def _first_length(where: str, pf: Any, name: str) -> int:
-    for group in range(pf.metadata.num_row_groups):
-        if pf.metadata.row_group(group).num_rows:
-            first = pf.read_row_group(group, columns=[name], use_threads=False).column(0)[0]
-            if not first.is_valid:
-                raise DecodeError(f"{where} is null at record 0; nulls cannot be tensors", record=0)
-            return len(first)
-    raise DecodeError(
-        f"{where} is a variable-length list in a shard without rows, so its length is "
-        f"unknown: give the column {SHAPE_KEY.decode()} metadata or remove the empty shard"
-    )
-
-
 def _build_index(path: ShardPath) -> _Index:
     pq, errors = _pyarrow()
-    stamp = shard_stat(path)
+    stamp = _stamp(path)
+    selected = _selection(path)
     try:
         pf, f = _open(pq, path)
     except errors as e:
         raise DecodeError(f"{path} is not a readable parquet file: {e}") from None
     try:
         metadata = pf.metadata
-        columns = tuple(_column(path, pf, i) for i in range(len(pf.schema_arrow)))
+        names = list(pf.schema_arrow.names)
+        if selected is not None:
+            missing = [c for c in selected if c not in names]
+            if missing:
+                raise DecodeError(
+                    f"{path}: {sibling(path, SCHEMA_FILE)} selects columns {missing}, which the "
+                    f"shard does not have (it has {names})"
+                )
+        columns: list[_Column] = []
+        skipped: list[str] = []
+        for i, name in enumerate(names):
+            if selected is not None and name not in selected:
+                continue
+            try:
+                columns.append(_column(path, pf, i))
+            except DecodeError as e:
+                if selected is not None:
+                    raise
+                skipped.append(f"column {name!r} ({pf.schema_arrow.field(i).type}): {e}")
     except errors as e:
-        raise DecodeError(f"{path}: cannot read its schema or first rows: {e}") from None
+        raise DecodeError(f"{path}: cannot read its schema: {e}") from None
     finally:
         if f is not None:
             f.close()
+    if selected is not None:
+        columns.sort(key=lambda c: selected.index(c.field.name))
     names = [c.field.name for c in columns]
     if not columns or len(set(names)) != len(names):
         raise DecodeError(
-            f"{path} has columns {names}; a parquet shard needs at least one column, "
-            "with unique names"
+            f"{path} has usable columns {names}; a parquet shard needs at least one, with "
+            f"unique names{' (left out: ' + '; '.join(skipped) + ')' if skipped else ''}"
         )
     starts = [0]
     for group in range(metadata.num_row_groups):
         starts.append(starts[-1] + metadata.row_group(group).num_rows)
-    return _Index(stamp=stamp, metadata=metadata, starts=tuple(starts), columns=columns)
+    return _Index(
+        stamp=stamp,
+        metadata=metadata,
+        starts=tuple(starts),
+        columns=tuple(columns),
+        skipped=tuple(skipped),
+    )
 
 
 def _first_null(array: Any) -> int:
     return int(np.flatnonzero(~np.asarray(array.is_valid().to_numpy(zero_copy_only=False)))[0])
 
 
-def _to_numpy(
-    path: ShardPath, chunked: Any, column: _Column, start: int, count: int
-) -> np.ndarray[Any, Any]:
+def _check_nulls(
+    path: ShardPath,
+    values: Any,
+    name: str,
+    start: int,
+    per_item: int,
+    ends: np.ndarray[Any, Any] | None = None,
+) -> None:
+    """Refuse a null, naming its record: item i belongs to record i // per_item, or
+    (ragged, `ends`: each record's end in outer items) to the record holding item
+    i // per_item."""
+    if values.null_count:
+        item = _first_null(values) // per_item
+        record = start + (item if ends is None else int(np.searchsorted(ends, item, "right")))
+        raise DecodeError(
+            f"{path}: column {name!r} holds a null at record {record}; nulls cannot be "
+            "values of a field (fill or drop them when writing the shard)",
+            record=record,
+        )
+
+
+def _text(path: ShardPath, chunked: Any, column: _Column, start: int) -> Ragged:
+    """A string / binary column's values as uint8 bytes and offsets."""
+    import pyarrow as pa
+
+    values = chunked.combine_chunks()
+    _check_nulls(path, values, column.field.name, start, 1)
+    if pa.types.is_fixed_size_binary(values.type):
+        values = values.cast(pa.binary())
+    large = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
+    buffers = values.buffers()
+    n = len(values)
+    offsets = np.frombuffer(buffers[1], np.int64 if large else np.int32)[
+        values.offset : values.offset + n + 1
+    ].astype(np.int64)
+    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
+    lo, hi = (int(offsets[0]), int(offsets[-1])) if n else (0, 0)
+    return Ragged(data[lo:hi].copy(), offsets - lo)
+
+
+def _to_numpy(path: ShardPath, chunked: Any, column: _Column, start: int, count: int) -> Any:
+    if column.field.ragged and not column.field.shape:
+        return _text(path, chunked, column, start)
     values = chunked.combine_chunks()
     name = column.field.name
-    per_item = 1  # array items per record at the current level
+    ragged = column.field.ragged
+    lengths: np.ndarray[Any, Any] | None = None
+    ends: np.ndarray[Any, Any] | None = None
+    per_item = 1  # array items per record (ragged: per outer item) at the current level
     for level, size in enumerate((*column.levels, None)):
-        if values.null_count:
-            record = start + _first_null(values) // per_item
-            raise DecodeError(
-                f"{path}: column {name!r} holds a null at record {record}; nulls cannot be "
-                "tensors (fill or drop them when writing the shard)",
-                record=record,
-            )
+        _check_nulls(path, values, name, start, per_item, ends)
         if size is None:
             break
         if level == 0 and column.variable:
-            lengths = values.value_lengths().to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(lengths != size)
-            if bad.size:
-                record = start + int(bad[0])
-                raise DecodeError(
-                    f"{path}: column {name!r} has {lengths[bad[0]]} values at record {record}, "
-                    f"but {size} at record 0 (or in its {SHAPE_KEY.decode()}); every row of a "
-                    "list column must have the same length",
-                    record=record,
-                )
+            lengths = values.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+            if not ragged:
+                bad = np.flatnonzero(lengths != size)
+                if bad.size:
+                    record = start + int(bad[0])
+                    raise DecodeError(
+                        f"{path}: column {name!r} has {lengths[bad[0]]} values at record "
+                        f"{record}, but its {SHAPE_KEY.decode()} says {size}; every row of "
+                        "a list column with a fixed shape must have that length",
+                        record=record,
+                    )
         values = values.flatten()
-        per_item *= size
+        if level == 0 and ragged:
+            assert lengths is not None
+            ends = np.cumsum(lengths)
+        else:
+            per_item *= size
     flat = values.to_numpy(zero_copy_only=False)
     little = np.dtype(column.field.dtype).newbyteorder("<")
+    if ragged:
+        assert lengths is not None
+        items = np.ascontiguousarray(flat.reshape(-1, *column.field.inner), dtype=little)
+        return Ragged.from_lengths(items, lengths)
     return np.ascontiguousarray(flat.reshape(count, *column.field.shape), dtype=little)
 
 
 @register_decoder
 class ParquetDecoder(Decoder):
-    """Decoder of Parquet shards (numeric and fixed-length list columns)."""
+    """Decoder of Parquet shards (numeric, list, string and binary columns)."""
 
     name = "parquet"
     suffixes = (".parquet", ".pq")
 
     def __init__(self) -> None:
-        self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED)
+        self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED, stamp=_stamp)
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
-        return ShardMeta(records=idx.starts[-1], schema=tuple(c.field for c in idx.columns))
+        schema = tuple(c.field for c in idx.columns)
+        return ShardMeta(records=idx.starts[-1], schema=schema, skipped=idx.skipped)
 
-    def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+    def read(self, path: ShardPath, start: int, count: int) -> dict[str, Any]:
         if start < 0 or count < 0:
             raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
         idx = self._index(path)
@@ -239,10 +354,7 @@ class ParquetDecoder(Decoder):
                 record=max(start, records),
             )
         if not count:
-            return {
-                c.field.name: np.empty((0, *c.field.shape), np.dtype(c.field.dtype))
-                for c in idx.columns
-            }
+            return {c.field.name: _empty(c.field) for c in idx.columns}
         first = bisect.bisect_right(idx.starts, start) - 1
         last = bisect.bisect_right(idx.starts, start + count - 1) - 1
         names = [c.field.name for c in idx.columns]
@@ -267,3 +379,9 @@ class ParquetDecoder(Decoder):
 
     def _index(self, path: ShardPath) -> _Index:
         return self._indexes.get(path)
+
+
+def _empty(field: FieldSpec) -> Any:
+    if field.ragged:
+        return Ragged.empty("uint8" if not field.shape else field.dtype, field.inner)
+    return np.empty((0, *field.shape), np.dtype(field.dtype))

@@ -26,6 +26,7 @@ from shardstream.server._catalog import Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoding import read_chunk, read_chunk_into
 from shardstream.server._metrics import WorkerMetrics
+from shardstream.server._ragged import read_ragged_chunks
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._wire import ReadArgs, encode_end
 from shardstream.server.errors import (
@@ -36,7 +37,7 @@ from shardstream.server.errors import (
     ShardChanged,
     ShardChangedError,
 )
-from shardstream.v1.codec import chunk_limit
+from shardstream.v1.codec import chunk_limit, estimated_record_bytes, is_ragged
 
 log = logging.getLogger("shardstream.worker")
 
@@ -59,9 +60,13 @@ class ChunkStreamer:
         self._buffers = buffers  # shared memory to decoding processes; None: threads
         self._draining = draining
 
-    def chunk_records(self, ds: Dataset, args: ReadArgs) -> int:
-        """Records per chunk: `chunk_bytes`' worth, fitting a message and the client's cap."""
+    def chunk_records(self, ds: Dataset, args: ReadArgs, shard: Shard | None = None) -> int:
+        """Records per chunk: `chunk_bytes`' worth, fitting a message and the client's cap.
+        With ragged fields, records per decoding job, from the shard's average bytes per
+        record (the job then cuts chunks from the records' actual bytes)."""
         per_record = max(1, ds.record_bytes)
+        if is_ragged(ds.schema) and shard is not None:
+            per_record = estimated_record_bytes(ds.schema, -(-shard.size // max(1, shard.records)))
         by_size = max(1, self._config.chunk_bytes // per_record)
         by_max = max(
             1, chunk_limit(ds.schema, len(args.shard.encode()), self._config.max_message_bytes)
@@ -77,13 +82,17 @@ class ChunkStreamer:
         """Chunks of [start, start + count), decoding one chunk ahead, then the end. Close it
         (`aclose`) when stopping early: that cancels the chunk decoding ahead."""
         loop = asyncio.get_running_loop()
-        step = self.chunk_records(ds, args)
+        step = self.chunk_records(ds, args, shard)
         end = args.start + args.count
         starts = range(args.start, end, step)
+        ragged = is_ragged(ds.schema)
+        sizes = (self._config.chunk_bytes, self._config.max_message_bytes)
 
-        def submit(s: int) -> asyncio.Future[bytes]:
+        def submit(s: int) -> asyncio.Future[Any]:
             submitted[0] = loop.time()
             job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema, shard.id)
+            if ragged:  # chunks cut from actual bytes, returned as bytes (no shared memory)
+                return asyncio.ensure_future(self._decode_ragged((*job, *sizes)))
             if self._buffers is None:
                 return loop.run_in_executor(self._executor, read_chunk, *job)
             return asyncio.ensure_future(self._decode_shared(self._buffers, job))
@@ -100,19 +109,35 @@ class ChunkStreamer:
                     raise _data_error(ds, shard, s, exc) from exc
                 took = loop.time() - submitted[0]
                 pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
-                yield data
-                n = min(step, end - s)
-                sent += n
-                self._metrics.chunk(ds.name, n, len(data), took)
-                if self._draining() and sent < args.count:
-                    log.info("draining: ending a stream of %s at record %d", shard.id, s + step)
-                    self._metrics.drained()
-                    yield encode_end(sent, draining=True)
-                    return
+                parts: list[tuple[int, bytes]] = data if ragged else [(min(step, end - s), data)]
+                for n, message in parts:
+                    yield message
+                    sent += n
+                    self._metrics.chunk(ds.name, n, len(message), took)
+                    took = 0.0
+                    if self._draining() and sent < args.count:
+                        at = args.start + sent
+                        log.info("draining: ending a stream of %s at record %d", shard.id, at)
+                        self._metrics.drained()
+                        yield encode_end(sent, draining=True)
+                        return
             yield encode_end(sent, draining=False)
         finally:
             if pending is not None:
                 pending.cancel()
+
+    async def _decode_ragged(self, job: tuple[Any, ...]) -> list[tuple[int, bytes]]:
+        """`read_ragged_chunks` in the executor; a dead decoding process as ProcessDiedError."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, read_ragged_chunks, *job)
+        except BrokenProcessPool as exc:
+            _, _, _, start, count, _, shard_id, *_ = job
+            raise ProcessDiedError(
+                f"shard {shard_id!r}, records {start}-{start + count - 1}: {exc}; resume the read",
+                shard=shard_id,
+                record=start,
+            ) from exc
 
     async def _decode_shared(self, buffers: ChunkBuffers, job: tuple[Any, ...]) -> bytes:
         """Decode in a process, through a shared-memory slot (bounded: one chunk per slot)."""

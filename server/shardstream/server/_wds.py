@@ -7,15 +7,21 @@ name up to the first '.' of its base name)::
     000123.cls    the integer label, as text
     000123.id     optional: the record's global id, as text
 
+    000123.txt    any other member: a field named by its extension, "string"
+    000123.json   (UTF-8) for .txt and .json, "bytes" (passed through as they
+    000123.bin    are, e.g. an encoded mask) for the others
+
 Records are the samples in tar order, whose keys must increase (as strings).
-Members with other extensions are ignored. Indexing reads the tar headers only
+Every sample of a shard has the same members (a sample missing one, or with
+one more, is refused at indexing). Indexing reads the tar headers only
 (no image is decoded); a read seeks straight to the members of its samples.
 An image is converted to RGB, resized so that its shorter side is SIZE and
 center-cropped to SIZE x SIZE, where the worker's environment sets SIZE
 (`SHARDSTREAM_WDS_SIZE`, default 224): fields `image` uint8 (SIZE, SIZE, 3),
-`label` int64 and, when the samples have `.id` members, `id` int64. Images
-larger than `SHARDSTREAM_WDS_MAX_IMAGE_BYTES` (default 64 MiB) are refused
-before they are read, and images of more than `SHARDSTREAM_MAX_IMAGE_PIXELS`
+`label` int64 and, when the samples have `.id` members, `id` int64; then the
+other members' fields, sorted by name. Images and other members larger than
+`SHARDSTREAM_WDS_MAX_IMAGE_BYTES` (default 64 MiB) are refused before they
+are read, and images of more than `SHARDSTREAM_MAX_IMAGE_PIXELS`
 (width x height, default 2**26 = 8192 x 8192; see `_limits`) from their header,
 before they are decoded. Pillow's own decompression-bomb check stays on, with
 its own limit (`PIL.Image.MAX_IMAGE_PIXELS`, which this module leaves alone:
@@ -36,6 +42,7 @@ from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, regist
 from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
 from shardstream.server._limits import MAX_IMAGE_PIXELS_ENV, env_int, max_image_pixels
 from shardstream.v1.codec import FieldSpec
+from shardstream.v1.ragged import Ragged
 
 __all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder"]
 
@@ -43,6 +50,8 @@ SIZE_ENV = "SHARDSTREAM_WDS_SIZE"
 MAX_IMAGE_BYTES_ENV = "SHARDSTREAM_WDS_MAX_IMAGE_BYTES"
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
 _SLOTS = {"cls": 1, "id": 2, **dict.fromkeys(_IMAGE_EXTS, 0)}  # member kind -> column pair
+_TEXT_EXTS = ("txt", "json")  # other members served as "string" fields; the rest as "bytes"
+_RESERVED = ("image", "label")  # field names the other members cannot take
 _TEXT_MAX = 64  # bytes a .cls or .id member may hold
 _MAX_INDEXED = 256  # shards whose index an instance keeps
 _EOF_BLOCK = bytes(tarfile.BLOCKSIZE)
@@ -52,9 +61,11 @@ _EOF_BLOCK = bytes(tarfile.BLOCKSIZE)
 class _Index:
     stamp: Stamp
     keys: tuple[str, ...]
-    # per sample: (offset, size) of the image, the .cls and the .id member (-1, -1: none)
+    # per sample: (offset, size) of the image, the .cls and the .id member (-1, -1: none),
+    # then of each member in `extras`
     members: np.ndarray[Any, np.dtype[np.int64]]
     has_id: bool
+    extras: tuple[str, ...] = ()  # extensions of the other members, sorted
 
 
 def _pillow() -> Any:
@@ -83,6 +94,7 @@ def _build_index(path: ShardPath) -> _Index:
     stamp = shard_stat(path)
     keys: list[str] = []
     rows: list[list[int]] = []
+    others: list[dict[str, tuple[int, int]]] = []  # per sample: extension -> (offset, size)
     with open_shard(path) as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 -- `f` is closed
@@ -97,8 +109,6 @@ def _build_index(path: ShardPath) -> _Index:
                         record=len(keys),
                     )
                 key, ext = _split(path, info.name)
-                if ext not in _SLOTS:
-                    continue
                 if not keys or key != keys[-1]:
                     _check_sample(path, keys, rows)
                     if keys and key < keys[-1]:
@@ -111,6 +121,18 @@ def _build_index(path: ShardPath) -> _Index:
                         )
                     keys.append(key)
                     rows.append([-1] * 6)
+                    others.append({})
+                if ext not in _SLOTS:
+                    if ext in others[-1] or ext in _RESERVED:
+                        raise DecodeError(
+                            f"{path}: sample {key!r} has "
+                            + (f"two .{ext} members" if ext in others[-1] else
+                               f"a member {info.name!r} whose field would be named {ext!r}, "
+                               "like a field of the format (rename it)"),
+                            record=len(keys) - 1,
+                        )  # fmt: skip
+                    others[-1][ext] = (info.offset_data, info.size)
+                    continue
                 slot = 2 * _SLOTS[ext]
                 if rows[-1][slot] >= 0:
                     raise DecodeError(
@@ -144,7 +166,21 @@ def _build_index(path: ShardPath) -> _Index:
             f"unlike sample {keys[0]!r}; give every sample of a shard an .id, or none",
             record=i,
         )
-    return _Index(stamp=stamp, keys=tuple(keys), members=members, has_id=has_id)
+    extras = tuple(sorted(others[0])) if others else ()
+    for i, found in enumerate(others):
+        if tuple(sorted(found)) != extras:
+            differ = sorted(set(found) ^ set(extras))
+            raise DecodeError(
+                f"{path}: sample {keys[i]!r} (record {i}) has members "
+                f"{['.' + e for e in sorted(found)]} besides its image and label, sample "
+                f"{keys[0]!r} has {['.' + e for e in extras]} (differing: {differ}); every "
+                "sample of a shard needs the same members",
+                record=i,
+            )
+    if extras:
+        spans = np.array([[v for e in extras for v in found[e]] for found in others], np.int64)
+        members = np.concatenate([members, spans.reshape(len(keys), -1)], axis=1)
+    return _Index(stamp=stamp, keys=tuple(keys), members=members, has_id=has_id, extras=extras)
 
 
 def _check_sample(path: ShardPath, keys: list[str], rows: list[list[int]]) -> None:
@@ -203,7 +239,8 @@ def _decode_image(
 
 @register_decoder
 class WdsDecoder(Decoder):
-    """Decoder of WebDataset-style `.tar` shards (images + .cls labels, optional .id)."""
+    """Decoder of WebDataset-style `.tar` shards (images + .cls labels, optional .id,
+    other members as string or bytes fields)."""
 
     name = "wds"
     suffixes = (".tar",)
@@ -223,9 +260,10 @@ class WdsDecoder(Decoder):
         )
         if idx.has_id:
             schema = (FieldSpec(name="id", dtype="int64", shape=()), *schema)
+        schema += tuple(FieldSpec(name=e, dtype=_extra_dtype(e), shape=()) for e in idx.extras)
         return ShardMeta(records=len(idx.keys), schema=schema)
 
-    def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+    def read(self, path: ShardPath, start: int, count: int) -> dict[str, Any]:
         if start < 0 or count < 0:
             raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
         image = _pillow()
@@ -243,13 +281,24 @@ class WdsDecoder(Decoder):
         }
         if idx.has_id:
             out["id"] = np.empty(count, np.int64)
+        texts: dict[str, list[bytes]] = {e: [] for e in idx.extras}
         if not count:
-            return out
+            return {**out, **{e: Ragged.from_bytes([]) for e in idx.extras}}
         with open_shard(path) as f:
             for i in range(count):
                 record = start + i
                 where = f"{path}: sample {idx.keys[record]!r} (record {record})"
-                img_at, img_size, cls_at, cls_size, id_at, id_size = idx.members[record].tolist()
+                row = idx.members[record].tolist()
+                img_at, img_size, cls_at, cls_size, id_at, id_size = row[:6]
+                for j, ext in enumerate(idx.extras):
+                    at, size = row[6 + 2 * j : 8 + 2 * j]
+                    if size > self.max_image_bytes:
+                        raise DecodeError(
+                            f"{where}: its .{ext} member takes {size} bytes, more than the "
+                            f"limit of {self.max_image_bytes} ({MAX_IMAGE_BYTES_ENV})",
+                            record=record,
+                        )
+                    texts[ext].append(_read_at(f, at, size, where, record))
                 if img_size > self.max_image_bytes:
                     raise DecodeError(
                         f"{where}: its image takes {img_size} bytes, more than the limit of "
@@ -279,7 +328,11 @@ class WdsDecoder(Decoder):
                 if idx.has_id:
                     text = _read_at(f, id_at, id_size, where, record)
                     out["id"][i] = _integer(text, f"{where}: its .id member", record)
-        return out
+        return {**out, **{e: Ragged.from_bytes(items) for e, items in texts.items()}}
 
     def _index(self, path: ShardPath) -> _Index:
         return self._indexes.get(path)
+
+
+def _extra_dtype(ext: str) -> str:
+    return "string" if ext in _TEXT_EXTS else "bytes"

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from shardstream.server.errors import MalformedRequestError
 from shardstream.v1 import shardstream_pb2 as pb
 from shardstream.v1.codec import FieldSpec, dtype_code
+from shardstream.v1.ragged import Ragged
 
 if TYPE_CHECKING:
     from shardstream.server._catalog import Dataset
@@ -48,9 +49,20 @@ def _int_key(field: int) -> bytes:
     return _varint(field << 3)
 
 
-def encode_chunk(start: int, arrays: Mapping[str, np.ndarray[Any, Any]], shard: str = "") -> bytes:
-    """A serialized `ReadResponse{chunk}` holding records [start, start + count) of `shard`."""
-    return b"".join(_chunk_parts(start, arrays, shard))
+Column = np.ndarray[Any, Any] | Ragged  # a fixed field's array, or a ragged field's values
+
+
+def encode_chunk(
+    start: int,
+    arrays: Mapping[str, Column],
+    shard: str = "",
+    schema: tuple[FieldSpec, ...] = (),
+) -> bytes:
+    """A serialized `ReadResponse{chunk}` holding records [start, start + count) of `shard`.
+
+    A ragged field is a `Ragged`: its Tensor holds the values and their `lengths`; the
+    dtype of a "string" / "bytes" field comes from `schema` (its values are uint8)."""
+    return b"".join(_chunk_parts(start, arrays, shard, schema))
 
 
 def _chunk_head(start: int, count: int, shard: str) -> list[bytes]:
@@ -74,6 +86,8 @@ def layout_chunk_into(
     body: list[bytes | tuple[str, np.dtype[Any], tuple[int, ...]]] = [
         *_chunk_head(start, count, shard)
     ]
+    if any(f.ragged for f in schema):
+        raise ValueError("a chunk with ragged fields has no fixed layout; use encode_chunk")
     for spec in schema:
         dtype = np.dtype(spec.dtype).newbyteorder("<")
         shape = (count, *spec.shape)
@@ -104,7 +118,9 @@ def _nbytes(piece: tuple[str, np.dtype[Any], tuple[int, ...]]) -> int:
     return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
 
-def _tensor_header(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], nbytes: int) -> bytes:
+def _tensor_header(
+    name: str, dtype: np.dtype[Any] | str, shape: tuple[int, ...], nbytes: int
+) -> bytes:
     """A Tensor message's fields before its data: name, dtype, shape, data's key+length."""
     name_b = name.encode()
     dims = b"".join(_varint(d) for d in shape)
@@ -118,16 +134,32 @@ def _tensor_header(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], nbyt
     )  # fmt: skip
 
 
+def _little(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    a = np.ascontiguousarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a
+
+
 def _chunk_parts(
-    start: int, arrays: Mapping[str, np.ndarray[Any, Any]], shard: str
+    start: int, arrays: Mapping[str, Column], shard: str, schema: tuple[FieldSpec, ...] = ()
 ) -> list[bytes | memoryview]:
     """The pieces of a serialized chunk: protobuf headers and the arrays' own memory."""
     count = len(next(iter(arrays.values())))
+    text = {f.name: f.dtype for f in schema if not f.shape and f.ragged}
     body: list[bytes | memoryview] = [*_chunk_head(start, count, shard)]
-    for name, array in arrays.items():
-        a = np.ascontiguousarray(array)
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
+    for name, column in arrays.items():
+        if isinstance(column, Ragged):
+            a = _little(column.values)
+            lengths = column.lengths.astype("<i8", copy=False)
+            header = _tensor_header(name, text.get(name, a.dtype), a.shape, a.nbytes)
+            # lengths: packed sfixed64 (field 5), always written, also when empty
+            tail = _len_key(5) + _varint(lengths.nbytes)
+            size = len(header) + a.nbytes + len(tail) + lengths.nbytes
+            body += [_len_key(3), _varint(size), header, a.reshape(-1).view(np.uint8).data]
+            body += [tail, lengths.view(np.uint8).data]
+            continue
+        a = _little(column)
         header = _tensor_header(name, a.dtype, a.shape, a.nbytes)
         body += [_len_key(3), _varint(len(header) + a.nbytes), header]
         body.append(a.reshape(-1).view(np.uint8).data)
@@ -212,7 +244,9 @@ def dataset_info(ds: Dataset) -> pb.DatasetInfo:
             pb.ShardInfo(id=s.id, records=s.records, fingerprint=s.fingerprint) for s in ds.shards
         ],
         schema=[
-            pb.FieldSpec(name=f.name, dtype=cast(Any, dtype_code(f.dtype)), shape=f.shape)
+            pb.FieldSpec(
+                name=f.name, dtype=cast(Any, dtype_code(f.dtype)), shape=f.shape, ragged=f.ragged
+            )
             for f in ds.schema
         ],
         fingerprint=ds.fingerprint,
