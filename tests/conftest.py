@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +18,41 @@ from shardstream.server._process import WorkerProcess
 RECORDS = 2_000
 SHARDS = 8
 SHAPE = (4, 4, 3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_as_found() -> Iterator[None]:
+    """The suite leaves /dev/shm as it found it: whatever a test kills, no segment or
+    semaphore stays behind. An entry some live process holds (mapped or open) belongs
+    to that process, maybe a program outside the suite, so only entries nobody holds
+    count; the wait gives resource trackers time to unlink what they tracked."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield
+        return
+    before = set(os.listdir(shm))
+    yield
+    deadline = time.monotonic() + 10
+    while (left := set(os.listdir(shm)) - before - _dev_shm_held()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"the test suite left these in /dev/shm: {sorted(left)}"
+
+
+def _dev_shm_held() -> set[str]:
+    """Names in /dev/shm that some live process has mapped or open."""
+    held: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                if " /dev/shm/" in line:
+                    held.add(line.split(" /dev/shm/", 1)[1].removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/"):
+                        held.add(target.removeprefix("/dev/shm/"))
+    return held
 
 
 @pytest.fixture(scope="session")

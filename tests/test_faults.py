@@ -399,36 +399,3 @@ async def test_keepalive_pings_are_accepted_by_the_worker(root: Path) -> None:
     assert stats.resumes == 0
     assert conn.last_error == "" and conn.serving  # the health watch was never cut
     assert not any("too_many_pings" in line or "GOAWAY" in line for line in worker.log)
-
-
-def _shm_files(pid: int) -> set[Path]:
-    """The shared-memory files a process has mapped."""
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {Path(line.split()[-1]) for line in maps if " /dev/shm/" in line}
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_chunk_buffers_are_freed_when_the_worker_dies(npz_root: Path, sig: int) -> None:
-    """The buffers between the server and its decoding processes live in /dev/shm: they
-    must go away when the worker ends, also when it is SIGKILLed (its resource tracker
-    unlinks them), and a clean stop must not print the tracker's KeyError."""
-    args = ["--data-root", str(npz_root), "--dataset", "train=*.npz", "--processes", "1"]
-    with WorkerProcess.start(args) as worker:
-
-        async def one_epoch() -> int:
-            async with Loader([worker.address], dataset="train", batch_size=16) as loader:
-                return sum([len(b["id"]) async for b in loader.epoch(0)])
-
-        assert asyncio.run(one_epoch()) > 0  # the decoding process has used the buffers
-        files = _shm_files(worker.pid)
-        assert files, "the worker maps no shared-memory buffers"
-        worker.signal(sig)
-        worker.proc.wait(30)
-        deadline = time.monotonic() + 20
-        while any(f.exists() for f in files) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling a condition: the tracker unlinks asynchronously
-        assert not [f for f in files if f.exists()]
-        if sig == signal.SIGTERM:
-            worker.close()
-            log = "\n".join(worker.log)
-            assert "KeyError" not in log and "leaked shared_memory" not in log, log

@@ -7,8 +7,9 @@
 
 An `Executor` over `processes` spawn-started processes. Each has a runner
 thread in the server: it takes the next job from the queue, sends it down the
-process's pipe and waits for the answer. A process that dies (the OOM killer's
-SIGKILL, a crash in a native decoder) fails only the job it was running, with
+process's pipe and waits for the answer (while idle, it checks every second
+that the process lives). A process that dies (the OOM killer's SIGKILL, a crash
+in a native decoder) fails only the job it was running, with
 `BrokenProcessPool`, once it is reaped; its runner then starts a new one before
 it takes another job, and the other processes run on. If a new process cannot
 be started, the pool has failed: `on_failure` is called (once), queued and
@@ -54,6 +55,7 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _Job = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
+WATCH_SECONDS = 1.0  # how often an idle runner checks that its process lives
 REAP_SECONDS = 10.0  # a SIGKILLed process not gone by then cannot be reaped (the pool fails)
 
 
@@ -187,7 +189,14 @@ class DecodingPool(Executor):
             r.started.set_result(self._spawn(r))
         except BaseException as exc:
             r.started.set_exception(exc)
-        while (item := self._jobs.get()) is not None:
+        while True:
+            try:
+                item = self._jobs.get(timeout=WATCH_SECONDS)
+            except queue.Empty:
+                self._watch(r)
+                continue
+            if item is None:
+                break
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
@@ -198,6 +207,14 @@ class DecodingPool(Executor):
                 if not future.done():
                     future.set_exception(exc)
         self._stop(r)
+
+    def _watch(self, r: _Runner) -> None:
+        """Between jobs: replace r's process if it died (its pipe is readable: EOF)."""
+        try:
+            if r.conn is not None and r.conn.poll() and self._state == "running":
+                self._replace(r, "while idle")
+        except BaseException:
+            log.exception("decoding pool: unexpected error")
 
     def _run_job(
         self, r: _Runner, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any
@@ -231,7 +248,7 @@ class DecodingPool(Executor):
             how = self._reap(r)  # dead and reaped before anyone reuses what it was writing
             name = getattr(fn, "__name__", "a job")
             future.set_exception(BrokenProcessPool(f"decoding process {pid} died ({how})"))
-            self._replace(r, f"({how}) while running {name}", reaped=True)
+            self._replace(r, f"({how}) while running {name}", died=pid)
             return
         try:
             ok, value, remote = pickle.loads(reply)
@@ -266,10 +283,12 @@ class DecodingPool(Executor):
             raise OSError(f"a decoding process did not start ({how}): {exc}") from None
         return pid
 
-    def _replace(self, r: _Runner, why: str, *, reaped: bool = False) -> bool:
-        """Reap r's process if it is not yet, and start another; False if the pool failed."""
-        old = r.proc.pid if r.proc is not None else None
-        how = "" if reaped else f" ({self._reap(r)})"
+    def _replace(self, r: _Runner, why: str, *, died: int | None = None) -> bool:
+        """Reap r's process if it is not yet (`died`: the pid of one already reaped), and
+        start another; False if the pool failed."""
+        if r.proc is not None:
+            died = r.proc.pid
+            why = f"{why} ({self._reap(r)})"
         if self._failure is not None or self._state != "running":
             return False
         try:
@@ -278,7 +297,7 @@ class DecodingPool(Executor):
             self._fail(exc)
             return False
         self.replaced += 1
-        log.warning("decoding process %s died %s%s; replaced by %d", old, why, how, pid)
+        log.warning("decoding process %s died %s; replaced by %d", died, why, pid)
         return True
 
     def _reap(self, r: _Runner) -> str:

@@ -20,7 +20,9 @@ import threading
 from collections.abc import Sequence
 from types import TracebackType
 
-_SERVING = re.compile(r"^serving (\S+:\d+)$")
+_SERVING = re.compile(r"^serving (\S+):(\d+)$")
+# A worker prints what it listens on; a wildcard is reached through the loopback address.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
 
 
 class WorkerStartError(RuntimeError):
@@ -77,7 +79,8 @@ class WorkerProcess:
         for line in self.proc.stdout:
             match = _SERVING.match(line.strip())
             if match and not self._serving.is_set():
-                self.address = match.group(1)
+                host, port = match.groups()
+                self.address = f"{_WILDCARDS.get(host, host)}:{port}"
                 self._serving.set()
         self._serving.set()  # exited: wake any waiter
 
