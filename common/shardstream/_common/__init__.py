@@ -10,7 +10,7 @@ import this package (and the wire contract, `shardstream.v1`). It holds:
 """
 
 from shardstream._common.loops import new_event_loop, run_async
-from shardstream._common.malloc import tune_malloc
+from shardstream._common.malloc import trim_heap, tune_malloc
 from shardstream._common.pem import read_pem, read_token_file
 
-__all__ = ["new_event_loop", "read_pem", "read_token_file", "run_async", "tune_malloc"]
+__all__ = ["new_event_loop", "read_pem", "read_token_file", "run_async", "trim_heap", "tune_malloc"]

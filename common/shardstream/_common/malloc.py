@@ -18,8 +18,10 @@ freed heap stays with the process instead of going back to the kernel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+from collections.abc import Callable
 
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 128 << 20
@@ -41,3 +43,24 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+    return trim
+
+
+def trim_heap() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc `malloc_trim(0)`, every arena);
+    False where malloc is not glibc's."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -14,18 +14,15 @@ read. Until its client reads or leaves, such a stream still holds that chunk,
 so stalled streams count too: at most `max_streams` run, and running plus
 stalled ones stay under `2 * max_streams`. A second after the last stream is
 gone, or after streams stalled, freed heap is handed back to the kernel
-(glibc's `malloc_trim`), so a worker returns near its baseline memory.
+(`_writes.TrimWhenIdle`), so a worker returns near its baseline memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
-import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
 
 import grpc
@@ -38,6 +35,7 @@ from shardstream.server._shm import ChunkBuffers
 from shardstream.server._status import FinishOnError, LogLimit, StatusOnError, shown
 from shardstream.server._streaming import ChunkStreamer
 from shardstream.server._wire import ReadArgs, decode_describe, decode_list, decode_read
+from shardstream.server._writes import TrimWhenIdle, completes, send_within
 from shardstream.server.errors import BusyError, DrainingError, StalledError
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
@@ -62,10 +60,7 @@ class WorkerServicer:
         self.stalled = 0  # streams ended for a client reading nothing, not yet left by it
         self.idle = asyncio.Event()  # set while no stream runs
         self.idle.set()
-        self._streams_since_trim = 0
-        self._trim_for_stall = False
-        self._trim: asyncio.TimerHandle | None = None
-        self._closed = False
+        self._trim = TrimWhenIdle(TRIM_AFTER_IDLE, lambda: bool(self.active or self.stalled))
         self.refusals = LogLimit(logging.getLogger("shardstream.worker"))  # this worker's
 
     def is_draining(self) -> bool:
@@ -73,10 +68,7 @@ class WorkerServicer:
 
     def close(self) -> None:
         """Cancel the pending heap trim (the Worker calls this once its server stopped)."""
-        self._closed = True
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
+        self._trim.close()
 
     async def describe(self, request: bytes, context: grpc.aio.ServicerContext) -> Dataset:
         async with StatusOnError(context, self.metrics, self.refusals):
@@ -101,7 +93,7 @@ class WorkerServicer:
             self._admit()
             ds, shard = check_read(self.catalog, args)
             self.active += 1
-            self._streams_since_trim += 1
+            self._trim.stream_started()
             self.idle.clear()
             self.metrics.stream(ds.name, +1)
             try:
@@ -119,7 +111,9 @@ class WorkerServicer:
     async def serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         """The Read handler: writes `read`'s messages, each within the stall timeout."""
         async with FinishOnError(context, self.metrics, self.refusals):
-            stalled = await self._send(context, self.read(request, context))
+            stalled = await send_within(
+                context, self.read(request, context), self._config.stream_stall_timeout
+            )
             if stalled is not None:
                 await self._linger(stalled, decode_read(request))
 
@@ -130,30 +124,6 @@ class WorkerServicer:
             raise BusyError(
                 f"the worker already serves {self.active} streams{held} (--max-streams {limit})"
             )
-
-    async def _send(
-        self, context: grpc.aio.ServicerContext, messages: AsyncGenerator[bytes, None]
-    ) -> asyncio.Task[None] | None:
-        """Write the headers, then `messages`, each within the stall timeout. Returns None
-        once all are written, or the write still waiting on a client that reads nothing;
-        `messages` is closed either way (which frees its slot and decoded chunks)."""
-        timeout = self._config.stream_stall_timeout
-        write: asyncio.Task[None] | None = None
-        try:
-            async with contextlib.aclosing(messages):
-                # Headers first and alone, so that a status after a stall carries none.
-                write = asyncio.ensure_future(context.send_initial_metadata(()))
-                if not await _completes(write, timeout):
-                    return write
-                async for message in messages:
-                    write = asyncio.ensure_future(context.write(message))
-                    if not await _completes(write, timeout):
-                        return write
-                return None
-        except BaseException:
-            if write is not None:
-                write.cancel()
-            raise
 
     async def _linger(self, write: asyncio.Task[None], args: ReadArgs) -> None:
         """A stalled stream: it holds no slot nor decoded chunk, only the write gRPC still
@@ -171,7 +141,7 @@ class WorkerServicer:
         self.stalled += 1
         self._maybe_idle(stalled=True)
         try:
-            await _completes(write, None)
+            await completes(write, None)
         finally:
             write.cancel()
             self.stalled -= 1
@@ -185,56 +155,4 @@ class WorkerServicer:
         )
 
     def _maybe_idle(self, *, stalled: bool = False) -> None:
-        """Hand freed heap back TRIM_AFTER_IDLE after the last stream is gone, or after
-        streams stalled (their decoded chunks are freed, their clients may linger)."""
-        self._trim_for_stall |= stalled
-        if self._closed or not self._streams_since_trim:
-            return
-        if (self.active or self.stalled) and not self._trim_for_stall:
-            return
-        if self._trim is not None:
-            self._trim.cancel()
-        self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE, self._trim_heap)
-
-    def _trim_heap(self) -> None:
-        self._trim = None
-        if self._closed or ((self.active or self.stalled) and not self._trim_for_stall):
-            return
-        self._streams_since_trim = 0
-        self._trim_for_stall = False
-        trim_heap()
-
-
-async def _completes(write: asyncio.Task[None], seconds: float | None) -> bool:
-    """Wait up to `seconds` for `write`; False if it is still waiting (HTTP/2 flow control:
-    the client reads nothing). A write that failed means the client left: the call is
-    cancelled (gRPC already ends it without a status, and logs nothing)."""
-    await asyncio.wait((write,), timeout=seconds)
-    if not write.done():
-        return False
-    if write.cancelled():
-        raise asyncio.CancelledError
-    if write.exception() is not None:
-        raise asyncio.CancelledError(f"the write failed: {write.exception()}")
-    return True
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return None
-    return trim
-
-
-def trim_heap() -> bool:
-    """Hand the heap's free pages back to the kernel (glibc `malloc_trim(0)`, every arena);
-    False where malloc is not glibc's."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+        self._trim.update(stalled=stalled)
