@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,22 @@ from conftest import worker_processes
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 RECORDS = 1_001  # not divisible by 2 ranks: the remainder policy matters
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object printed in `text`: ranks of one job share a stdout, so two lines
+    can run together when two processes write at once."""
+    decoder, found, i = json.JSONDecoder(), [], text.find("{")
+    while i >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+        i = text.find("{", end)
+    return found
 
 
 def free_port() -> int:
@@ -61,7 +78,7 @@ def test_torch_ddp_example_with_torchrun(data: Path) -> None:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    lines = json_objects(r.stdout)
     check(lines, ranks=2, epochs=2)
 
 

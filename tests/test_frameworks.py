@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_examples import free_port
 
 from shardstream.server import make_dataset
 
 from conftest import worker_processes
+from test_examples import free_port, json_objects
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="torch is not installed"
@@ -167,7 +167,7 @@ def test_accelerate_two_processes_exactly_once(data: Path) -> None:
         r = launch("--epochs", "2")
         wrong = launch("--epochs", "1", "--wrong-way")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    lines = [x for x in json_objects(r.stdout) if "epoch" in x]
     assert len(lines) == 4
     for epoch in (0, 1):
         per_rank = [x for x in lines if x["epoch"] == epoch]

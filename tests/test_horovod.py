@@ -25,6 +25,7 @@ from shardstream.server import make_dataset
 from shardstream.server._process import WorkerProcess
 
 from conftest import worker_processes
+from test_examples import json_objects
 
 
 def horovodrun() -> str | None:
@@ -71,7 +72,7 @@ def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[st
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     # horovodrun prefixes each line with "[rank]<stdout>:"
-    return [json.loads(x[x.index("{") :]) for x in r.stdout.splitlines() if '{"rank"' in x]
+    return [x for x in json_objects(r.stdout) if "rank" in x]
 
 
 def read_trace(folder: Path, rank: int) -> list[tuple[int, int, list[int]]]:

@@ -26,6 +26,7 @@ from shardstream.server import make_dataset
 from shardstream.server._process import WorkerProcess
 
 from conftest import collect_epoch, running_workers, worker_processes
+from test_examples import json_objects
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None,
@@ -201,7 +202,7 @@ def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[st
             p.kill()
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-2000:] + err[-4000:]
-    return [json.loads(x) for out, _ in outs for x in out.splitlines() if x.startswith("{")]
+    return [x for out, _ in outs for x in json_objects(out)]
 
 
 def read_trace(folder: Path, rank: int) -> list[tuple[int, int, list[int]]]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from liar import LIES, lying_worker
 
 from shardstream.client import Loader
 from shardstream.client._wire import is_retryable, worker_error
@@ -16,6 +15,7 @@ from shardstream.client.errors import ConfigError, MessageTooLargeError, Protoco
 
 from conftest import RECORDS, collect_epoch, ids_of, running_workers
 from faultproxy import FaultProxy, Trickle
+from liar import LIES, lying_worker
 
 OPTS = {"dataset": "train", "batch_size": 16, "read_bytes": 2048, "chunk_bytes": 512,
         "retry_deadline": 20.0}  # fmt: skip
