@@ -59,6 +59,7 @@ class FetchOptions:
     retry_deadline: float  # seconds without progress before WorkersUnavailableError
     schema: tuple[FieldSpec, ...] = ()  # every chunk is checked against it
     on_error: str = "raise"  # "skip": a record the worker cannot decode becomes a Hole
+    epoch: int = 0  # sent with `seed`: the workers' per-record randomness depends on both
     journal: Callable[[dict[str, object]], None] | None = None  # resumes and skips, for a ledger
 
 
@@ -296,6 +297,7 @@ async def _stream(
         seed=options.seed,
         fingerprint=progress.shard.fingerprint,
         max_chunk_records=options.max_chunk_records,
+        epoch=options.epoch,
     )
     call = conn.read_stub().read(request)
     sent = 0

@@ -72,7 +72,8 @@ class LedgerWriter:
         self._batch_size = plan.batch_size
         self._index = {sid: i for i, sid in enumerate(header["shard_ids"])}
         self._skipped: set[tuple[int, int]] = set()
-        self._write({"kind": "header", **header})
+        # The read size too: with shuffle_reads it cuts the blocks, so the audit needs it.
+        self._write({"kind": "header", **header, "read_records": plan.read_records})
 
     def _write(self, obj: dict[str, Any]) -> None:
         if self._file is not None:
@@ -152,6 +153,7 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
     ids = first["shard_ids"]
     options = PlanOptions(**first["options"])
     epoch = int(first["epoch"])
+    read_records = int(first.get("read_records") or 1 << 30)  # older ledgers: any will do
     received: Counter[tuple[int, int]] = Counter()
     by_history = {_history_key(s.header["history"]) for s in segments}
     for seg in segments:
@@ -174,7 +176,7 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
     expected: set[tuple[int, int]] = set()
     for r in range(world):
         plan = resume_plan(counts, epoch=epoch, rank=r, world_size=world, options=options,
-                           read_records=1 << 30, history=[])  # fmt: skip
+                           read_records=read_records, history=[])  # fmt: skip
         sh, rec = slot_records(plan)
         expected.update(zip(sh.tolist(), rec.tolist(), strict=True))
     skipped = {x for seg in segments for x in seg.skipped}

@@ -304,6 +304,7 @@ class Loader:
                 max_chunk_records=chunk,
                 schema=self.schema,
                 journal=None if ledger is None else ledger.event,
+                epoch=epoch,
             ),
             options=cfg.pipeline_options(),
             spawn=self._spawn,

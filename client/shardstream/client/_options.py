@@ -41,6 +41,10 @@ class LoaderConfig:
     seed: int = 0  # base of every shuffle
     shuffle: bool = False  # permute shard order per (seed, epoch)
     shuffle_window: int = 0  # >1: also shuffle records in windows of this many (memory!)
+    # >0 (with shuffle): record-level shuffle instead: blocks of one read (read_bytes) of
+    # each shard permuted over the whole epoch, records shuffled in groups of this many
+    # reads; holds that many reads more in memory. 0: shard order only (as before).
+    shuffle_reads: int = 0
     remainder: Remainder = "drop"  # N % world_size records: "drop" or "pad" (wrap around)
     drop_last: bool = False  # drop each rank's last partial batch
     on_error: Literal["raise", "skip"] = "raise"  # records a worker cannot decode: raise, or
@@ -121,6 +125,7 @@ class LoaderConfig:
                 f"in [0, world_size={self.world_size})")  # fmt: skip
         integer("seed", 0, SEED_LIMIT, "an int in [0, 2**64)", "in [0, 2**64)")
         integer("shuffle_window", 0, None, "an int >= 0", ">= 0")
+        integer("shuffle_reads", 0, None, "an int >= 0", ">= 0")
         integer("straggler_moves", 0, None, "an int >= 0", ">= 0")
         seconds("straggler_factor", None)  # a ratio: the same rules as seconds
         if self.straggler_factor < 1:
@@ -150,6 +155,12 @@ class LoaderConfig:
             raise ConfigError(
                 f"reads_ahead ({self.reads_ahead}) must be >= max_inflight_reads "
                 f"({self.max_inflight_reads})"
+            )
+        if self.shuffle and self.reads_ahead < 2 * self.shuffle_reads:
+            raise ConfigError(
+                f"reads_ahead ({self.reads_ahead}) must be >= 2 x shuffle_reads "
+                f"({self.shuffle_reads}), so the next group of reads comes in while one is "
+                "delivered; raise reads_ahead or lower shuffle_reads"
             )
         try:
             self.plan_options()
@@ -187,6 +198,9 @@ class LoaderConfig:
             seed=self.seed,
             shuffle=self.shuffle,
             shuffle_window=self.shuffle_window,
+            shuffle_reads=self.shuffle_reads,
+            # The read size cuts the blocks of a record-level shuffle: a state pins it then.
+            read_bytes=self.read_bytes if self.shuffle and self.shuffle_reads else 0,
             remainder=self.remainder,
             drop_last=self.drop_last,
         )
@@ -215,6 +229,7 @@ class LoaderConfig:
         max_chunk_records: int,
         schema: tuple[FieldSpec, ...],
         journal: Callable[[dict[str, object]], None] | None = None,
+        epoch: int = 0,
     ) -> FetchOptions:
         """What each read needs: the request's fields, the schema every chunk is checked
         against, timeouts and the error policy."""
@@ -230,6 +245,7 @@ class LoaderConfig:
             retry_deadline=self.retry_deadline,
             on_error=self.on_error,
             journal=journal,
+            epoch=epoch,
         )
 
     def pipeline_options(self) -> PipelineOptions:
@@ -273,6 +289,7 @@ class LoaderOptions(TypedDict, total=False):
     seed: int
     shuffle: bool
     shuffle_window: int
+    shuffle_reads: int
     remainder: Remainder
     drop_last: bool
     on_error: Literal["raise", "skip"]

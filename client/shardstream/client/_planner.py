@@ -15,6 +15,16 @@ is received whole before any of it is delivered, so W bounds that memory).
     parts:   [ rank 0      | rank 1      | rank 2      ] (+ dropped / padded tail)
     rank 1:  [ window 0 | window 1 | ... ] -> batches of batch_size
 
+With `shuffle_reads=K` (record-level shuffle) the global sequence is instead
+the shards cut into blocks of `read_records` records, the blocks permuted by
+(seed, epoch) (`_blocks`), so consecutive reads come from different shards. A
+rank reads a block at a time (the first and last cut by its part's ends) and
+delivers each group of K consecutive blocks in a seeded order of all their
+records: a window of K reads, which bounds that memory to K reads.
+
+    global:  [ 1.1 | 0.2 | 2.0 | 0.0 | 1.0 | 0.1 | 2.1 | 1.2 ]   (shard.block, permuted)
+    rank 1:       [ 0.2 | 2.0 | 0.0 | 1.0 | 0.1 ]                (K = 2: 3 windows)
+
 A plan is worked out as it is looked at: making one costs time and memory in
 proportion to the shards (and, resuming, to the old ranks' parts this rank
 takes over), never to the records: a description claiming 10**15 records plans
@@ -31,6 +41,8 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from shardstream.client._blocks import BlockLayout
+
 Remainder = Literal["drop", "pad"]
 
 SEED_LIMIT = 1 << 64  # seeds travel as uint64 on the wire
@@ -44,6 +56,13 @@ class PlanOptions:
     batch_size: int
     shuffle: bool = False  # permute shard order per (seed, epoch)
     shuffle_window: int = 0  # >1: also shuffle records inside windows of this many records
+    # >0: record-level shuffle instead: blocks of one read permuted over all shards, records
+    # shuffled in groups of this many reads (a state saved before it existed means 0)
+    shuffle_reads: int = 0
+    # With shuffle_reads: LoaderConfig.read_bytes, which (with the schema) sets the reads,
+    # hence the blocks; kept here so a state pins it. 0 otherwise. The planner reads only
+    # its `read_records` argument.
+    read_bytes: int = 0
     remainder: Remainder = "drop"  # records left when N % world_size != 0: drop, or pad by wrap
     drop_last: bool = False  # leave out each rank's last partial batch
 
@@ -56,6 +75,17 @@ class PlanOptions:
             raise ValueError(f"shuffle_window must be >= 0, got {self.shuffle_window}")
         if self.shuffle_window > 1 and not self.shuffle:
             raise ValueError("shuffle_window needs shuffle=True")
+        if self.shuffle_reads < 0:
+            raise ValueError(f"shuffle_reads must be >= 0, got {self.shuffle_reads}")
+        if self.shuffle_reads and not self.shuffle:
+            raise ValueError("shuffle_reads needs shuffle=True")
+        if self.shuffle_reads and self.shuffle_window > 1:
+            raise ValueError(
+                "shuffle_reads and shuffle_window are two kinds of shuffle: give one "
+                f"(got shuffle_reads={self.shuffle_reads}, shuffle_window={self.shuffle_window})"
+            )
+        if self.read_bytes < 0:
+            raise ValueError(f"read_bytes must be >= 0, got {self.read_bytes}")
         if self.remainder not in ("drop", "pad"):
             raise ValueError(f"remainder must be 'drop' or 'pad', got {self.remainder!r}")
 
@@ -103,6 +133,7 @@ class RankPlan:
     batches: int  # equal on every rank
     windows: Sequence[Window]  # computed when looked at (see `Windows`)
     trailing_holes: int = 0  # empty slots after the last record (an elastic resume's short part)
+    read_records: int = 0  # most records a read holds (with shuffle_reads, the block size)
 
     @property
     def reads(self) -> tuple[Read, ...]:
@@ -165,6 +196,7 @@ def plan_epoch(
         records=grid.used,
         batches=-(-grid.used // options.batch_size),
         windows=Windows(grid, [(int(rank), 0, grid.used)]),
+        read_records=int(read_records),
     )
 
 
@@ -183,7 +215,7 @@ def epoch_grid(
     world_size: int,
     options: PlanOptions,
     read_records: int,
-) -> Grid:
+) -> Grid | BlockGrid:
     """Every rank's part of `epoch` with `world_size` ranks (checks the arguments)."""
     check_rank(0, world_size)
     if not _is_int(epoch) or epoch < 0:
@@ -197,6 +229,15 @@ def epoch_grid(
     if total == 0:
         raise ValueError("the dataset has no records")
     part, used = rank_records(total, int(world_size), options)
+    if options.shuffle and options.shuffle_reads:
+        return BlockGrid(
+            blocks=BlockLayout(counts, int(read_records), (options.seed, int(epoch), 2)),
+            part=part,
+            used=used,
+            group=options.shuffle_reads,
+            seed=options.seed,
+            epoch=int(epoch),
+        )
     layout = Layout(counts, tuple(shard_order(len(counts), epoch=epoch, options=options)))
     shuffled = options.shuffle and options.shuffle_window > 1
     return Grid(
@@ -327,9 +368,13 @@ class Grid:
     seed: int
     epoch: int
 
-    def windows_of(self, a: int, b: int) -> tuple[int, int]:
-        """The windows [i0, i1) holding delivered records [a, b) of a rank."""
+    def windows_of(self, rank: int, a: int, b: int) -> tuple[int, int]:
+        """The windows [i0, i1) holding delivered records [a, b) of `rank`."""
         return a // self.width, (b - 1) // self.width + 1
+
+    def span(self, rank: int, i: int) -> tuple[int, int]:
+        """Delivered records [start, end) of window i of `rank` (end may pass `used`)."""
+        return i * self.width, (i + 1) * self.width
 
     def window(self, rank: int, i: int, lo: int, hi: int, seq: int) -> Window:
         """Window i of `rank`, delivering its records [lo, hi) (counted from the rank's
@@ -349,7 +394,7 @@ class Grid:
         if not self.shuffled:
             return len(ReadRun(self.layout, first, a, b, self.limit, 0))
         w, limit = self.width, self.limit
-        i0, i1 = self.windows_of(a, b)
+        i0, i1 = self.windows_of(rank, a, b)
         end = min(i1 * w, self.used)
         full = min(i1, self.used // w) - i0  # windows of w records; the last may be shorter
         n = full * -(-w // limit)
@@ -361,6 +406,65 @@ class Grid:
         return n
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockGrid:
+    """Every rank's part of a block-shuffled epoch: rank r delivers `used` records from
+    global position r * part (past the end: around again), read a block at a time; its
+    windows are `group` consecutive blocks (the first and last cut by the part's ends),
+    delivered in a seeded order. Blocks are numbered on over passes (`_number`)."""
+
+    blocks: BlockLayout
+    part: int
+    used: int
+    group: int  # blocks (reads) per window
+    seed: int
+    epoch: int
+
+    def _number(self, position: int) -> int:
+        """The block holding a global position, counted over passes."""
+        lap, p = divmod(position, self.blocks.total)
+        return lap * self.blocks.n + self.blocks.index(p)
+
+    def _start(self, number: int) -> int:
+        """Global position of block `number`'s first record."""
+        lap, k = divmod(number, self.blocks.n)
+        return lap * self.blocks.total + self.blocks.offset(k)
+
+    def windows_of(self, rank: int, a: int, b: int) -> tuple[int, int]:
+        first = rank * self.part
+        g0 = self._number(first)
+        return (self._number(first + a) - g0) // self.group, (
+            self._number(first + b - 1) - g0
+        ) // self.group + 1
+
+    def span(self, rank: int, i: int) -> tuple[int, int]:
+        first = rank * self.part
+        g = self._number(first) + i * self.group
+        start = 0 if i == 0 else self._start(g) - first
+        return start, min(self.used, self._start(g + self.group) - first)
+
+    def window(self, rank: int, i: int, lo: int, hi: int, seq: int) -> Window:
+        first = rank * self.part
+        start, end = self.span(rank, i)
+        g = self._number(first + start)
+        reads: list[Read] = []
+        while (at := self._start(g)) < first + end:
+            shard, offset, count = self.blocks.block(g % self.blocks.n)
+            a, b = max(at, first + start), min(at + count, first + end)
+            reads.append(Read(seq + len(reads), shard, offset + a - at, b - a))
+            g += 1
+        n = end - start
+        take = _rng(self.seed, self.epoch, 3, first + start).permutation(n).astype(np.intp)
+        return Window(reads, take if (lo, hi) == (start, end) else take[lo - start : hi - start])
+
+    def reads_in(self, rank: int, a: int, b: int) -> int:
+        first = rank * self.part
+        g0 = self._number(first)
+        end = self._number(first + self.used - 1) + 1
+        i0, i1 = self.windows_of(rank, a, b)
+        return min(g0 + i1 * self.group, end) - (g0 + i0 * self.group)
+
+
 class Windows(Sequence[Window]):
     """A plan's windows, worked out when looked at: the windows of some ranks' delivered
     records [a, b) of a `Grid`, in the order of `pieces` (rank, a, b), reads numbered
@@ -368,13 +472,13 @@ class Windows(Sequence[Window]):
 
     __slots__ = ("_grid", "_pieces", "_seqs", "_starts")
 
-    def __init__(self, grid: Grid, pieces: Sequence[tuple[int, int, int]]) -> None:
+    def __init__(self, grid: Grid | BlockGrid, pieces: Sequence[tuple[int, int, int]]) -> None:
         self._grid = grid
         self._pieces = tuple(pieces)
         self._starts = [0]  # windows before each piece
         self._seqs = [0]  # reads before each piece
         for rank, a, b in self._pieces:
-            i0, i1 = grid.windows_of(a, b)
+            i0, i1 = grid.windows_of(rank, a, b)
             self._starts.append(self._starts[-1] + i1 - i0)
             self._seqs.append(self._seqs[-1] + grid.reads_in(rank, a, b))
 
@@ -400,18 +504,19 @@ class Windows(Sequence[Window]):
             raise IndexError(f"window {i} of {n}")
         p = bisect.bisect_right(self._starts, i) - 1
         rank, a, b = self._pieces[p]
-        i0, _ = self._grid.windows_of(a, b)
+        i0, _ = self._grid.windows_of(rank, a, b)
         k = i0 + i - self._starts[p]
-        w = self._grid.width
-        seq = self._seqs[p] + (self._grid.reads_in(rank, a, k * w) if k > i0 else 0)
-        return self._grid.window(rank, k, max(a, k * w), min(b, (k + 1) * w), seq)
+        start, end = self._grid.span(rank, k)
+        seq = self._seqs[p] + (self._grid.reads_in(rank, a, start) if k > i0 else 0)
+        return self._grid.window(rank, k, max(a, start), min(b, end), seq)
 
     def __iter__(self) -> Iterator[Window]:
-        grid, w = self._grid, self._grid.width
+        grid = self._grid
         for (rank, a, b), seq in zip(self._pieces, self._seqs, strict=False):
-            i0, i1 = grid.windows_of(a, b)
+            i0, i1 = grid.windows_of(rank, a, b)
             for k in range(i0, i1):
-                window = grid.window(rank, k, max(a, k * w), min(b, (k + 1) * w), seq)
+                start, end = grid.span(rank, k)
+                window = grid.window(rank, k, max(a, start), min(b, end), seq)
                 seq += len(window.reads)
                 yield window
 

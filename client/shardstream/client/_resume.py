@@ -149,6 +149,7 @@ def resume_plan(
         batches=-(-n_slots // b),
         windows=Windows(grid, pieces),
         trailing_holes=n_slots - size,
+        read_records=int(read_records),
     )
 
 

@@ -22,6 +22,8 @@ from shardstream.client.errors import StateMismatchError
 VERSION = 1
 # Options that decide which records a rank gets: a state only fits the same ones.
 PLAN_KEYS = tuple(f.name for f in fields(PlanOptions))
+# Plan options added since version 1: a state saved before one existed means this value.
+ADDED_KEYS: dict[str, Any] = {"shuffle_reads": 0, "read_bytes": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class LoaderState:
                 "(shards or counts changed)"
             )
         for key in PLAN_KEYS:
-            if self.options.get(key) != options.get(key):
-                diffs.append(f"{key} {self.options.get(key)!r} vs {options.get(key)!r}")
+            saved = self.options.get(key, ADDED_KEYS.get(key))
+            if saved != options.get(key):
+                diffs.append(f"{key} {saved!r} vs {options.get(key)!r}")
         return diffs

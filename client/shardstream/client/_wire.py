@@ -196,6 +196,7 @@ def encode_read(
     seed: int,
     fingerprint: str,
     max_chunk_records: int,
+    epoch: int = 0,
 ) -> bytes:
     return pb.ReadRequest(
         dataset=dataset,
@@ -205,6 +206,7 @@ def encode_read(
         seed=seed,
         shard_fingerprint=fingerprint,
         max_chunk_records=max_chunk_records,
+        epoch=epoch,
     ).SerializeToString()
 
 

@@ -118,7 +118,7 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records")
+    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class ReadRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SHARD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     shard: str
     start: int
@@ -133,7 +134,8 @@ class ReadRequest(_message.Message):
     seed: int
     shard_fingerprint: str
     max_chunk_records: int
-    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("start", "count", "tensors", "shard")

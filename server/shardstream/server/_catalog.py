@@ -5,6 +5,13 @@ outside the data root is ever indexed or read: globs are relative, and files
 (or symlinks) resolving outside the root are refused. The data root is a local
 directory or an fsspec URL (see `_files`); a shard's path is a `Path` or its URL.
 
+A dataset with transforms (`DatasetSpec.transforms`) is read with its format's
+`encoded_format` decoder where it has one (wds: images as their encoded bytes);
+its schema is the chain's output, found by running the chain on the first record
+of the first non-empty shard (`_pipelines.probe_schema`, in a decoding process),
+and its fingerprint covers the chain, so workers running other transforms under
+the same name are refused by clients.
+
 Indexing a shard asks its decoder for the record count and schema (in a decoding
 process) and, at the same time, reads every byte for its content digest (threads
 of `_fingerprint.Digester`, or its cache); both must have seen the same file. A
@@ -22,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardstream.server._config import DatasetSpec
-from shardstream.server._decoders import ShardMeta, decoder_ref, format_for_path
+from shardstream.server._config import DatasetSpec, TransformSpec
+from shardstream.server._decoders import ShardMeta, decoder_class, decoder_ref, format_for_path
 from shardstream.server._decoding import decoder
 from shardstream.server._files import ShardPath, Stamp, glob_url, is_url, shard_stat, url_root
 from shardstream.server._fingerprint import (
@@ -34,6 +41,7 @@ from shardstream.server._fingerprint import (
     shard_fingerprint,
 )
 from shardstream.server._manifest import Manifest, check_dataset, load_manifest
+from shardstream.server._pipelines import Pipeline, pipeline_text, probe_schema
 from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
 from shardstream.v1.codec import FieldSpec, record_bytes
 
@@ -62,6 +70,9 @@ class Dataset:
     schema: tuple[FieldSpec, ...]
     fingerprint: str
     by_id: dict[str, Shard] = field(repr=False, compare=False)
+    # The transforms and the decoder's schema, when the dataset has transforms
+    # (`schema` is then their output); None: the decoder's records as they are.
+    pipeline: Pipeline | None = None
 
     @property
     def total_records(self) -> int:
@@ -85,6 +96,11 @@ class Indexed:
 
 
 IndexFn = Callable[[str, ShardPath], Awaitable[Indexed]]
+# Runs `probe_pipeline` (in a decoding process); None: in a thread.
+ProbeFn = Callable[
+    [str, ShardPath, tuple[FieldSpec, ...], tuple[TransformSpec, ...], str],
+    Awaitable[tuple[FieldSpec, ...]],
+]
 
 
 def index_shard(ref: str, path: ShardPath) -> Indexed:
@@ -92,6 +108,17 @@ def index_shard(ref: str, path: ShardPath) -> Indexed:
     stamp = shard_stat(path)
     meta = decoder(ref).index(path)
     return Indexed(meta, stamp)
+
+
+def probe_pipeline(
+    ref: str,
+    path: ShardPath,
+    schema: tuple[FieldSpec, ...],
+    transforms: tuple[TransformSpec, ...],
+    shard_id: str,
+) -> tuple[FieldSpec, ...]:
+    """The output schema of a chain of transforms (runs in a decoding process)."""
+    return probe_schema(decoder(ref), path, schema, transforms, shard_id)
 
 
 def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardPath]]:
@@ -131,6 +158,7 @@ async def build_dataset(
     max_record_bytes: int,
     digester: Digester,
     manifest: Manifest | None = None,
+    probe: ProbeFn | None = None,
 ) -> Dataset:
     files = await asyncio.to_thread(resolve_files, root, spec)
     formats = {spec.format or format_for_path(sid) for sid, _ in files}
@@ -140,7 +168,8 @@ async def build_dataset(
         )
     (fmt,) = formats
     try:
-        ref = decoder_ref(fmt)
+        encoded = decoder_class(fmt).encoded_format if spec.transforms else ""
+        ref = decoder_ref(encoded or fmt)
     except ValueError as exc:
         raise CatalogError(f"dataset {spec.name!r}: {exc}") from None
     progress = Progress(spec.name, len(files))
@@ -191,6 +220,10 @@ async def build_dataset(
             spec.name,
             "; ".join(skipped),
         )
+    pipeline = None
+    if spec.transforms:
+        pipeline = Pipeline(transforms=spec.transforms, input_schema=schema)
+        schema = await _probe(spec, ref, shards, schema, probe)
     if record_bytes(schema) > max_record_bytes:
         raise CatalogError(
             f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
@@ -202,13 +235,41 @@ async def build_dataset(
         decoder=ref,
         shards=shards,
         schema=schema,
-        fingerprint=dataset_fingerprint(shards, schema),
+        fingerprint=dataset_fingerprint(
+            shards, schema, "" if pipeline is None else pipeline_text(pipeline.transforms)
+        ),
         by_id={s.id: s for s in shards},
+        pipeline=pipeline,
     )
     if manifest is not None:
         check_dataset(ds, manifest)
         log.info("dataset %r matches the manifest %s", ds.name, manifest.path)
     return ds
+
+
+async def _probe(
+    spec: DatasetSpec,
+    ref: str,
+    shards: Sequence[Shard],
+    schema: tuple[FieldSpec, ...],
+    probe: ProbeFn | None,
+) -> tuple[FieldSpec, ...]:
+    """The output schema of the dataset's transforms, from its first record."""
+    first = next((s for s in shards if s.records), None)
+    if first is None:
+        raise CatalogError(
+            f"dataset {spec.name!r} has transforms but no records to find their output schema from"
+        )
+    try:
+        if probe is None:
+            return await asyncio.to_thread(
+                probe_pipeline, ref, first.path, schema, spec.transforms, first.id
+            )
+        return await probe(ref, first.path, schema, spec.transforms, first.id)
+    except DecodeError as exc:
+        raise CatalogError(
+            f"dataset {spec.name!r}: its transforms fail on record 0 of shard {first.id!r}: {exc}"
+        ) from None
 
 
 def _schema_difference(first: Sequence[FieldSpec], other: Sequence[FieldSpec]) -> str:
@@ -233,16 +294,25 @@ def _schema_difference(first: Sequence[FieldSpec], other: Sequence[FieldSpec]) -
     return (": " + "; ".join(notes) + hint) if notes else ""
 
 
-def dataset_fingerprint(shards: Sequence[Shard], schema: Sequence[FieldSpec]) -> str:
+def dataset_fingerprint(
+    shards: Sequence[Shard], schema: Sequence[FieldSpec], pipeline: str = ""
+) -> str:
+    """Of the shards, the schema served and the transforms (`pipeline_text`), if any."""
     h = hashlib.blake2b(digest_size=12)
     for s in shards:
         h.update(f"{s.id}\0{s.records}\0{s.fingerprint}\n".encode())
     h.update(";".join(map(str, schema)).encode())
+    if pipeline:
+        h.update(b"\0transforms\0" + pipeline.encode())
     return h.hexdigest()
 
 
 async def build_catalog(
-    root: Path | str, specs: Sequence[DatasetSpec], index: IndexFn, max_record_bytes: int
+    root: Path | str,
+    specs: Sequence[DatasetSpec],
+    index: IndexFn,
+    max_record_bytes: int,
+    probe: ProbeFn | None = None,
 ) -> Catalog:
     """Index every dataset: shards, counts, schema, content digests (cached where a spec
     names a cache directory), checked against a manifest where a spec names one."""
@@ -256,7 +326,7 @@ async def build_catalog(
         for spec in specs:
             manifest = None if spec.manifest is None else manifests[spec.manifest]
             datasets[spec.name] = await build_dataset(
-                root, spec, index, max_record_bytes, digester, manifest
+                root, spec, index, max_record_bytes, digester, manifest, probe
             )
     return Catalog(root=root, datasets=datasets)
 

@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from shardstream.server._security import ServerSecurity
 
 MiB = 1 << 20
 
-__all__ = ["DatasetSpec", "WorkerConfig"]
+__all__ = ["DatasetSpec", "TransformSpec", "WorkerConfig"]
+
+_RESERVED_PARAMS = ("record", "rng")  # what every transform gets besides its parameters
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransformSpec:
+    """One step of a dataset's pipeline: a callable named by import path, and its
+    parameters; called per record as `fn(record, rng, **params)` (see `_pipelines`)."""
+
+    fn: str  # "module:function", e.g. "shardstream.server.transforms:horizontal_flip"
+    # Keyword arguments (TOML values: numbers, strings, booleans, lists, tables); they
+    # are part of the dataset's fingerprint. Not hashed: lists are not hashable.
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        module, colon, name = self.fn.partition(":")
+        if not (module and colon and name) or any(c.isspace() for c in self.fn):
+            raise ValueError(
+                f'a transform is named "module:function", e.g. '
+                f'"shardstream.server.transforms:horizontal_flip", got {self.fn!r}'
+            )
+        if not isinstance(self.params, Mapping) or not all(isinstance(k, str) for k in self.params):
+            raise ValueError(f"transform {self.fn}: parameters must map names to values")
+        taken = sorted(set(self.params) & set(_RESERVED_PARAMS))
+        if taken:
+            raise ValueError(
+                f"transform {self.fn}: parameter(s) {taken} are taken (every transform is "
+                "called as fn(record, rng, **params))"
+            )
+        object.__setattr__(self, "params", dict(self.params))  # our own, picklable copy
+
+    def describe(self) -> dict[str, Any]:
+        """The step as one JSON-able table: {"fn": ..., **params}."""
+        return {"fn": self.fn, **self.params}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -25,8 +61,14 @@ class DatasetSpec:
     # A manifest (`shardstream index`) the shards must match, or start-up refuses;
     # None: none. WorkerConfig sets it from its `manifest`.
     manifest: Path | None = None
+    # Run per record after the decoder, in order, in the decoding processes: the
+    # dataset's records are what the last one returns (`_pipelines`); (): none.
+    transforms: tuple[TransformSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "transforms", tuple(self.transforms))
+        if not all(isinstance(t, TransformSpec) for t in self.transforms):
+            raise ValueError(f"dataset {self.name!r}: transforms must be TransformSpec objects")
         if not self.name or any(c in self.name for c in "=:/\0"):
             raise ValueError(f"dataset name must be non-empty without '=:/', got {self.name!r}")
         if not self.pattern:

@@ -118,6 +118,10 @@ class Decoder(abc.ABC):
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]] = ()
+    # A format reading the same shards that leaves media encoded (e.g. an image as its
+    # JPEG bytes), used instead of this one for a dataset with transforms, so that they
+    # get the encoded data; "": this format's records go to the transforms as they are.
+    encoded_format: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -4,6 +4,8 @@ Module-level functions only, so a spawn-started process pool can run them.
 Decoders are named by an importable "module:Class" reference, so a format
 registered in the parent also works in spawned processes. Each process keeps
 one instance per decoder (decoders cache per-shard state such as open files).
+A dataset with transforms passes its `Pipeline`: the decoder's records then go
+through the chain (`_pipelines`) and `schema` is the chain's output schema.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from shardstream._common.malloc import tune_malloc
 from shardstream.server._decoders import Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
+from shardstream.server._pipelines import Pipeline, run_pipeline
 from shardstream.server._shm import BlockHandle, attach, slot
 from shardstream.server._wire import encode_chunk, layout_chunk_into
 from shardstream.server.errors import ShardChanged
@@ -77,9 +78,11 @@ def read_chunk(
     count: int,
     schema: tuple[FieldSpec, ...],
     shard_id: str = "",
+    pipeline: Pipeline | None = None,
 ) -> bytes:
     """Decode records [start, start + count) of a shard into a serialized chunk."""
-    return encode_chunk(start, decode_checked(ref, path, stamp, start, count, schema), shard_id)
+    arrays = decode_checked(ref, path, stamp, start, count, schema, shard_id, pipeline)
+    return encode_chunk(start, arrays, shard_id)
 
 
 def read_chunk_into(
@@ -91,6 +94,7 @@ def read_chunk_into(
     count: int,
     schema: tuple[FieldSpec, ...],
     shard_id: str = "",
+    pipeline: Pipeline | None = None,
 ) -> int:
     """`read_chunk`, serialized into slot `index` of the shared memory (`_shm`); its size.
 
@@ -99,7 +103,11 @@ def read_chunk_into(
     check_unchanged(path, stamp)
     size, views = layout_chunk_into(slot(index), start, count, schema, shard_id)
     try:
-        decoder(ref).read_into(path, start, count, views, schema)
+        if pipeline is None:
+            decoder(ref).read_into(path, start, count, views, schema)
+        else:  # the chain writes each record's fields straight into the message
+            raw = decode_checked(ref, path, stamp, start, count, pipeline.input_schema)
+            run_pipeline(pipeline, raw, schema, start, count, shard_id, out=views)
     finally:
         views.clear()  # no array keeps the shared buffer exported
     return size
@@ -112,12 +120,18 @@ def decode_checked(
     start: int,
     count: int,
     schema: tuple[FieldSpec, ...],
-) -> Mapping[str, np.ndarray[Any, Any]]:
-    """Records [start, start + count) of an unchanged shard, checked against the schema."""
+    shard_id: str = "",
+    pipeline: Pipeline | None = None,
+) -> Mapping[str, Any]:
+    """Records [start, start + count) of an unchanged shard, checked against the schema
+    (through the pipeline, if any: its output is checked record by record)."""
     check_unchanged(path, stamp)
     arrays = decoder(ref).read(path, start, count)
-    check_arrays(arrays, schema, start, count)
-    return arrays
+    if pipeline is None:
+        check_arrays(arrays, schema, start, count)
+        return arrays
+    check_arrays(arrays, pipeline.input_schema, start, count)
+    return run_pipeline(pipeline, arrays, schema, start, count, shard_id)
 
 
 def check_unchanged(path: ShardPath, stamp: Stamp) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from shardstream.server._decoding import decode_checked
 from shardstream.server._files import ShardPath, Stamp
+from shardstream.server._pipelines import Pipeline
 from shardstream.server._wire import encode_chunk
 from shardstream.server.errors import DecodeError
 from shardstream.v1.codec import CHUNK_OVERHEAD, LENGTH_BYTES, FieldSpec
@@ -36,9 +37,10 @@ def read_ragged_chunks(
     shard_id: str,
     chunk_bytes: int,
     max_message_bytes: int,
+    pipeline: Pipeline | None = None,
 ) -> list[tuple[int, bytes]]:
     """Records [start, start + count) as serialized chunks: (records, message) each."""
-    arrays = decode_checked(ref, path, stamp, start, count, schema)
+    arrays = decode_checked(ref, path, stamp, start, count, schema, shard_id, pipeline)
     room = max_message_bytes - CHUNK_OVERHEAD - len(shard_id.encode())
     sizes = record_sizes(arrays, schema, count)
     out = []

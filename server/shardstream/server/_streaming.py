@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from typing import Any
 
 from shardstream.server._catalog import Dataset, Shard
@@ -87,15 +88,17 @@ class ChunkStreamer:
         starts = range(args.start, end, step)
         ragged = is_ragged(ds.schema)
         sizes = (self._config.chunk_bytes, self._config.max_message_bytes)
+        # The request's seed and epoch: what the transforms' randomness depends on.
+        chain = ds.pipeline and replace(ds.pipeline, seed=args.seed, epoch=args.epoch)
 
         def submit(s: int) -> asyncio.Future[Any]:
             submitted[0] = loop.time()
             job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema, shard.id)
             if ragged:  # chunks cut from actual bytes, returned as bytes (no shared memory)
-                return asyncio.ensure_future(self._decode_ragged((*job, *sizes)))
+                return asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
             if self._buffers is None:
-                return loop.run_in_executor(self._executor, read_chunk, *job)
-            return asyncio.ensure_future(self._decode_shared(self._buffers, job))
+                return loop.run_in_executor(self._executor, read_chunk, *job, chain)
+            return asyncio.ensure_future(self._decode_shared(self._buffers, (*job, chain)))
 
         submitted = [0.0]
         pending = submit(starts[0]) if starts else None
@@ -144,7 +147,7 @@ class ChunkStreamer:
         try:
             return await self._decode_into(buffers, job)
         except BrokenProcessPool as exc:  # its process died; it is dead and reaped by now
-            _, _, _, start, count, _, shard_id = job
+            _, _, _, start, count, _, shard_id, *_ = job
             raise ProcessDiedError(
                 f"shard {shard_id!r}, records {start}-{start + count - 1}: {exc}; resume the read",
                 shard=shard_id,

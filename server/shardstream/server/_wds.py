@@ -26,6 +26,12 @@ are read, and images of more than `SHARDSTREAM_MAX_IMAGE_PIXELS`
 before they are decoded. Pillow's own decompression-bomb check stays on, with
 its own limit (`PIL.Image.MAX_IMAGE_PIXELS`, which this module leaves alone:
 Pillow refuses images over twice it, ~179 Mpx by default).
+
+The format `wds-encoded` (`WdsEncodedDecoder`; never inferred from a suffix)
+reads the same shards but leaves each image as it is stored: `image` is a
+"bytes" field (the JPEG or PNG file). A wds dataset with transforms is read
+with it, so that the transforms decode and augment the image themselves
+(`shardstream.server.transforms.decode_image`, which checks the pixel limit).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import io
 import posixpath
 import tarfile
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
@@ -44,7 +50,7 @@ from shardstream.server._limits import MAX_IMAGE_PIXELS_ENV, env_int, max_image_
 from shardstream.v1.codec import FieldSpec
 from shardstream.v1.ragged import Ragged
 
-__all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder"]
+__all__ = ["MAX_IMAGE_BYTES_ENV", "SIZE_ENV", "WdsDecoder", "WdsEncodedDecoder"]
 
 SIZE_ENV = "SHARDSTREAM_WDS_SIZE"
 MAX_IMAGE_BYTES_ENV = "SHARDSTREAM_WDS_MAX_IMAGE_BYTES"
@@ -243,7 +249,9 @@ class WdsDecoder(Decoder):
     other members as string or bytes fields)."""
 
     name = "wds"
-    suffixes = (".tar",)
+    suffixes: ClassVar[tuple[str, ...]] = (".tar",)
+    encoded_format = "wds-encoded"
+    encoded: ClassVar[bool] = False  # True: `image` is the stored file's bytes, not decoded
 
     def __init__(self) -> None:
         self.size = env_int(SIZE_ENV, 224, 8192)
@@ -254,8 +262,13 @@ class WdsDecoder(Decoder):
     def index(self, path: ShardPath) -> ShardMeta:
         _pillow()  # refuse at start-up, not at the first read, when Pillow is missing
         idx = self._index(path)
+        image = (
+            FieldSpec(name="image", dtype="bytes", shape=())
+            if self.encoded
+            else FieldSpec(name="image", dtype="uint8", shape=(self.size, self.size, 3))
+        )
         schema: tuple[FieldSpec, ...] = (
-            FieldSpec(name="image", dtype="uint8", shape=(self.size, self.size, 3)),
+            image,
             FieldSpec(name="label", dtype="int64", shape=()),
         )
         if idx.has_id:
@@ -266,7 +279,7 @@ class WdsDecoder(Decoder):
     def read(self, path: ShardPath, start: int, count: int) -> dict[str, Any]:
         if start < 0 or count < 0:
             raise ValueError(f"`start` and `count` must be non-negative, got {start} and {count}")
-        image = _pillow()
+        image = None if self.encoded else _pillow()
         idx = self._index(path)
         if start + count > len(idx.keys):
             raise DecodeError(
@@ -275,15 +288,16 @@ class WdsDecoder(Decoder):
                 record=max(start, len(idx.keys)),
             )
         s = self.size
-        out: dict[str, np.ndarray[Any, Any]] = {
-            "image": np.empty((count, s, s, 3), np.uint8),
-            "label": np.empty(count, np.int64),
-        }
+        out: dict[str, np.ndarray[Any, Any]] = {"label": np.empty(count, np.int64)}
+        if not self.encoded:
+            out["image"] = np.empty((count, s, s, 3), np.uint8)
         if idx.has_id:
             out["id"] = np.empty(count, np.int64)
         texts: dict[str, list[bytes]] = {e: [] for e in idx.extras}
+        if self.encoded:
+            texts["image"] = []
         if not count:
-            return {**out, **{e: Ragged.from_bytes([]) for e in idx.extras}}
+            return {**out, **{e: Ragged.from_bytes([]) for e in texts}}
         with open_shard(path) as f:
             for i in range(count):
                 record = start + i
@@ -313,16 +327,10 @@ class WdsDecoder(Decoder):
                             record=record,
                         )
                 data = _read_at(f, img_at, img_size, where, record)
-                try:
-                    pixels = self.max_image_pixels
-                    out["image"][i] = _decode_image(image, data, s, pixels, where, record)
-                except DecodeError:
-                    raise
-                except Exception as e:  # anything Pillow raises means an undecodable image
-                    # (its DecompressionBombError, or its Warning when warnings are errors)
-                    raise DecodeError(
-                        f"{where}: cannot decode its image: {type(e).__name__}: {e}", record=record
-                    ) from None
+                if self.encoded:
+                    texts["image"].append(data)
+                else:
+                    out["image"][i] = self._decoded(image, data, where, record)
                 label = _read_at(f, cls_at, cls_size, where, record)
                 out["label"][i] = _integer(label, f"{where}: its .cls member", record)
                 if idx.has_id:
@@ -330,8 +338,29 @@ class WdsDecoder(Decoder):
                     out["id"][i] = _integer(text, f"{where}: its .id member", record)
         return {**out, **{e: Ragged.from_bytes(items) for e, items in texts.items()}}
 
+    def _decoded(self, image: Any, data: bytes, where: str, record: int) -> np.ndarray[Any, Any]:
+        try:
+            return _decode_image(image, data, self.size, self.max_image_pixels, where, record)
+        except DecodeError:
+            raise
+        except Exception as e:  # anything Pillow raises means an undecodable image
+            # (its DecompressionBombError, or its Warning when warnings are errors)
+            raise DecodeError(
+                f"{where}: cannot decode its image: {type(e).__name__}: {e}", record=record
+            ) from None
+
     def _index(self, path: ShardPath) -> _Index:
         return self._indexes.get(path)
+
+
+@register_decoder
+class WdsEncodedDecoder(WdsDecoder):
+    """`WdsDecoder` with each image as its stored bytes (for transforms to decode)."""
+
+    name = "wds-encoded"
+    suffixes = ()
+    encoded_format = ""
+    encoded = True
 
 
 def _extra_dtype(ext: str) -> str:

@@ -184,6 +184,7 @@ class ReadArgs:
     seed: int = 0
     shard_fingerprint: str = ""
     max_chunk_records: int = 0
+    epoch: int = 0  # with `seed`: what a dataset's per-record randomness depends on
 
 
 # Requests are decoded by the handlers, not by gRPC: bytes that do not parse become
@@ -223,6 +224,7 @@ def decode_read(data: bytes) -> ReadArgs:
         seed=r.seed,
         shard_fingerprint=_bounded("shard fingerprint", r.shard_fingerprint, MAX_FINGERPRINT_BYTES),
         max_chunk_records=r.max_chunk_records,
+        epoch=r.epoch,
     )
 
 

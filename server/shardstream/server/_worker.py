@@ -26,8 +26,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shardstream.server._catalog import Indexed, build_catalog, index_shard
-from shardstream.server._config import WorkerConfig
+from shardstream.server._catalog import Indexed, build_catalog, index_shard, probe_pipeline
+from shardstream.server._config import TransformSpec, WorkerConfig
 from shardstream.server._decoders import register_plugins
 from shardstream.server._decoding import process_init
 from shardstream.server._files import ShardPath
@@ -37,6 +37,7 @@ from shardstream.server._security import RequestGuard
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._wire import SERVICE, service_handler
+from shardstream.v1.codec import FieldSpec
 
 log = logging.getLogger("shardstream.worker")
 
@@ -225,10 +226,21 @@ class Worker:
         async def index(ref: str, path: ShardPath) -> Indexed:
             return await loop.run_in_executor(executor, index_shard, ref, path)
 
+        async def probe(
+            ref: str,
+            path: ShardPath,
+            schema: tuple[FieldSpec, ...],
+            transforms: tuple[TransformSpec, ...],
+            shard_id: str,
+        ) -> tuple[FieldSpec, ...]:
+            return await loop.run_in_executor(
+                executor, probe_pipeline, ref, path, schema, transforms, shard_id
+            )
+
         t0 = time.perf_counter()
         try:
             catalog = await build_catalog(
-                cfg.data_root, cfg.datasets, index, cfg.max_message_bytes - 1024
+                cfg.data_root, cfg.datasets, index, cfg.max_message_bytes - 1024, probe
             )
         except BaseException:
             await self.aclose()

@@ -4,7 +4,8 @@ Every flag has an environment variable (SHARDSTREAM_<FLAG>), which is how the
 docker image is configured; flags win over the environment. A variable is read
 as the default of its flag, so a malformed one (SHARDSTREAM_PORT=abc, or set but
 empty) is a one-line usage error naming it (exit status 2) when it is used, never
-for --help or another command.
+for --help or another command. Datasets with transforms are configured in a TOML
+file (`--config FILE`, see `_configfile`); flags and variables still work beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import NoReturn, TypeVar
 from shardstream._common import run_async, tune_malloc
 from shardstream.server._catalog import index_in_threads
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
+from shardstream.server._configfile import load_config_file
 from shardstream.server._decoders import register_plugins
 from shardstream.server._files import is_url
 from shardstream.server._manifest import manifest_of, manifest_text
@@ -168,6 +170,15 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument(
+        "--config",
+        type=_PATH,
+        default=_env("CONFIG"),
+        metavar="FILE",
+        help="TOML file: data_root, decoders and [datasets.NAME] tables (shards, format, "
+        "transforms); --data-root wins over its data_root, --dataset adds datasets "
+        "[SHARDSTREAM_CONFIG]",
+    )
+    p.add_argument(
         "--manifest",
         type=_PATH,
         default=_env("MANIFEST"),
@@ -274,10 +285,10 @@ def _specs(args: argparse.Namespace) -> tuple[DatasetSpec, ...]:
     return tuple(specs)
 
 
-def _data_root(args: argparse.Namespace) -> str:
-    if args.data_root is None:
+def _data_root(args: argparse.Namespace, default: str | None = None) -> str:
+    if args.data_root is None and default is None:
         raise ValueError("--data-root is required (or SHARDSTREAM_DATA_ROOT)")
-    return str(args.data_root)
+    return str(args.data_root if args.data_root is not None else default)
 
 
 def _cache_dir(args: argparse.Namespace) -> Path | None:
@@ -298,10 +309,11 @@ def _decoders(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    data_root = _data_root(args)
+    file = None if args.config is None else load_config_file(args.config)
+    data_root = _data_root(args, None if file is None else file.data_root)
     return WorkerConfig(
         data_root=data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
-        datasets=_specs(args),
+        datasets=(() if file is None else file.datasets) + _specs(args),
         host=args.host,
         port=args.port,
         processes=args.processes,
@@ -313,7 +325,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_connections=args.max_connections,
         max_streams_per_connection=args.max_streams_per_connection,
         idle_connection_timeout=args.idle_connection_timeout,
-        decoders=_decoders(args),
+        decoders=(() if file is None else file.decoders) + _decoders(args),
         metrics_port=args.metrics_port,
         cache_dir=_cache_dir(args),
         manifest=args.manifest,
