@@ -157,34 +157,46 @@ class Worker:
         return listen_address(self.config.host, self.port)
 
     async def start(self) -> None:
+        """Decoding pool, then the gRPC server (NOT_SERVING), then indexing, then SERVING."""
         if self._state != "new":
             raise RuntimeError(f"the worker cannot start: it is {self._state}")
         self._state = "starting"
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        plugins = register_plugins(cfg.decoders)
+        plugins = register_plugins(self.config.decoders)
         if plugins:
             log.info("plug-in formats: %s", ", ".join(plugins))
-        if cfg.processes:
-            # Chunks come back through shared memory, a few per process (see `_shm`).
-            self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
-            pool = DecodingPool(
-                cfg.processes,
-                initializer=process_init,
-                initargs=(os.getpid(), self._buffers.handle()),
-                on_failure=lambda exc: loop.call_soon_threadsafe(self._pool_failed, exc),
-            )
-            self._executor = pool
-            try:
-                pids = await loop.run_in_executor(None, pool.start)
-            except BaseException:
-                await self.aclose()
-                raise
-            log.debug("decoding processes: %s", sorted(pids))
-        else:
+        await self._start_decoding()
+        await self._start_server()
+        await self._index()
+
+    async def _start_decoding(self) -> None:
+        """Decoding processes (spawned, before gRPC runs) or threads."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if not cfg.processes:
             self._executor = ThreadPoolExecutor(
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shardstream-decode"
             )
+            return
+        # Chunks come back through shared memory, a few per process (see `_shm`).
+        self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
+        pool = DecodingPool(
+            cfg.processes,
+            initializer=process_init,
+            initargs=(os.getpid(), self._buffers.handle()),
+            on_failure=lambda exc: loop.call_soon_threadsafe(self._pool_failed, exc),
+        )
+        self._executor = pool
+        try:
+            pids = await loop.run_in_executor(None, pool.start)
+        except BaseException:
+            await self.aclose()
+            raise
+        log.debug("decoding processes: %s", sorted(pids))
+
+    async def _start_server(self) -> None:
+        """The gRPC server on its port, health NOT_SERVING until indexing is done."""
+        cfg = self.config
+        assert self._executor is not None
         security = cfg.security.load()  # reads the TLS files and token once
         metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
@@ -221,7 +233,12 @@ class Worker:
             len(cfg.datasets),
         )
 
-        executor = self._executor
+    async def _index(self) -> None:
+        """Index every dataset in the decoding pool, then report SERVING."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        executor, servicer = self._executor, self._servicer
+        assert executor is not None and servicer is not None
 
         async def index(ref: str, path: ShardPath) -> Indexed:
             return await loop.run_in_executor(executor, index_shard, ref, path)
@@ -245,7 +262,7 @@ class Worker:
         except BaseException:
             await self.aclose()
             raise
-        self._servicer.catalog = catalog
+        servicer.catalog = catalog
         for ds in catalog.datasets.values():
             log.info(
                 "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s",
