@@ -139,7 +139,12 @@ async def test_kill_9_one_of_three_workers(root: Path) -> None:
     assert_exactly_once(out, 0)
     for r in range(WORLD):
         assert np.array_equal(out[(r, 0)], reference[(r, 0)])  # order as if nothing happened
-    assert loaders[0].statistics().resumes_by_worker.get(victim.address, 0) >= 1
+    # The kill hit the fleet: a read was resumed elsewhere, or (on a loaded machine the
+    # stream in flight can have been received whole just before the kill) the loader saw
+    # the worker gone and gave it no more reads.
+    (conn,) = [c for c in loaders[0]._pool.conns if c.address == victim.address]  # type: ignore[union-attr]
+    resumed = loaders[0].statistics().resumes_by_worker.get(victim.address, 0)
+    assert resumed >= 1 or (not conn.serving and conn.last_error), (resumed, conn)
 
 
 async def test_kill_all_workers_and_restart_them_on_the_same_ports(root: Path) -> None:
