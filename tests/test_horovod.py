@@ -9,7 +9,6 @@ exactly the rest. Horovod is built from source: `bash scripts/install-horovod.sh
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -20,12 +19,24 @@ from typing import Any
 
 import pytest
 
-from shardstream.client import SyncLoader
-from shardstream.server import make_dataset
 from shardstream.server._process import WorkerProcess
 
-from conftest import worker_processes
+from example_traces import (
+    BATCH,
+    EPOCHS,
+    RECORDS,
+    STEPS,
+    example_workers,
+    read_trace,
+    reference,
+)
 from test_examples import json_objects
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
+    with example_workers(tmp_path_factory) as procs:
+        yield procs
 
 
 def horovodrun() -> str | None:
@@ -45,19 +56,6 @@ pytestmark = [
 ]
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_torch_horovod.py"
-RECORDS = 1_001  # not divisible by 2 ranks: one record is left out per epoch
-BATCH = 32
-EPOCHS = 2
-STEPS = -(-(RECORDS // 2) // BATCH)  # 16, the last batch 20 records
-PLAN = {"batch_size": BATCH, "seed": 1, "shuffle": True}  # the example's
-
-
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
-    root = tmp_path_factory.mktemp("horovod-data")
-    make_dataset(root, shards=6, records=RECORDS, shape=(8, 8, 3))
-    with worker_processes(root, 2) as procs:
-        yield procs
 
 
 def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[str, Any]]:
@@ -73,22 +71,6 @@ def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[st
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     # horovodrun prefixes each line with "[rank]<stdout>:"
     return [x for x in json_objects(r.stdout) if "rank" in x]
-
-
-def read_trace(folder: Path, rank: int) -> list[tuple[int, int, list[int]]]:
-    lines = (folder / f"rank-{rank:05d}.jsonl").read_text().splitlines()
-    return [(s["epoch"], s["step"], s["ids"]) for s in map(json.loads, lines)]
-
-
-def reference(workers: list[WorkerProcess], rank: int) -> list[tuple[int, int, list[int]]]:
-    """What one rank gets from a plain SyncLoader with the example's options."""
-    out = []
-    with SyncLoader([w.address for w in workers], dataset="train", rank=rank, world_size=2,
-                    **PLAN) as loader:  # fmt: skip
-        for epoch in range(EPOCHS):
-            for step, batch in enumerate(loader.epoch(epoch), 1):
-                out.append((epoch, step, batch["id"].tolist()))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shardstream.client import Loader, SyncLoader
-from shardstream.server import make_dataset
+from shardstream.client import Loader
 from shardstream.server._process import WorkerProcess
 
-from conftest import collect_epoch, running_workers, worker_processes
+from conftest import collect_epoch, running_workers
+from example_traces import (
+    BATCH,
+    EPOCHS,
+    RECORDS,
+    STEPS,
+    example_workers,
+    read_trace,
+    reference,
+)
 from test_examples import json_objects
 
 pytestmark = pytest.mark.skipif(
@@ -34,13 +42,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_jax.py"
-RECORDS = 1_001  # not divisible by 2 ranks: one record is left out per epoch
-BATCH = 32
-EPOCHS = 2
-STEPS = -(-(RECORDS // 2) // BATCH)  # 16, the last batch 20 records
-# The example's own options, which the reference loader below must share.
-PLAN = {"batch_size": BATCH, "seed": 1, "shuffle": True}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
+    with example_workers(tmp_path_factory) as procs:
+        yield procs
 
 
 def free_port() -> int:
@@ -179,14 +187,6 @@ def test_rank_from_jax_distributed_without_starting_a_backend() -> None:
 # ---- the example ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
-    root = tmp_path_factory.mktemp("jax-data")
-    make_dataset(root, shards=6, records=RECORDS, shape=(8, 8, 3))
-    with worker_processes(root, 2) as procs:
-        yield procs
-
-
 def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[str, Any]]:
     """Both processes of one run of the example; their JSON lines."""
     addresses = ",".join(w.address for w in workers)
@@ -203,22 +203,6 @@ def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[st
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-2000:] + err[-4000:]
     return [x for out, _ in outs for x in json_objects(out)]
-
-
-def read_trace(folder: Path, rank: int) -> list[tuple[int, int, list[int]]]:
-    lines = (folder / f"rank-{rank:05d}.jsonl").read_text().splitlines()
-    return [(s["epoch"], s["step"], s["ids"]) for s in map(json.loads, lines)]
-
-
-def reference(workers: list[WorkerProcess], rank: int) -> list[tuple[int, int, list[int]]]:
-    """What one rank gets from a plain SyncLoader with the example's options."""
-    out = []
-    with SyncLoader([w.address for w in workers], dataset="train", rank=rank, world_size=2,
-                    **PLAN) as loader:  # fmt: skip
-        for epoch in range(EPOCHS):
-            for step, batch in enumerate(loader.epoch(epoch), 1):
-                out.append((epoch, step, batch["id"].tolist()))
-    return out
 
 
 @pytest.fixture(scope="module")
