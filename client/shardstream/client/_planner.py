@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from shardstream.client._blocks import BlockLayout
 Remainder = Literal["drop", "pad"]
 
 SEED_LIMIT = 1 << 64  # seeds travel as uint64 on the wire
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,7 +300,31 @@ class Layout:
                 yield base + s
 
 
-class ReadRun(Sequence[Read]):
+class _Lazy(Sequence[T]):
+    """A sequence whose items are computed when asked for: subclasses give `__len__`
+    and `_item(i)` for 0 <= i < len; indexing (negative too) and slices come from here."""
+
+    _what = "item"
+
+    def _item(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[T, ...]: ...
+    def __getitem__(self, i: int | slice) -> T | tuple[T, ...]:
+        if isinstance(i, slice):
+            return tuple(self._item(j) for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self._what} {i} of {n}")
+        return self._item(i)
+
+
+class ReadRun(_Lazy[Read]):
     """The reads of global positions [origin + lo, origin + hi), worked out on demand:
     a read breaks at shard ends and every `limit` records counted from `origin`; the
     first is the plan's `seq`-th read."""
@@ -320,18 +347,9 @@ class ReadRun(Sequence[Read]):
     def __len__(self) -> int:
         return self._prefix[-1]
 
-    @overload
-    def __getitem__(self, i: int) -> Read: ...
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Read, ...]: ...
-    def __getitem__(self, i: int | slice) -> Read | tuple[Read, ...]:
-        if isinstance(i, slice):
-            return tuple(self[j] for j in range(*i.indices(len(self))))
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"read {i} of {n}")
+    _what = "read"
+
+    def _item(self, i: int) -> Read:
         k = bisect.bisect_right(self._prefix, i) - 1
         return self._read(k, i - self._prefix[k], i)
 
@@ -465,7 +483,7 @@ class BlockGrid:
         return min(g0 + i1 * self.group, end) - (g0 + i0 * self.group)
 
 
-class Windows(Sequence[Window]):
+class Windows(_Lazy[Window]):
     """A plan's windows, worked out when looked at: the windows of some ranks' delivered
     records [a, b) of a `Grid`, in the order of `pieces` (rank, a, b), reads numbered
     on. A piece never merges with the next, even where they meet."""
@@ -490,18 +508,9 @@ class Windows(Sequence[Window]):
         """How many reads the windows have."""
         return self._seqs[-1]
 
-    @overload
-    def __getitem__(self, i: int) -> Window: ...
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Window, ...]: ...
-    def __getitem__(self, i: int | slice) -> Window | tuple[Window, ...]:
-        if isinstance(i, slice):
-            return tuple(self[j] for j in range(*i.indices(len(self))))
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"window {i} of {n}")
+    _what = "window"
+
+    def _item(self, i: int) -> Window:
         p = bisect.bisect_right(self._starts, i) - 1
         rank, a, b = self._pieces[p]
         i0, _ = self._grid.windows_of(rank, a, b)
