@@ -16,6 +16,8 @@ COLUMNS = (  # key, header, format
     ("records_per_s", "records/s", "{:,.0f}"),
     ("mb_per_s", "MB/s", "{:,.0f}"),
     ("client_cpu_s_per_gb", "client CPU s/GB", "{:.2f}"),
+    ("server_cpu_s_per_gb", "server CPU s/GB", "{:.2f}"),
+    ("decoding_cpu_s_per_gb", "decoding CPU s/GB", "{:.2f}"),
     ("total_cpu_s_per_gb", "all CPU s/GB", "{:.2f}"),
     ("client_rss_mb", "client RSS MB", "{:.0f}"),
     ("worker_rss_mb", "workers RSS MB", "{:.0f}"),

@@ -78,6 +78,7 @@ class Config:
     torch_workers: tuple[int, ...] = (0, 2)
     zmq_procs: tuple[int, ...] = (2,)
     ss_api: str = "sync"  # shardstream client: "sync" (SyncLoader) or "async" (Loader)
+    lanes: tuple[str, ...] = ("local", "tcp")  # shardstream: with the same-host lane, without
     loader_opts: tuple[tuple[str, Any], ...] = ()  # `--config "opt.KEY=VALUE"`: Loader options
 
     def data(self) -> DataSpec:
@@ -113,10 +114,11 @@ class Instance:
     system: str
     workers: int = 0  # shardstream workers / torch num_workers / zmq processes
     ranks: int = 1
+    lane: bool = True  # shardstream: the same-host lane where it applies ("local"), or not
 
     def label(self) -> str:
         if self.system == "shardstream":
-            return f"shardstream w{self.workers} r{self.ranks}"
+            return f"shardstream {'local' if self.lane else 'tcp'} w{self.workers} r{self.ranks}"
         if self.system == "torch":
             return f"torch nw{self.workers}"
         if self.system == "zmq":
@@ -130,7 +132,8 @@ def instances(cfg: Config, available: dict[str, str | None]) -> list[Instance]:
         if available.get(system):
             continue
         if system == "shardstream":
-            out += [Instance(system, w, r) for w in cfg.workers for r in cfg.ranks]
+            out += [Instance(system, w, r, lane == "local")
+                    for lane in cfg.lanes for w in cfg.workers for r in cfg.ranks]  # fmt: skip
         elif system == "torch":
             out += [Instance(system, n) for n in cfg.torch_workers]
         elif system == "zmq":
@@ -359,6 +362,8 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
     tag = f"run{ctx.run_index:03d}"
     logs = ctx.logs
     loader_opts = {**dict(args.loader_opt), **dict(cfg.loader_opts)}
+    if inst.system == "shardstream" and not inst.lane:
+        loader_opts["same_host_lane"] = False
     chunk_bytes = int(loader_opts.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     chunk = chunk_records(data.record_bytes, cfg.batch_size, chunk_bytes)
     result: dict[str, Any] = {
@@ -449,6 +454,7 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
                 peaks[int(pid)] = max(peaks.get(int(pid), 0), hwm or 0)
         result.update(aggregate(parts, data, worker_cpu, peaks, set(client_pids)))
         result["worker_threads_cpu_s"] = worker_threads  # producers started by the runner
+        result.update(cpu_split(worker_threads, parts, result["bytes"]))
         if inst.system in DATA_SYSTEMS:
             world = inst.ranks
             eo = check_exactly_once(ids, data.records, world)
@@ -511,6 +517,19 @@ def aggregate(
     }
 
 
+def cpu_split(
+    worker_threads: dict[str, float], parts: list[dict[str, Any]], nbytes: int
+) -> dict[str, float]:
+    """CPU s/GB of the serving processes themselves (shardstream's worker servers, the bare
+    senders) and of the processes that decode for them (shardstream's decoding processes;
+    torch's and ZeroMQ's forked workers), beside the client's."""
+    gb = nbytes / GB if nbytes else math.nan
+    server = sum(v for k, v in worker_threads.items() if k.startswith("main:"))
+    decoding = sum(v for k, v in worker_threads.items() if k.startswith("child:"))
+    decoding += sum(p["children_cpu_s"] for p in parts)
+    return {"server_cpu_s_per_gb": server / gb, "decoding_cpu_s_per_gb": decoding / gb}
+
+
 def _sum_dicts(dicts: Iterator[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for d in dicts:
@@ -550,6 +569,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--workers", type=_ints, default=[1, 2], help="shardstream workers (1,2)")
     s.add_argument("--ranks", type=_ints, default=[1, 2], help="shardstream ranks (1,2)")
     s.add_argument("--processes", type=int, default=1, help="decoding processes per worker")
+    s.add_argument(
+        "--lanes", default="local,tcp",
+        help="shardstream rows: 'local' (the same-host lane, the default where it applies), "
+        "'tcp' (same_host_lane=False: every byte over the socket); default both",
+    )  # fmt: skip
     s.add_argument("--torch-workers", type=_ints, default=[0, 2], help="num_workers (0,2)")
     s.add_argument("--zmq-procs", type=_ints, default=[2], help="ZeroMQ producers (2)")
     s.add_argument("--zmq-hwm", type=int, default=50, help="ZeroMQ high-water mark (50)")
@@ -638,7 +662,7 @@ def configs_from(args: argparse.Namespace) -> list[Config]:
         systems=tuple(s for s in args.systems.split(",") if s),
         workers=tuple(args.workers), ranks=tuple(args.ranks), processes=args.processes,
         torch_workers=tuple(args.torch_workers), zmq_procs=tuple(args.zmq_procs),
-        ss_api=args.ss_api,
+        ss_api=args.ss_api, lanes=tuple(args.lanes.split(",")),
     )  # fmt: skip
     for system in base.systems:
         if system not in ALL_SYSTEMS:
@@ -670,7 +694,7 @@ def override(base: Config, text: str) -> Config:
             changes[key] = _shape(value)
         elif key in ("workers", "ranks", "torch_workers", "zmq_procs"):
             changes[key] = tuple(_ints(value))
-        elif key == "systems":
+        elif key in ("systems", "lanes"):
             changes[key] = tuple(s for s in value.split(",") if s)
         elif key in ("shards", "records_per_shard", "batch_size", "work", "processes"):
             changes[key] = int(value)

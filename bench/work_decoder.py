@@ -73,6 +73,12 @@ class WorkNpz(NpzDecoder):
         if self.work > 0 and "image" in out:
             out["image"][...] = apply_work(out["image"], self.work)
 
+    def byte_ranges(
+        self, path: Path, start: int, count: int
+    ) -> Mapping[str, tuple[int, int]] | None:
+        """Without work the records are the file's bytes: the worker reads them directly."""
+        return self.stored_ranges(path, start, count) if self.work <= 0 else None
+
     def read(self, path: Path, start: int, count: int) -> Mapping[str, np.ndarray[Any, Any]]:
         arrays = dict(super().read(path, start, count))
         if self.work > 0 and "image" in arrays:

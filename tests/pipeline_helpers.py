@@ -1,4 +1,4 @@
-"""Transforms for tests/test_pipelines.py (imported by workers by "module:function")."""
+"""Transforms for the pipeline tests (imported by workers by "module:function")."""
 
 from __future__ import annotations
 
@@ -17,4 +17,11 @@ def explode(record: dict[str, Any], rng: np.random.Generator, *, at: int) -> dic
 def uneven(record: dict[str, Any], rng: np.random.Generator, *, at: int) -> dict[str, Any]:
     """Give the record whose id is `at` a longer `extra` field than the others."""
     record["extra"] = np.zeros(3 if int(record["id"]) == at else 2, np.float32)
+    return record
+
+
+def varying(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Give each record `tokens`: id % 5 + 1 int32 values (a length that varies)."""
+    n = int(record["id"]) % 5 + 1
+    record["tokens"] = np.arange(n, dtype=np.int32)
     return record

@@ -41,7 +41,9 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in lines]
     stdout_rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert rows == stdout_rows
-    expected = {"shardstream w1 r1", "shardstream w1 r2", "plain", "grpc_wire", "tcp_wire"}
+    expected = {"plain", "grpc_wire", "tcp_wire"} | {
+        f"shardstream {lane} w1 r{ranks}" for lane in ("local", "tcp") for ranks in (1, 2)
+    }
     for system, row in (("torch", "torch nw0"), ("zmq", "zmq p1")):  # optional packages
         if f"note: {system}: skipped" not in proc.stderr:
             expected.add(row)
@@ -61,8 +63,12 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
             assert r["bytes"] == 303 * (16 + 8 * 8 * 3)
     shardstream = [r for r in rows if r["family"] == "shardstream"]
     assert all(r["worker_rss_mb"] > 0 and r["worker_processes"] >= 2 for r in shardstream)
+    for r in rows:  # the CPU split: client, serving processes, decoding processes
+        assert r["server_cpu_s_per_gb"] >= 0 and r["decoding_cpu_s_per_gb"] >= 0
     table = (out / "results.md").read_text()
-    assert "| shardstream w1 r2 | yes 1/1 |" in table
+    assert "| shardstream local w1 r2 | yes 1/1 |" in table
+    assert "| shardstream tcp w1 r2 | yes 1/1 |" in table
+    assert "server CPU s/GB" in table
     assert "MB/s ÷ raw TCP" in table
 
 

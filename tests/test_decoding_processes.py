@@ -51,8 +51,13 @@ OPTIONS = {
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards whose members are deflated: every chunk is decoded in a decoding process
+    (stored members would be read directly by the server process: `_direct`)."""
     root = tmp_path_factory.mktemp("decoding")
-    make_dataset(root, shards=6, records=RECORDS, shape=(16, 16, 3))
+    for path in make_dataset(root, shards=6, records=RECORDS, shape=(16, 16, 3)):
+        with np.load(path) as npz:
+            arrays = dict(npz)
+        np.savez_compressed(path, **arrays)
     return root
 
 
@@ -237,7 +242,7 @@ async def test_a_worker_whose_decoding_processes_cannot_be_replaced_stops(
 ) -> None:
     """If a dead decoding process cannot be replaced, the worker says NOT_SERVING and
     stops, and `wait_closed` raises (the CLI exits non-zero, to be restarted)."""
-    async with running_workers(npz_root, 1, processes=1) as (w,):
+    async with running_workers(npz_root, 1, processes=1, direct_reads=False) as (w,):
         pool = w._executor
         assert isinstance(pool, DecodingPool)
 

@@ -22,8 +22,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
+DOCKERIGNORE = DOCKER / "Dockerfile.dockerignore"
+INSTALL_SCRIPT = DOCKER / "install-worker.sh"
 COMPOSE = DOCKER / "compose.yaml"
 K8S = DOCKER / "k8s"
+# What the image promises a worker supports, and what each extra must bring.
+IMAGE_EXTRAS = {
+    "metrics": {"prometheus-client"},
+    "wds": {"pillow"},
+    "parquet": {"pyarrow"},
+    "fsspec": {"fsspec"},
+    "cloud": {"s3fs", "gcsfs"},
+}
 K8S_VERSION = "1.31.0"
 PORT = 50051
 INSTALL_HINT = "install the dev extras: pip install -e '.[dev]'"
@@ -123,10 +133,16 @@ def test_dockerfile_structure() -> None:
     stages = _stages()
     assert len(stages) >= 2, "the Dockerfile must be multi-stage"
     args = dict(a.partition("=")[::2] for k, a in _instructions() if k == "ARG" and "=" in a)
+    bases = set()
     for stage in stages:
         base = stage[0][1].split()[0]
         base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), base
+        # An exact version and the digest: a tag alone is re-pushed with Debian updates.
+        pinned = re.fullmatch(r"(python:3\.11\.\d+-slim-\w+)@(sha256:[0-9a-f]{64})", base)
+        assert pinned, f"base image {base!r} must be pinned as python:3.11.N-slim-DIST@sha256:..."
+        bases.add(pinned.groups())
+    assert len(bases) == 1, f"the stages use different base images: {bases}"
+    [(tag, digest)] = bases
     runtime = stages[-1]
     final = {k: a for k, a in runtime}  # last of each instruction wins, as in Docker
 
@@ -158,14 +174,72 @@ def test_dockerfile_structure() -> None:
     labels = " ".join(a for k, a in runtime if k == "LABEL")
     for label in ("title", "description", "version", "revision", "licenses"):
         assert f"org.opencontainers.image.{label}=" in labels, f"OCI label {label} missing"
+    assert f'org.opencontainers.image.base.name="docker.io/library/{tag}"' in labels
+    assert f'org.opencontainers.image.base.digest="{digest}"' in labels
 
     runs = " ".join(a for k, a in runtime if k == "RUN")
-    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip wheel"):
+    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip "):
         assert tool not in runs, f"runtime stage runs {tool!r}"
-    assert "--no-index" in runs and ".whl" in runs, "runtime installs only the built wheels"
+    for stage in stages:  # the script's pip keeps no cache in the image
+        assert _env_of(stage)["PIP_NO_CACHE_DIR"] == "1", stage[0]
     for keyword, a in _instructions():
         if keyword == "RUN" and "pip " in a:
             assert "--no-cache-dir" in a, a
+
+
+def test_dockerfile_installs_through_the_install_script() -> None:
+    """Both stages run docker/install-worker.sh, the script tests/test_image_install.py
+    runs: the builder makes the wheels, the runtime installs only those."""
+    builder, runtime = _stages()[0], _stages()[-1]
+    script = INSTALL_SCRIPT.relative_to(ROOT).as_posix()
+    assert ("COPY", f"{script} {script}") in builder, f"the builder must COPY {script}"
+    assert ("WORKDIR", "/src") in builder
+    [build] = [a for k, a in builder if k == "RUN"]
+    assert build == f"PYTHON=python sh {script} wheels /src /wheels", build
+    [install] = [" ".join(a.split()) for k, a in runtime if k == "RUN"]
+    assert "--mount=type=bind,from=builder,source=/wheels,target=/wheels" in install
+    mount = f"--mount=type=bind,from=builder,source=/src/{script},target=/tmp/install-worker.sh"
+    assert mount in install, install
+    assert "PYTHON=python sh /tmp/install-worker.sh install /wheels &&" in install, install
+
+
+def _script_extras() -> set[str]:
+    found = re.findall(r'^EXTRAS="([a-z,]+)"$', INSTALL_SCRIPT.read_text(), re.MULTILINE)
+    assert len(found) == 1, "install-worker.sh must set EXTRAS once"
+    return set(found[0].split(","))
+
+
+def test_install_script_installs_the_promised_extras() -> None:
+    import tomllib
+
+    text = INSTALL_SCRIPT.read_text()
+    assert _run(["sh", "-n", str(INSTALL_SCRIPT)]).returncode == 0, "shell syntax error"
+    assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text
+    assert _script_extras() == set(IMAGE_EXTRAS)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    optional = pyproject["project"]["optional-dependencies"]
+    for extra, packages in IMAGE_EXTRAS.items():
+        names = {re.split(r"[<>=!\[; ]", req, maxsplit=1)[0].lower() for req in optional[extra]}
+        assert packages <= names, f"the {extra!r} extra lacks {packages - names}"
+    # wheels: the checkout with the extras; install: those wheels only, then a self-check.
+    assert '-m pip wheel --wheel-dir "$3" "$2[$EXTRAS]"' in text
+    assert '-m pip install --no-index --find-links "$2" "shardstream[$EXTRAS]"' in text
+    for module in ("prometheus_client", "PIL.Image", "pyarrow.parquet", "fsspec"):
+        assert module in text, f"the install self-check does not import {module}"
+    assert 'for protocol in ("file", "s3", "gs")' in text
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
+    lines = [ln for ln in DOCKERIGNORE.read_text().splitlines() if ln and ln[0] != "#"]
+    assert lines[0] == "*", "the context holds nothing but what is let in"
+    allowed = [ln[1:].rstrip("/") for ln in lines if ln[0] == "!"]
+    for keyword, args in _instructions():
+        if keyword != "COPY" or "--from" in args:
+            continue
+        *sources, _dest = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            source = source.rstrip("/")
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
 
 
 def test_dockerfile_copies_files_that_exist() -> None:
@@ -200,6 +274,11 @@ def test_compose_properties() -> None:
     env = worker["environment"]
     assert env["SHARDSTREAM_DATASETS"] == "train=*.npz"
     assert env["SHARDSTREAM_PROCESSES"] == "2"
+    assert int(env["SHARDSTREAM_METRICS_PORT"]) > 0
+    # Chunks cross between processes in a memfd block, not /dev/shm: no shm_size needed.
+    assert "shm_size" not in worker
+    shm = (ROOT / "server/shardstream/server/_shm.py").read_text()
+    assert "os.memfd_create(" in shm and "/dev/shm/" not in shm
 
     check = worker["healthcheck"]
     assert "shardstream health" in " ".join(check["test"])
@@ -246,7 +325,7 @@ def _k8s(kind: str) -> dict[str, Any]:
 
 def test_k8s_manifests_match_the_api_schemas() -> None:
     files = sorted(str(p) for p in K8S.glob("*.yaml"))
-    assert len(files) == 3, files
+    assert len(files) == 5, files
     cmd = _python_module("kubernetes_validate")
     result = _run([*cmd, "--strict", "--kubernetes-version", K8S_VERSION, *files])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -255,11 +334,15 @@ def test_k8s_manifests_match_the_api_schemas() -> None:
 
 def test_k8s_worker_deployment() -> None:
     deployment = _k8s("Deployment")
-    assert deployment["spec"]["replicas"] == 3
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SHARDSTREAM_DATASETS"] == "train=*.npz"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": PORT, "metrics": int(env["SHARDSTREAM_METRICS_PORT"])}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == env["SHARDSTREAM_METRICS_PORT"]
     assert pod["terminationGracePeriodSeconds"] > float(env["SHARDSTREAM_GRACE"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == PORT, probe
@@ -297,6 +380,48 @@ def test_k8s_headless_service() -> None:
     ]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+def test_k8s_disruption_budget_covers_the_workers() -> None:
+    pdb = _k8s("PodDisruptionBudget")
+    deployment = _k8s("Deployment")
+    spec = pdb["spec"]
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert _selects(spec["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert spec["selector"] == deployment["spec"]["selector"]
+    for kind in ("Job",):  # and nothing else: trainers are not workers
+        labels = _k8s(kind)["spec"]["template"]["metadata"]["labels"]
+        assert not _selects(spec["selector"], labels), kind
+
+
+def test_k8s_autoscaler_targets_the_worker_deployment() -> None:
+    hpa = _k8s("HorizontalPodAutoscaler")
+    deployment = _k8s("Deployment")
+    pdb = _k8s("PodDisruptionBudget")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": deployment["apiVersion"],
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    # One worker evicted still leaves workers serving; the range is a range.
+    assert spec["minReplicas"] > pdb["spec"]["maxUnavailable"]
+    assert spec["maxReplicas"] > spec["minReplicas"]
+    [metric] = spec["metrics"]  # CPU: works with only the metrics-server
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "cpu" in container["resources"]["requests"], "CPU utilization is of the request"
+    down = spec["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 60
+    assert [p["value"] for p in down["policies"]] == [1], "remove one worker at a time"
 
 
 def test_k8s_indexed_trainer_job() -> None:

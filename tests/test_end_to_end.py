@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -260,14 +261,20 @@ async def test_a_paused_consumer_bounds_the_reads_started(npz_root: Path) -> Non
         assert len(loader.plan(0).reads) == 200
         epoch = loader.epoch(0)
         await anext(epoch)
-        for _ in range(500):  # until the pipeline stands still (the window is full)
-            stats = loader.statistics()
-            if not any(stats.reads_in_flight.values()):
-                break
+
+        def started() -> int:
+            return sum(loader.statistics().reads_by_worker.values())
+
+        # Until the pipeline stands still with its window full: nothing in flight and at
+        # least `reads_ahead` reads started beyond the one consumed (a moment between two
+        # reads has nothing in flight too, but not yet the whole window started).
+        deadline = time.monotonic() + 60  # only bounds a hang
+        while any(loader.statistics().reads_in_flight.values()) or started() < 1 + 4:
+            assert time.monotonic() < deadline, f"the window never filled: {started()} reads"
             await asyncio.sleep(0.01)
-        started = sum(loader.statistics().reads_by_worker.values())
+        started_reads = started()
         await epoch.aclose()
-    assert started <= 1 + 4 + 2  # consumed + reads_ahead + the prefetched batch's slack
+    assert started_reads <= 1 + 4 + 2  # consumed + reads_ahead + the prefetched batch's slack
 
 
 @pytest.mark.parametrize("share", [1, 3])

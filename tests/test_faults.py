@@ -199,38 +199,37 @@ async def test_sigstop_worker_is_routed_around_and_sigcont_duplicates_nothing(ro
 
 
 async def test_sigterm_drain_mid_epoch(root: Path) -> None:
-    with fleet(root, 3, "--grace", "5") as workers:
+    """SIGTERM mid-epoch: the worker says NOT_SERVING, its running streams end at a record
+    boundary and are resumed elsewhere (exactly once), and it exits 0 once they are over.
+    The grace is far longer than the test may take, so the exit shows the drain ended
+    with its streams, not with the grace (test_second_sigterm_exits_at_once shows that
+    NOT_SERVING comes while a drain is still held open)."""
+    grace = 600
+    with fleet(root, 3, "--grace", str(grace)) as workers:
         addresses = [w.address for w in workers]
         victim = workers[0]
-        seen: dict[str, float] = {}
         async with grpc.aio.insecure_channel(victim.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
             async def drain() -> None:
-                seen["signal"] = time.monotonic()
                 victim.signal(signal.SIGTERM)
-                reply = await asyncio.wait_for(watch.read(), 5)
+                reply = await asyncio.wait_for(watch.read(), 60)  # only bounds a hang
                 assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-                seen["not_serving"] = time.monotonic()
 
             # Long reads (~30 chunks each), so a read in flight is mid-stream at SIGTERM.
             out, loaders = await run_epochs(
                 addresses, [0], when_busy(victim, drain), read_bytes=512 * 1024
             )
             watch.cancel()
-        code = await asyncio.to_thread(victim.proc.wait, 10)
-        seen["exited"] = time.monotonic()
+        code = await asyncio.to_thread(victim.proc.wait, 60)  # a tenth of the grace
     assert code == 0
-    assert seen["not_serving"] - seen["signal"] < 1.0
-    assert seen["exited"] - seen["signal"] < 5.0 + 1.0  # within the grace period (+ start-up slack)
+    log = list(victim.log)
+    assert not any("grace" in line and "over" in line for line in log), log[-5:]
     assert_exactly_once(out, 0)
     cut = sum(ld.statistics().resumes_by_worker.get(victim.address, 0) for ld in loaders)
-    ended = sum("draining: ending a stream" in line for line in victim.log)
-    print(
-        f"\ndrain: NOT_SERVING after {seen['not_serving'] - seen['signal']:.3f}s, exit 0 after "
-        f"{seen['exited'] - seen['signal']:.2f}s; {ended} streams ended early, {cut} resumed"
-    )
+    ended = sum("draining: ending a stream" in line for line in log)
+    print(f"\ndrain: {ended} streams ended early, {cut} resumed")
     assert ended >= 1 and cut >= ended
 
 
@@ -291,25 +290,41 @@ async def test_all_workers_gone_for_good_is_a_clear_error(root: Path) -> None:
 
 
 async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    """A second SIGTERM during a drain exits at once. The drain is held open by a stream
+    whose client reads nothing, so the worker is certainly still draining at the second
+    SIGTERM, and the NOT_SERVING that comes before it comes while the drain waits."""
     from shardstream.client._wire import WorkerStub, encode_read
 
     make_dataset(tmp_path, shards=1, records=400, shape=(256, 256))  # 64 KiB records
-    with fleet(tmp_path, 1, "--grace", "60") as (worker,):
-        async with grpc.aio.insecure_channel(worker.address) as channel:
-            # A reader that never reads: the worker's stream blocks on flow control, so a
-            # drain would wait the whole grace period for it.
-            stalled = WorkerStub(channel).read(
-                encode_read(dataset="train", shard="shard-00000.npz", start=0, count=400, seed=0,
-                            fingerprint="", max_chunk_records=0)
-            )  # fmt: skip
-            await stalled.initial_metadata()
+    # A receive window of 1 KiB (fixed: no BDP probing): the worker's first 64 KiB
+    # message can never be sent, so a stream that runs is blocked in its first write and
+    # never reaches the record boundary where a drain would end it.
+    tiny = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    read = encode_read(dataset="train", shard="shard-00000.npz", start=0, count=400, seed=0,
+                       fingerprint="", max_chunk_records=0)  # fmt: skip
+    hold = ("--grace", "600", "--stream-stall-timeout", "600")  # neither ends the drain here
+    with fleet(tmp_path, 1, *hold, "--max-streams", "1") as (worker,):
+        async with (
+            grpc.aio.insecure_channel(worker.address) as channel,
+            grpc.aio.insecure_channel(worker.address, options=tiny) as stalled_channel,
+        ):
+            # Two such streams, one slot: once one is refused as RESOURCE_EXHAUSTED, the
+            # other runs (and is blocked). A condition, where waiting would be a guess.
+            calls = [WorkerStub(stalled_channel).read(read) for _ in range(2)]
+            codes = [asyncio.ensure_future(call.code()) for call in calls]
+            done, _ = await asyncio.wait(codes, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            assert [c.result() for c in done] == [grpc.StatusCode.RESOURCE_EXHAUSTED], done
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             worker.signal(signal.SIGTERM)
-            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            reply = await asyncio.wait_for(watch.read(), 60)  # only bounds a hang
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert worker.proc.poll() is None  # the blocked stream holds the drain open
             worker.signal(signal.SIGTERM)  # the drain is under way: this one exits at once
-            code = await asyncio.to_thread(worker.proc.wait, 10)
-            stalled.cancel()
+            code = await asyncio.to_thread(worker.proc.wait, 60)  # a tenth of the grace
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*codes, return_exceptions=True)
             watch.cancel()
     assert code == 128 + signal.SIGTERM
     assert any("second SIGTERM: exiting now" in line for line in worker.log)
@@ -322,7 +337,9 @@ async def test_network_faults_through_a_proxy(root: Path) -> None:
     with fleet(root, 2) as workers:
         async with FaultProxy(workers[0].address) as proxy:
             addresses = [proxy.address, workers[1].address]
-            expected, _ = await run_epochs(addresses, [0])
+            # The chunks' bytes must cross the proxy: no same-host lane beside it.
+            socket_only = {"same_host_lane": False}
+            expected, _ = await run_epochs(addresses, [0], **socket_only)
             for mode in (ResetAfter(150_000, repeat=True), BlackHole(), Trickle(200_000)):
                 proxy.set_mode(Pass())
 
@@ -330,8 +347,9 @@ async def test_network_faults_through_a_proxy(root: Path) -> None:
                     proxy.set_mode(mode)  # type: ignore[arg-type]
 
                 resets_before = proxy.statistics().resets
+                fault = when_busy(_Addr(proxy.address), inject)
                 out, loaders = await run_epochs(
-                    addresses, [0], when_busy(_Addr(proxy.address), inject), idle_timeout=1.5
+                    addresses, [0], fault, idle_timeout=1.5, **socket_only
                 )
                 assert_exactly_once(out, 0)
                 for r in range(WORLD):
@@ -375,8 +393,21 @@ async def test_a_stalled_input_is_reported_while_waiting(root: Path) -> None:
                 epoch = loader.epoch(0)
                 ids = [(await anext(epoch))["id"]]
                 worker.signal(signal.SIGSTOP)  # nothing more can arrive
-                waiting = asyncio.ensure_future(anext(epoch))
-                await warned.wait()
+                # A loaded machine may have warned during the first batch already: only
+                # warnings from here on count. Batches received before the freeze are
+                # taken; the first wait that finds none must be reported.
+                messages.clear()
+                warned.clear()
+                while True:
+                    waiting = asyncio.ensure_future(anext(epoch))
+                    warning = asyncio.ensure_future(warned.wait())
+                    await asyncio.wait({waiting, warning}, return_when=asyncio.FIRST_COMPLETED)
+                    warning.cancel()
+                    await asyncio.gather(warning, return_exceptions=True)
+                    if warned.is_set():
+                        break
+                    ids.append(waiting.result()["id"])
+                before = len(ids)
                 worker.signal(signal.SIGCONT)
                 ids.append((await waiting)["id"])
                 ids += [b["id"] async for b in epoch]
@@ -384,7 +415,7 @@ async def test_a_stalled_input_is_reported_while_waiting(root: Path) -> None:
         logging.getLogger("shardstream.client").removeHandler(handler)
     assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(RECORDS))
     assert messages[0].startswith(
-        "data input is slow: no batch for 0.2 s (epoch 0, after batch 1 of"
+        f"data input is slow: no batch for 0.2 s (epoch 0, after batch {before} of"
     )
     assert f"reads running {{'{worker.address}': 1}}" in messages[0]
 

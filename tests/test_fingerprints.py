@@ -57,10 +57,7 @@ def alter_middle(path: Path) -> int:
         old = f.read(16)
         f.seek(st.st_size // 2)
         f.write(bytes(b ^ 0xFF for b in old))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    while path.stat().st_ctime_ns == st.st_ctime_ns:  # a coarse clock tick: wait for the next
-        time.sleep(0.005)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    restamp(path, st)
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
         st.st_size,
@@ -68,6 +65,15 @@ def alter_middle(path: Path) -> int:
         st.st_ino,
     )
     return st.st_size // 2
+
+
+def restamp(path: Path, st: os.stat_result) -> None:
+    """Give `path` back the atime and mtime of `st`, with a ctime other than `st`'s: each
+    utime sets the ctime to now, so it is repeated until a coarse clock has ticked."""
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    while path.stat().st_ctime_ns == st.st_ctime_ns:
+        time.sleep(0.005)  # polling for the clock's next tick
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def altered_id(path: Path, offset: int) -> int:
@@ -165,9 +171,7 @@ def test_a_restart_takes_digests_from_the_cache(
     assert digests_read == []  # no shard read again
     assert again.datasets["train"].fingerprint == first.datasets["train"].fingerprint
     path = root / "shard-00003.npz"
-    st = path.stat()
-    time.sleep(0.01)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times, a new ctime: read again
+    restamp(path, path.stat())  # same times, a new ctime: read again
     catalog(root, cache)
     assert digests_read == ["shard-00003.npz"]
     digests_read.clear()

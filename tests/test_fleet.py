@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ def compose_worker_env(data_root: Path) -> dict[str, str]:
     env["SHARDSTREAM_DATA_ROOT"] = str(data_root)  # the volume's mount point, here
     env["SHARDSTREAM_HOST"] = "127.0.0.1"  # loopback only in tests
     env["SHARDSTREAM_PORT"] = "0"
+    if "SHARDSTREAM_METRICS_PORT" in env:  # a port per container there, one host here
+        env["SHARDSTREAM_METRICS_PORT"] = "0"
     return env
 
 
@@ -57,41 +58,62 @@ async def test_rolling_restart_of_the_compose_fleet_is_exactly_once(tmp_path: Pa
         return WorkerProcess.start([], env={**env, "SHARDSTREAM_PORT": str(port)})
 
     workers = [start() for _ in range(n)]
-    restarts: list[tuple[float, int]] = []
+    # The restarts are tied to the ranks' progress, not to the clock: worker i is sent
+    # SIGTERM once both ranks have taken the batch at gate i (and wait there for it), and
+    # the ranks stop at a last gate until every new worker serves. So each drain strikes
+    # mid-run with reads in flight, and the ranks end on the restarted fleet, however
+    # slowly a loaded machine starts processes.
+    gates = [asyncio.Barrier(3) for _ in range(n)]  # both ranks and the restarter meet
+    signalled = [asyncio.Event() for _ in range(n)]  # worker i was sent SIGTERM
+    restarted = asyncio.Event()  # every worker restarted and serving
+    codes: list[int] = []
+    at_signal: list[tuple[int, ...]] = []  # batches each rank had taken at each SIGTERM
+    taken = [0, 0]
+    totals = [0, 0]
     try:
         addresses = [w.address for w in workers]
 
         async def rolling_restart() -> None:
             for i in range(n):
+                await gates[i].wait()
                 old = workers[i]
                 old.signal(signal.SIGTERM)
-                code = await asyncio.to_thread(old.proc.wait, 30)
+                at_signal.append(tuple(taken))
+                signalled[i].set()
+                codes.append(await asyncio.to_thread(old.proc.wait, 60))
                 old.close()
                 workers[i] = await asyncio.to_thread(start, old.port)
-                restarts.append((time.monotonic(), code))
+            restarted.set()
 
         seen: dict[int, list[np.ndarray]] = {0: [], 1: []}
 
         async def rank(r: int) -> None:
             async with Loader(addresses, dataset="train", batch_size=256, rank=r, world_size=2,
                               seed=5, shuffle=True, backoff_base=0.05) as loader:  # fmt: skip
+                totals[r] = total = 2 * loader.batches_per_epoch()
+                # Gates spread over both epochs; the last one a few batches before the end.
+                at = {total * (i + 1) // (n + 2): i for i in range(n + 1)}
                 for epoch in range(2):
                     async for batch in loader.epoch(epoch):
                         seen[epoch].append(batch["id"])
+                        taken[r] += 1
+                        if (i := at.get(taken[r])) is not None and i < n:
+                            await gates[i].wait()
+                            await signalled[i].wait()
+                        elif i == n:
+                            await restarted.wait()
                         await asyncio.sleep(0.04)  # the training step this batch feeds
 
-        finished: list[float] = []
-
-        async def both_ranks() -> None:
-            await asyncio.gather(rank(0), rank(1))
-            finished.append(time.monotonic())
-
-        await asyncio.gather(both_ranks(), rolling_restart())
+        async with asyncio.TaskGroup() as tg:  # a failure cancels the others' waits
+            for task in (rank(0), rank(1), rolling_restart()):
+                tg.create_task(task)
     finally:
         for w in workers:
             w.close()
-    assert [code for _, code in restarts] == [0] * n  # every drain exited cleanly
-    assert restarts[-1][0] < finished[0]  # every worker restarted while the ranks consumed
+    assert codes == [0] * n  # every drain exited cleanly
+    # Every SIGTERM struck mid-run: both ranks had batches behind them and ahead of them.
+    assert len(at_signal) == n and all(0 < t < totals[0] for ts in at_signal for t in ts)
+    assert totals[0] == totals[1] and taken == totals
     for epoch in range(2):
         ids = np.concatenate(seen[epoch])
         assert len(ids) == records and np.array_equal(np.sort(ids), np.arange(records))

@@ -116,6 +116,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @_needs("lightning")
 @_needs("torchdata")
+@pytest.mark.timeout(600)  # three 2-process runs, ~35 s here: the default 120 s is too near
 def test_lightning_ddp_exactly_once_new_order_and_mid_epoch_resume(
     data: Path, tmp_path: Path
 ) -> None:
@@ -153,6 +154,7 @@ def test_lightning_ddp_exactly_once_new_order_and_mid_epoch_resume(
 
 
 @_needs("accelerate")
+@pytest.mark.timeout(600)  # two 2-process launches, ~25 s here: the default 120 s is too near
 def test_accelerate_two_processes_exactly_once(data: Path) -> None:
     def launch(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

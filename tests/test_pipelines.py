@@ -294,7 +294,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("text", "message"),
     [
         ('[datasets.train]\nshards = "*.tar"\nshardz = 1\n',
-         r"unknown key datasets\.train\.shardz \(known: shards, format, transforms\)"),
+         r"unknown key datasets\.train\.shardz \(known: shards, format, transforms, schema\)"),
         ("port = 5\n", r"unknown key port .*flags or SHARDSTREAM_\*"),
         ('[datasets.train]\nformat = "wds"\n', r"datasets\.train\.shards must be a glob"),
         ('[datasets.train]\nshards = "*.tar"\ntransforms = [{fn = "nocolon"}]\n',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shardstream._common.pem import read_token_file
+from shardstream._common.watched import WatchedFiles
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.server._security import ServerSecurity
 
@@ -265,7 +268,7 @@ def test_server_config_validation(tmp_path: Path, certs: Certs) -> None:
 
 def test_loaded_server_security_hides_secrets(certs: Certs, token_file: Path) -> None:
     loaded = tls_server(certs, auth_token_file=token_file).load()
-    assert loaded.token == TOKEN
+    assert loaded.tokens == (TOKEN,)
     text = repr(loaded)
     assert TOKEN not in text
     assert "PRIVATE KEY" not in text
@@ -290,3 +293,46 @@ def test_client_config_validation(tmp_path: Path, certs: Certs) -> None:
         secure_channel("127.0.0.1:1", [], ClientSecurity(tls_ca=missing))
     with raises(str(tmp_path / "token"), "does not exist"):
         call_metadata(ClientSecurity(auth_token_file=tmp_path / "token"))
+
+
+def test_load_checks_the_tls_files_as_tls_uses_them(tmp_path: Path, certs: Certs) -> None:
+    with raises(str(certs.server_cert), str(certs.other_client_key), "do not match"):
+        ServerSecurity(tls_cert=certs.server_cert, tls_key=certs.other_client_key).load()
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(certs.server_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(encrypted)], check=True)  # fmt: skip
+    with raises(str(encrypted), "encrypted", "unencrypted key"):
+        ServerSecurity(tls_cert=certs.server_cert, tls_key=encrypted).load()
+    junk_ca = tmp_path / "junk-ca.pem"
+    junk_ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with raises(str(junk_ca), "holds no usable certificate"):
+        tls_server(certs, tls_client_ca=junk_ca).load()
+
+
+def test_watched_files_take_up_changes_and_keep_the_last_good(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "shardstream.worker")
+    path = tmp_path / "token"
+    path.write_text("one\n")
+    log = logging.getLogger("shardstream.worker")
+    watched = WatchedFiles(
+        (path,), lambda: read_token_file(path), what="token file", applied="calls need it", log=log
+    )
+    assert (watched.value, watched.refresh()) == ("one", 0)
+    aside = tmp_path / "token.new"
+    aside.write_text("two\n")
+    aside.replace(path)
+    assert (watched.refresh(), watched.value) == (1, "two")
+    assert "the token file changed: calls need it" in caplog.text
+    path.write_text("")  # unusable: logged once, the last good token stays
+    assert (watched.refresh(), watched.refresh(), watched.value) == (1, 1, "two")
+    assert caplog.text.count("changed but cannot be used") == 1
+    assert "is empty" in caplog.text
+    path.write_text("three")  # rewritten in place: the size and time differ
+    assert (watched.refresh(), watched.value) == (2, "three")
+    path.unlink()
+    assert (watched.refresh(), watched.value) == (2, "three")
+    assert "does not exist" in caplog.text
+    with raises(str(path), "does not exist"):
+        WatchedFiles((path,), lambda: read_token_file(path), what="token file", applied="", log=log)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardstream.client._wire import Piece, decode_response
 from shardstream.server._npz import NpzDecoder as NpzDecoderBase
@@ -20,6 +22,7 @@ from shardstream.v1.codec import (
     dtype_from_code,
     dtype_name,
 )
+from shardstream.v1.ragged import Ragged
 
 
 def test_codec_enum_matches_the_proto() -> None:
@@ -49,8 +52,10 @@ def test_every_dtype_round_trips(dtype: str) -> None:
     t = msg.chunk.tensors[0]
     assert (t.name, t.dtype, list(t.shape)) == ("x", dtype_code(dtype), [5, 3, 2])
     assert t.data == values.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-    # ... that re-serializes to the same bytes.
-    assert msg.SerializeToString() == data
+    # ... that re-serializes to the same message (protobuf writes the padding after the
+    # data, in field order; the worker writes it before, to align the data).
+    assert pb.ReadResponse.FromString(msg.SerializeToString()) == msg
+    assert all(len(t.pad) < 64 and not any(t.pad) for t in msg.chunk.tensors)
     piece = decode_response(data)
     assert isinstance(piece, Piece)
     assert np.array_equal(piece.arrays["x"], values)
@@ -222,3 +227,120 @@ class Doubled(NpzDecoderBase):
         out = dict(super().read(path, start, count))
         out["image"] = out["image"] * 2
         return out
+
+
+def _data_offsets(data: bytes) -> list[tuple[str, int, int]]:
+    """(tensor name, field, offset) of every tensor's data and lengths in a chunk message,
+    found by walking the wire format as any reader would."""
+    from shardstream.client._chunkparse import _fields
+
+    buf = memoryview(data)
+    (chunk,) = [v for f, w, v in _fields(buf, 0, len(buf)) if f == 1]
+    out = []
+    for f, _w, span in _fields(buf, *chunk):
+        if f != 3:
+            continue
+        fields = list(_fields(buf, *span))
+        name = next(bytes(buf[v[0] : v[1]]).decode() for f2, _, v in fields if f2 == 1)
+        out += [(name, f2, v[0]) for f2, w2, v in fields if f2 in (4, 5) and w2 == 2]
+    return out
+
+
+_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    start=st.integers(0, 2**40),
+    count=st.integers(1, 40),
+    shard=st.text(alphabet="abc/._-0123456789", max_size=300),
+    fields=st.dictionaries(
+        _names,
+        st.tuples(
+            st.sampled_from(SUPPORTED_DTYPES),
+            st.lists(st.integers(1, 7), max_size=3),
+            st.booleans(),  # ragged
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_tensor_data_and_lengths_start_at_64_byte_offsets(
+    start: int, count: int, shard: str, fields: dict[str, tuple[str, list[int], bool]]
+) -> None:
+    """Every tensor's data and a ragged field's lengths start at a multiple of 64 bytes of
+    the message, whatever the names, shapes, start and shard id before them; the message
+    is still what a generic protobuf parser reads, and the in-place layout gives the same
+    bytes."""
+    rng = np.random.default_rng(count)
+    arrays: dict[str, Any] = {}
+    for name, (dtype, inner, ragged) in fields.items():
+        if ragged:
+            lengths = rng.integers(0, 4, size=count)
+            values = rng.integers(0, 100, size=(int(lengths.sum()), *inner)).astype(dtype)
+            arrays[name] = Ragged.from_lengths(values, lengths)
+        else:
+            arrays[name] = rng.integers(0, 100, size=(count, *inner)).astype(dtype)
+    data = encode_chunk(start, arrays, shard)
+    offsets = _data_offsets(data)
+    assert len(offsets) == len(arrays) + sum(isinstance(a, Ragged) for a in arrays.values())
+    assert [o for o in offsets if o[2] % 64] == []
+    msg = pb.ReadResponse.FromString(data)
+    assert (msg.chunk.start, msg.chunk.count, msg.chunk.shard) == (start, count, shard)
+    for t in msg.chunk.tensors:
+        a = arrays[t.name]
+        values = a.values if isinstance(a, Ragged) else a
+        assert t.data == values.astype(values.dtype.newbyteorder("<")).tobytes()
+    if not any(isinstance(a, Ragged) for a in arrays.values()):
+        from shardstream.server._wire import layout_chunk_into
+
+        schema = tuple(FieldSpec(k, v.dtype.name, v.shape[1:]) for k, v in arrays.items())
+        buf = memoryview(bytearray(len(data) + 64))
+        size, views = layout_chunk_into(buf, start, count, schema, shard)
+        for name, view in views.items():
+            view[...] = arrays[name]
+        assert bytes(buf[:size]) == data
+
+
+@pytest.mark.parametrize("delta", range(-70, 70, 3))
+def test_alignment_settles_where_the_padding_changes_a_length_varint(delta: int) -> None:
+    """Messages whose size is near 2**21 (a length varint grows from 3 to 4 bytes there):
+    the padding that aligns the data can push a length over the boundary, and the layout
+    must still come out aligned."""
+    n = 2**21 - 64 + delta
+    data = encode_chunk(3, {"x": np.zeros(n, dtype=np.uint8), "y": np.ones(n, np.uint8)}, "s")
+    assert [o for o in _data_offsets(data) if o[2] % 64] == []
+    msg = pb.ReadResponse.FromString(data)
+    assert [len(t.data) for t in msg.chunk.tensors] == [n, n]
+
+
+_VALID = encode_chunk(
+    7, {"x": np.arange(24, dtype=np.float32).reshape(4, 2, 3), "id": np.arange(4)}, "s.npz"
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=6),
+    cut=st.integers(0, len(_VALID)),
+)
+def test_a_mangled_chunk_is_a_protocol_error_or_a_consistent_piece(
+    edits: list[tuple[int, int]], cut: int
+) -> None:
+    """Bytes changed or cut anywhere: the parser gives a ProtocolError, or a piece whose
+    arrays have `count` records and lie inside the message; never another exception."""
+    from shardstream.client.errors import ProtocolError
+
+    data = bytearray(_VALID)
+    for at, value in edits:
+        data[at] = value
+    message = bytes(data[:cut])
+    try:
+        piece = decode_response(message)
+    except ProtocolError:
+        return
+    if isinstance(piece, Piece):
+        for array in piece.arrays.values():
+            values = array.values if isinstance(array, Ragged) else array
+            assert values.base is not None and values.nbytes <= len(message)
+            assert len(array) == piece.count

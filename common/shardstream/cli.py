@@ -4,14 +4,73 @@ demo."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from shardstream._common import run_async
+from shardstream.client._options import LoaderConfig
+from shardstream.client._resolve import split_host_port
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
-from shardstream.client.errors import ShardstreamError
+from shardstream.client.errors import ConfigError, ShardstreamError
+from shardstream.server.cli import (
+    _PATH,
+    _TIMEOUT,
+    UsageParser,
+    _checked,
+    _int_in,
+    add_index_args,
+    add_make_dataset_args,
+    add_version_arg,
+    add_worker_args,
+    index_command,
+    make_dataset_command,
+    worker_command,
+)
+
+# At most this long to find out that a worker cannot be reached (`inspect`, `consume`):
+# a refused connection or failed handshake is known at once, a silent host takes this long.
+PROBE_SECONDS = 5.0
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_READS_AHEAD = next(f.default for f in dataclasses.fields(LoaderConfig) if f.name == "reads_ahead")
+
+
+def _address(text: str) -> str:
+    """A worker address with its port: HOST:PORT, [IPv6]:PORT or dns:///NAME:PORT."""
+    _, port = split_host_port(text.strip())  # ValueError without a port
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return text.strip()
+
+
+def _addresses(text: str) -> list[str]:
+    return [_address(a) for a in text.split(",")]
+
+
+_HOST_PORT = "HOST:PORT (the port is needed), e.g. localhost:50051, or dns:///NAME:PORT"
+_ADDRESS = _checked(_address, _HOST_PORT)
+_ADDRESSES = _checked(_addresses, f"comma-separated worker addresses, each {_HOST_PORT}")
+
+
+async def _unreachable(address: str, security: ClientSecurity | None, timeout: float) -> str | None:
+    """Why a worker cannot be reached, in `health`'s words (refused, failed handshake, no
+    answer within `timeout`), or None if it answers, serving or not."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with secure_channel(address, (), security) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNREACHABLE:
+                return f"{address}: {exc.code().name}: {exc.details()}"
+    return None
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -20,7 +79,7 @@ def _health(args: argparse.Namespace) -> int:
     async def probe() -> int:
         result.append(
             await check_health(
-                args.address, args.service, timeout=args.timeout, security=_security(args)
+                args.address, args.service, timeout=args.timeout, security=args.security
             )
         )
         return 0
@@ -36,11 +95,13 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import grpc
-
-    security = _security(args)
+    security = args.security
 
     async def show() -> int:
+        why = await _unreachable(args.address, security, min(args.timeout, PROBE_SECONDS))
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 1
         async with secure_channel(args.address, (), security) as channel:
             stub = WorkerStub(channel, call_metadata(security))
             try:
@@ -62,7 +123,11 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(f"  ... {len(ds.shards) - len(shown)} more (name the dataset to see all)")
         return 0
 
-    return run_async(show)
+    try:
+        return run_async(show)
+    except ValueError as exc:  # unreadable TLS or token files
+        print(f"{args.address}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _consume(args: argparse.Namespace) -> int:
@@ -70,14 +135,35 @@ def _consume(args: argparse.Namespace) -> int:
 
     options = {
         "dataset": args.dataset, "batch_size": args.batch_size, "rank": args.rank,
-        "world_size": args.world_size, "seed": args.seed, "shuffle": args.shuffle,
-        "security": _security(args), "describe_timeout": args.timeout,
+        "world_size": args.world_size, "seed": args.seed,
+        "shuffle": args.shuffle or args.shuffle_reads > 0, "shuffle_reads": args.shuffle_reads,
+        "security": args.security, "describe_timeout": args.timeout,
+        "ledger_dir": None if args.ledger_dir is None else str(args.ledger_dir),
     }  # fmt: skip
+    if 2 * args.shuffle_reads > _READS_AHEAD:  # the next group comes in while one is delivered
+        options["reads_ahead"] = 2 * args.shuffle_reads
+
+    async def run() -> int:
+        probe = min(args.timeout, PROBE_SECONDS)
+        reasons = await asyncio.gather(*(_unreachable(a, args.security, probe)
+                                         for a in args.addresses))  # fmt: skip
+        if all(reasons):  # none can be reached: say why now, not after --timeout
+            for why in reasons:
+                print(f"shardstream consume: {why}", file=sys.stderr)
+            return 1
+        return await consume(args.addresses, args.epochs, options)
+
     try:
-        return run_async(lambda: consume(args.addresses.split(","), args.epochs, options))
+        return run_async(run)
+    except ConfigError as exc:
+        print(f"shardstream consume: {exc}", file=sys.stderr)
+        return 2
     except ShardstreamError as exc:
         print(f"shardstream consume: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # unreadable TLS or token files
+        print(f"shardstream consume: {exc}", file=sys.stderr)
+        return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -119,16 +205,12 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from shardstream.server.cli import (
-        UsageParser,
-        add_index_args,
-        add_make_dataset_args,
-        add_worker_args,
-    )
-
+def build_parser() -> UsageParser:
     parser = UsageParser(prog="shardstream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)  # of the same parser class
+    add_version_arg(parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, help="what to do; COMMAND --help shows its flags"
+    )  # of the same parser class
 
     p = sub.add_parser("worker", help="serve datasets to clients")
     add_worker_args(p)
@@ -143,53 +225,103 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 iff a worker reports SERVING")
     _add_health_args(p)
     p = sub.add_parser("inspect", help="show a worker's datasets, shards, counts, schema")
-    p.add_argument("address", metavar="HOST:PORT")
-    p.add_argument("dataset", nargs="?", default="")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("address", type=_ADDRESS, metavar="HOST:PORT", help="the worker")
+    p.add_argument("dataset", nargs="?", default="", help="show this dataset's every shard")
+    p.add_argument("--timeout", type=_TIMEOUT, default=10.0, metavar="SECONDS", help="per call")
     add_security_args(p)
     p = sub.add_parser("consume", help="stream epochs from workers and report throughput")
-    p.add_argument("addresses", metavar="ADDR[,ADDR...]", help="host:port or dns:///name:port")
-    p.add_argument("--dataset", default="train")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--world-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shuffle", action="store_true")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for workers")
+    p.add_argument(
+        "addresses",
+        type=_ADDRESSES,
+        metavar="ADDR[,ADDR...]",
+        help="the workers: host:port or dns:///name:port",
+    )
+    p.add_argument("--dataset", default="train", help="the dataset to read")
+    p.add_argument("--batch-size", type=_int_in(1), default=64, help="records per batch")
+    p.add_argument("--epochs", type=_int_in(1), default=1, help="epochs to read")
+    p.add_argument(
+        "--rank",
+        type=_int_in(0),
+        default=None,
+        help="this rank (default: from the launcher, e.g. RANK, else 0)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=_int_in(1),
+        default=None,
+        help="ranks in all (default: from the launcher, e.g. WORLD_SIZE, else 1)",
+    )
+    p.add_argument("--seed", type=_int_in(0), default=0, help="base of every shuffle")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the shard order per epoch")
+    p.add_argument(
+        "--shuffle-reads",
+        type=_int_in(0),
+        default=0,
+        metavar="N",
+        help="record-level shuffle over the whole epoch, records mixed in groups "
+        "of N reads (implies --shuffle; holds N reads more in memory)",
+    )
+    p.add_argument(
+        "--ledger-dir",
+        type=_PATH,
+        metavar="DIR",
+        help="write what is received to a delivery ledger in DIR, for `shardstream audit DIR`",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_TIMEOUT,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for reachable workers to describe the dataset",
+    )
     add_security_args(p)
     p = sub.add_parser("audit", help="check a delivery ledger: every record exactly once")
-    p.add_argument("directory", type=Path, metavar="LEDGER_DIR")
-    p.add_argument("--limit", type=int, default=20, help="ranges shown per kind")
+    p.add_argument(
+        "directory",
+        type=Path,
+        metavar="LEDGER_DIR",
+        help="a ledger directory (Loader ledger_dir, consume --ledger-dir)",
+    )
+    p.add_argument("--limit", type=_int_in(0), default=20, help="ranges shown per kind")
     p = sub.add_parser("demo", help="run everything locally on generated data")
-    p.add_argument("--records", type=int, default=20_000)
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--processes", type=int, default=1, help="decoding processes per worker")
+    p.add_argument("--records", type=_int_in(1), default=20_000, help="records generated")
+    p.add_argument("--shards", type=_int_in(1), default=8, help="shard files generated")
+    p.add_argument("--workers", type=_int_in(1), default=2, help="worker processes")
+    p.add_argument("--ranks", type=_int_in(1), default=2, help="loader ranks")
+    p.add_argument("--epochs", type=_int_in(1), default=2, help="epochs each rank reads")
+    p.add_argument("--batch-size", type=_int_in(1), default=64, help="records per batch")
+    p.add_argument("--processes", type=_int_in(0), default=1, help="decoding processes per worker")
     return parser
 
 
 def _add_health_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("address", type=_ADDRESS, metavar="HOST:PORT", help="the worker")
     p.add_argument("--service", default="", help="service name (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    p.add_argument(
+        "--timeout", type=_TIMEOUT, default=5.0, metavar="SECONDS", help="for the answer"
+    )
     add_security_args(p)
 
 
 def add_security_args(p: argparse.ArgumentParser) -> None:
     """Client-side TLS / token flags, shared by the commands that talk to workers."""
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the worker with")
-    p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
-    p.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
-    p.add_argument("--tls-server-name", help="name to expect in the worker's certificate")
-    p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
+    p.add_argument(
+        "--tls-ca", type=_PATH, metavar="FILE", help="PEM CA bundle to verify the worker with"
+    )
+    p.add_argument("--tls-cert", type=_PATH, metavar="FILE", help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", type=_PATH, metavar="FILE", help="PEM key of --tls-cert")
+    p.add_argument(
+        "--tls-server-name", metavar="NAME", help="name to expect in the worker's certificate"
+    )
+    p.add_argument(
+        "--auth-token-file", type=_PATH, metavar="FILE", help="file with the bearer token"
+    )
 
 
-def _security(args: argparse.Namespace) -> ClientSecurity | None:
+def _security_of(args: argparse.Namespace) -> ClientSecurity | None:
+    """The security flags as a ClientSecurity (None: plain, no token); ValueError for a
+    contradiction (--tls-cert without --tls-key)."""
     security = ClientSecurity(
         tls=args.tls,
         tls_ca=args.tls_ca,
@@ -201,34 +333,40 @@ def _security(args: argparse.Namespace) -> ClientSecurity | None:
     return security if security.tls or security.auth_token_file else None
 
 
+COMMANDS = {
+    "worker": worker_command, "index": index_command, "make-dataset": make_dataset_command,
+    "health": _health, "inspect": _inspect, "consume": _consume, "audit": _audit, "demo": _demo,
+}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "worker":
-        from shardstream.server.cli import worker_command
+    if args.command in ("health", "inspect", "consume"):
+        try:
+            args.security = _security_of(args)
+        except ValueError as exc:
+            print(f"shardstream {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    return COMMANDS[args.command](args)
 
-        return worker_command(args)
-    if args.command == "make-dataset":
-        from shardstream.server.cli import make_dataset_command
 
-        return make_dataset_command(args)
-    if args.command == "index":
-        from shardstream.server.cli import index_command
-
-        return index_command(args)
-    commands = {
-        "health": _health, "inspect": _inspect, "demo": _demo, "audit": _audit,
-        "consume": _consume,
-    }  # fmt: skip
-    return commands[args.command](args)
+def build_health_parser() -> UsageParser:
+    """The parser of `shardstream-health`."""
+    parser = UsageParser(prog="shardstream-health", description=health_main.__doc__)
+    add_version_arg(parser)
+    _add_health_args(parser)
+    return parser
 
 
 def health_main(argv: Sequence[str] | None = None) -> int:
     """`shardstream-health HOST:PORT [--service NAME]`, for container health checks."""
-    from shardstream.server.cli import UsageParser
-
-    parser = UsageParser(prog="shardstream-health", description=health_main.__doc__)
-    _add_health_args(parser)
-    return _health(parser.parse_args(argv))
+    args = build_health_parser().parse_args(argv)
+    try:
+        args.security = _security_of(args)
+    except ValueError as exc:
+        print(f"shardstream-health: error: {exc}", file=sys.stderr)
+        return 2
+    return _health(args)
 
 
 if __name__ == "__main__":

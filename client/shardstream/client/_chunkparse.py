@@ -13,7 +13,8 @@ dimension.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, cast
 
 import numpy as np
 
@@ -26,7 +27,9 @@ _CHUNK_START, _CHUNK_COUNT, _CHUNK_TENSORS, _CHUNK_SHARD = 1, 2, 3, 4
 _TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_LENGTHS = 1, 2, 3, 4, 5
 
 
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # one byte: tags, dtypes, most dimensions
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -39,7 +42,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, pos: int, end: int) -> Any:
+def _fields(buf: Any, pos: int, end: int) -> Any:
     """(field number, wire type, value or (start, stop) of a length-delimited field)."""
     while pos < end:
         key, pos = _varint(buf, pos, end)
@@ -70,15 +73,16 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def is_chunk(data: bytes) -> bool:
+def is_chunk(data: bytes | np.ndarray[Any, Any]) -> bool:
     """Whether a ReadResponse holds a chunk (its first field is field 1)."""
     return len(data) > 0 and data[0] == (_RESPONSE_CHUNK << 3 | 2)
 
 
-def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, Any]]:
-    """(start, count, shard, arrays) of a serialized `ReadResponse{chunk}`; arrays view
-    `data`. Two tensors of one name are refused (a protobuf map would keep the last)."""
-    buf = memoryview(data)
+def parse_chunk(data: bytes | np.ndarray[Any, Any]) -> tuple[int, int, str, dict[str, Any]]:
+    """(start, count, shard, arrays) of a serialized `ReadResponse{chunk}` (bytes, or a
+    uint8 array: a same-host lane's slot); arrays view `data`. Two tensors of one name
+    are refused (a protobuf map would keep the last)."""
+    buf: Any = data if type(data) is bytes else memoryview(cast(Any, data))  # bytes: fastest
     chunk: tuple[int, int] | None = None
     for field, wire, value in _fields(buf, 0, len(buf)):
         if field == _RESPONSE_CHUNK and wire == 2:
@@ -113,7 +117,7 @@ def parse_chunk(data: bytes) -> tuple[int, int, str, dict[str, Any]]:
     return start, count, shard, arrays
 
 
-def _text(buf: memoryview, span: tuple[int, int], what: str) -> str:
+def _text(buf: Any, span: tuple[int, int], what: str) -> str:
     try:
         return bytes(buf[span[0] : span[1]]).decode()
     except UnicodeDecodeError:
@@ -121,7 +125,7 @@ def _text(buf: memoryview, span: tuple[int, int], what: str) -> str:
 
 
 def _tensor(
-    data: bytes, buf: memoryview, span: tuple[int, int]
+    data: bytes | np.ndarray[Any, Any], buf: Any, span: tuple[int, int]
 ) -> tuple[str, np.ndarray[Any, Any] | Ragged]:
     name = ""
     code = 0
@@ -153,7 +157,7 @@ def _tensor(
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor {name!r} has a negative dimension in {tuple(shape)}")
     nbytes = payload[1] - payload[0]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if nbytes != expected:
         raise ValueError(
             f"tensor {name!r}: {nbytes} bytes, shape {tuple(shape)} of {dtype} needs {expected}"
@@ -170,7 +174,9 @@ def _tensor(
         raise ValueError(f"tensor {name!r}: {exc}") from None
 
 
-def _lengths(data: bytes, parts: list[tuple[int, int] | int]) -> np.ndarray[Any, Any]:
+def _lengths(
+    data: bytes | np.ndarray[Any, Any], parts: list[tuple[int, int] | int]
+) -> np.ndarray[Any, Any]:
     """A ragged tensor's lengths: packed sfixed64 viewed without a copy where there is
     one packed run (as a worker writes them), gathered in order otherwise."""
     runs = []

@@ -21,11 +21,13 @@ from typing import Any
 
 import grpc
 
+from shardstream.client._lanes import ClientLane
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
 from shardstream.client._wire import (
     Piece,
     ShardDesc,
+    SharedRef,
     StreamEnd,
     check_piece,
     decode_response,
@@ -289,6 +291,10 @@ async def _stream(
     Raises `ProtocolError` for a message that breaks the wire contract."""
     wanted = progress.wanted()
     limit = progress.position + wanted
+    lane = conn.lane if conn.lane is not None and conn.lane.alive else None
+    if lane is None and conn.lane is not None:
+        pool.lane_lost(conn)
+    stream = 0 if lane is None else lane.new_stream()
     request = encode_read(
         dataset=options.dataset,
         shard=progress.shard.id,
@@ -298,6 +304,8 @@ async def _stream(
         fingerprint=progress.shard.fingerprint,
         max_chunk_records=options.max_chunk_records,
         epoch=options.epoch,
+        lane="" if lane is None else lane.id,
+        lane_stream=stream,
     )
     call = conn.read_stub().read(request)
     sent = 0
@@ -308,7 +316,7 @@ async def _stream(
                 return msg
             if msg is grpc.aio.EOF:
                 return Broken("the stream ended without its end message")
-            item = _checked(msg, progress.position, limit, options, progress.shard)
+            item = _checked(msg, progress.position, limit, options, progress.shard, lane, stream)
             if isinstance(item, StreamEnd):
                 return _ending(item, sent, wanted)
             deliver(item)
@@ -326,6 +334,8 @@ async def _stream(
         return Broken(f"{exc.code().name}: {exc.details()}", suspect=not busy)
     finally:
         call.cancel()
+        if lane is not None:
+            lane.end(stream)
 
 
 async def _next_message(
@@ -377,11 +387,32 @@ def _ending(end: StreamEnd, sent: int, wanted: int) -> Outcome:
 
 
 def _checked(
-    msg: bytes, expected: int, limit: int, options: FetchOptions, shard: ShardDesc
+    msg: bytes,
+    expected: int,
+    limit: int,
+    options: FetchOptions,
+    shard: ShardDesc,
+    lane: ClientLane | None = None,
+    stream: int = 0,
 ) -> Piece | StreamEnd:
     """A streamed message, checked to continue the read at `expected`, not past `limit`,
-    and (a chunk) to hold records of `shard` as the schema describes them."""
+    and (a chunk) to hold records of `shard` as the schema describes them. A chunk in the
+    same-host lane is copied out of it, and must be the chunk its reference says."""
     item = decode_response(msg)
+    if isinstance(item, SharedRef):
+        if lane is None:
+            raise ProtocolError("a chunk in a same-host lane, on a read that named none")
+        ref = item
+        try:
+            item = decode_response(lane.take(ref.slot, ref.size, stream))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        if not isinstance(item, Piece) or (item.start, item.count, item.shard) != (
+            ref.start,
+            ref.count,
+            ref.shard,
+        ):
+            raise ProtocolError("a same-host lane's slot does not hold the chunk named")
     if isinstance(item, Piece):
         if item.start != expected or item.count < 1 or item.start + item.count > limit:
             raise ProtocolError(

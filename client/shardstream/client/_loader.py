@@ -19,6 +19,7 @@ from shardstream.client._options import (
     LoaderConfig,
     LoaderOptions,
     LoaderStatistics,
+    WaitHistogram,
 )
 from shardstream.client._pipeline import EpochCounters, EpochIterator
 from shardstream.client._planner import RankPlan
@@ -31,9 +32,9 @@ from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc
 from shardstream.client.errors import ConfigError, StateMismatchError
 from shardstream.v1.codec import (
-    CHUNK_OVERHEAD,
     FieldSpec,
     chunk_limit,
+    chunk_overhead,
     estimated_record_bytes,
     is_ragged,
     record_bytes,
@@ -337,7 +338,7 @@ class Loader:
         longest = max((len(s.id.encode()) for s in self.dataset.shards), default=0)
         limit = chunk_limit(self.schema, longest, self.config.max_message_bytes)
         if limit < 1:
-            need = record_bytes(self.schema) + CHUNK_OVERHEAD + longest
+            need = record_bytes(self.schema) + chunk_overhead(self.schema, longest)
             raise ConfigError(
                 f"a record of dataset {self.config.dataset!r} takes {record_bytes(self.schema)} "
                 f"bytes, which with a chunk's headers is more than max_message_bytes="
@@ -391,6 +392,7 @@ class Loader:
             reads_in_flight={c.address: c.outstanding for c in conns},
             seconds=time.monotonic() - self._started_at if self._started_at else 0.0,
             reads_by_worker={c.address: c.assigned for c in conns},
+            lane_bytes_by_worker={c.address: c.lane.bytes for c in conns if c.lane is not None},
             epochs={
                 e: EpochStatistics(
                     batches=it.counters.batches,
@@ -402,4 +404,7 @@ class Loader:
                 )
                 for e, it in sorted(self._by_epoch.items())
             },
+            data_wait=WaitHistogram(
+                counts=tuple(total.wait_counts), seconds=total.batch_wait_seconds
+            ),
         )

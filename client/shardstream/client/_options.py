@@ -1,5 +1,6 @@
 """Loader options (`LoaderConfig`) and what a loader reports (`LoaderStatistics`)."""
 
+import itertools
 import math
 import numbers
 import os
@@ -8,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NoReturn, Required, TypedDict
 
 from shardstream.client._fetch import FetchOptions
-from shardstream.client._pipeline import PipelineOptions
+from shardstream.client._pipeline import WAIT_BUCKETS, PipelineOptions
 from shardstream.client._planner import SEED_LIMIT, PlanOptions, Remainder
 from shardstream.client._pool import PoolOptions
 from shardstream.client._ragged import RaggedMode
@@ -64,6 +65,9 @@ class LoaderConfig:
     # client receive on several connections at once (gRPC's I/O threads work without the
     # GIL), where one connection's stream of messages is the limit.
     connections_per_worker: int = 1
+    # A worker on this host (a sidecar, spare cores of this node) hands chunks over in
+    # shared memory instead of the socket, where it offers a lane (`_lanes`); False: bytes.
+    same_host_lane: bool = True
     reads_ahead: int = 16  # reads started but not consumed: bounds memory
     prefetch_batches: int = 4  # batches ready before the consumer asks
     chunk_bytes: int = 4 * MiB  # preferred bytes per streamed message (the worker caps it)
@@ -133,7 +137,7 @@ class LoaderConfig:
         for name in _SECONDS:  # finite; gRPC takes some in milliseconds, as a C int
             ms = name in ("keepalive_seconds", "backoff_cap")
             seconds(name, MAX_MESSAGE_BYTES // 1000 if ms else None)
-        for name in ("shuffle", "drop_last", "tune_malloc"):
+        for name in ("shuffle", "drop_last", "tune_malloc", "same_host_lane"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.remainder not in ("drop", "pad"):
@@ -221,7 +225,17 @@ class LoaderConfig:
             resolve_interval=self.resolve_interval,
             reads_per_worker=self.reads_per_worker,
             connections_per_worker=self.connections_per_worker,
+            same_host_lane=self.same_host_lane,
+            lane_slots=self.lane_slots(),
         )
+
+    def lane_slots(self) -> int:
+        """Chunks this loader may hold at once (the reads ahead, the shuffle's reads and
+        the prefetched batches, in chunks, and a few in flight): what its same-host lanes
+        ask for, since its arrays view their slots."""
+        reads = self.reads_ahead + self.shuffle_reads
+        chunks = reads * -(-self.read_bytes // self.chunk_bytes) + self.prefetch_batches + 4
+        return min(chunks, 1024)
 
     def fetch_options(
         self,
@@ -299,6 +313,7 @@ class LoaderOptions(TypedDict, total=False):
     max_inflight_reads: int
     reads_per_worker: int
     connections_per_worker: int
+    same_host_lane: bool
     reads_ahead: int
     prefetch_batches: int
     chunk_bytes: int
@@ -338,6 +353,28 @@ class EpochStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitHistogram:
+    """How long the consumer waited for each batch it received (`LoaderStatistics.data_wait`):
+    `counts[i]` batches waited more than `bounds[i - 1]` and at most `bounds[i]` seconds;
+    the last count, one past the bounds, those that waited longer."""
+
+    bounds: tuple[float, ...] = WAIT_BUCKETS  # seconds, increasing
+    counts: tuple[int, ...] = (0,) * (len(WAIT_BUCKETS) + 1)
+    seconds: float = 0.0  # the waits, all added
+
+    @property
+    def count(self) -> int:
+        """Batches received."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(bound, batches that waited at most that long), the last bound `inf`: the
+        buckets as Prometheus has them."""
+        totals = itertools.accumulate(self.counts)
+        return list(zip((*self.bounds, math.inf), totals, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
 class LoaderStatistics:
     """What a loader has delivered so far (`Loader.statistics()`)."""
 
@@ -353,9 +390,14 @@ class LoaderStatistics:
     stragglers: int  # reads moved off a worker far slower than the fleet
     reads_in_flight: dict[str, int]  # reads running now, by worker
     reads_by_worker: dict[str, int]  # read streams started, by worker
+    # Chunk bytes that came through a same-host lane (shared memory), by worker with one.
+    lane_bytes_by_worker: dict[str, int]
     seconds: float  # since the loader started: batches / seconds is the rate
     # Per epoch (the last iteration of each): batches, waiting, duration.
     epochs: dict[int, EpochStatistics] = field(default_factory=dict)
+    # The wait for each batch received (`wait_seconds` also holds the waits for the ends
+    # of epochs): the consumer's data-wait histogram.
+    data_wait: WaitHistogram = field(default_factory=WaitHistogram)
 
     @property
     def batches_per_second(self) -> float:

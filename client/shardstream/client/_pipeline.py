@@ -12,11 +12,12 @@ consumer; the end of the epoch is the end of iteration.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,9 @@ from shardstream.v1.ragged import concat
 
 log = logging.getLogger("shardstream.client")
 
+# Upper bounds (seconds) of the data-wait histogram's buckets (`LoaderStatistics.data_wait`).
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 @dataclass
 class EpochCounters:
@@ -44,6 +48,10 @@ class EpochCounters:
     wait_seconds: float = 0.0  # time the consumer waited for a batch
     max_reorder_depth: int = 0
     seconds: float = 0.0  # from the first batch asked for to the last one handed over
+    # Batches received by the consumer by how long it waited for each (bucket i: at most
+    # WAIT_BUCKETS[i] seconds; the last: longer), and those waits added.
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    batch_wait_seconds: float = 0.0
 
     def add(self, other: EpochCounters) -> None:
         self.batches += other.batches
@@ -51,6 +59,13 @@ class EpochCounters:
         self.bytes += other.bytes
         self.wait_seconds += other.wait_seconds
         self.max_reorder_depth = max(self.max_reorder_depth, other.max_reorder_depth)
+        self.wait_counts = [a + b for a, b in zip(self.wait_counts, other.wait_counts, strict=True)]
+        self.batch_wait_seconds += other.batch_wait_seconds
+
+    def waited_for_batch(self, seconds: float) -> None:
+        """The consumer received a batch after waiting `seconds` for it."""
+        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.batch_wait_seconds += seconds
 
 
 class EndOfEpoch:
@@ -140,8 +155,9 @@ class EpochIterator:
             self._began = time.perf_counter()
         t0 = time.perf_counter()
         item = await self._next_item()
+        waited = time.perf_counter() - t0
         if not self.external_wait:
-            self.counters.wait_seconds += time.perf_counter() - t0
+            self.counters.wait_seconds += waited
         if self._abandoned is not None:  # woken by abandon() while waiting
             raise RuntimeError(self._abandoned)
         if self._finished:  # woken by aclose() while waiting
@@ -159,6 +175,8 @@ class EpochIterator:
         if self._ledger is not None:
             self._ledger.batch(c.batches)
         c.batches += 1
+        if not self.external_wait:
+            c.waited_for_batch(waited)
         c.records += len(next(iter(item.values())))
         c.bytes += batch_nbytes(item)
         c.seconds = time.perf_counter() - self._began

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from shardstream.client._agreement import Describing, agree, verify
 from shardstream.client._health import suspect, watch_health
+from shardstream.client._lanes import open_lane
 from shardstream.client._resolve import DNS_PREFIX, follow_names, resolve_all
-from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
+from shardstream.client._security import CallMetadata, ClientSecurity, secure_channel
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 from shardstream.client._workers import Conn
@@ -51,6 +52,8 @@ class PoolOptions:
     resolve_interval: float = 30.0
     reads_per_worker: int = 4
     connections_per_worker: int = 1
+    same_host_lane: bool = True
+    lane_slots: int = 0  # chunks the loader may hold at once: the slots its lanes ask for
 
 
 class WorkerPool:
@@ -66,7 +69,7 @@ class WorkerPool:
             backoff_base=options.backoff_base,
             backoff_cap=options.backoff_cap,
         )
-        self._metadata = call_metadata(options.security)  # reads a token file once
+        self._metadata = CallMetadata(options.security)  # a token file, followed
         self.conns: list[Conn] = []
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
@@ -87,16 +90,21 @@ class WorkerPool:
         for conn in self.conns:
             conn.serving = conn.verified
             self._scope.spawn(self._watch(conn))
+        if self.options.same_host_lane:  # quick either way: a local socket, or none
+            await asyncio.gather(*(self._open_lane(c) for c in self.conns if c.verified))
         if any(t.startswith(DNS_PREFIX) for t in self.targets):
             interval = self.options.resolve_interval
             self._scope.spawn(follow_names(self.targets, interval, self._joined))
         return self.desc
 
     async def aclose(self) -> None:
-        """Stop watching and close every channel (idempotent)."""
+        """Stop watching and close every channel and lane (idempotent)."""
         try:
             await self._scope.aclose()
         finally:
+            for conn in self.conns:
+                if conn.lane is not None:
+                    conn.lane.close()
             channels = [ch for c in self.conns for ch in c.channels()]
             await asyncio.gather(*(ch.close() for ch in channels))
 
@@ -129,6 +137,23 @@ class WorkerPool:
         conn = self._add(address)
         conn.serving = False
         self._scope.spawn(self._watch(conn))
+        if self.options.same_host_lane:
+            self._scope.spawn(self._open_lane(conn))
+
+    async def _open_lane(self, conn: Conn) -> None:
+        """A same-host lane to `conn`'s worker, where it offers one on this host; its reads
+        use it from then on (until then, and without one, chunks come as bytes)."""
+        conn.lane_opening = True
+        try:
+            conn.lane = await open_lane(conn.stub, slots=self.options.lane_slots)
+        finally:
+            conn.lane_opening = False
+
+    def lane_lost(self, conn: Conn) -> None:
+        """`conn`'s lane ended (its worker restarted, say): ask for a new one."""
+        if conn.lane is not None and not conn.lane.alive and not conn.lane_opening:
+            conn.lane = None
+            self._scope.spawn(self._open_lane(conn))
 
     async def _watch(self, conn: Conn) -> None:
         await watch_health(conn, on_serving=self._changed.set, pause=self.options.backoff_base)

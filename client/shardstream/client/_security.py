@@ -2,15 +2,20 @@
 
     security = ClientSecurity(tls_ca=Path("ca.pem"), auth_token_file=Path("token"))
     channel = secure_channel("worker:50051", options, security)
-    metadata = call_metadata(security)              # once per client; pass to every call
+    metadata = CallMetadata(security)               # once per client
+    stub.read(request, metadata=metadata())         # each call: the token file's current token
 
 The token is sent as ordinary call metadata (`authorization: Bearer <token>`),
 so it also works on channels without TLS; there it travels in clear text and
 anyone on the path can read it. Use TLS wherever the network is not trusted.
+A token file is read again when it changes (looked at once a second at most), so
+a running loader follows a token rotation (see `read_tokens_file`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +24,12 @@ import grpc
 
 # One reader for PEM and token files on both sides, with the same precise errors.
 from shardstream._common.pem import read_pem, read_token_file
+from shardstream._common.watched import WatchedFiles
 
-__all__ = ["ClientSecurity", "call_metadata", "secure_channel"]
+__all__ = ["CallMetadata", "ClientSecurity", "call_metadata", "secure_channel"]
+
+log = logging.getLogger("shardstream.client")
+TOKEN_RECHECK_SECONDS = 1.0  # a token file's stats are looked at most this often
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,11 +89,12 @@ def secure_channel(
     return grpc.aio.secure_channel(address, credentials, options=opts)
 
 
-def call_metadata(security: ClientSecurity | None) -> tuple[tuple[str, str], ...]:
-    """`(("authorization", "Bearer <token>"),)`, or `()` when no token is configured.
+Metadata = tuple[tuple[str, str], ...]
 
-    Reads `auth_token_file` on each call: call it once per client and reuse the result.
-    """
+
+def call_metadata(security: ClientSecurity | None) -> Metadata:
+    """`(("authorization", "Bearer <token>"),)`, or `()` when no token is configured;
+    reads `auth_token_file` now (`CallMetadata` follows the file)."""
     if security is None:
         return ()
     if security.auth_token is not None:
@@ -94,6 +104,36 @@ def call_metadata(security: ClientSecurity | None) -> tuple[tuple[str, str], ...
     else:
         return ()
     return (("authorization", f"Bearer {token}"),)
+
+
+class CallMetadata:
+    """The metadata every call carries, from a `ClientSecurity`: calling it gives the
+    token file's current token (a changed file is read again; one that cannot be used is
+    logged once and the last good token kept). The file is read once here, so a missing
+    or empty one is a ValueError at once."""
+
+    def __init__(self, security: ClientSecurity | None) -> None:
+        self._fixed = call_metadata(security)
+        self._file: WatchedFiles[Metadata] | None = None
+        if security is not None and security.auth_token_file is not None:
+            path = security.auth_token_file
+            self._file = WatchedFiles(
+                (path,),
+                lambda: (("authorization", f"Bearer {read_token_file(path)}"),),
+                what=f"bearer token file {path}",
+                applied="calls send its (first) token",
+                log=log,
+            )
+        self._next_check = time.monotonic() + TOKEN_RECHECK_SECONDS
+
+    def __call__(self) -> Metadata:
+        if self._file is None:
+            return self._fixed
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + TOKEN_RECHECK_SECONDS
+            self._file.refresh()
+        return self._file.value
 
 
 def _check_token(token: str, where: str) -> None:

@@ -171,13 +171,15 @@ class SyncLoader:
             while True:
                 t0 = time.perf_counter()
                 item = handoff.get()
-                iterator.counters.wait_seconds += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                iterator.counters.wait_seconds += waited
                 if item is END:
                     position.completed = True
                     return
                 if isinstance(item, Failure):
                     raise item.error
                 position.batches += 1
+                iterator.counters.waited_for_batch(waited)
                 # The epoch's duration as the caller sees it (the loader runs ahead).
                 iterator.counters.seconds = time.perf_counter() - began
                 yield cast(Batch, item)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +197,8 @@ def encode_read(
     fingerprint: str,
     max_chunk_records: int,
     epoch: int = 0,
+    lane: str = "",
+    lane_stream: int = 0,
 ) -> bytes:
     return pb.ReadRequest(
         dataset=dataset,
@@ -207,11 +209,36 @@ def encode_read(
         shard_fingerprint=fingerprint,
         max_chunk_records=max_chunk_records,
         epoch=epoch,
+        lane=lane,
+        lane_stream=lane_stream,
     ).SerializeToString()
 
 
-def decode_response(data: bytes) -> Piece | StreamEnd:
-    """Turn one streamed message into a Piece (arrays viewing the message) or an End."""
+@dataclass(frozen=True, slots=True)
+class SharedRef:
+    """A chunk in the same-host lane (`_lanes`): its message is in slot `slot`."""
+
+    start: int
+    count: int
+    shard: str
+    slot: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LaneOffer:
+    """A worker's same-host lane offer (`OpenLaneResponse`)."""
+
+    address: str
+    ticket: bytes
+    lane: str
+    slots: int
+    slot_bytes: int
+
+
+def decode_response(data: bytes | np.ndarray[Any, Any]) -> Piece | StreamEnd | SharedRef:
+    """Turn one streamed message into a Piece (arrays viewing the message), an End, or a
+    reference to a chunk in the same-host lane."""
     if is_chunk(data):
         try:
             start, count, shard, arrays = parse_chunk(data)
@@ -219,12 +246,15 @@ def decode_response(data: bytes) -> Piece | StreamEnd:
             raise ProtocolError(f"malformed chunk: {exc}") from None
         return Piece(start, count, arrays, shard)
     try:
-        msg = pb.ReadResponse.FromString(data)
+        msg = pb.ReadResponse.FromString(bytes(data))
     except DecodeError as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
     kind = msg.WhichOneof("kind")
     if kind == "end":
         return StreamEnd(msg.end.records_sent, msg.end.reason == pb.END_REASON_DRAINING)
+    if kind == "shared":
+        m = msg.shared
+        return SharedRef(m.start, m.count, m.shard, m.slot, m.size)
     raise ProtocolError("a streamed message is neither a chunk nor an end")
 
 
@@ -232,9 +262,12 @@ class WorkerStub:
     """The Worker service's methods on one channel, with our codecs and call metadata."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+        self,
+        channel: grpc.aio.Channel,
+        metadata: Callable[[], tuple[tuple[str, str], ...]] | tuple[tuple[str, str], ...] = (),
     ) -> None:
-        self._metadata = metadata
+        """`metadata`: sent with every call; a callable is asked for it at each call."""
+        self._metadata = metadata if callable(metadata) else (lambda: metadata)
         self._read = channel.unary_stream(
             f"/{SERVICE}/Read", request_serializer=None, response_deserializer=None
         )
@@ -243,15 +276,27 @@ class WorkerStub:
             request_serializer=pb.DescribeDatasetRequest.SerializeToString,
             response_deserializer=pb.DatasetInfo.FromString,
         )
+        self._open_lane = channel.unary_unary(
+            f"/{SERVICE}/OpenLane",
+            request_serializer=pb.OpenLaneRequest.SerializeToString,
+            response_deserializer=pb.OpenLaneResponse.FromString,
+        )
         self._list = channel.unary_unary(
             f"/{SERVICE}/ListDatasets",
             request_serializer=pb.ListDatasetsRequest.SerializeToString,
             response_deserializer=pb.ListDatasetsResponse.FromString,
         )
 
+    async def open_lane(self, *, timeout: float, slots: int = 0) -> LaneOffer:
+        """Ask for a same-host lane (AioRpcError where the worker gives none)."""
+        reply = await self._open_lane(
+            pb.OpenLaneRequest(slots=slots), timeout=timeout, metadata=self._metadata()
+        )
+        return LaneOffer(reply.address, reply.ticket, reply.lane, reply.slots, reply.slot_bytes)
+
     def read(self, request: bytes) -> grpc.aio.UnaryStreamCall:
         """Start a Read stream (`request` from `encode_read`)."""
-        return self._read(request, metadata=self._metadata)
+        return self._read(request, metadata=self._metadata())
 
     async def describe(
         self, dataset: str, *, timeout: float, wait_for_ready: bool = True
@@ -260,13 +305,16 @@ class WorkerStub:
             pb.DescribeDatasetRequest(dataset=dataset),
             timeout=timeout,
             wait_for_ready=wait_for_ready,
-            metadata=self._metadata,
+            metadata=self._metadata(),
         )
         return _dataset_desc(info)
 
     async def list_datasets(self, *, timeout: float) -> list[DatasetDesc]:
         reply = await self._list(
-            pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True, metadata=self._metadata
+            pb.ListDatasetsRequest(),
+            timeout=timeout,
+            wait_for_ready=True,
+            metadata=self._metadata(),
         )
         return [_dataset_desc(d) for d in reply.datasets]
 

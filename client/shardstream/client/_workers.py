@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shardstream.client._lanes import ClientLane
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 
 
@@ -30,6 +31,8 @@ class Conn:
     # Further connections for reads (`connections_per_worker` > 1): reads take `stub` and
     # these in turn, so their messages arrive on several TCP connections at once.
     extra: list[tuple[grpc.aio.Channel, WorkerStub]] = field(default_factory=list)
+    lane: ClientLane | None = None  # a same-host lane to it (`_lanes`), once open
+    lane_opening: bool = False
 
     def read_stub(self) -> WorkerStub:
         """The stub of the connection the next read goes on (round robin)."""

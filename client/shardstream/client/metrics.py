@@ -4,8 +4,10 @@
     port = serve_metrics(loader, port=9100)     # http://host:9100/metrics
 
 Every scrape reads `loader.statistics()`: batches, records and bytes delivered,
-seconds the consumer waited for data, resumed reads by worker, reads running
-by worker, skipped records and the deepest reorder buffer.
+seconds the consumer waited for data, and for each batch as a histogram
+(`shardstream_client_data_wait_seconds`), resumed reads by worker, reads
+running by worker, skipped records and the deepest reorder buffer. Every series
+is labelled with the loader's dataset and rank.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ class _LoaderCollector:
         self._labels = labels
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
 
         s = self._loader.statistics()
         names, values = list(self._labels), list(self._labels.values())
@@ -57,6 +64,14 @@ class _LoaderCollector:
         )
         depth.add_metric(values, s.max_reorder_depth)
         yield depth
+        wait = HistogramMetricFamily(
+            "shardstream_client_data_wait_seconds",
+            "time the consumer waited for each batch it received",
+            labels=names,
+        )
+        buckets = [(floatToGoString(bound), n) for bound, n in s.data_wait.cumulative()]
+        wait.add_metric(values, buckets, sum_value=s.data_wait.seconds)
+        yield wait
 
 
 def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> int:

@@ -17,22 +17,33 @@ def read_pem(path: Path, what: str) -> bytes:
     return data
 
 
-def read_token_file(path: Path) -> str:
-    """The token in `path`, surrounding whitespace stripped; refuses an empty or odd token."""
+def read_tokens_file(path: Path) -> tuple[str, ...]:
+    """The bearer tokens in `path`, one per line (blank lines ignored): a worker accepts
+    any of them, a client sends the first. Several tokens let a token change without
+    refusing anyone: the worker's file holds the new and the old token while the
+    clients' files are changed, then only the new one. ValueError if none, or an odd one."""
     what = "auth token file (auth_token_file)"
     try:
-        token = _read_bytes(path, what).decode("ascii").strip()
+        text = _read_bytes(path, what).decode("ascii")
     except UnicodeDecodeError as exc:
         raise ValueError(
             f"{what} {path} holds non-ASCII bytes: a bearer token must be printable ASCII"
         ) from exc
-    if not token:
+    tokens = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not tokens:
         raise ValueError(f"{what} {path} is empty: write the token into it")
-    if not all("!" <= c <= "~" for c in token):
-        raise ValueError(
-            f"{what} {path}: the token must be printable ASCII without spaces or line breaks"
-        )
-    return token
+    for n, token in enumerate(tokens, 1):
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError(
+                f"{what} {path}, token {n}: a token must be printable ASCII without spaces "
+                "(one token per line)"
+            )
+    return tokens
+
+
+def read_token_file(path: Path) -> str:
+    """The token a client sends: the first in `path` (see `read_tokens_file`)."""
+    return read_tokens_file(path)[0]
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

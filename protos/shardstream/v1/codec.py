@@ -159,11 +159,22 @@ def is_ragged(schema: tuple[FieldSpec, ...]) -> bool:
 # Bytes a chunk message needs beyond its tensor data and its shard id: tags, lengths,
 # names, shapes (a bound both sides size messages with).
 CHUNK_OVERHEAD = 1024
+# Tensor data (and a ragged field's lengths) starts at a multiple of ALIGNMENT bytes from
+# the start of the message: a `Tensor.pad` field before it takes up to ALIGNMENT + 1 bytes.
+ALIGNMENT = 64
+PAD_BYTES = ALIGNMENT + 1
+
+
+def chunk_overhead(schema: tuple[FieldSpec, ...], shard_id_bytes: int) -> int:
+    """Bytes a chunk of `schema` needs beyond its records' data: headers, the shard id
+    and the alignment padding of every field's data and lengths (a bound)."""
+    names = sum(len(f.name.encode()) for f in schema)
+    return CHUNK_OVERHEAD + shard_id_bytes + names + 2 * PAD_BYTES * len(schema)
 
 
 def chunk_limit(schema: tuple[FieldSpec, ...], shard_id_bytes: int, max_message_bytes: int) -> int:
     """Most records one chunk message of `max_message_bytes` can hold (0: not even one)."""
-    room = max_message_bytes - CHUNK_OVERHEAD - shard_id_bytes
+    room = max_message_bytes - chunk_overhead(schema, shard_id_bytes)
     return max(0, room) // max(1, record_bytes(schema))
 
 

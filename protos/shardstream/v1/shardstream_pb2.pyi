@@ -50,18 +50,20 @@ END_REASON_COMPLETE: EndReason
 END_REASON_DRAINING: EndReason
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data", "lengths")
+    __slots__ = ("name", "dtype", "shape", "data", "lengths", "pad")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    pad: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class FieldSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "ragged")
@@ -118,7 +120,7 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch")
+    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch", "lane", "lane_stream")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,8 @@ class ReadRequest(_message.Message):
     SHARD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_RECORDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    LANE_STREAM_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     shard: str
     start: int
@@ -135,7 +139,9 @@ class ReadRequest(_message.Message):
     shard_fingerprint: str
     max_chunk_records: int
     epoch: int
-    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    lane: str
+    lane_stream: int
+    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ..., lane: _Optional[str] = ..., lane_stream: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("start", "count", "tensors", "shard")
@@ -157,10 +163,48 @@ class End(_message.Message):
     reason: EndReason
     def __init__(self, records_sent: _Optional[int] = ..., reason: _Optional[_Union[EndReason, str]] = ...) -> None: ...
 
+class SharedChunk(_message.Message):
+    __slots__ = ("start", "count", "shard", "slot", "size")
+    START_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    count: int
+    shard: str
+    slot: int
+    size: int
+    def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ..., shard: _Optional[str] = ..., slot: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
 class ReadResponse(_message.Message):
-    __slots__ = ("chunk", "end")
+    __slots__ = ("chunk", "end", "shared")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     chunk: Chunk
     end: End
-    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    shared: SharedChunk
+    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., shared: _Optional[_Union[SharedChunk, _Mapping]] = ...) -> None: ...
+
+class OpenLaneRequest(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: int
+    def __init__(self, slots: _Optional[int] = ...) -> None: ...
+
+class OpenLaneResponse(_message.Message):
+    __slots__ = ("address", "ticket", "lane", "slots", "slot_bytes", "ticket_seconds")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TICKET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ticket: bytes
+    lane: str
+    slots: int
+    slot_bytes: int
+    ticket_seconds: float
+    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., lane: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., ticket_seconds: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=shardstream_dot_v1_dot_shardstream__pb2.ReadRequest.SerializeToString,
                 response_deserializer=shardstream_dot_v1_dot_shardstream__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.OpenLane = channel.unary_unary(
+                '/shardstream.v1.Worker/OpenLane',
+                request_serializer=shardstream_dot_v1_dot_shardstream__pb2.OpenLaneRequest.SerializeToString,
+                response_deserializer=shardstream_dot_v1_dot_shardstream__pb2.OpenLaneResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -72,6 +77,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLane(self, request, context):
+        """A same-host lane for this client (UNIMPLEMENTED where a worker has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=shardstream_dot_v1_dot_shardstream__pb2.ReadRequest.FromString,
                     response_serializer=shardstream_dot_v1_dot_shardstream__pb2.ReadResponse.SerializeToString,
+            ),
+            'OpenLane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLane,
+                    request_deserializer=shardstream_dot_v1_dot_shardstream__pb2.OpenLaneRequest.FromString,
+                    response_serializer=shardstream_dot_v1_dot_shardstream__pb2.OpenLaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Worker:
             '/shardstream.v1.Worker/Read',
             shardstream_dot_v1_dot_shardstream__pb2.ReadRequest.SerializeToString,
             shardstream_dot_v1_dot_shardstream__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstream.v1.Worker/OpenLane',
+            shardstream_dot_v1_dot_shardstream__pb2.OpenLaneRequest.SerializeToString,
+            shardstream_dot_v1_dot_shardstream__pb2.OpenLaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

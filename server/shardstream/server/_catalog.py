@@ -12,6 +12,12 @@ of the first non-empty shard (`_pipelines.probe_schema`, in a decoding process),
 and its fingerprint covers the chain, so workers running other transforms under
 the same name are refused by clients.
 
+A dataset may declare its schema (`DatasetSpec.schema`): the fields its decoder,
+or its transforms on that first record, must give. Start-up refuses any
+difference, naming each field, and the declared fields are the schema served and
+the one every record read is checked against; a declared ragged field (shape
+[-1, ...]) takes a transform's array of any length.
+
 Indexing a shard asks its decoder for the record count and schema (in a decoding
 process) and, at the same time, reads every byte for its content digest (threads
 of `_fingerprint.Digester`, or its cache); both must have seen the same file. A
@@ -43,7 +49,7 @@ from shardstream.server._fingerprint import (
 from shardstream.server._manifest import Manifest, check_dataset, load_manifest
 from shardstream.server._pipelines import Pipeline, pipeline_text, probe_schema
 from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
-from shardstream.v1.codec import FieldSpec, record_bytes
+from shardstream.v1.codec import RAGGED, FieldSpec, record_bytes
 
 __all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "index_in_threads"]
 
@@ -222,8 +228,11 @@ async def build_dataset(
         )
     pipeline = None
     if spec.transforms:
-        pipeline = Pipeline(transforms=spec.transforms, input_schema=schema)
+        declared = spec.schema is not None
+        pipeline = Pipeline(transforms=spec.transforms, input_schema=schema, declared=declared)
         schema = await _probe(spec, ref, shards, schema, probe)
+    if spec.schema is not None:
+        schema = _declared(spec, schema, shards)
     if record_bytes(schema) > max_record_bytes:
         raise CatalogError(
             f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
@@ -270,6 +279,52 @@ async def _probe(
         raise CatalogError(
             f"dataset {spec.name!r}: its transforms fail on record 0 of shard {first.id!r}: {exc}"
         ) from None
+
+
+def _declared(
+    spec: DatasetSpec, found: tuple[FieldSpec, ...], shards: Sequence[Shard]
+) -> tuple[FieldSpec, ...]:
+    """The schema served where the dataset declares one: each field of `found` (what its
+    decoder or transforms give) as declared. CatalogError naming every field that differs."""
+    declared = {f.name: f for f in spec.schema or ()}
+    given = {f.name: f for f in found}
+    notes = []
+    for name in sorted(declared.keys() | given.keys()):
+        d, g = declared.get(name), given.get(name)
+        if g is None:
+            notes.append(f"field {name!r} declared {_kind(d)}, not found")
+        elif d is None:
+            notes.append(f"field {name!r} found {_kind(g)}, not declared")
+        elif d != g and not (spec.transforms and _takes(d, g)):
+            notes.append(f"field {name!r} declared {_kind(d)}, found {_kind(g)}")
+    if notes:
+        if spec.transforms:
+            first = next(s for s in shards if s.records)  # `_probe` ran on it
+            where, fix = f"its transforms give on record 0 of shard {first.id!r}", "transforms"
+        else:
+            where, fix = "its shards have", "shards"
+        raise CatalogError(
+            f"dataset {spec.name!r}: its declared schema is not what {where}: "
+            f"{'; '.join(notes)}; fix the declaration ([datasets.{spec.name}.schema] in the "
+            f"--config file) or the {fix}"
+        )
+    return tuple(declared[f.name] for f in found)
+
+
+def _kind(spec: FieldSpec | None) -> str:
+    """A field's dtype and shape, as `FieldSpec.__str__` writes them ("float32[3x8x8]")."""
+    return "" if spec is None else str(spec).removeprefix(f"{spec.name}:")
+
+
+def _takes(declared: FieldSpec, found: FieldSpec) -> bool:
+    """Whether a declared ragged field takes what a transform gave on one record."""
+    return (
+        declared.shape[:1] == (RAGGED,)
+        and not found.ragged
+        and found.dtype == declared.dtype
+        and found.shape[:1] != ()
+        and found.shape[1:] == declared.inner
+    )
 
 
 def _schema_difference(first: Sequence[FieldSpec], other: Sequence[FieldSpec]) -> str:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from shardstream.server._security import ServerSecurity
+from shardstream.v1.codec import FieldSpec
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 __all__ = ["DatasetSpec", "TransformSpec", "WorkerConfig"]
 
@@ -64,6 +66,10 @@ class DatasetSpec:
     # Run per record after the decoder, in order, in the decoding processes: the
     # dataset's records are what the last one returns (`_pipelines`); (): none.
     transforms: tuple[TransformSpec, ...] = ()
+    # The records' fields as declared ([datasets.NAME.schema] in a --config file): start-up
+    # refuses unless the decoder (or the transforms) give them, and reads check every
+    # record against them (`_catalog`); None: found at start-up.
+    schema: tuple[FieldSpec, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transforms", tuple(self.transforms))
@@ -100,6 +106,17 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # use 0.0.0.0 / [::] to serve other machines
     port: int = 50051  # 0 picks a free port
     processes: int = 1  # decoding processes (spawned); 0 decodes in threads of this process
+    # Chunks that are file bytes as they are (npz members stored little-endian, no
+    # transform) are read into their messages by this process's I/O threads, skipping the
+    # decoding processes (`_direct`); False: every chunk goes through a decoding process.
+    direct_reads: bool = True
+    # Same-host lanes (`_lanes`): a client on this host gets chunks through shared memory,
+    # at most `lane_slots` slots of max_message_bytes each (a loader asks for as many
+    # chunks as it may hold), at most `max_lanes` clients at once: at most lane_slots x
+    # max_message_bytes x max_lanes bytes, taken as chunks are written into them.
+    lanes: bool = True
+    lane_slots: int = 64
+    max_lanes: int = 16
     max_message_bytes: int = 8 * MiB  # gRPC max send/receive message size
     chunk_bytes: int = 4 * MiB  # target size of one streamed chunk (<= max message / 2)
     max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
@@ -124,6 +141,11 @@ class WorkerConfig:
     # Seconds a connection may stay without any call before it is closed (GOAWAY); its
     # client reconnects when it needs to. Loaders keep theirs busy with health watches.
     idle_connection_timeout: float = 300.0
+    # Keep the shards of an fsspec URL data root on local disk here, so later epochs and
+    # restarts read them locally (`_shardcache`); None: every open reads the data root.
+    shard_cache_dir: Path | None = None
+    # At most this many bytes of copies: the least recently used are evicted first.
+    shard_cache_bytes: int = 10 * GiB
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -168,12 +190,24 @@ class WorkerConfig:
             )
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be positive, got {self.max_streams}")
+        if not 1 <= self.lane_slots <= 1024:
+            raise ValueError(f"lane_slots must be in [1, 1024], got {self.lane_slots}")
+        if not 1 <= self.max_lanes <= 4096:
+            raise ValueError(f"max_lanes must be in [1, 4096], got {self.max_lanes}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         for name in ("stream_stall_timeout", "idle_connection_timeout"):
             seconds = getattr(self, name)
             if not 0 < seconds < 1e6:  # also refuses NaN
                 raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {seconds}")
+        if self.shard_cache_bytes < 1:
+            raise ValueError(f"shard_cache_bytes must be positive, got {self.shard_cache_bytes}")
+        if self.shard_cache_dir is not None and isinstance(self.data_root, Path):
+            raise ValueError(
+                f"--shard-cache-dir keeps local copies of the shards of an fsspec URL data root "
+                f"(s3://, gs://, ...), but the data root {self.data_root} is a local directory, "
+                "read in place: drop --shard-cache-dir"
+            )
         for name in ("max_connections", "max_streams_per_connection"):
             if not 1 <= getattr(self, name) <= 2**31 - 1:
                 raise ValueError(f"{name} must be in [1, 2147483647], got {getattr(self, name)}")

@@ -11,9 +11,18 @@
       {fn = "shardstream.server.transforms:random_resized_crop", size = 224},
     ]
 
+    [datasets.train.schema]                  # optional: the fields the records have
+    image = {dtype = "uint8", shape = [224, 224, 3]}
+    label = {dtype = "int64"}                # shape [] (a scalar) unless given
+    caption = {dtype = "string"}             # "string" / "bytes": one per record
+    boxes = {dtype = "float32", shape = [-1, 4]}   # -1 first: ragged (any number)
+
 Each transform is a table with `fn` ("module:function") and its parameters; it
 is imported and its parameters checked against its signature here, so a typo
-is a start-up error. Every error is one line naming the file and the key.
+is a start-up error. A declared schema is checked against what the transforms
+(or the decoder) give when the worker starts, and every record against it when
+read (`_catalog`); dtypes are numpy's names. Every error is one line naming the
+file and the key.
 Worker settings (port, processes, TLS, ...) stay flags and SHARDSTREAM_*
 variables; datasets given with --dataset are served besides the file's.
 """
@@ -25,13 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shardstream.server._config import DatasetSpec, TransformSpec
 from shardstream.server._pipelines import check_transform
+from shardstream.v1.codec import TEXT_DTYPES, FieldSpec, dtype_code
 
 __all__ = ["ConfigFile", "load_config_file"]
 
 _TOP = ("data_root", "decoders", "datasets")
-_DATASET = ("shards", "format", "transforms")
+_DATASET = ("shards", "format", "transforms", "schema")
+_FIELD = ("dtype", "shape")
+_FIELD_EXAMPLE = '{dtype = "float32", shape = [3, 224, 224]}'
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,8 +109,11 @@ def _dataset(name: str, table: Any, where: str) -> DatasetSpec:
     transforms = tuple(
         _transform(step, where, f"{at}.transforms[{i}]") for i, step in enumerate(steps)
     )
+    schema = None if "schema" not in table else _schema(table["schema"], where, f"{at}.schema")
     try:
-        return DatasetSpec(name=name, pattern=shards, format=fmt, transforms=transforms)
+        return DatasetSpec(
+            name=name, pattern=shards, format=fmt, transforms=transforms, schema=schema
+        )
     except ValueError as exc:
         raise ValueError(f"{where}: {at}: {exc}") from None
 
@@ -116,3 +133,38 @@ def _transform(step: Any, where: str, at: str) -> TransformSpec:
     except ValueError as exc:
         raise ValueError(f"{where}: {at}: {exc}") from None
     return spec
+
+
+def _schema(table: Any, where: str, at: str) -> tuple[FieldSpec, ...]:
+    if not isinstance(table, dict) or not table:
+        raise ValueError(
+            f"{where}: {at} must be a table of one or more fields ([{at}] then lines like "
+            f"image = {_FIELD_EXAMPLE}), got {table!r}"
+        )
+    return tuple(_field(name, spec, where, f"{at}.{name}") for name, spec in table.items())
+
+
+def _field(name: str, spec: Any, where: str, at: str) -> FieldSpec:
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: {at} must be a table like {_FIELD_EXAMPLE}, got {spec!r}")
+    _known(spec, _FIELD, where, f"{at}.", "")
+    dtype = spec.get("dtype")
+    if not isinstance(dtype, str):
+        raise ValueError(f'{where}: {at}.dtype must name a dtype, e.g. "float32", got {dtype!r}')
+    try:
+        dtype_code(dtype)
+        canonical = dtype if dtype in TEXT_DTYPES else np.dtype(dtype).name
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {at}.dtype: {exc}") from None
+    if canonical != dtype:
+        raise ValueError(f"{where}: {at}.dtype: write {canonical!r} for {dtype!r}")
+    shape = spec.get("shape", [])
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise ValueError(
+            f"{where}: {at}.shape must be a list of ints ([] for a scalar, -1 first for a "
+            f"ragged field), got {shape!r}"
+        )
+    try:
+        return FieldSpec(name=name, dtype=dtype, shape=tuple(shape))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {at}: {exc}") from None

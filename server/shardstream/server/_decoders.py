@@ -157,6 +157,16 @@ class Decoder(abc.ABC):
             for name, target in out.items():
                 np.copyto(target, arrays[name], casting="no")
 
+    def byte_ranges(
+        self, path: ShardPath, start: int, count: int
+    ) -> Mapping[str, tuple[int, int]] | None:
+        """Where records [start, start + count) of every field lie in the shard's file,
+        as (offset, bytes), when those bytes are exactly what a chunk carries (little-
+        endian, C order, not compressed, no transform): the worker then reads them into
+        the message itself, with no decoding process in between. None (this default):
+        the records need decoding."""
+        return None
+
 
 _REGISTRY: dict[str, type[Decoder]] = {}
 

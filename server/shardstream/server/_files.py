@@ -5,9 +5,10 @@ through the operating system, exactly as before) or the shard's full URL
 `str` for a URL data root (`memory://...`, `file:///...`, `s3://...`), which
 goes through fsspec (optional: `pip install 'shardstream[fsspec]'`).
 
-Decoders open shards with `open_shard` (a seekable binary file either way) and
-the catalog and `read_chunk` compare `shard_stat` stamps to notice a changed
-file. A local shard's stamp is (size, mtime_ns, ctime_ns, inode): `os.utime` can
+Decoders open shards with `open_shard` (a seekable binary file either way; in a
+process with a shard cache, `_shardcache`, a URL shard's local copy) and the
+catalog and `read_chunk` compare `shard_stat` stamps to notice a changed file.
+A local shard's stamp is (size, mtime_ns, ctime_ns, inode): `os.utime` can
 put a modification time back, but not the change time, so a file rewritten in
 place with its size and mtime restored still gets a new stamp (so does any other
 change to its inode: mode, owner, links). A URL shard's stamp is its size plus,
@@ -37,6 +38,7 @@ __all__ = [
     "glob_url",
     "is_url",
     "open_shard",
+    "open_url",
     "shard_stat",
     "shard_version",
     "sibling",
@@ -69,11 +71,23 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, str(path)
 
 
+# Opens URL shards in a process with a shard cache (set by `_shardcache.install`,
+# which reads them from a local copy); None: `open_url`.
+url_opener: Callable[[str], IO[bytes]] | None = None
+
+
 def open_shard(path: ShardPath) -> IO[bytes]:
     """A binary file of a shard, with random access (seek, read, readinto); close it."""
     if isinstance(path, Path):
         return open(path, "rb")
-    fs, inner = filesystem(path)
+    if url_opener is not None:
+        return url_opener(path)
+    return open_url(path)
+
+
+def open_url(url: str) -> IO[bytes]:
+    """The file at a URL, read through fsspec (never through the shard cache)."""
+    fs, inner = filesystem(url)
     f: IO[bytes] = fs.open(inner, "rb")
     return f
 
@@ -141,7 +155,10 @@ def sibling(path: ShardPath, name: str) -> ShardPath:
 def url_root(root: str) -> str:
     """The canonical URL of a data root; ValueError (or ImportError) if it is unusable."""
     if "::" in root:
-        raise ValueError(f"chained fsspec URLs are not supported as a data root: {root!r}")
+        raise ValueError(
+            f"chained fsspec URLs ({root!r}) are not supported as a data root: give the plain "
+            "URL (e.g. s3://bucket/train), and --shard-cache-dir DIR to keep shards on local disk"
+        )
     fs, inner = filesystem(root)
     inner = inner.rstrip("/")
     if inner:

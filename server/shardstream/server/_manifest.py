@@ -23,16 +23,25 @@ differ), so the schema is written once per dataset. A worker started with
 `--manifest FILE` checks every dataset it serves against the file once it has
 indexed them and refuses to start on any difference, naming the shard and what
 differs: a missing or extra shard, its size, record count or content digest.
+
+A dataset with transforms (`--config`; index it with the same file) also has
+"transforms": its chain as the configuration gives it, each step a table of
+"fn" and its parameters; "schema" is then the chain's output. A worker whose
+chain differs in any step or parameter refuses to start, naming the first step
+that differs: the manifest pins what the records are, not only the shards, so a
+changed pipeline is never served under a stale manifest. Index the dataset
+again with the new configuration to serve it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardstream.server._fingerprint import ALGORITHM
+from shardstream.server._pipelines import pipeline_text
 from shardstream.server.errors import CatalogError
 
 if TYPE_CHECKING:
@@ -63,6 +72,7 @@ class ManifestDataset:
     format: str
     schema: tuple[str, ...]
     shards: dict[str, ManifestShard]
+    transforms: list[Any] = field(default_factory=list)  # [{"fn": ..., **params}]; []: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,30 +86,37 @@ def manifest_of(catalog: Catalog) -> dict[str, Any]:
     return {
         "shardstream_manifest": VERSION,
         "digest": ALGORITHM,
-        "datasets": {
-            ds.name: {
-                "format": ds.format,
-                "schema": [str(f) for f in ds.schema],
-                "records": ds.total_records,
-                "fingerprint": ds.fingerprint,
-                "shards": {
-                    s.id: {"size": s.size, "digest": s.digest, "records": s.records}
-                    for s in ds.shards
-                },
-            }
-            for ds in catalog.datasets.values()
-        },
+        "datasets": {ds.name: _dataset_entry(ds) for ds in catalog.datasets.values()},
     }
 
 
+def _dataset_entry(ds: Dataset) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "format": ds.format,
+        "schema": [str(f) for f in ds.schema],
+        "records": ds.total_records,
+        "fingerprint": ds.fingerprint,
+    }
+    if ds.pipeline is not None:  # as JSON holds it: what `check_dataset` compares
+        entry["transforms"] = json.loads(pipeline_text(ds.pipeline.transforms))
+    entry["shards"] = {
+        s.id: {"size": s.size, "digest": s.digest, "records": s.records} for s in ds.shards
+    }
+    return entry
+
+
 def manifest_text(data: dict[str, Any]) -> str:
-    """A manifest as JSON text, indented, with one line per shard (`git diff` friendly)."""
+    """A manifest as JSON text, indented, with one line per shard and per transform
+    (`git diff` friendly)."""
     datasets = data["datasets"]
     head = {k: v for k, v in data.items() if k != "datasets"}
     parts = [json.dumps(head, indent=1)[:-2] + ',\n "datasets": {']
     for i, (name, ds) in enumerate(datasets.items()):
-        fields = {k: v for k, v in ds.items() if k != "shards"}
+        fields = {k: v for k, v in ds.items() if k not in ("shards", "transforms")}
         body = json.dumps(fields, indent=1).replace("\n", "\n  ")[:-4]
+        if "transforms" in ds:
+            steps = ",\n".join(f"    {json.dumps(t)}" for t in ds["transforms"])
+            body += f',\n   "transforms": [\n{steps}\n   ]'
         shards = ",\n".join(
             f"    {json.dumps(sid)}: {json.dumps(entry)}" for sid, entry in ds["shards"].items()
         )
@@ -139,8 +156,16 @@ def _parse(path: Path, data: Any) -> Manifest:
             )
             for sid, s in ds["shards"].items()
         }
+        transforms = ds.get("transforms", [])
+        if not isinstance(transforms, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("fn"), str) for t in transforms
+        ):
+            raise ValueError(f"dataset {name!r}: 'transforms' must be a list of {{\"fn\": ...}}")
         datasets[str(name)] = ManifestDataset(
-            format=str(ds["format"]), schema=tuple(map(str, ds["schema"])), shards=shards
+            format=str(ds["format"]),
+            schema=tuple(map(str, ds["schema"])),
+            shards=shards,
+            transforms=transforms,
         )
     return Manifest(path=path, datasets=datasets)
 
@@ -162,6 +187,9 @@ def check_dataset(ds: Dataset, manifest: Manifest) -> None:
     diffs = []
     if ds.format != want.format:
         diffs.append(f"format {ds.format} here, {want.format} in the manifest")
+    here = [] if ds.pipeline is None else json.loads(pipeline_text(ds.pipeline.transforms))
+    if _canonical(here) != _canonical(want.transforms):
+        diffs.append(_transforms_difference(here, want.transforms))
     schema = tuple(map(str, ds.schema))
     if schema != want.schema:
         here, there = ", ".join(schema), ", ".join(want.schema)
@@ -187,3 +215,23 @@ def check_dataset(ds: Dataset, manifest: Manifest) -> None:
             f"dataset {ds.name!r} differs from the manifest {manifest.path}: "
             f"{'; '.join(diffs[:_SHOWN])}{more}"
         )
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _transforms_difference(here: list[Any], there: list[Any]) -> str:
+    """The first step in which two chains of transforms differ, and how to fix it."""
+    pairs = zip(map(_canonical, here), map(_canonical, there), strict=False)
+    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(here), len(there)))
+
+    def step(chain: list[Any]) -> str:
+        return _canonical(chain[i]) if i < len(chain) else "none"
+
+    return (
+        f"transforms[{i}] is {step(here)} here, {step(there)} in the manifest ({len(here)} "
+        f"transforms here, {len(there)} there); a manifest pins the transforms: index the "
+        "dataset again with this configuration (`shardstream index --config FILE`) to "
+        "serve them"
+    )

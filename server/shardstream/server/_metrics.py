@@ -7,14 +7,36 @@ shardstream_chunk_seconds{dataset}            histogram: decode + serialize one 
                                               including the wait for a decoding process
 shardstream_stream_errors_total{code}         streams refused or failed, by gRPC status
 shardstream_streams_drained_total             streams ended early by a drain
+shardstream_decoding_processes                decoding processes (0: --processes 0, threads)
+shardstream_decoding_utilization              share of their time the decoding processes were
+                                              busy, 0..1, over the last 10 s or more (since
+                                              the newest earlier scrape at least that old):
+                                              the per-worker scaling signal (chunks read
+                                              directly, `_direct`, use no decoding process)
+shardstream_decoding_busy_seconds_total       their busy seconds, all added: rate() / processes
+                                              is the same share over any PromQL range
+shardstream_shard_cache_hits_total            shard opens served from the shard cache's local
+                                              copies (--shard-cache-dir; all four only then)
+shardstream_shard_cache_misses_total          other shard opens: downloaded, or read uncached
+shardstream_shard_cache_evictions_total       copies evicted to stay within --shard-cache-bytes
+shardstream_shard_cache_bytes                 bytes of the copies in the cache directory now
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor
 from typing import Any
 
+from shardstream.server._pool import DecodingPool
+
 log = logging.getLogger("shardstream.worker")
+
+UTILIZATION_WINDOW = 10.0  # seconds: the shortest span `shardstream_decoding_utilization` covers
 
 
 class WorkerMetrics:
@@ -24,15 +46,17 @@ class WorkerMetrics:
         self._on = False
         self._m: dict[str, Any] = {}
 
-    def enable(self, host: str, port: int) -> int:
-        """Create the metrics and serve them over HTTP; returns the port (0 picks one)."""
+    def enable(self, host: str, port: int, executor: Executor | None = None) -> int:
+        """Create the metrics and serve them over HTTP; returns the port (0 picks one).
+        `executor`: the worker's decoding processes (a `DecodingPool`), for their
+        utilization."""
         try:
             import prometheus_client as prom
         except ImportError:
             raise ValueError(
                 "--metrics-port needs prometheus-client: pip install 'shardstream[metrics]'"
             ) from None
-        registry = prom.CollectorRegistry()
+        registry = self._registry = prom.CollectorRegistry()
         self._m = {
             "active": prom.Gauge("shardstream_streams_active", "read streams running now",
                                  ["dataset"], registry=registry),
@@ -50,6 +74,8 @@ class WorkerMetrics:
             "drained": prom.Counter("shardstream_streams_drained",
                                     "streams ended early by a drain", registry=registry),
         }  # fmt: skip
+        pool = executor if isinstance(executor, DecodingPool) else None
+        registry.register(_DecodingCollector(pool))
         server, _thread = prom.start_http_server(port, addr=host, registry=registry)
         self._on = True
         bound = int(server.server_address[1])
@@ -73,3 +99,58 @@ class WorkerMetrics:
     def drained(self) -> None:
         if self._on:
             self._m["drained"].inc()
+
+    def add_collector(self, collector: Any) -> None:
+        """Serve what `collector.collect()` yields too (e.g. the shard cache's counts)."""
+        if self._on:
+            self._registry.register(collector)
+
+
+class _DecodingCollector:
+    """How busy the decoding processes are, read from the pool at each scrape."""
+
+    def __init__(self, pool: DecodingPool | None) -> None:
+        self._pool = pool
+        self._window = UTILIZATION_WINDOW
+        self._lock = threading.Lock()  # scrapes run in the HTTP server's threads
+        # (time, busy seconds) readings: the oldest is the newest one at least `window` old.
+        self._readings: deque[tuple[float, float]] = deque(maxlen=1024)
+        if pool is not None:
+            self._readings.append((time.monotonic(), pool.busy_seconds()))
+
+    def utilization(self) -> float:
+        """Busy share of the processes from the newest reading at least `window` old
+        (or the first one) to now."""
+        assert self._pool is not None
+        now, busy = time.monotonic(), self._pool.busy_seconds()
+        with self._lock:
+            readings = self._readings
+            readings.append((now, busy))
+            while len(readings) > 2 and readings[1][0] <= now - self._window:
+                readings.popleft()
+            then, busy_then = readings[0]
+        span = (now - then) * self._pool.processes
+        return min(1.0, max(0.0, (busy - busy_then) / span)) if span > 0 else 0.0
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        pool = self._pool
+        yield GaugeMetricFamily(
+            "shardstream_decoding_processes",
+            "decoding processes (0: decoding in threads of the server, --processes 0)",
+            value=pool.processes if pool is not None else 0,
+        )
+        if pool is None:
+            return
+        yield GaugeMetricFamily(
+            "shardstream_decoding_utilization",
+            f"share of time the decoding processes were busy, over the last "
+            f"{self._window:g} s or more",
+            value=self.utilization(),
+        )
+        yield CounterMetricFamily(
+            "shardstream_decoding_busy_seconds",
+            "seconds the decoding processes spent on jobs, all added",
+            value=pool.busy_seconds(),
+        )

@@ -340,6 +340,36 @@ class NpzDecoder(Decoder):
             return
         self.read_stored_into(path, start, count, out)
 
+    def byte_ranges(
+        self, path: ShardPath, start: int, count: int
+    ) -> Mapping[str, tuple[int, int]] | None:
+        """The rows' file ranges, where every member of a local shard is stored (not
+        deflated), little-endian and in C order; None otherwise, and for a subclass that
+        changes `read` or `read_into` (it transforms: its records are not the file's)."""
+        cls = type(self)
+        if cls.read is not NpzDecoder.read or cls.read_into is not NpzDecoder.read_into:
+            return None
+        return self.stored_ranges(path, start, count)
+
+    def stored_ranges(
+        self, path: ShardPath, start: int, count: int
+    ) -> dict[str, tuple[int, int]] | None:
+        """`byte_ranges` of the shard's own records (for subclasses that transform only
+        sometimes)."""
+        if not isinstance(path, Path):
+            return None
+        with self._lock:
+            shard = self._shard(path)
+            _check_range(path, start, count, shard.records)
+            ranges = {}
+            for a in shard.arrays:
+                begin, nbytes = a.data + start * a.row_bytes, count * a.row_bytes
+                stored = a.deflated is None and not a.fortran and a.dtype.byteorder != ">"
+                if not stored or begin + nbytes > shard.stamp[0]:  # truncated: decode, to say so
+                    return None
+                ranges[a.field.name] = (begin, nbytes)
+            return ranges
+
     def read_stored_into(
         self, path: ShardPath, start: int, count: int, out: Mapping[str, np.ndarray[Any, Any]]
     ) -> None:

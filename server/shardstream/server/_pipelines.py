@@ -11,8 +11,10 @@ length for a ragged one. A transform may add, drop, reshape or retype fields; th
 dataset's records are what the last one returns. Its output must have the same
 fields, dtypes and shapes for every record (ragged fields passed through aside):
 the schema is found at start-up by running the chain on the first record of the
-first non-empty shard (`probe_schema`), and a record off it is a `DecodeError`
-naming the transform that made the field.
+first non-empty shard (`probe_schema`); where the dataset declares its schema
+(`DatasetSpec.schema`), that must agree with it (`_catalog`) and is the schema
+served (so a declared ragged field may vary in length from record to record). A
+record off the schema is a `DecodeError` naming the transform that made the field.
 
 Randomness is a pure function of the data's position: each record's generator is
 `Generator(Philox(SeedSequence([seed, epoch, shard_hash(shard id), index])))`,
@@ -66,6 +68,7 @@ class Pipeline:
     input_schema: tuple[FieldSpec, ...]  # what the decoder gives (checked before the chain)
     seed: int = 0  # the request's: with `epoch`, what each record's generator is seeded from
     epoch: int = 0
+    declared: bool = False  # whether the output schema is declared (else found at start-up)
 
 
 def load_transform(ref: str) -> Transform:
@@ -276,15 +279,16 @@ def run_pipeline(
     items: dict[str, list[Any]] = {f.name: [] for f in schema if f.ragged}
     names = sorted(f.name for f in schema)
     last = pipeline.transforms[-1].fn
+    origin = "declared" if pipeline.declared else "found at start-up"
     for i, record in enumerate(_records(raw, pipeline.input_schema, count)):
         index = start + i
         rng = record_rng(pipeline.seed, pipeline.epoch, h, index)
         result, made = chain.run(record, rng, index)
         if sorted(result) != names:
             raise DecodeError(
-                f"transform {last} gave fields {sorted(result)} at record {index}, where it "
-                f"gave {names} at start-up; a pipeline must give the same fields for every "
-                "record",
+                f"transform {last} gave fields {sorted(result)} at record {index}, where the "
+                f"dataset's schema ({origin}) has {names}; a pipeline must give the same "
+                "fields for every record",
                 record=index,
             )
         for spec in schema:
@@ -292,8 +296,8 @@ def run_pipeline(
             if not _fits(value, spec):
                 raise DecodeError(
                     f"transform {made.get(spec.name, last)} gave field {spec.name!r} as "
-                    f"{_describe(value)} at record {index}, where the dataset's schema (found "
-                    f"at start-up) says {spec}; a transform must give the same fields, dtypes "
+                    f"{_describe(value)} at record {index}, where the dataset's schema "
+                    f"({origin}) says {spec}; a transform must give the same fields, dtypes "
                     "and shapes for every record",
                     record=index,
                 )

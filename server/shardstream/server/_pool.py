@@ -36,6 +36,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -75,6 +76,8 @@ class _Runner:
         self.conn: Connection | None = None
         self.started: Future[int] = Future()
         self.thread: threading.Thread | None = None
+        self.busy_since: float | None = None  # when its running job started (monotonic)
+        self.busy_seconds = 0.0  # spent on jobs that have ended
 
 
 class DecodingPool(Executor):
@@ -102,6 +105,7 @@ class DecodingPool(Executor):
         self._spawn_lock = threading.Lock()  # starting and reaping children, one at a time
         self._state = "new"
         self._failure: BaseException | None = None
+        self._busy_lock = threading.Lock()  # a runner's busy time vs `busy_seconds`
         self.replaced = 0  # processes that died and were replaced
 
     def start(self) -> list[int]:
@@ -127,6 +131,20 @@ class DecodingPool(Executor):
 
     def pids(self) -> list[int]:
         return [r.proc.pid for r in self._runners if r.proc is not None and r.proc.pid]
+
+    @property
+    def processes(self) -> int:
+        return len(self._runners)
+
+    def busy_seconds(self) -> float:
+        """Seconds the processes have spent on jobs, all added (running jobs so far
+        included): its rate over `processes` is how busy they are (`_metrics`)."""
+        now = time.monotonic()
+        with self._busy_lock:
+            return sum(
+                r.busy_seconds + (now - r.busy_since if r.busy_since is not None else 0.0)
+                for r in self._runners
+            )
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         with self._lock:
@@ -200,12 +218,19 @@ class DecodingPool(Executor):
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
+            started = time.monotonic()
+            with self._busy_lock:
+                r.busy_since = started
             try:
                 self._run_job(r, future, fn, args, kwargs)
             except BaseException as exc:  # a bug here must not end the thread (nor its process)
                 log.exception("decoding pool: unexpected error")
                 if not future.done():
                     future.set_exception(exc)
+            finally:
+                with self._busy_lock:
+                    r.busy_seconds += time.monotonic() - started
+                    r.busy_since = None
         self._stop(r)
 
     def _watch(self, r: _Runner) -> None:

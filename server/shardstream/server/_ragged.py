@@ -21,7 +21,7 @@ from shardstream.server._files import ShardPath, Stamp
 from shardstream.server._pipelines import Pipeline
 from shardstream.server._wire import encode_chunk
 from shardstream.server.errors import DecodeError
-from shardstream.v1.codec import CHUNK_OVERHEAD, LENGTH_BYTES, FieldSpec
+from shardstream.v1.codec import LENGTH_BYTES, FieldSpec, chunk_overhead
 from shardstream.v1.ragged import Ragged
 
 __all__ = ["read_ragged_chunks", "record_sizes", "split_sizes"]
@@ -41,7 +41,7 @@ def read_ragged_chunks(
 ) -> list[tuple[int, bytes]]:
     """Records [start, start + count) as serialized chunks: (records, message) each."""
     arrays = decode_checked(ref, path, stamp, start, count, schema, shard_id, pipeline)
-    room = max_message_bytes - CHUNK_OVERHEAD - len(shard_id.encode())
+    room = max_message_bytes - chunk_overhead(schema, len(shard_id.encode()))
     sizes = record_sizes(arrays, schema, count)
     out = []
     for a, b in split_sizes(sizes, min(chunk_bytes, room), room, start, max_message_bytes):

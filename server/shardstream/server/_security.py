@@ -1,7 +1,7 @@
 """The worker's transport security: TLS, mTLS and a bearer token.
 
     security = ServerSecurity(tls_cert=..., tls_key=..., auth_token_file=...)
-    loaded = security.load()                        # reads every file once
+    loaded = security.load()                        # reads the files (and watches them)
     server = grpc.aio.server(interceptors=loaded.interceptors(), options=...)
     creds = loaded.credentials()                    # None: serve without TLS
     port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
@@ -11,6 +11,15 @@ With `tls_client_ca` set, clients must present a certificate signed by that CA
 `authorization: Bearer <token>`, except the standard health service, which
 stays open so load balancers and probes can reach it. Without TLS the token
 travels in clear text: use both together outside a trusted network.
+
+The files are reread when they change, without a restart (certificate rotation):
+the certificate, key and client CA before each new connection's TLS handshake
+(connections already open keep theirs), the token file at most once a second.
+A change is seen by the files' stats (inode, size, modification time), so
+replacing a file (`os.replace`, `mv`, a Kubernetes secret update) and
+rewriting it both count. New files that cannot be used (half written, a key
+that is not the certificate's, no PEM) are logged and the previous ones stay
+in use until the files are fixed.
 
 The token is checked before anything else reads the request: a refused call's
 bytes are never decoded, and refusals are logged a few lines a second at most.
@@ -26,21 +35,33 @@ import hashlib
 import hmac
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
-from shardstream._common.pem import read_pem, read_token_file
+from shardstream._common.pem import read_pem, read_tokens_file
+from shardstream._common.watched import WatchedFiles
 from shardstream.server._status import LogLimit
 
-__all__ = ["BearerTokenInterceptor", "LoadedServerSecurity", "RequestGuard", "ServerSecurity"]
+__all__ = [
+    "BearerTokenInterceptor",
+    "LoadedServerSecurity",
+    "RequestGuard",
+    "ServerSecurity",
+    "WatchedFiles",
+]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _MISSING = "missing bearer token: send the metadata 'authorization: Bearer <token>'"
 _WRONG = "wrong bearer token"
+TOKEN_RECHECK_SECONDS = 1.0  # the token file's stats are looked at most this often
+
+log = logging.getLogger("shardstream.worker")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,41 +94,136 @@ class ServerSecurity:
         return self.tls_client_ca is not None
 
     def load(self) -> LoadedServerSecurity:
-        """Read every configured file once; a ValueError names any file that is unusable."""
-        cert = key = client_ca = None
+        """Read every configured file once, and watch them for changes (`WatchedFiles`);
+        a ValueError names any file that is unusable."""
+        tls = token = None
         if self.tls_cert is not None and self.tls_key is not None:
-            cert = read_pem(self.tls_cert, "TLS certificate (tls_cert)")
-            key = read_pem(self.tls_key, "TLS private key (tls_key)")
-        if self.tls_client_ca is not None:
-            client_ca = read_pem(self.tls_client_ca, "client CA (tls_client_ca)")
-        token = None
+            tls = WatchedFiles(
+                self._tls_paths(),
+                lambda: _read_tls(self),
+                what="TLS files",
+                applied="new connections get the new certificate",
+                log=log,
+            )
         if self.auth_token_file is not None:
-            token = read_token_file(self.auth_token_file)
-        return LoadedServerSecurity(cert=cert, key=key, client_ca=client_ca, token=token)
+            path = self.auth_token_file
+            token = WatchedFiles(
+                (path,),
+                lambda: read_tokens_file(path),
+                what="bearer token file",
+                applied="calls need one of its tokens",
+                log=log,
+            )
+        return LoadedServerSecurity(
+            cert=None if tls is None else tls.value.cert,
+            key=None if tls is None else tls.value.key,
+            client_ca=None if tls is None else tls.value.client_ca,
+            tokens=None if token is None else token.value,
+            tls_files=tls,
+            token_file=token,
+        )
+
+    def _tls_paths(self) -> tuple[Path, ...]:
+        given = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        return tuple(p for p in given if p is not None)
+
+
+class _Tls(NamedTuple):
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+
+def _no_password() -> bytes:
+    raise ValueError("it is encrypted: give the worker an unencrypted key (gRPC needs one)")
+
+
+def _read_tls(security: ServerSecurity) -> _Tls:
+    """The certificate, key and client CA, checked as TLS would use them: the key is the
+    certificate's, the CA bundle holds certificates (ValueError naming the files if not)."""
+    assert security.tls_cert is not None and security.tls_key is not None
+    cert = read_pem(security.tls_cert, "TLS certificate (tls_cert)")
+    key = read_pem(security.tls_key, "TLS private key (tls_key)")
+    client_ca = None
+    if security.tls_client_ca is not None:
+        client_ca = read_pem(security.tls_client_ca, "client CA (tls_client_ca)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pair = f"TLS certificate (tls_cert) {security.tls_cert} and key (tls_key) {security.tls_key}"
+    try:
+        context.load_cert_chain(security.tls_cert, security.tls_key, password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"{pair} do not match: the key is not the certificate's "
+                "(was one replaced without the other?)"
+            ) from None
+        raise ValueError(f"{pair} cannot be loaded ({exc.reason or exc}): check both") from None
+    except ValueError as exc:
+        raise ValueError(f"{pair}: the key cannot be used: {exc}") from None
+    except OSError as exc:  # replaced or removed since it was read
+        raise ValueError(f"{pair} cannot be read ({exc.strerror or exc})") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"client CA (tls_client_ca) {security.tls_client_ca} holds no usable "
+                f"certificate ({exc.reason or exc})"
+            ) from None
+    return _Tls(cert, key, client_ca)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoadedServerSecurity:
-    """The contents of a `ServerSecurity`'s files, ready to configure a server."""
+    """The contents of a `ServerSecurity`'s files, ready to configure a server; with
+    `tls_files` / `token_file` (as `ServerSecurity.load` makes it), the server it
+    configures rereads them when they change."""
 
     cert: bytes | None = None
     key: bytes | None = field(default=None, repr=False)
     client_ca: bytes | None = None
-    token: str | None = field(default=None, repr=False)
+    tokens: tuple[str, ...] | None = field(default=None, repr=False)  # any one is accepted
+    tls_files: WatchedFiles[_Tls] | None = field(default=None, repr=False, compare=False)
+    token_file: WatchedFiles[tuple[str, ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """Credentials for `add_secure_port`; None means serve without TLS."""
         if self.cert is None or self.key is None:
             return None
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)],
-            root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None,
+        initial = grpc.ssl_server_certificate_configuration(
+            [(self.key, self.cert)], root_certificates=self.client_ca
+        )
+        files = self.tls_files
+        served = [0 if files is None else files.version]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called before every TLS handshake: None keeps the current configuration.
+            if files is None:
+                return None
+            try:
+                version = files.refresh()
+            except Exception:  # never fail a handshake over this: keep what is served
+                log.exception("rereading the TLS files failed; keeping the current ones")
+                return None
+            if version == served[0]:
+                return None
+            served[0] = version
+            tls = files.value
+            return grpc.ssl_server_certificate_configuration(
+                [(tls.key, tls.cert)], root_certificates=tls.client_ca
+            )
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial, fetch, require_client_authentication=self.client_ca is not None
         )
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors for `grpc.aio.server(interceptors=...)`; empty without a token."""
-        return [] if self.token is None else [BearerTokenInterceptor(self.token)]
+        if self.tokens is None:
+            return []
+        return [BearerTokenInterceptor(self.tokens, file=self.token_file)]
 
 
 def _digest(value: bytes) -> bytes:
@@ -121,11 +237,27 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     The token is never logged nor echoed back in a status message.
     """
 
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("the bearer token must be non-empty")
-        self._expected = _digest(token.encode("ascii"))
-        self._refusals = LogLimit(logging.getLogger("shardstream.worker"))
+    def __init__(
+        self, tokens: str | Sequence[str], *, file: WatchedFiles[tuple[str, ...]] | None = None
+    ) -> None:
+        """`tokens`: the one accepted, or several (a changeover: the old and the new);
+        `file`: where they came from, reread when it changes (at most once a second)."""
+        self._expected = _digests(tokens)
+        self._refusals = LogLimit(log)
+        self._file = file
+        self._version = 0 if file is None else file.version
+        self._next_check = time.monotonic() + TOKEN_RECHECK_SECONDS
+
+    def _refresh(self) -> None:
+        """Take up a changed token file (a few stat calls a second at most)."""
+        now = time.monotonic()
+        if self._file is None or now < self._next_check:
+            return
+        self._next_check = now + TOKEN_RECHECK_SECONDS
+        version = self._file.refresh()
+        if version != self._version:
+            self._version = version
+            self._expected = _digests(self._file.value)
 
     async def intercept_service(
         self,
@@ -136,6 +268,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
+        self._refresh()
         problem = self._check(handler_call_details.invocation_metadata or ())
         if problem is None:
             return handler
@@ -154,9 +287,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         scheme, _, presented = raw.strip().partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
             return _MISSING
-        if not hmac.compare_digest(_digest(presented.strip()), self._expected):
-            return _WRONG
+        given = _digest(presented.strip())
+        if not any([hmac.compare_digest(given, expected) for expected in self._expected]):
+            return _WRONG  # (every token compared: the time does not say which one matched)
         return None
+
+
+def _digests(tokens: str | Sequence[str]) -> tuple[bytes, ...]:
+    tokens = (tokens,) if isinstance(tokens, str) else tuple(tokens)
+    if not tokens or not all(tokens):
+        raise ValueError("bearer tokens must be non-empty")
+    return tuple(_digest(t.encode("ascii")) for t in tokens)
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -189,7 +330,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     rate-limited log line, where gRPC would log a traceback and answer UNKNOWN."""
 
     def __init__(self) -> None:
-        self._refusals = LogLimit(logging.getLogger("shardstream.worker"))
+        self._refusals = LogLimit(log)
 
     async def intercept_service(
         self,

@@ -29,14 +29,21 @@ import grpc
 
 from shardstream.server._catalog import Catalog, Dataset
 from shardstream.server._config import WorkerConfig
+from shardstream.server._lanes import LaneOffer, Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._requests import check_read, find_dataset, ready
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._status import FinishOnError, LogLimit, StatusOnError, shown
 from shardstream.server._streaming import ChunkStreamer
-from shardstream.server._wire import ReadArgs, decode_describe, decode_list, decode_read
+from shardstream.server._wire import (
+    ReadArgs,
+    decode_describe,
+    decode_list,
+    decode_open_lane,
+    decode_read,
+)
 from shardstream.server._writes import TrimWhenIdle, completes, send_within
-from shardstream.server.errors import BusyError, DrainingError, StalledError
+from shardstream.server.errors import BusyError, DrainingError, NoLaneError, StalledError
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
 
@@ -48,11 +55,13 @@ class WorkerServicer:
         executor: Executor,
         metrics: WorkerMetrics | None = None,
         buffers: ChunkBuffers | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
         self._config = config
         self.metrics = metrics or WorkerMetrics()
+        self.lanes = lanes  # same-host lanes (`_lanes`); None: off
         self._streamer = ChunkStreamer(
-            config, executor, self.metrics, buffers, draining=self.is_draining
+            config, executor, self.metrics, buffers, draining=self.is_draining, lanes=lanes
         )
         self.catalog: Catalog | None = None  # set by the Worker once indexing is done
         self.draining = False  # set by the Worker's drain: refuse streams, end running ones
@@ -80,6 +89,16 @@ class WorkerServicer:
         async with StatusOnError(context, self.metrics, self.refusals):
             decode_list(request)
             return list(ready(self.catalog).datasets.values())
+
+    async def open_lane(self, request: bytes, context: grpc.aio.ServicerContext) -> LaneOffer:
+        """A ticket for a same-host lane (`_lanes`), or NoLaneError."""
+        async with StatusOnError(context, self.metrics, self.refusals):
+            slots = decode_open_lane(request)
+            offer = None if self.lanes is None or self.draining else self.lanes.offer(slots)
+            if offer is None:
+                why = "turned off (--no-lanes)" if self.lanes is None else "all taken"
+                raise NoLaneError(f"this worker has no same-host lane to give: {why}")
+            return offer
 
     async def read(
         self, request: bytes, context: grpc.aio.ServicerContext

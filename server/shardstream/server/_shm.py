@@ -70,13 +70,15 @@ def slot(index: int) -> memoryview:
 
 
 class ChunkBuffers:
-    """`count` slots of `size` bytes, handed out and returned (server process side)."""
+    """`count` slots of `size` bytes (rounded up to whole pages, so that every slot, and
+    the tensors aligned within its message, start aligned in memory), handed out and
+    returned (server process side)."""
 
     def __init__(self, count: int, size: int) -> None:
         if count < 1 or size < 1:
             raise ValueError(f"count and size must be positive, got {count} and {size}")
         self._count = count
-        self._size = size
+        self._size = size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = os.memfd_create("shardstream-chunks", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, count * size)  # sparse: pages are allocated when first written
@@ -105,6 +107,13 @@ class ChunkBuffers:
 
     def release(self, index: int) -> None:
         self._free.put_nowait(index)
+
+    def view(self, index: int, nbytes: int) -> memoryview:
+        """The first `nbytes` of slot `index` (release it only once the view is gone)."""
+        if not 0 <= nbytes <= self._size:
+            raise ValueError(f"a chunk of {nbytes} bytes does not fit a slot of {self._size}")
+        start = index * self._size
+        return memoryview(self._map)[start : start + nbytes]
 
     def take(self, index: int, nbytes: int) -> bytes:
         """Copy a chunk out of slot `index` (the slot can then be reused)."""

@@ -29,6 +29,7 @@ from shardstream.server.errors import (
     DataLossError,
     DrainingError,
     MalformedRequestError,
+    NoLaneError,
     NotReadyError,
     ProcessDiedError,
     RequestError,
@@ -53,6 +54,7 @@ STATUS: dict[type[RequestError], grpc.StatusCode] = {
     BadRangeError: grpc.StatusCode.INVALID_ARGUMENT,
     MalformedRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ShardChangedError: grpc.StatusCode.FAILED_PRECONDITION,
+    NoLaneError: grpc.StatusCode.FAILED_PRECONDITION,
     DataLossError: grpc.StatusCode.DATA_LOSS,
 }
 

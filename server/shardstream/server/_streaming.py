@@ -26,10 +26,12 @@ from typing import Any
 from shardstream.server._catalog import Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoding import read_chunk, read_chunk_into
+from shardstream.server._direct import message_for, read_direct_into
+from shardstream.server._lanes import Lane, Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._ragged import read_ragged_chunks
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._wire import ReadArgs, encode_end
+from shardstream.server._wire import ReadArgs, encode_end, encode_shared
 from shardstream.server.errors import (
     DataLossError,
     DecodeError,
@@ -41,6 +43,8 @@ from shardstream.server.errors import (
 from shardstream.v1.codec import chunk_limit, estimated_record_bytes, is_ragged
 
 log = logging.getLogger("shardstream.worker")
+
+LaneTo = tuple[Lane, int]  # a client's lane and its id of the read
 
 
 class ChunkStreamer:
@@ -54,11 +58,15 @@ class ChunkStreamer:
         buffers: ChunkBuffers | None,
         *,
         draining: Callable[[], bool],
+        lanes: Lanes | None = None,
     ) -> None:
         self._config = config
         self._executor = executor
         self._metrics = metrics
         self._buffers = buffers  # shared memory to decoding processes; None: threads
+        self._lanes = lanes  # same-host lanes of clients (`_lanes`); None: off
+        # Datasets whose chunks need decoding (no direct reads: `_direct`), by name.
+        self._decoded: set[str] = set()
         self._draining = draining
 
     def chunk_records(self, ds: Dataset, args: ReadArgs, shard: Shard | None = None) -> int:
@@ -91,14 +99,20 @@ class ChunkStreamer:
         # The request's seed and epoch: what the transforms' randomness depends on.
         chain = ds.pipeline and replace(ds.pipeline, seed=args.seed, epoch=args.epoch)
 
+        lane = None if self._lanes is None or not args.lane else self._lanes.get(args.lane)
+        to = None if lane is None else (lane, args.lane_stream)
+
         def submit(s: int) -> asyncio.Future[Any]:
             submitted[0] = loop.time()
             job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema, shard.id)
             if ragged:  # chunks cut from actual bytes, returned as bytes (no shared memory)
                 return asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
             if self._buffers is None:
-                return loop.run_in_executor(self._executor, read_chunk, *job, chain)
-            return asyncio.ensure_future(self._decode_shared(self._buffers, (*job, chain)))
+                decoded = loop.run_in_executor(self._executor, read_chunk, *job, chain)
+                return decoded if to is None else asyncio.ensure_future(_to_lane(decoded, job, to))
+            if not chain and self._config.direct_reads and ds.name not in self._decoded:
+                return asyncio.ensure_future(self._read_direct(ds, self._buffers, job, to))
+            return asyncio.ensure_future(self._decode_shared(self._buffers, (*job, chain), to))
 
         submitted = [0.0]
         pending = submit(starts[0]) if starts else None
@@ -112,11 +126,12 @@ class ChunkStreamer:
                     raise _data_error(ds, shard, s, exc) from exc
                 took = loop.time() - submitted[0]
                 pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
-                parts: list[tuple[int, bytes]] = data if ragged else [(min(step, end - s), data)]
-                for n, message in parts:
+                if not ragged:  # (message, bytes of the chunk: in a lane, not in the message)
+                    data = [(min(step, end - s), *(data if isinstance(data, tuple) else (data,)))]
+                for n, message, *size in data:
                     yield message
                     sent += n
-                    self._metrics.chunk(ds.name, n, len(message), took)
+                    self._metrics.chunk(ds.name, n, size[0] if size else len(message), took)
                     took = 0.0
                     if self._draining() and sent < args.count:
                         at = args.start + sent
@@ -142,10 +157,80 @@ class ChunkStreamer:
                 record=start,
             ) from exc
 
-    async def _decode_shared(self, buffers: ChunkBuffers, job: tuple[Any, ...]) -> bytes:
+    async def _read_direct(
+        self, ds: Dataset, buffers: ChunkBuffers, job: tuple[Any, ...], to: LaneTo | None
+    ) -> bytes | tuple[bytes, int]:
+        """A chunk of file bytes read into its message in an I/O thread (`_direct`), in a
+        lane's slot if one is free; one that needs decoding goes to a decoding process, as
+        do the dataset's next ones."""
+        if to is not None:
+            shared = await self._read_direct_to_lane(job, *to)
+            if shared is not None:
+                return shared
+        loop = asyncio.get_running_loop()
+        index = await buffers.acquire()  # the slots bound the chunks in flight either way
+        # The message is made here, on the event loop, so that its memory comes from the
+        # main heap that the idle trim hands back (`_writes.TrimWhenIdle`), not from an
+        # I/O thread's malloc arena; the thread only fills it.
+        message, room = message_for(job)
+        future = loop.run_in_executor(None, read_direct_into, room, *job)
+
+        def done(_: object = None) -> None:  # the thread no longer writes into the message
+            room.release()
+            buffers.release(index)
+            kept.clear()
+
+        kept = [message]  # the thread fills it: keep it alive until then
+        try:
+            size = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(done)
+            raise
+        except (DecodeError, ShardChanged):
+            done()
+            raise
+        except Exception:  # e.g. the decoder does not load here: decode in its processes
+            done()
+            log.warning("dataset %r: direct reads failed; decoding instead", ds.name, exc_info=True)
+            size = None
+        else:
+            done()
+        if size == len(message):
+            return message
+        self._decoded.add(ds.name)
+        return await self._decode_shared(buffers, (*job, None), to)
+
+    async def _read_direct_to_lane(
+        self, job: tuple[Any, ...], lane: Lane, stream: int
+    ) -> tuple[bytes, int] | None:
+        """`read_direct` into a free slot of `lane`: the SharedChunk message and the chunk's
+        size; None if no slot is free or the chunk needs decoding."""
+        slot = lane.acquire(stream)
+        if slot is None:
+            return None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, read_direct_into, lane.slot(slot), *job)
+        try:
+            size = await asyncio.shield(future)
+        except asyncio.CancelledError:  # the thread may still write into the slot
+            future.add_done_callback(lambda _: lane.written(slot, sent=False))
+            raise
+        except BaseException:
+            lane.written(slot, sent=False)
+            raise
+        if size is None:
+            lane.written(slot, sent=False)
+            return None
+        lane.written(slot, sent=True)
+        _, _, _, start, count, _, shard_id = job
+        return encode_shared(start, count, shard_id, slot, size), size
+
+    async def _decode_shared(
+        self, buffers: ChunkBuffers, job: tuple[Any, ...], to: LaneTo | None = None
+    ) -> bytes | tuple[bytes, int]:
         """Decode in a process, through a shared-memory slot (bounded: one chunk per slot)."""
         try:
-            return await self._decode_into(buffers, job)
+            return await self._decode_into(buffers, job, to)
         except BrokenProcessPool as exc:  # its process died; it is dead and reaped by now
             _, _, _, start, count, _, shard_id, *_ = job
             raise ProcessDiedError(
@@ -154,7 +239,9 @@ class ChunkStreamer:
                 record=start,
             ) from exc
 
-    async def _decode_into(self, buffers: ChunkBuffers, job: tuple[Any, ...]) -> bytes:
+    async def _decode_into(
+        self, buffers: ChunkBuffers, job: tuple[Any, ...], to: LaneTo | None
+    ) -> bytes | tuple[bytes, int]:
         index = await buffers.acquire()
         loop = asyncio.get_running_loop()
         try:
@@ -172,9 +259,35 @@ class ChunkStreamer:
             buffers.release(index)
             raise
         try:
+            if to is not None:  # into a free slot of the client's lane: one copy, no socket
+                lane, stream = to
+                slot = lane.acquire(stream)
+                if slot is not None:
+                    lane.slot(slot)[:nbytes] = buffers.view(index, nbytes)
+                    lane.written(slot, sent=True)
+                    _, _, _, start, count, _, shard_id, *_ = job
+                    return encode_shared(start, count, shard_id, slot, nbytes), nbytes
             return buffers.take(index, nbytes)
         finally:
             buffers.release(index)
+
+
+async def _to_lane(
+    decoded: asyncio.Future[bytes], job: tuple[Any, ...], to: LaneTo
+) -> bytes | tuple[bytes, int]:
+    """A chunk decoded in a thread, put into a free slot of the client's lane (else as is)."""
+    message = await decoded
+    lane, stream = to
+    slot = lane.acquire(stream)
+    if slot is None:
+        return message
+    if len(message) > lane.slot_bytes:
+        lane.written(slot, sent=False)
+        return message
+    lane.slot(slot)[: len(message)] = message
+    lane.written(slot, sent=True)
+    _, _, _, start, count, _, shard_id = job
+    return encode_shared(start, count, shard_id, slot, len(message)), len(message)
 
 
 def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> RequestError:

@@ -7,6 +7,7 @@ goes through a protobuf object. The result is ordinary protobuf on the wire.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -15,9 +16,10 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from shardstream.server._lanes import TICKET_SECONDS, LaneOffer
 from shardstream.server.errors import MalformedRequestError
 from shardstream.v1 import shardstream_pb2 as pb
-from shardstream.v1.codec import FieldSpec, dtype_code
+from shardstream.v1.codec import ALIGNMENT, FieldSpec, dtype_code
 from shardstream.v1.ragged import Ragged
 
 if TYPE_CHECKING:
@@ -61,17 +63,120 @@ def encode_chunk(
     """A serialized `ReadResponse{chunk}` holding records [start, start + count) of `shard`.
 
     A ragged field is a `Ragged`: its Tensor holds the values and their `lengths`; the
-    dtype of a "string" / "bytes" field comes from `schema` (its values are uint8)."""
-    return b"".join(_chunk_parts(start, arrays, shard, schema))
+    dtype of a "string" / "bytes" field comes from `schema` (its values are uint8).
+    Every tensor's data (and lengths) starts at a multiple of ALIGNMENT bytes."""
+    count = len(next(iter(arrays.values())))
+    text = {f.name: f.dtype for f in schema if not f.shape and f.ragged}
+    tensors: list[list[bytes | Region]] = []
+    memory: list[memoryview] = []
+    for name, column in arrays.items():
+        if isinstance(column, Ragged):
+            a = _little(column.values)
+            lengths = column.lengths.astype("<i8", copy=False)
+            tensors.append(
+                [
+                    _tensor_fields(name, text.get(name, a.dtype), a.shape),
+                    Region(_TENSOR_DATA, a.nbytes),
+                    Region(_TENSOR_LENGTHS, lengths.nbytes),  # written also when empty
+                ]
+            )
+            memory += [a.reshape(-1).view(np.uint8).data, lengths.view(np.uint8).data]
+            continue
+        a = _little(column)
+        tensors.append([_tensor_fields(name, a.dtype, a.shape), Region(_TENSOR_DATA, a.nbytes)])
+        memory.append(a.reshape(-1).view(np.uint8).data)
+    pieces = aligned_layout(_chunk_head(start, count, shard), tensors)
+    data = iter(memory)
+    return b"".join(p if isinstance(p, bytes) else next(data) for p in pieces)
 
 
-def _chunk_head(start: int, count: int, shard: str) -> list[bytes]:
+def _chunk_head(start: int, count: int, shard: str) -> bytes:
     """A Chunk's fields before its tensors: start, count and the shard's id."""
     head = [_int_key(1), _varint(start), _int_key(2), _varint(count)]
     if shard:
         shard_b = shard.encode()
         head += [_len_key(4), _varint(len(shard_b)), shard_b]
-    return head
+    return b"".join(head)
+
+
+# Tensor fields, from shardstream.proto.
+_TENSOR_DATA, _TENSOR_LENGTHS, _TENSOR_PAD = 4, 5, 6
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A length-delimited field of a Tensor whose bytes are data placed at an aligned offset."""
+
+    field: int
+    nbytes: int
+
+
+def aligned_layout(head: bytes, tensors: list[list[bytes | Region]]) -> list[bytes | Region]:
+    """A `ReadResponse{chunk}` as protobuf bytes and the data regions between them.
+
+    `head` is the Chunk's fields before its tensors; each tensor is its fixed fields
+    (bytes) and Regions. Before each region's key a `pad` field is placed so that the
+    region's data starts at a multiple of ALIGNMENT from the start of the message. The
+    padding lengthens the messages, whose length varints can then grow and move the data
+    again: the layout is redone until it is stable, in two passes nearly always. From the
+    third pass on, pads only grow (so do the lengths and their varints), which makes it
+    settle where a varint would otherwise flip between two widths."""
+    pads: dict[tuple[int, int], int] = {}
+    for attempt in range(16):
+        bodies = [
+            sum(
+                len(p) if isinstance(p, bytes) else pads.get((t, r), 0) + _region_size(p)
+                for r, p in enumerate(parts)
+            )
+            for t, parts in enumerate(tensors)
+        ]
+        size = len(head) + sum(len(_TENSOR_KEY) + len(_varint(b)) + b for b in bodies)
+        first = _len_key(1) + _varint(size) + head
+        out: list[bytes | Region] = [first]
+        pos = len(first)
+        stable = True
+        for t, parts in enumerate(tensors):
+            fixed = _TENSOR_KEY + _varint(bodies[t])
+            for r, part in enumerate(parts):
+                if isinstance(part, bytes):
+                    fixed += part
+                    continue
+                key = _len_key(part.field) + _varint(part.nbytes)
+                was = pads.get((t, r), 0)
+                least = was if attempt >= 2 else 0
+                pad = least + -(pos + len(fixed) + least + len(key)) % ALIGNMENT
+                while _pad_field(pad) is None:
+                    pad += ALIGNMENT
+                stable = stable and pad == was
+                pads[(t, r)] = pad
+                fixed += _pad_field(pad) or b""
+                out += [fixed + key, part]
+                pos += len(fixed) + len(key) + part.nbytes
+                fixed = b""
+            if fixed:
+                out.append(fixed)
+                pos += len(fixed)
+        if stable:
+            return out
+    raise AssertionError("the chunk layout did not settle")  # pragma: no cover
+
+
+def _pad_field(n: int) -> bytes | None:
+    """A `pad` field of exactly `n` bytes (b"" for 0), or None where none has that size."""
+    if n == 0:
+        return b""
+    for length in (n - 2, n - 3, n - 4):
+        if length >= 0 and 1 + len(_varint(length)) + length == n:
+            return _PAD_KEY + _varint(length) + bytes(length)
+    return None
+
+
+_TENSOR_KEY = _len_key(3)
+_PAD_KEY = _len_key(_TENSOR_PAD)
+
+
+def _region_size(region: Region) -> int:
+    return len(_len_key(region.field)) + len(_varint(region.nbytes)) + region.nbytes
 
 
 def layout_chunk_into(
@@ -83,45 +188,63 @@ def layout_chunk_into(
     its data (shape (count, *field.shape), little-endian): whoever fills those arrays
     completes the same bytes `encode_chunk` would produce, without an intermediate copy.
     """
-    body: list[bytes | tuple[str, np.dtype[Any], tuple[int, ...]]] = [
-        *_chunk_head(start, count, shard)
-    ]
-    if any(f.ragged for f in schema):
-        raise ValueError("a chunk with ragged fields has no fixed layout; use encode_chunk")
-    for spec in schema:
-        dtype = np.dtype(spec.dtype).newbyteorder("<")
-        shape = (count, *spec.shape)
-        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        header = _tensor_header(spec.name, dtype, shape, nbytes)
-        body += [_len_key(3), _varint(len(header) + nbytes), header, (spec.name, dtype, shape)]
-    body_size = sum(len(p) if isinstance(p, bytes) else _nbytes(p) for p in body)
-    pieces = [_len_key(1), _varint(body_size), *body]
-    total = sum(len(p) if isinstance(p, bytes) else _nbytes(p) for p in pieces)
+    pieces = fixed_layout(start, count, schema, shard)
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
     if total > len(buf):
         raise ValueError(f"a chunk of {total} bytes does not fit its buffer of {len(buf)}")
     views: dict[str, np.ndarray[Any, Any]] = {}
+    fields = iter(schema)
     pos = 0
     for piece in pieces:
         if isinstance(piece, bytes):
             buf[pos : pos + len(piece)] = piece
             pos += len(piece)
         else:
-            name, dtype, shape = piece
-            n = _nbytes(piece)
-            views[name] = np.frombuffer(buf[pos : pos + n], dtype=dtype).reshape(shape)
-            pos += n
+            spec = next(fields)
+            dtype = np.dtype(spec.dtype).newbyteorder("<")
+            room = np.frombuffer(buf[pos : pos + piece.nbytes], dtype=dtype)
+            views[spec.name] = room.reshape((count, *spec.shape))
+            pos += piece.nbytes
     return total, views
 
 
-def _nbytes(piece: tuple[str, np.dtype[Any], tuple[int, ...]]) -> int:
-    _, dtype, shape = piece
-    return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+def fixed_layout(
+    start: int, count: int, schema: tuple[FieldSpec, ...], shard: str = ""
+) -> list[bytes | Region]:
+    """A chunk of fixed fields (in schema order): its headers and each field's data region.
+
+    The chunks of a stream differ in `start` only, so the layout is computed once per
+    width of start's varint (which alone moves the offsets) and the start patched in."""
+    start_b = _varint(start)
+    pieces, at = _fixed_template(len(start_b), count, schema, shard)
+    first = pieces[0]
+    assert isinstance(first, bytes)
+    return [first[:at] + start_b + first[at + len(start_b) :], *pieces[1:]]
 
 
-def _tensor_header(
-    name: str, dtype: np.dtype[Any] | str, shape: tuple[int, ...], nbytes: int
-) -> bytes:
-    """A Tensor message's fields before its data: name, dtype, shape, data's key+length."""
+@functools.lru_cache(maxsize=256)
+def _fixed_template(
+    width: int, count: int, schema: tuple[FieldSpec, ...], shard: str
+) -> tuple[list[bytes | Region], int]:
+    """`fixed_layout` for a start whose varint has `width` bytes, and where it lies."""
+    if any(f.ragged for f in schema):
+        raise ValueError("a chunk with ragged fields has no fixed layout; use encode_chunk")
+    tensors: list[list[bytes | Region]] = []
+    for spec in schema:
+        dtype = np.dtype(spec.dtype).newbyteorder("<")
+        shape = (count, *spec.shape)
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        tensors.append([_tensor_fields(spec.name, dtype, shape), Region(_TENSOR_DATA, nbytes)])
+    start = 0 if width == 1 else 1 << (7 * (width - 1))  # any start of that width
+    head = _chunk_head(start, count, shard)
+    pieces = aligned_layout(head, tensors)
+    first = pieces[0]
+    assert isinstance(first, bytes) and len(_varint(start)) == width
+    return pieces, len(first) - len(head) + len(_int_key(1))
+
+
+def _tensor_fields(name: str, dtype: np.dtype[Any] | str, shape: tuple[int, ...]) -> bytes:
+    """A Tensor message's fields before its data: name, dtype, shape."""
     name_b = name.encode()
     dims = b"".join(_varint(d) for d in shape)
     return b"".join(
@@ -129,7 +252,6 @@ def _tensor_header(
             _len_key(1), _varint(len(name_b)), name_b,
             _int_key(2), _varint(dtype_code(dtype)),
             _len_key(3), _varint(len(dims)), dims,
-            _len_key(4), _varint(nbytes),
         ]
     )  # fmt: skip
 
@@ -141,30 +263,10 @@ def _little(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return a
 
 
-def _chunk_parts(
-    start: int, arrays: Mapping[str, Column], shard: str, schema: tuple[FieldSpec, ...] = ()
-) -> list[bytes | memoryview]:
-    """The pieces of a serialized chunk: protobuf headers and the arrays' own memory."""
-    count = len(next(iter(arrays.values())))
-    text = {f.name: f.dtype for f in schema if not f.shape and f.ragged}
-    body: list[bytes | memoryview] = [*_chunk_head(start, count, shard)]
-    for name, column in arrays.items():
-        if isinstance(column, Ragged):
-            a = _little(column.values)
-            lengths = column.lengths.astype("<i8", copy=False)
-            header = _tensor_header(name, text.get(name, a.dtype), a.shape, a.nbytes)
-            # lengths: packed sfixed64 (field 5), always written, also when empty
-            tail = _len_key(5) + _varint(lengths.nbytes)
-            size = len(header) + a.nbytes + len(tail) + lengths.nbytes
-            body += [_len_key(3), _varint(size), header, a.reshape(-1).view(np.uint8).data]
-            body += [tail, lengths.view(np.uint8).data]
-            continue
-        a = _little(column)
-        header = _tensor_header(name, a.dtype, a.shape, a.nbytes)
-        body += [_len_key(3), _varint(len(header) + a.nbytes), header]
-        body.append(a.reshape(-1).view(np.uint8).data)
-    size = sum(len(b) for b in body)
-    return [_len_key(1), _varint(size), *body]
+def encode_shared(start: int, count: int, shard: str, slot: int, size: int) -> bytes:
+    """A `ReadResponse{shared}`: the chunk's message is in slot `slot` of the lane."""
+    shared = pb.SharedChunk(start=start, count=count, shard=shard, slot=slot, size=size)
+    return pb.ReadResponse(shared=shared).SerializeToString()
 
 
 def encode_end(records_sent: int, *, draining: bool) -> bytes:
@@ -185,6 +287,8 @@ class ReadArgs:
     shard_fingerprint: str = ""
     max_chunk_records: int = 0
     epoch: int = 0  # with `seed`: what a dataset's per-record randomness depends on
+    lane: str = ""  # the client's same-host lane (`_lanes`), if it has one
+    lane_stream: int = 0  # the client's id of this read on its lane
 
 
 # Requests are decoded by the handlers, not by gRPC: bytes that do not parse become
@@ -225,12 +329,19 @@ def decode_read(data: bytes) -> ReadArgs:
         shard_fingerprint=_bounded("shard fingerprint", r.shard_fingerprint, MAX_FINGERPRINT_BYTES),
         max_chunk_records=r.max_chunk_records,
         epoch=r.epoch,
+        lane=_bounded("lane id", r.lane, 64),
+        lane_stream=r.lane_stream,
     )
 
 
 def decode_describe(data: bytes) -> str:
     """The dataset name a DescribeDatasetRequest asks for, or MalformedRequestError."""
     return _bounded("dataset name", _parse(pb.DescribeDatasetRequest, data).dataset)
+
+
+def decode_open_lane(data: bytes) -> int:
+    """The slots an OpenLaneRequest asks for, or MalformedRequestError."""
+    return int(_parse(pb.OpenLaneRequest, data).slots)
 
 
 def decode_list(data: bytes) -> None:
@@ -256,6 +367,17 @@ def dataset_info(ds: Dataset) -> pb.DatasetInfo:
     )
 
 
+def _encode_offer(offer: LaneOffer) -> bytes:
+    return pb.OpenLaneResponse(
+        address=offer.address,
+        ticket=offer.ticket,
+        lane=offer.lane,
+        slots=offer.slots,
+        slot_bytes=offer.slot_bytes,
+        ticket_seconds=TICKET_SECONDS,
+    ).SerializeToString()
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -271,6 +393,11 @@ def service_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
         {
             "Read": grpc.unary_stream_rpc_method_handler(
                 servicer.serve_read, request_deserializer=None, response_serializer=_identity
+            ),
+            "OpenLane": grpc.unary_unary_rpc_method_handler(
+                servicer.open_lane,
+                request_deserializer=None,
+                response_serializer=_encode_offer,
             ),
             "DescribeDataset": grpc.unary_unary_rpc_method_handler(
                 describe,

@@ -31,10 +31,13 @@ from shardstream.server._config import TransformSpec, WorkerConfig
 from shardstream.server._decoders import register_plugins
 from shardstream.server._decoding import process_init
 from shardstream.server._files import ShardPath
+from shardstream.server._lanes import Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
 from shardstream.server._security import RequestGuard
 from shardstream.server._servicer import WorkerServicer
+from shardstream.server._shardcache import ShardDiskCache, open_cache
+from shardstream.server._shardcache import process_init as cached_process_init
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._wire import SERVICE, service_handler
 from shardstream.v1.codec import FieldSpec
@@ -126,10 +129,12 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self._executor: Executor | None = None
+        self._shard_cache: ShardDiskCache | None = None  # --shard-cache-dir
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._servicer: WorkerServicer | None = None
         self._buffers: ChunkBuffers | None = None
+        self._lanes: Lanes | None = None
         self._failure: BaseException | None = None  # decoding processes cannot be replaced
         self._failing: asyncio.Task[None] | None = None  # the drain that failure started
         self._port = 0
@@ -172,6 +177,8 @@ class Worker:
         """Decoding processes (spawned, before gRPC runs) or threads."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        if cfg.shard_cache_dir is not None:  # before any process reads a shard
+            self._shard_cache = await asyncio.to_thread(open_cache, cfg)
         if not cfg.processes:
             self._executor = ThreadPoolExecutor(
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shardstream-decode"
@@ -181,8 +188,9 @@ class Worker:
         self._buffers = ChunkBuffers(2 * cfg.processes + 2, cfg.max_message_bytes)
         pool = DecodingPool(
             cfg.processes,
-            initializer=process_init,
-            initargs=(os.getpid(), self._buffers.handle()),
+            initializer=process_init if self._shard_cache is None else cached_process_init,
+            initargs=(os.getpid(), self._buffers.handle())
+            + (() if self._shard_cache is None else (self._shard_cache.settings(),)),
             on_failure=lambda exc: loop.call_soon_threadsafe(self._pool_failed, exc),
         )
         self._executor = pool
@@ -193,6 +201,22 @@ class Worker:
             raise
         log.debug("decoding processes: %s", sorted(pids))
 
+    def _open_lanes(self) -> Lanes | None:
+        """Same-host lanes (`_lanes`), where they are on; None otherwise (or where there
+        are no abstract Unix sockets: not Linux)."""
+        cfg = self.config
+        if not cfg.lanes:
+            return None
+        lanes = Lanes(
+            slots=cfg.lane_slots, slot_bytes=cfg.max_message_bytes, max_lanes=cfg.max_lanes
+        )
+        try:
+            lanes.start()
+        except OSError as exc:
+            log.warning("same-host lanes are off: %s", exc)
+            return None
+        return lanes
+
     async def _start_server(self) -> None:
         """The gRPC server on its port, health NOT_SERVING until indexing is done."""
         cfg = self.config
@@ -200,8 +224,11 @@ class Worker:
         security = cfg.security.load()  # reads the TLS files and token once
         metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
-            self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port)
-        self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers)
+            self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port, self._executor)
+            if self._shard_cache is not None:
+                metrics.add_collector(self._shard_cache.collector())
+        self._lanes = self._open_lanes()
+        self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers, self._lanes)
         connections = _fit_open_files(cfg.max_connections)
         self._server = grpc.aio.server(
             options=grpc_options(replace(cfg, max_connections=connections)),
@@ -263,6 +290,8 @@ class Worker:
             await self.aclose()
             raise
         servicer.catalog = catalog
+        if self._shard_cache is not None:  # copies must now match what was indexed
+            await asyncio.to_thread(self._shard_cache.expect, catalog)
         for ds in catalog.datasets.values():
             log.info(
                 "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s",
@@ -308,6 +337,9 @@ class Worker:
             self._server = None
         if self._servicer is not None:
             self._servicer.close()
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.get_running_loop().run_in_executor(
@@ -316,6 +348,9 @@ class Worker:
         if self._buffers is not None:
             self._buffers.close()
             self._buffers = None
+        if self._shard_cache is not None:
+            self._shard_cache.close()
+            self._shard_cache = None
         self._state = "closed"
         self._closed.set()
         log.info("stopped")

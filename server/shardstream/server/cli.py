@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import math
 import os
@@ -20,9 +21,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from shardstream._common import run_async, tune_malloc
+from shardstream._common.sizes import format_size, parse_size
 from shardstream.server._catalog import index_in_threads
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
 from shardstream.server._configfile import load_config_file
@@ -38,10 +40,59 @@ log = logging.getLogger("shardstream.worker")
 
 
 class UsageParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), that
+    takes no abbreviated flags (`--max-mess` is an error, not `--max-message-bytes`) and
+    shows each flag's default in --help. Subcommands' parsers are of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to the help of every flag with a default worth showing (not
+    None, False or ""), before its "[SHARDSTREAM_...]" variable; a default taken from the
+    variable says so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        positional_required = not action.option_strings and action.nargs not in ("?", "*")
+        if (
+            "%(default)" in text
+            or default is None
+            or default is False
+            or default == ""
+            or default is argparse.SUPPRESS
+            or positional_required
+        ):
+            return text
+        note = "(default: %(default)s)"
+        if isinstance(default, _EnvText):
+            note = f"(default: %(default)s, from {default.variable})"
+        head, bracket, variable = text.rpartition(" [SHARDSTREAM_")
+        return f"{head} {note}{bracket}{variable}" if bracket else f"{text} {note}"
+
+
+def package_version() -> str:
+    """The installed shardstream's version (`--version`)."""
+    try:
+        return importlib.metadata.version("shardstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def add_version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {package_version()}",
+        help="print the installed version and exit",
+    )
 
 
 class _EnvText(str):
@@ -63,6 +114,15 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 T = TypeVar("T")
+
+
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(text)
 
 
 def _checked(convert: Callable[[str], T], accepts: str) -> Callable[[str], T]:
@@ -93,6 +153,20 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
     return _checked(
         convert, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    )
+
+
+def size_in(low: int) -> Callable[[str], int]:
+    """A byte-size flag type: `16MiB`, `64KiB`, `4096` (see `parse_size`), at least `low`."""
+
+    def convert(text: str) -> int:
+        n = parse_size(text)
+        if n < low:
+            raise ValueError(text)
+        return n
+
+    return _checked(
+        convert, f"a size >= {format_size(low)} (bytes, or with a unit: 4096, 64KiB, 16MiB)"
     )
 
 
@@ -142,6 +216,15 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(env_datasets=_env("DATASETS"))
     p.add_argument(
+        "--config",
+        type=_PATH,
+        default=_env("CONFIG"),
+        metavar="FILE",
+        help="TOML file: data_root, decoders and [datasets.NAME] tables (shards, format, "
+        "transforms, schema); --data-root wins over its data_root, --dataset adds datasets "
+        "[SHARDSTREAM_CONFIG]",
+    )
+    p.add_argument(
         "--decoder",
         action="append",
         dest="decoders",
@@ -170,21 +253,28 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument(
-        "--config",
-        type=_PATH,
-        default=_env("CONFIG"),
-        metavar="FILE",
-        help="TOML file: data_root, decoders and [datasets.NAME] tables (shards, format, "
-        "transforms); --data-root wins over its data_root, --dataset adds datasets "
-        "[SHARDSTREAM_CONFIG]",
-    )
-    p.add_argument(
         "--manifest",
         type=_PATH,
         default=_env("MANIFEST"),
         metavar="FILE",
         help="a manifest written by `shardstream index`: refuse to start unless every shard "
         "matches it [SHARDSTREAM_MANIFEST]",
+    )
+    p.add_argument(
+        "--shard-cache-dir",
+        type=_PATH,
+        default=_env("SHARD_CACHE_DIR"),
+        metavar="DIR",
+        help="keep the shards of an fsspec URL data root on local disk here, so later epochs "
+        "and restarts read them locally (default: no cache) [SHARDSTREAM_SHARD_CACHE_DIR]",
+    )
+    p.add_argument(
+        "--shard-cache-bytes",
+        type=size_in(1),
+        default=_env("SHARD_CACHE_BYTES", "10GiB"),
+        metavar="SIZE",
+        help="at most this much in --shard-cache-dir; the least recently used shards are "
+        "evicted first [SHARDSTREAM_SHARD_CACHE_BYTES]",
     )
     p.add_argument(
         "--host",
@@ -206,15 +296,17 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-message-bytes",
-        type=_int_in(64 * 1024),
-        default=_env("MAX_MESSAGE_BYTES", str(8 * MiB)),
-        help="gRPC max message size [SHARDSTREAM_MAX_MESSAGE_BYTES]",
+        type=size_in(64 * 1024),
+        default=_env("MAX_MESSAGE_BYTES", format_size(8 * MiB)),
+        metavar="SIZE",
+        help="gRPC max message size, e.g. 16MiB [SHARDSTREAM_MAX_MESSAGE_BYTES]",
     )
     p.add_argument(
         "--chunk-bytes",
-        type=_int_in(1),
-        default=_env("CHUNK_BYTES", str(4 * MiB)),
-        help="target bytes per streamed chunk [SHARDSTREAM_CHUNK_BYTES]",
+        type=size_in(1),
+        default=_env("CHUNK_BYTES", format_size(4 * MiB)),
+        metavar="SIZE",
+        help="target size of one streamed chunk, e.g. 4MiB [SHARDSTREAM_CHUNK_BYTES]",
     )
     p.add_argument(
         "--max-streams",
@@ -250,6 +342,28 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         "[SHARDSTREAM_MAX_STREAMS_PER_CONNECTION]",
     )
     p.add_argument(
+        "--lanes",
+        type=_checked(_on_off, "on or off"),
+        default=_env("LANES", "on"),
+        metavar="on|off",
+        help="same-host lanes: clients on this host get chunks through shared memory "
+        "instead of the socket [SHARDSTREAM_LANES]",
+    )
+    p.add_argument(
+        "--lane-slots",
+        type=_int_in(1, 1024),
+        default=_env("LANE_SLOTS", "64"),
+        help="most slots of --max-message-bytes each in one client's lane (a loader asks "
+        "for as many chunks as it may hold; memory is taken as slots are written) "
+        "[SHARDSTREAM_LANE_SLOTS]",
+    )
+    p.add_argument(
+        "--max-lanes",
+        type=_int_in(1, 4096),
+        default=_env("MAX_LANES", "16"),
+        help="clients with a lane at once; others get chunks on the socket [SHARDSTREAM_MAX_LANES]",
+    )
+    p.add_argument(
         "--idle-connection-timeout",
         type=_TIMEOUT,
         default=_env("IDLE_CONNECTION_TIMEOUT", "300"),
@@ -270,7 +384,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         ("--auth-token-file", "file with a bearer token every client must send (not health)"),
     ):
         env = flag[2:].upper().replace("-", "_")
-        p.add_argument(flag, type=_PATH, default=_env(env), help=f"{what} [SHARDSTREAM_{env}]")
+        p.add_argument(
+            flag, type=_PATH, default=_env(env), metavar="FILE", help=f"{what} [SHARDSTREAM_{env}]"
+        )
 
 
 def _specs(args: argparse.Namespace) -> tuple[DatasetSpec, ...]:
@@ -325,10 +441,15 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_connections=args.max_connections,
         max_streams_per_connection=args.max_streams_per_connection,
         idle_connection_timeout=args.idle_connection_timeout,
+        lanes=args.lanes,
+        lane_slots=args.lane_slots,
+        max_lanes=args.max_lanes,
         decoders=(() if file is None else file.decoders) + _decoders(args),
         metrics_port=args.metrics_port,
         cache_dir=_cache_dir(args),
         manifest=args.manifest,
+        shard_cache_dir=args.shard_cache_dir,
+        shard_cache_bytes=args.shard_cache_bytes,
         security=ServerSecurity(
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -408,13 +529,17 @@ def index_command(args: argparse.Namespace) -> int:
     """Index datasets as a worker would and write their manifest (`_manifest`)."""
     setup_logging(args.log_level)
     try:
-        data_root = _data_root(args)
+        file = None if args.config is None else load_config_file(args.config)
+        data_root = _data_root(args, None if file is None else file.data_root)
         root: Path | str = data_root if is_url(data_root) else Path(data_root)
         cache_dir = _cache_dir(args)
-        specs = tuple(replace(s, cache_dir=cache_dir) for s in _specs(args))
+        found = (() if file is None else file.datasets) + _specs(args)
+        specs = tuple(replace(s, cache_dir=cache_dir) for s in found)
         if not specs:
-            raise ValueError("name a dataset: --dataset NAME=GLOB (or SHARDSTREAM_DATASETS)")
-        register_plugins(_decoders(args))
+            raise ValueError(
+                "name a dataset: --dataset NAME=GLOB (or SHARDSTREAM_DATASETS), or --config"
+            )
+        register_plugins((() if file is None else file.decoders) + _decoders(args))
     except ValueError as exc:
         print(f"shardstream index: {exc}", file=sys.stderr)
         return 2
@@ -447,9 +572,11 @@ def index_command(args: argparse.Namespace) -> int:
 
 
 def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", type=Path)
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--records", type=int, default=1000, help="records in all shards together")
+    p.add_argument("directory", type=Path, help="where to write the shards (created if missing)")
+    p.add_argument("--shards", type=_int_in(1), default=8, help="shard files")
+    p.add_argument(
+        "--records", type=_int_in(1), default=1000, help="records in all shards together"
+    )
     p.add_argument(
         "--shape",
         default="32,32,3",
@@ -462,8 +589,12 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
         default="npz",
         help="npz, csv; wds (JPEG tar shards, needs Pillow); parquet (needs pyarrow)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the generated images")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the directory's shards of this format (and remove any beyond --shards)",
+    )
 
 
 def make_dataset_command(args: argparse.Namespace) -> int:
@@ -479,17 +610,25 @@ def make_dataset_command(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except ValueError as exc:
-        print(f"shardstream make-dataset: {exc}", file=sys.stderr)
+        # `make_dataset` speaks Python (overwrite=True); on the command line it is a flag.
+        message = str(exc).replace("overwrite=True", "--overwrite")
+        print(f"shardstream make-dataset: {message}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} {args.format} shards, {args.records} records, to {args.directory}")
     return 0
 
 
+def build_parser() -> UsageParser:
+    """The parser of `shardstream-worker`."""
+    parser = UsageParser(prog="shardstream-worker", description=__doc__)
+    add_version_arg(parser)
+    add_worker_args(parser)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`shardstream-worker`: the same as `shardstream worker`."""
-    parser = UsageParser(prog="shardstream-worker", description=__doc__)
-    add_worker_args(parser)
-    return worker_command(parser.parse_args(argv))
+    return worker_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
           ├── BadRangeError          INVALID_ARGUMENT     records outside the shard
           ├── MalformedRequestError  INVALID_ARGUMENT     unparsable, or ids too long
           ├── ShardChangedError      FAILED_PRECONDITION  fingerprint differs, ShardChanged
+          ├── NoLaneError            FAILED_PRECONDITION  no same-host lane (off, or all taken)
           └── DataLossError          DATA_LOSS            a DecodeError while streaming
 
 `CatalogError` stops the worker at start-up. `DecodeError` (raised by decoders,
@@ -41,6 +42,7 @@ __all__ = [
     "DecodeError",
     "DrainingError",
     "MalformedRequestError",
+    "NoLaneError",
     "NotReadyError",
     "ProcessDiedError",
     "RequestError",
@@ -135,6 +137,10 @@ class MalformedRequestError(RequestError):
 
 class ShardChangedError(RequestError):
     """The shard differs from the one the client planned for (FAILED_PRECONDITION)."""
+
+
+class NoLaneError(RequestError):
+    """OpenLane: this worker has no same-host lane to give (off, or its most are open)."""
 
 
 class DataLossError(RequestError):

@@ -1,0 +1,182 @@
+"""Direct reads: a chunk whose records are file bytes, read into its message in place.
+
+When a decoder says where a chunk's records lie in the shard's file, exactly as
+the chunk carries them (`Decoder.byte_ranges`: npz members stored little-endian
+in C order, no transform), there is nothing to decode. The server process then
+builds the message itself, in one of its I/O threads: the protobuf headers are
+written and the records read from the file (`preadv`) straight into the room
+left for them in the message. Compared with a decoding process filling a
+shared-memory slot that the server copies out, that skips a process hop, the
+pickled job and a copy of every byte.
+
+gRPC Python sends only `bytes`, which are immutable: the message is made as an
+uninitialised `bytes` of its size (`PyBytes_FromStringAndSize(NULL, n)`, as C
+extensions do) and filled before any other code sees it. Where that is not
+available (not CPython), `new_message` is None and every chunk is decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shardstream.server._decoding import decoder
+from shardstream.server._files import ShardPath, Stamp, stat_stamp
+from shardstream.server._wire import Region, fixed_layout
+from shardstream.server.errors import ShardChanged
+from shardstream.v1.codec import FieldSpec
+
+__all__ = ["message_for", "new_message", "read_direct", "read_direct_into"]
+
+
+def _bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """`new_message(n)`: a new `bytes` of n unset bytes and a writable view of them."""
+    if platform.python_implementation() != "CPython":
+        return None
+    make = ctypes.pythonapi.PyBytes_FromStringAndSize
+    make.restype = ctypes.py_object
+    make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    offset = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval)
+
+    def new(n: int) -> tuple[bytes, memoryview]:
+        message: bytes = make(None, n)
+        room = (ctypes.c_char * n).from_address(id(message) + offset)
+        return message, memoryview(room).cast("B")
+
+    message, view = new(5)  # the layout is what this module assumes, or it is not used
+    view[:] = b"probe"
+    ok = message == b"probe"
+    del view
+    return new if ok else None
+
+
+new_message = _bytes_factory()
+
+
+def read_direct(
+    ref: str,
+    path: ShardPath,
+    stamp: Stamp,
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+    shard_id: str = "",
+) -> bytes | None:
+    """The chunk `read_chunk` would make of records [start, start + count), read from the
+    file into the message; None where the decoder gives no byte ranges (decode it)."""
+    if new_message is None or not isinstance(path, os.PathLike):
+        return None
+    with _opened(path, stamp) as fd:
+        planned = _plan(ref, path, start, count, schema, shard_id)
+        if planned is None:
+            return None
+        pieces, ranges, size = planned
+        message, view = new_message(size)
+        try:
+            _fill(fd, view, pieces, ranges)
+        finally:
+            view.release()
+        return message
+
+
+def message_for(job: tuple[Any, ...]) -> tuple[bytes, memoryview]:
+    """A new message of the size the chunk of `job` (`read_direct`'s arguments) takes,
+    unset, and a writable view of it for `read_direct_into`. The view does not keep the
+    message alive: hold the message until the view is done with."""
+    if new_message is None:
+        return b"", memoryview(bytearray())
+    _, _, _, start, count, schema, shard_id = job
+    pieces = fixed_layout(start, count, schema, shard_id)
+    return new_message(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces))
+
+
+def read_direct_into(
+    buffer: memoryview,
+    ref: str,
+    path: ShardPath,
+    stamp: Stamp,
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+    shard_id: str = "",
+) -> int | None:
+    """`read_direct` into the start of `buffer` (a same-host lane's slot): the message's
+    size, or None where the chunk needs decoding or does not fit."""
+    if not isinstance(path, os.PathLike):
+        return None
+    with _opened(path, stamp) as fd:
+        planned = _plan(ref, path, start, count, schema, shard_id)
+        if planned is None or planned[2] > len(buffer):
+            return None
+        pieces, ranges, size = planned
+        _fill(fd, buffer[:size], pieces, ranges)
+        return size
+
+
+@contextlib.contextmanager
+def _opened(path: os.PathLike[str], stamp: Stamp) -> Iterator[int]:
+    """The shard's file, open, and the very file that was indexed (ShardChanged if not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
+    try:
+        if stat_stamp(os.fstat(fd)) != stamp:
+            raise ShardChanged(
+                "the shard changed since it was indexed; restart the worker to index it again"
+            )
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _plan(
+    ref: str,
+    path: os.PathLike[str],
+    start: int,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+    shard_id: str,
+) -> tuple[list[bytes | Region], list[tuple[int, int]], int] | None:
+    """The chunk's layout, each field's file range and the message's size; None where
+    the decoder gives no byte ranges."""
+    try:
+        ranges = decoder(ref).byte_ranges(Path(path), start, count)
+    except OSError as exc:  # it went away after the open: what the decoder opens
+        raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
+    if ranges is None or set(ranges) != {f.name for f in schema}:
+        return None
+    pieces = fixed_layout(start, count, schema, shard_id)
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    return pieces, [ranges[f.name] for f in schema], size
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _fill(
+    fd: int, view: memoryview, pieces: list[bytes | Region], ranges: list[tuple[int, int]]
+) -> None:
+    """Headers into `view`, and each region from its file range."""
+    regions = iter(ranges)
+    pos = 0
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            view[pos : pos + len(piece)] = piece
+            pos += len(piece)
+            continue
+        offset, nbytes = next(regions)
+        assert nbytes == piece.nbytes
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[pos + done : pos + nbytes]], offset + done)
+            if n <= 0:
+                raise ShardChanged("the shard is shorter than when it was indexed")
+            done += n
+        pos += nbytes

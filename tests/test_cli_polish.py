@@ -1,0 +1,250 @@
+"""A command line that explains itself: --version, defaults and help on every flag, sizes
+with units, no abbreviated flags, addresses with their port, unreachable workers named
+at once, consume's ledger and record-level shuffle."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardstream.cli import build_health_parser
+from shardstream.cli import build_parser as build_shardstream_parser
+from shardstream.server._config import MiB
+from shardstream.server.cli import build_parser as build_worker_parser
+from shardstream.server.cli import config_from_args
+
+from conftest import RECORDS, worker_processes
+
+BIN = Path(sys.executable).parent
+MODULES = {
+    "shardstream": "shardstream.cli",
+    "shardstream-worker": "shardstream.server",
+    "shardstream-health": None,
+}
+
+
+def run(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """A console script (`python -m` where it is not installed next to this Python),
+    without SHARDSTREAM_* variables from the calling shell."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDSTREAM_")}
+    path = BIN / script
+    if path.exists():
+        command = [str(path)]
+    elif (module := MODULES[script]) is not None:
+        command = [sys.executable, "-m", module]
+    else:
+        command = [sys.executable, "-c", "import sys; from shardstream.cli import health_main; "
+                   "sys.exit(health_main())"]  # fmt: skip
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_usage_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no traceback, no usage block
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parsers() -> Iterator[argparse.ArgumentParser]:
+    """Every parser of the three commands, subcommands' included."""
+    todo: list[argparse.ArgumentParser] = [
+        build_shardstream_parser(),
+        build_worker_parser(),
+        build_health_parser(),
+    ]
+    while todo:
+        parser = todo.pop()
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+
+
+# -- --version, help and defaults ---------------------------------------------------------------
+
+
+def test_version_of_every_command() -> None:
+    version = importlib.metadata.version("shardstream")
+    for script in ("shardstream", "shardstream-worker", "shardstream-health"):
+        r = run(script, "--version")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{script} {version}"
+
+
+def test_every_flag_and_command_has_help_and_no_abbreviations() -> None:
+    seen = 0
+    for parser in parsers():
+        assert parser.allow_abbrev is False, parser.prog
+        for action in parser._actions:
+            seen += 1
+            assert action.help and action.help.strip(), (parser.prog, action.dest)
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:  # the commands' one-line help
+                    assert choice.help and choice.help.strip(), (parser.prog, choice.dest)
+    assert seen > 100  # the walk reached the subcommands
+
+
+def test_help_shows_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("SHARDSTREAM_"):
+            monkeypatch.delenv(name)
+    shown = 0
+    for parser in parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            default = action.default
+            if default in (None, False, "", argparse.SUPPRESS) or action.nargs == 0:
+                continue  # nothing worth showing (a flag without a value is off by default)
+            if not action.option_strings and action.nargs != "?":
+                continue
+            text = formatter._get_help_string(action) or ""
+            assert "(default: %(default)s)" in text, (parser.prog, action.dest, text)
+            shown += 1
+    assert shown > 40
+    text = " ".join(build_worker_parser().format_help().split())
+    assert "(default: 50051) [SHARDSTREAM_PORT]" in text
+    assert "(default: 8MiB) [SHARDSTREAM_MAX_MESSAGE_BYTES]" in text
+    assert "(default: 4MiB) [SHARDSTREAM_CHUNK_BYTES]" in text
+    monkeypatch.setenv("SHARDSTREAM_PORT", "8080")
+    text = " ".join(build_worker_parser().format_help().split())
+    assert "(default: 8080, from SHARDSTREAM_PORT) [SHARDSTREAM_PORT]" in text
+    r = run("shardstream", "consume", "--help")
+    assert r.returncode == 0 and "(default: 64)" in r.stdout and "--ledger-dir" in r.stdout
+
+
+# -- flags and their values ---------------------------------------------------------------------
+
+
+def test_abbreviated_flags_are_errors(tmp_path: Path) -> None:
+    root = ["--data-root", str(tmp_path), "--dataset", "train=*.npz"]
+    assert_usage_error(run("shardstream", "worker", *root, "--max-mess", "5"), "--max-mess")
+    assert_usage_error(run("shardstream-worker", *root, "--max-mess", "5"), "--max-mess")
+    assert_usage_error(run("shardstream", "consume", "127.0.0.1:1", "--batch", "5"), "--batch")
+    assert_usage_error(run("shardstream-health", "127.0.0.1:1", "--serv", "x"), "--serv")
+
+
+def test_sizes_take_units_from_flags_and_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("SHARDSTREAM_"):
+            monkeypatch.delenv(name)
+    root = ["--data-root", str(tmp_path), "--dataset", "train=*.npz"]
+    config = config_from_args(build_worker_parser().parse_args(root))
+    assert (config.max_message_bytes, config.chunk_bytes) == (8 * MiB, 4 * MiB)
+    args = [*root, "--max-message-bytes", "16MiB", "--chunk-bytes", "64KiB"]
+    config = config_from_args(build_worker_parser().parse_args(args))
+    assert (config.max_message_bytes, config.chunk_bytes) == (16 * MiB, 64 * 1024)
+    monkeypatch.setenv("SHARDSTREAM_MAX_MESSAGE_BYTES", "32MiB")
+    monkeypatch.setenv("SHARDSTREAM_CHUNK_BYTES", "1000000")
+    config = config_from_args(build_worker_parser().parse_args(root))
+    assert (config.max_message_bytes, config.chunk_bytes) == (32 * MiB, 1_000_000)
+
+    line = assert_usage_error(
+        run("shardstream", "worker", *root, "--chunk-bytes", "4QiB"), "argument --chunk-bytes"
+    )
+    assert "'4QiB': expected a size >= 1 (bytes, or with a unit: 4096, 64KiB, 16MiB)" in line
+    assert_usage_error(
+        run("shardstream-worker", *root, "--max-message-bytes", "1KiB"),
+        "argument --max-message-bytes: '1KiB': expected a size >= 64KiB",
+    )
+    assert_usage_error(
+        run("shardstream", "worker", *root, env={"SHARDSTREAM_CHUNK_BYTES": "1.5"}),
+        "SHARDSTREAM_CHUNK_BYTES='1.5': expected a size >= 1",
+    )
+
+
+@pytest.mark.parametrize("command", ["health", "inspect", "consume"])
+def test_an_address_needs_its_port(command: str) -> None:
+    line = assert_usage_error(run("shardstream", command, "localhost"), "'localhost'", "HOST:PORT")
+    assert "port is needed" in line and f"shardstream {command}: error:" in line
+    if command == "consume":
+        assert_usage_error(run("shardstream", command, "127.0.0.1:1,worker"), "HOST:PORT")
+        assert_usage_error(run("shardstream", command, "dns:///worker"), "HOST:PORT")
+    assert_usage_error(run("shardstream-health", "localhost"), "'localhost'", "HOST:PORT")
+
+
+def test_make_dataset_names_the_overwrite_flag(tmp_path: Path) -> None:
+    args = ("make-dataset", str(tmp_path), "--shards", "1", "--records", "4")
+    assert run("shardstream", *args).returncode == 0
+    line = assert_usage_error(run("shardstream", *args), "already holds", "--overwrite")
+    assert "overwrite=True" not in line
+    r = run("shardstream", *args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+
+
+# -- reaching workers -------------------------------------------------------------------------
+
+
+def test_unreachable_workers_fail_at_once_with_healths_message() -> None:
+    """Before: inspect waited its 10 s timeout for DEADLINE_EXCEEDED, consume its 30 s."""
+    address = f"127.0.0.1:{free_port()}"
+    health = run("shardstream", "health", address)
+    assert health.returncode == 1
+    reason = health.stderr.strip()
+    assert reason.startswith(f"{address}: UNAVAILABLE: ") and "\n" not in reason
+    for command, expected in (
+        ("inspect", reason),
+        ("consume", f"shardstream consume: {reason}"),
+    ):
+        t0 = time.monotonic()
+        r = run("shardstream", command, address)
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == expected
+        assert elapsed < 8, f"{command} took {elapsed:.1f}s to report an unreachable worker"
+
+
+def test_consume_writes_a_ledger_that_audit_accepts(npz_root: Path, tmp_path: Path) -> None:
+    with worker_processes(npz_root, 1) as (worker,):
+        port = worker.port
+        for command in ("health", "inspect"):  # a dns:/// name works where HOST:PORT does
+            r = run("shardstream", command, f"dns:///localhost:{port}")
+            assert r.returncode == 0, r.stderr
+        plain = run("shardstream", "consume", worker.address, "--batch-size", "100",
+                    "--ledger-dir", str(tmp_path / "plain"))  # fmt: skip
+        shuffled = run("shardstream", "consume", f"dns:///localhost:{port}", "--epochs", "2",
+                       "--batch-size", "100", "--shuffle-reads", "2",
+                       "--ledger-dir", str(tmp_path / "shuffled"))  # fmt: skip
+    for r in (plain, shuffled):
+        assert r.returncode == 0, r.stderr
+        assert f"{RECORDS // 100} batches, {RECORDS} records" in r.stdout
+        assert "duplicate ids: 0" in r.stdout
+    audit = run("shardstream", "audit", str(tmp_path / "plain"))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert audit.stdout.strip() == (
+        f"epoch 0: {RECORDS} records received of {RECORDS} planned, 0 resumed reads: exactly once"
+    )
+    audit = run("shardstream", "audit", str(tmp_path / "shuffled"))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert audit.stdout.count("exactly once") == 2 and "NOT" not in audit.stdout
+    (ledger,) = (tmp_path / "shuffled" / "epoch-00001").glob("*.jsonl")
+    header = json.loads(ledger.read_text().splitlines()[0])
+    assert header["options"]["shuffle"] is True and header["options"]["shuffle_reads"] == 2

@@ -1,0 +1,128 @@
+"""Direct reads: chunks that are file bytes are read into their messages by the server
+process (`_direct`), byte for byte what a decoding process makes, and only for them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader
+from shardstream.server._decoding import read_chunk
+from shardstream.server._direct import new_message, read_direct
+from shardstream.server._files import shard_stat
+from shardstream.server._npz import NpzDecoder
+from shardstream.server.errors import ShardChanged
+from shardstream.v1.codec import FieldSpec
+
+from conftest import running_workers
+
+RECORDS = 37
+NPZ = "shardstream.server._npz:NpzDecoder"
+ARRAYS: dict[str, Any] = {
+    "id": np.arange(RECORDS, dtype=np.int64),
+    "image": np.random.default_rng(1).random((RECORDS, 5, 4, 3), dtype=np.float32),
+    "label": (np.arange(RECORDS) % 7).astype(np.uint8),
+    "mask": np.arange(RECORDS * 3).reshape(RECORDS, 3) % 2 == 0,
+    "half": np.linspace(0, 1, RECORDS * 2).reshape(RECORDS, 2).astype(np.float16),
+}
+SCHEMA = tuple(FieldSpec(k, v.dtype.name, v.shape[1:]) for k, v in ARRAYS.items())
+
+
+def _shard(path: Path, save: Any = np.savez, **arrays: Any) -> Path:
+    save(path, **(arrays or ARRAYS))
+    return path
+
+
+class Transforming(NpzDecoder):
+    name = "test-transforming-npz"
+
+    def read(self, path: Any, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        out = super().read(path, start, count)
+        out["label"] = out["label"] + 1
+        return out
+
+
+def test_new_message_is_a_bytes_object_filled_in_place() -> None:
+    assert new_message is not None  # CPython
+    message, view = new_message(1000)
+    view[:] = bytes(range(200)) * 5
+    view.release()
+    assert type(message) is bytes and message == bytes(range(200)) * 5
+    assert hash(message) == hash(bytes(range(200)) * 5)
+
+
+@pytest.mark.parametrize(
+    ("start", "count", "shard_id"),
+    [(0, RECORDS, "s.npz"), (0, 1, ""), (5, 17, "dir/" + "x" * 300 + ".npz"), (36, 1, "s")],
+)
+def test_a_direct_read_is_the_chunk_a_decoding_process_makes(
+    tmp_path: Path, start: int, count: int, shard_id: str
+) -> None:
+    path = _shard(tmp_path / "s.npz")
+    stamp = shard_stat(path)
+    direct = read_direct(NPZ, path, stamp, start, count, SCHEMA, shard_id)
+    assert direct is not None
+    assert direct == read_chunk(NPZ, path, stamp, start, count, SCHEMA, shard_id)
+
+
+@pytest.mark.parametrize(
+    "kind", ["deflated", "big-endian", "fortran-order", "transforming subclass"]
+)
+def test_chunks_that_are_not_file_bytes_are_decoded(tmp_path: Path, kind: str) -> None:
+    """Deflated, big-endian and Fortran-order members, and a decoder that transforms
+    its records, give no byte ranges: those chunks go to a decoding process."""
+    ref = NPZ
+    if kind == "deflated":
+        path = _shard(tmp_path / "s.npz", np.savez_compressed)
+    elif kind == "big-endian":
+        path = _shard(tmp_path / "s.npz", id=ARRAYS["id"].astype(">i8"))
+    elif kind == "fortran-order":
+        path = _shard(tmp_path / "s.npz", id=np.asfortranarray(np.ones((RECORDS, 3))))
+    else:
+        path = _shard(tmp_path / "s.npz")
+        ref = f"{__name__}:Transforming"
+    schema = NpzDecoder().index(path).schema
+    assert read_direct(ref, path, shard_stat(path), 0, 5, schema, "s.npz") is None
+
+
+def test_a_shard_changed_since_indexing_is_refused(tmp_path: Path) -> None:
+    path = _shard(tmp_path / "s.npz")
+    stamp = shard_stat(path)
+    _shard(
+        path, label=np.zeros(RECORDS, np.uint8), **{k: ARRAYS[k] for k in ARRAYS if k != "label"}
+    )
+    os.utime(path, ns=(stamp[1] + 10**9, stamp[1] + 10**9))
+    with pytest.raises(ShardChanged, match="changed since it was indexed"):
+        read_direct(NPZ, path, stamp, 0, 5, SCHEMA, "s.npz")
+    path.unlink()
+    with pytest.raises(ShardChanged, match="cannot be opened"):
+        read_direct(NPZ, path, stamp, 0, 5, SCHEMA, "s.npz")
+
+
+async def test_a_worker_reads_stored_shards_without_its_decoding_process(
+    npz_root: Path,
+) -> None:
+    """With its only decoding process stopped (SIGSTOP), a worker still serves a whole
+    epoch of stored npz shards, byte-identical to the epoch its decoding process makes
+    when direct reads are off."""
+    epochs = {}
+    for direct in (False, True):
+        async with running_workers(npz_root, 1, processes=1, direct_reads=direct) as (w,):
+            (decoding,) = w._executor.pids()  # type: ignore[union-attr]
+            if direct:
+                os.kill(decoding, signal.SIGSTOP)
+            try:
+                async with Loader([w.address], dataset="train", batch_size=64) as loader:
+                    epochs[direct] = [b async for b in loader.epoch(0)]
+            finally:
+                os.kill(decoding, signal.SIGCONT)
+    assert len(epochs[True]) == len(epochs[False]) > 1
+    for a, b in zip(epochs[True], epochs[False], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])

@@ -1,0 +1,279 @@
+"""Same-host lanes: chunks through shared memory between a worker and a client on one
+host, with every guarantee of the socket path, and the socket whenever a lane cannot be.
+
+Workers here run as real processes (`shardstream-worker`) except where a test looks at a
+worker's lanes from inside; the client is the loader a user runs, or a real process for
+the SIGKILL tests."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader, SyncLoader
+from shardstream.client._wire import LaneOffer, WorkerStub
+from shardstream.server._lanes import END, RELEASE, Lane
+
+from conftest import RECORDS, running_workers, worker_processes
+
+OPTIONS: dict[str, Any] = {"dataset": "train", "batch_size": 64, "read_bytes": 4096}
+
+
+async def epoch_batches(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
+    return [b async for b in loader.epoch(epoch)]
+
+
+def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+def lane_bytes(loader: Loader) -> int:
+    return sum(loader.statistics().lane_bytes_by_worker.values())
+
+
+def digest(batch: dict[str, np.ndarray]) -> list[bytes]:
+    return [k.encode() + str(v.dtype).encode() + v.tobytes() for k, v in sorted(batch.items())]
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+async def test_a_local_worker_hands_chunks_over_in_shared_memory(
+    npz_root: Path, processes: str
+) -> None:
+    """By default a loader on the worker's host gets its chunks through its lane (decoded
+    in threads, or read directly from stored npz by the server process), byte-identical
+    to the same epochs over the socket. A consumer that lets each batch go gets every
+    chunk through the lane; one that keeps every batch keeps their slots, and the chunks
+    that find none come on the socket, the same bytes. A SyncLoader likewise."""
+    with worker_processes(npz_root, 1, "--processes", processes) as (w,):
+        async with Loader([w.address], **OPTIONS, same_host_lane=False) as loader:
+            socket_epochs = [await epoch_batches(loader, e) for e in (0, 1)]
+            assert lane_bytes(loader) == 0
+        async with Loader([w.address], **OPTIONS) as loader:
+            streamed, sent = [], 0
+            async for batch in loader.epoch(0):  # each batch let go before the next
+                streamed.append(digest(batch))
+                sent += sum(v.nbytes for v in batch.values())
+            assert lane_bytes(loader) >= sent  # every chunk (its message, headers too)
+            kept = await epoch_batches(loader, 1)
+            assert lane_bytes(loader) > sent
+        assert streamed == [digest(b) for b in socket_epochs[0]]
+        assert_same(kept, socket_epochs[1])
+        with SyncLoader([w.address], **OPTIONS) as sync:
+            assert [digest(b) for b in sync.epoch(1)] == [digest(b) for b in kept]
+            assert sum(sync.statistics().lane_bytes_by_worker.values()) > 0
+
+
+async def test_decoding_processes_fill_the_lane_too(tmp_path: Path) -> None:
+    """Deflated shards are decoded in a decoding process; its chunks go into the lane."""
+    from shardstream.server import make_dataset
+
+    for path in make_dataset(tmp_path, shards=4, records=800, shape=(8, 8, 3)):
+        with np.load(path) as npz:
+            arrays = dict(npz)
+        np.savez_compressed(path, **arrays)
+    with worker_processes(tmp_path, 1, "--processes", "1") as (w,):
+        async with Loader([w.address], **OPTIONS) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) > 0
+    assert sorted(ids.tolist()) == list(range(800))
+
+
+async def test_a_worker_with_lanes_off_serves_on_the_socket(npz_root: Path) -> None:
+    with worker_processes(npz_root, 1, "--lanes", "off") as (w,):
+        async with Loader([w.address], **OPTIONS) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert loader.statistics().lane_bytes_by_worker == {}
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+async def test_a_lane_that_cannot_be_reached_leaves_the_socket(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker on another host (or network namespace) offers a lane whose socket is not
+    there: the loader reads on the socket, exactly once."""
+    real = WorkerStub.open_lane
+
+    async def elsewhere(self: WorkerStub, *, timeout: float, slots: int = 0) -> LaneOffer:
+        offer = await real(self, timeout=timeout, slots=slots)
+        return LaneOffer("shardstream-lane-on-another-host", offer.ticket, offer.lane,
+                         offer.slots, offer.slot_bytes)  # fmt: skip
+
+    monkeypatch.setattr(WorkerStub, "open_lane", elsewhere)
+    with worker_processes(npz_root, 1) as (w,):
+        async with Loader([w.address], **OPTIONS) as loader:
+            assert [c.lane for c in loader._pool.conns] == [None]
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+async def test_tickets_are_single_use_and_checked(npz_root: Path) -> None:
+    """The lane's memory goes only to a connection showing the ticket OpenLane gave: a
+    wrong ticket, or the right one a second time, gets the connection closed."""
+    import grpc
+
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            offer = await WorkerStub(channel).open_lane(timeout=5)
+
+            def attempt(ticket: bytes) -> tuple[bytes, list[int]]:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(10)
+                    s.connect("\0" + offer.address)
+                    s.sendall(offer.lane.encode() + ticket)
+                    message, fds, _, _ = socket.recv_fds(s, 1, 1)
+                    for fd in fds:
+                        os.close(fd)
+                    return message, fds
+
+            wrong = bytes(b ^ 1 for b in offer.ticket)
+            assert await asyncio.to_thread(attempt, wrong) == (b"", [])
+            assert len((await asyncio.to_thread(attempt, offer.ticket))[1]) == 1
+            assert await asyncio.to_thread(attempt, offer.ticket) == (b"", [])
+
+
+async def test_opening_a_lane_needs_the_token(npz_root: Path, tmp_path: Path) -> None:
+    import grpc
+
+    from shardstream.client._security import CallMetadata, ClientSecurity
+
+    token = tmp_path / "token"
+    token.write_text("lane-secret\n")
+    with worker_processes(npz_root, 1, "--auth-token-file", str(token)) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await WorkerStub(channel).open_lane(timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            metadata = CallMetadata(ClientSecurity(auth_token="lane-secret"))
+            offer = await WorkerStub(channel, metadata).open_lane(timeout=5)
+            assert offer.address and len(offer.ticket) == 32
+
+
+async def test_slots_of_abandoned_reads_come_back(npz_root: Path) -> None:
+    """Reads cut short (epochs left after two batches: their streams cancelled with
+    chunks in flight, in slots the client never saw) hand their slots back: once the
+    loader is quiet, the worker holds none of the lane's slots."""
+    async with running_workers(npz_root, 1, processes=1, lane_slots=2) as (w,):
+        async with Loader([w.address], **OPTIONS) as loader:
+            for epoch in range(4):
+                it = loader.epoch(epoch)
+                for _ in range(2):
+                    await anext(it)
+            del it  # its batches ready (views of the lane) go with it
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 4)])
+            assert w._lanes is not None
+            (lane,) = w._lanes._lanes.values()
+            # (Cancelled reads leave cycles, e.g. their tracebacks, that hold arrays until
+            # the garbage collector runs.)
+            await until(lambda: gc.collect() >= 0 and not lane._held)
+            assert lane.alive and sorted(lane._free) == [0, 1] and lane.chunks > 0
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+async def test_a_lane_short_of_slots_sends_the_rest_on_the_socket(npz_root: Path) -> None:
+    """One slot, several reads at once: chunks that find it taken go as bytes; the epoch
+    is the same either way."""
+    async with running_workers(npz_root, 1, processes=1, lane_slots=1) as (w,):
+        async with Loader([w.address], **OPTIONS, same_host_lane=False) as loader:
+            reference = await epoch_batches(loader, 0)
+        async with Loader([w.address], **OPTIONS, max_inflight_reads=8) as loader:
+            assert_same(await epoch_batches(loader, 0), reference)
+            assert lane_bytes(loader) > 0
+
+
+def test_a_client_breaking_the_protocol_loses_its_lane() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        import mmap
+
+        lane = Lane("0" * 16, 2, mmap.PAGESIZE, memoryview(mmap.mmap(-1, 2 * mmap.PAGESIZE)), b)
+        slot = lane.acquire(7)
+        assert slot is not None
+        lane.written(slot, sent=True)
+        a.send(struct.pack("<III", RELEASE, slot, 0))
+        lane.on_readable()
+        assert lane.alive and len(lane._free) == 2
+        a.send(struct.pack("<III", END, 7, 1))
+        lane.on_readable()
+        assert lane.acquire(7) is None  # a read the client ended gets no slot
+        a.send(struct.pack("<III", RELEASE, 1, 0))  # not held
+        lane.on_readable()
+        assert not lane.alive
+
+
+# -- kills -------------------------------------------------------------------------------
+
+CLIENT = """
+import sys
+from shardstream.client import SyncLoader
+with SyncLoader([sys.argv[1]], dataset="train", batch_size=8, read_bytes=4096) as loader:
+    it = loader.epoch(0)
+    next(it)
+    assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
+    print("reading", flush=True)
+    for _ in it:
+        sys.stdin.readline()  # one batch per line: held mid-epoch until killed
+"""
+
+
+async def test_a_client_killed_mid_epoch_frees_its_lane(npz_root: Path) -> None:
+    """SIGKILL of a loader's process mid-epoch: the worker sees its lane's socket close,
+    ends the lane and keeps serving others through theirs."""
+    with worker_processes(npz_root, 1, "--processes", "1") as (w,):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, w.address,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert await proc.stdout.readline() == b"reading\n"
+            proc.kill()
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await until(lambda: any("closed: the client closed it" in line for line in w.log))
+        async with Loader([w.address], **OPTIONS) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) > 0
+        assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+async def test_a_worker_killed_mid_epoch_is_resumed_elsewhere(npz_root: Path) -> None:
+    """SIGKILL of a worker whose lane a loader reads through: its reads resume on the
+    other worker; the epoch is exactly once and identical to one without kills."""
+    with worker_processes(npz_root, 2, "--processes", "1") as (a, b):
+        async with Loader([a.address, b.address], **OPTIONS) as loader:
+            reference = await epoch_batches(loader, 0)
+            got = []
+            async for batch in loader.epoch(0):
+                got.append(batch)
+                if len(got) == 3:
+                    a.proc.kill()
+            assert a.proc.poll() == -signal.SIGKILL
+        assert_same(got, reference)
+
+
+async def until(condition: Any, within: float = 30.0) -> None:
+    """Poll `condition` until true (bounds a hang only)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not met"
+        await asyncio.sleep(0.02)
