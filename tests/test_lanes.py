@@ -8,6 +8,7 @@ the SIGKILL tests."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import os
 import signal
@@ -277,3 +278,44 @@ async def until(condition: Any, within: float = 30.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met"
         await asyncio.sleep(0.02)
+
+
+def test_a_lane_whose_memory_could_shrink_is_refused() -> None:
+    """A client maps the lane only if its memory holds what was offered and is sealed
+    against shrinking (a file cut under a mapping is SIGBUS on the next read)."""
+    from shardstream.client._lanes import _check_memory
+
+    fd = os.memfd_create("test-lane", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 8192)
+        with pytest.raises(ValueError, match="smaller than"):
+            _check_memory(fd, 16384)
+        with pytest.raises(ValueError, match="not sealed"):
+            _check_memory(fd, 8192)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        _check_memory(fd, 8192)
+    finally:
+        os.close(fd)
+
+
+async def test_connections_that_send_no_ticket_hold_up_no_lane(npz_root: Path) -> None:
+    """Local processes holding connections to the lane socket open without a word do not
+    keep a loader from its lane."""
+    import grpc
+
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            offer = await WorkerStub(channel).open_lane(timeout=5)
+        silent = []
+        try:
+            for _ in range(4):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                silent.append(s)
+                s.connect("\0" + offer.address)
+            async with Loader([w.address], **OPTIONS) as loader:
+                assert [c.lane is not None for c in loader._pool.conns] == [True]
+                await epoch_batches(loader, 0)
+                assert lane_bytes(loader) > 0
+        finally:
+            for s in silent:
+                s.close()

@@ -318,7 +318,8 @@ def test_config_refuses_a_shard_cache_for_a_local_root(tmp_path: Path) -> None:
 
 
 def test_flags_and_variables(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from shardstream.server.cli import UsageParser, add_worker_args, config_from_args
+    from shardstream._common.args import UsageParser
+    from shardstream.server.cli import add_worker_args, config_from_args
 
     def parse(*argv: str) -> WorkerConfig:
         parser = UsageParser(prog="shardstream-worker")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from shardstream._common.args import UsageParser
 from shardstream.server import DatasetSpec, WorkerConfig
 from shardstream.server._worker import Worker, grpc_options
-from shardstream.server.cli import UsageParser, add_worker_args, config_from_args
+from shardstream.server.cli import add_worker_args, config_from_args
 
 FLAGS = ["--data-root", "/data", "--dataset", "train=*.npz"]
 

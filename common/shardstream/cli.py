@@ -13,20 +13,15 @@ from pathlib import Path
 import grpc
 
 from shardstream._common import run_async
+from shardstream._common.args import PATH, TIMEOUT, UsageParser, add_version_arg, checked, int_in
 from shardstream.client._options import LoaderConfig
 from shardstream.client._resolve import split_host_port
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
 from shardstream.client.errors import ConfigError, ShardstreamError
 from shardstream.server.cli import (
-    _PATH,
-    _TIMEOUT,
-    UsageParser,
-    _checked,
-    _int_in,
     add_index_args,
     add_make_dataset_args,
-    add_version_arg,
     add_worker_args,
     index_command,
     make_dataset_command,
@@ -53,8 +48,8 @@ def _addresses(text: str) -> list[str]:
 
 
 _HOST_PORT = "HOST:PORT (the port is needed), e.g. localhost:50051, or dns:///NAME:PORT"
-_ADDRESS = _checked(_address, _HOST_PORT)
-_ADDRESSES = _checked(_addresses, f"comma-separated worker addresses, each {_HOST_PORT}")
+_ADDRESS = checked(_address, _HOST_PORT)
+_ADDRESSES = checked(_addresses, f"comma-separated worker addresses, each {_HOST_PORT}")
 
 
 async def _unreachable(address: str, security: ClientSecurity | None, timeout: float) -> str | None:
@@ -227,7 +222,7 @@ def build_parser() -> UsageParser:
     p = sub.add_parser("inspect", help="show a worker's datasets, shards, counts, schema")
     p.add_argument("address", type=_ADDRESS, metavar="HOST:PORT", help="the worker")
     p.add_argument("dataset", nargs="?", default="", help="show this dataset's every shard")
-    p.add_argument("--timeout", type=_TIMEOUT, default=10.0, metavar="SECONDS", help="per call")
+    p.add_argument("--timeout", type=TIMEOUT, default=10.0, metavar="SECONDS", help="per call")
     add_security_args(p)
     p = sub.add_parser("consume", help="stream epochs from workers and report throughput")
     p.add_argument(
@@ -237,25 +232,25 @@ def build_parser() -> UsageParser:
         help="the workers: host:port or dns:///name:port",
     )
     p.add_argument("--dataset", default="train", help="the dataset to read")
-    p.add_argument("--batch-size", type=_int_in(1), default=64, help="records per batch")
-    p.add_argument("--epochs", type=_int_in(1), default=1, help="epochs to read")
+    p.add_argument("--batch-size", type=int_in(1), default=64, help="records per batch")
+    p.add_argument("--epochs", type=int_in(1), default=1, help="epochs to read")
     p.add_argument(
         "--rank",
-        type=_int_in(0),
+        type=int_in(0),
         default=None,
         help="this rank (default: from the launcher, e.g. RANK, else 0)",
     )
     p.add_argument(
         "--world-size",
-        type=_int_in(1),
+        type=int_in(1),
         default=None,
         help="ranks in all (default: from the launcher, e.g. WORLD_SIZE, else 1)",
     )
-    p.add_argument("--seed", type=_int_in(0), default=0, help="base of every shuffle")
+    p.add_argument("--seed", type=int_in(0), default=0, help="base of every shuffle")
     p.add_argument("--shuffle", action="store_true", help="shuffle the shard order per epoch")
     p.add_argument(
         "--shuffle-reads",
-        type=_int_in(0),
+        type=int_in(0),
         default=0,
         metavar="N",
         help="record-level shuffle over the whole epoch, records mixed in groups "
@@ -263,13 +258,13 @@ def build_parser() -> UsageParser:
     )
     p.add_argument(
         "--ledger-dir",
-        type=_PATH,
+        type=PATH,
         metavar="DIR",
         help="write what is received to a delivery ledger in DIR, for `shardstream audit DIR`",
     )
     p.add_argument(
         "--timeout",
-        type=_TIMEOUT,
+        type=TIMEOUT,
         default=30.0,
         metavar="SECONDS",
         help="how long to wait for reachable workers to describe the dataset",
@@ -282,24 +277,22 @@ def build_parser() -> UsageParser:
         metavar="LEDGER_DIR",
         help="a ledger directory (Loader ledger_dir, consume --ledger-dir)",
     )
-    p.add_argument("--limit", type=_int_in(0), default=20, help="ranges shown per kind")
+    p.add_argument("--limit", type=int_in(0), default=20, help="ranges shown per kind")
     p = sub.add_parser("demo", help="run everything locally on generated data")
-    p.add_argument("--records", type=_int_in(1), default=20_000, help="records generated")
-    p.add_argument("--shards", type=_int_in(1), default=8, help="shard files generated")
-    p.add_argument("--workers", type=_int_in(1), default=2, help="worker processes")
-    p.add_argument("--ranks", type=_int_in(1), default=2, help="loader ranks")
-    p.add_argument("--epochs", type=_int_in(1), default=2, help="epochs each rank reads")
-    p.add_argument("--batch-size", type=_int_in(1), default=64, help="records per batch")
-    p.add_argument("--processes", type=_int_in(0), default=1, help="decoding processes per worker")
+    p.add_argument("--records", type=int_in(1), default=20_000, help="records generated")
+    p.add_argument("--shards", type=int_in(1), default=8, help="shard files generated")
+    p.add_argument("--workers", type=int_in(1), default=2, help="worker processes")
+    p.add_argument("--ranks", type=int_in(1), default=2, help="loader ranks")
+    p.add_argument("--epochs", type=int_in(1), default=2, help="epochs each rank reads")
+    p.add_argument("--batch-size", type=int_in(1), default=64, help="records per batch")
+    p.add_argument("--processes", type=int_in(0), default=1, help="decoding processes per worker")
     return parser
 
 
 def _add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("address", type=_ADDRESS, metavar="HOST:PORT", help="the worker")
     p.add_argument("--service", default="", help="service name (default: the whole server)")
-    p.add_argument(
-        "--timeout", type=_TIMEOUT, default=5.0, metavar="SECONDS", help="for the answer"
-    )
+    p.add_argument("--timeout", type=TIMEOUT, default=5.0, metavar="SECONDS", help="for the answer")
     add_security_args(p)
 
 
@@ -307,15 +300,15 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     """Client-side TLS / token flags, shared by the commands that talk to workers."""
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     p.add_argument(
-        "--tls-ca", type=_PATH, metavar="FILE", help="PEM CA bundle to verify the worker with"
+        "--tls-ca", type=PATH, metavar="FILE", help="PEM CA bundle to verify the worker with"
     )
-    p.add_argument("--tls-cert", type=_PATH, metavar="FILE", help="PEM client certificate (mTLS)")
-    p.add_argument("--tls-key", type=_PATH, metavar="FILE", help="PEM key of --tls-cert")
+    p.add_argument("--tls-cert", type=PATH, metavar="FILE", help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", type=PATH, metavar="FILE", help="PEM key of --tls-cert")
     p.add_argument(
         "--tls-server-name", metavar="NAME", help="name to expect in the worker's certificate"
     )
     p.add_argument(
-        "--auth-token-file", type=_PATH, metavar="FILE", help="file with the bearer token"
+        "--auth-token-file", type=PATH, metavar="FILE", help="file with the bearer token"
     )
 
 

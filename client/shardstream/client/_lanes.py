@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import mmap
+import os
 import socket
 import struct
 import threading
@@ -41,6 +43,7 @@ __all__ = ["ClientLane", "open_lane"]
 _RELEASE, _END = 1, 2  # control records: (kind, value, count), little-endian uint32s
 _RECORD = struct.Struct("<III")
 CONNECT_SECONDS = 5.0
+MAX_LANE_BYTES = 1 << 40  # a lane offered larger than this is refused (a broken worker)
 
 
 class ClientLane:
@@ -132,6 +135,20 @@ async def open_lane(
         return None
 
 
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def _check_memory(fd: int, size: int) -> None:
+    """The lane's memory must hold `size` bytes and be sealed against shrinking: a file
+    cut under a mapping makes reading it SIGBUS, which no check could catch later."""
+    if size > MAX_LANE_BYTES:
+        raise ValueError(f"the offered lane of {size} bytes is larger than {MAX_LANE_BYTES}")
+    if os.fstat(fd).st_size < size:
+        raise ValueError(f"the lane's memory is smaller than the {size} bytes offered")
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+        raise ValueError("the lane's memory is not sealed against shrinking")
+
+
 def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -146,7 +163,8 @@ def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
             raise ValueError("the worker refused the ticket")
         size = offer.slots * offer.slot_bytes
         try:
-            memory = mmap.mmap(fds[0], size)
+            _check_memory(fds[0], size)
+            memory = mmap.mmap(fds[0], size, prot=mmap.PROT_READ)
         finally:
             socket.close(fds[0])
         sock.setblocking(False)

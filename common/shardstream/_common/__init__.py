@@ -8,7 +8,8 @@ import this package (and the wire contract, `shardstream.v1`). It holds:
 - `malloc`: glibc malloc tuning for processes moving multi-MiB messages;
 - `pem`: readers for PEM and bearer-token files with precise errors;
 - `watched`: files reread when they change (TLS files, token files);
-- `sizes`: byte sizes with units (`16MiB`).
+- `sizes`: byte sizes with units (`16MiB`);
+- `args`: what both command lines share: flag types, env defaults, the usage parser.
 """
 
 from shardstream._common.loops import new_event_loop, run_async

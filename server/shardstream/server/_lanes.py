@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import logging
 import mmap
@@ -48,6 +49,7 @@ TICKET_BYTES = 32
 TICKET_SECONDS = 30.0  # a ticket not used within this long is dropped
 HANDSHAKE_SECONDS = 5.0  # a connection that sends no ticket within this long is closed
 DEFAULT_SLOTS = 8  # a lane's slots when the client asks for none in particular
+HANDSHAKES = 8  # connections presenting a ticket at once
 RELEASE, END = 1, 2  # control records from the client: (kind, value, count), 3 uint32
 _RECORD = struct.Struct("<III")
 _ENDED_KEPT = 4096  # ids of reads the client ended, kept so late requests get no slots
@@ -191,6 +193,7 @@ class Lanes:
         self._slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self._max = max_lanes
         self._lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(HANDSHAKES)
         # lane id -> (ticket, deadline, slots)
         self._tickets: dict[str, tuple[bytes, float, int]] = {}
         self._lanes: dict[str, Lane] = {}
@@ -262,11 +265,23 @@ class Lanes:
                 conn, _ = listener.accept()
             except OSError:
                 return  # closed
-            try:
-                self._handshake(conn)
-            except Exception as exc:  # one client's trouble never stops the others
-                log.warning("same-host lane refused: %s", exc)
+            # Handshakes run side by side, so a connection that sends nothing holds up
+            # no other; at most HANDSHAKES at once (more are closed: they fall back).
+            if not self._handshakes.acquire(blocking=False):
                 conn.close()
+                continue
+            threading.Thread(
+                target=self._handshake_once, args=(conn,), name="shardstream-lane", daemon=True
+            ).start()
+
+    def _handshake_once(self, conn: socket.socket) -> None:
+        try:
+            self._handshake(conn)
+        except Exception as exc:  # one client's trouble never stops the others
+            log.warning("same-host lane refused: %s", exc)
+            conn.close()
+        finally:
+            self._handshakes.release()
 
     def _handshake(self, conn: socket.socket) -> None:
         conn.settimeout(HANDSHAKE_SECONDS)
@@ -285,10 +300,15 @@ class Lanes:
         if expected[1] < time.monotonic():
             raise PermissionError("an expired ticket")
         slots = expected[2]
-        fd = os.memfd_create(f"shardstream-lane-{lane_id}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"shardstream-lane-{lane_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             size = slots * self._slot_bytes
             os.ftruncate(fd, size)  # sparse: pages are allocated when first written
+            # Sealed at that size: the client can check that it can never shrink under
+            # its mapping (which would be SIGBUS there).
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
             memory = mmap.mmap(fd, size)
             socket.send_fds(conn, [b"\1"], [fd])
         finally:

@@ -12,19 +12,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
-import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
 from shardstream._common import run_async, tune_malloc
-from shardstream._common.sizes import format_size, parse_size
+from shardstream._common.args import (
+    LOG_LEVEL,
+    LOG_LEVELS,
+    PATH,
+    PORT,
+    TEXT,
+    TIMEOUT,
+    UsageParser,
+    add_version_arg,
+    checked,
+    env,
+    int_in,
+    on_off,
+    seconds,
+    size_in,
+)
+from shardstream._common.sizes import format_size
 from shardstream.server._catalog import index_in_threads
 from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
 from shardstream.server._configfile import load_config_file
@@ -39,172 +52,12 @@ from shardstream.server.errors import CatalogError
 log = logging.getLogger("shardstream.worker")
 
 
-class UsageParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), that
-    takes no abbreviated flags (`--max-mess` is an error, not `--max-message-bytes`) and
-    shows each flag's default in --help. Subcommands' parsers are of the same class."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to the help of every flag with a default worth showing (not
-    None, False or ""), before its "[SHARDSTREAM_...]" variable; a default taken from the
-    variable says so."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        default = action.default
-        positional_required = not action.option_strings and action.nargs not in ("?", "*")
-        if (
-            "%(default)" in text
-            or default is None
-            or default is False
-            or default == ""
-            or default is argparse.SUPPRESS
-            or positional_required
-        ):
-            return text
-        note = "(default: %(default)s)"
-        if isinstance(default, _EnvText):
-            note = f"(default: %(default)s, from {default.variable})"
-        head, bracket, variable = text.rpartition(" [SHARDSTREAM_")
-        return f"{head} {note}{bracket}{variable}" if bracket else f"{text} {note}"
-
-
-def package_version() -> str:
-    """The installed shardstream's version (`--version`)."""
-    try:
-        return importlib.metadata.version("shardstream")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed: pip install -e .)"
-
-
-def add_version_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--version",
-        action="version",
-        version=f"%(prog)s {package_version()}",
-        help="print the installed version and exit",
-    )
-
-
-class _EnvText(str):
-    """A flag's default taken from SHARDSTREAM_<NAME>. argparse converts a string
-    default with the flag's `type` only when the flag is not given, so a bad value is
-    a usage error naming the variable then, never at import or for --help."""
-
-    variable = ""
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    """SHARDSTREAM_<name> as a flag default (converted and checked by the flag's type)."""
-    value = os.environ.get(f"SHARDSTREAM_{name}")
-    if value is None:
-        return default
-    text = _EnvText(value)
-    text.variable = f"SHARDSTREAM_{name}"
-    return text
-
-
-T = TypeVar("T")
-
-
-def _on_off(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("on", "1", "true", "yes"):
-        return True
-    if value in ("off", "0", "false", "no"):
-        return False
-    raise ValueError(text)
-
-
-def _checked(convert: Callable[[str], T], accepts: str) -> Callable[[str], T]:
-    """A flag type: `convert` (ValueError if it refuses), with an error naming the
-    flag's value or the variable it came from and what is accepted."""
-
-    def parse(text: str) -> T:
-        if text.strip():
-            try:
-                return convert(str(text))
-            except ValueError:
-                pass
-        if isinstance(text, _EnvText):
-            got = f"{text.variable} is set but empty" if not text else f"{text.variable}={text!r}"
-        else:
-            got = repr(str(text))
-        raise argparse.ArgumentTypeError(f"{got}: expected {accepts}")
-
-    return parse
-
-
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        n = int(text)
-        if n < low or (high is not None and n > high):
-            raise ValueError(text)
-        return n
-
-    return _checked(
-        convert, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    )
-
-
-def size_in(low: int) -> Callable[[str], int]:
-    """A byte-size flag type: `16MiB`, `64KiB`, `4096` (see `parse_size`), at least `low`."""
-
-    def convert(text: str) -> int:
-        n = parse_size(text)
-        if n < low:
-            raise ValueError(text)
-        return n
-
-    return _checked(
-        convert, f"a size >= {format_size(low)} (bytes, or with a unit: 4096, 64KiB, 16MiB)"
-    )
-
-
-def _seconds(text: str) -> float:
-    x = float(text)
-    if not (math.isfinite(x) and x >= 0):
-        raise ValueError(text)
-    return x
-
-
-def _timeout(text: str) -> float:
-    x = float(text)
-    if not 0 < x < 1e6:  # also refuses NaN
-        raise ValueError(text)
-    return x
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_PORT = _int_in(0, 65535)
-_TIMEOUT = _checked(_timeout, "a number of seconds > 0 (under 1e6)")
-_TEXT = _checked(str, "a non-empty value")
-_PATH = _checked(Path, "a file name")
-_LOG_LEVEL = _checked(lambda text: _log_level(text), f"one of {', '.join(LOG_LEVELS)}")
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in LOG_LEVELS:
-        raise ValueError(text)
-    return level
-
-
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """What to index: the data root, datasets, plug-in formats, the digest cache."""
     p.add_argument(
         "--data-root",
-        type=_TEXT,
-        default=_env("DATA_ROOT"),
+        type=TEXT,
+        default=env("DATA_ROOT"),
         help="directory (or fsspec URL) holding the shards [SHARDSTREAM_DATA_ROOT]",
     )
     p.add_argument(
@@ -214,11 +67,11 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=GLOB[:FORMAT]",
         help="a dataset; repeatable [SHARDSTREAM_DATASETS, space-separated]",
     )
-    p.set_defaults(env_datasets=_env("DATASETS"))
+    p.set_defaults(env_datasets=env("DATASETS"))
     p.add_argument(
         "--config",
-        type=_PATH,
-        default=_env("CONFIG"),
+        type=PATH,
+        default=env("CONFIG"),
         metavar="FILE",
         help="TOML file: data_root, decoders and [datasets.NAME] tables (shards, format, "
         "transforms, schema); --data-root wins over its data_root, --dataset adds datasets "
@@ -234,8 +87,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-dir",
-        type=_TEXT,
-        default=_env("CACHE_DIR"),
+        type=TEXT,
+        default=env("CACHE_DIR"),
         metavar="DIR",
         help="where content digests are cached, so a restart does not read every shard "
         "again; 'off' for no cache (default: $XDG_CACHE_HOME/shardstream, else "
@@ -243,9 +96,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-level",
-        type=_LOG_LEVEL,
+        type=LOG_LEVEL,
         metavar="LEVEL",
-        default=_env("LOG_LEVEL", "INFO"),
+        default=env("LOG_LEVEL", "INFO"),
         help=f"{', '.join(LOG_LEVELS)} [SHARDSTREAM_LOG_LEVEL]",
     )
 
@@ -254,16 +107,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument(
         "--manifest",
-        type=_PATH,
-        default=_env("MANIFEST"),
+        type=PATH,
+        default=env("MANIFEST"),
         metavar="FILE",
         help="a manifest written by `shardstream index`: refuse to start unless every shard "
         "matches it [SHARDSTREAM_MANIFEST]",
     )
     p.add_argument(
         "--shard-cache-dir",
-        type=_PATH,
-        default=_env("SHARD_CACHE_DIR"),
+        type=PATH,
+        default=env("SHARD_CACHE_DIR"),
         metavar="DIR",
         help="keep the shards of an fsspec URL data root on local disk here, so later epochs "
         "and restarts read them locally (default: no cache) [SHARDSTREAM_SHARD_CACHE_DIR]",
@@ -271,109 +124,109 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shard-cache-bytes",
         type=size_in(1),
-        default=_env("SHARD_CACHE_BYTES", "10GiB"),
+        default=env("SHARD_CACHE_BYTES", "10GiB"),
         metavar="SIZE",
         help="at most this much in --shard-cache-dir; the least recently used shards are "
         "evicted first [SHARDSTREAM_SHARD_CACHE_BYTES]",
     )
     p.add_argument(
         "--host",
-        type=_TEXT,
-        default=_env("HOST", "127.0.0.1"),
+        type=TEXT,
+        default=env("HOST", "127.0.0.1"),
         help="address to listen on; 0.0.0.0 for all [SHARDSTREAM_HOST]",
     )
     p.add_argument(
         "--port",
-        type=_PORT,
-        default=_env("PORT", "50051"),
+        type=PORT,
+        default=env("PORT", "50051"),
         help="port; 0 picks a free one and logs it [SHARDSTREAM_PORT]",
     )
     p.add_argument(
         "--processes",
-        type=_int_in(0),
-        default=_env("PROCESSES", "1"),
+        type=int_in(0),
+        default=env("PROCESSES", "1"),
         help="decoding processes; 0 decodes in threads [SHARDSTREAM_PROCESSES]",
     )
     p.add_argument(
         "--max-message-bytes",
         type=size_in(64 * 1024),
-        default=_env("MAX_MESSAGE_BYTES", format_size(8 * MiB)),
+        default=env("MAX_MESSAGE_BYTES", format_size(8 * MiB)),
         metavar="SIZE",
         help="gRPC max message size, e.g. 16MiB [SHARDSTREAM_MAX_MESSAGE_BYTES]",
     )
     p.add_argument(
         "--chunk-bytes",
         type=size_in(1),
-        default=_env("CHUNK_BYTES", format_size(4 * MiB)),
+        default=env("CHUNK_BYTES", format_size(4 * MiB)),
         metavar="SIZE",
         help="target size of one streamed chunk, e.g. 4MiB [SHARDSTREAM_CHUNK_BYTES]",
     )
     p.add_argument(
         "--max-streams",
-        type=_int_in(1),
-        default=_env("MAX_STREAMS", "64"),
+        type=int_in(1),
+        default=env("MAX_STREAMS", "64"),
         help="concurrent read streams [SHARDSTREAM_MAX_STREAMS]",
     )
     p.add_argument(
         "--grace",
-        type=_checked(_seconds, "a number of seconds >= 0"),
-        default=_env("GRACE", "10"),
+        type=checked(seconds, "a number of seconds >= 0"),
+        default=env("GRACE", "10"),
         help="seconds running streams get to end on SIGTERM [SHARDSTREAM_GRACE]",
     )
     p.add_argument(
         "--stream-stall-timeout",
-        type=_TIMEOUT,
-        default=_env("STREAM_STALL_TIMEOUT", "30"),
+        type=TIMEOUT,
+        default=env("STREAM_STALL_TIMEOUT", "30"),
         metavar="SECONDS",
         help="end a stream whose client reads nothing for this long (it resumes elsewhere), "
         "and a connection still in its handshake [SHARDSTREAM_STREAM_STALL_TIMEOUT]",
     )
     p.add_argument(
         "--max-connections",
-        type=_int_in(1, 2**31 - 1),
-        default=_env("MAX_CONNECTIONS", "4096"),
+        type=int_in(1, 2**31 - 1),
+        default=env("MAX_CONNECTIONS", "4096"),
         help="concurrent connections; more are closed at once [SHARDSTREAM_MAX_CONNECTIONS]",
     )
     p.add_argument(
         "--max-streams-per-connection",
-        type=_int_in(1, 2**31 - 1),
-        default=_env("MAX_STREAMS_PER_CONNECTION", "16"),
+        type=int_in(1, 2**31 - 1),
+        default=env("MAX_STREAMS_PER_CONNECTION", "16"),
         help="concurrent streams on one connection; a client's further ones wait "
         "[SHARDSTREAM_MAX_STREAMS_PER_CONNECTION]",
     )
     p.add_argument(
         "--lanes",
-        type=_checked(_on_off, "on or off"),
-        default=_env("LANES", "on"),
+        type=checked(on_off, "on or off"),
+        default=env("LANES", "on"),
         metavar="on|off",
         help="same-host lanes: clients on this host get chunks through shared memory "
         "instead of the socket [SHARDSTREAM_LANES]",
     )
     p.add_argument(
         "--lane-slots",
-        type=_int_in(1, 1024),
-        default=_env("LANE_SLOTS", "64"),
+        type=int_in(1, 1024),
+        default=env("LANE_SLOTS", "64"),
         help="most slots of --max-message-bytes each in one client's lane (a loader asks "
         "for as many chunks as it may hold; memory is taken as slots are written) "
         "[SHARDSTREAM_LANE_SLOTS]",
     )
     p.add_argument(
         "--max-lanes",
-        type=_int_in(1, 4096),
-        default=_env("MAX_LANES", "16"),
+        type=int_in(1, 4096),
+        default=env("MAX_LANES", "16"),
         help="clients with a lane at once; others get chunks on the socket [SHARDSTREAM_MAX_LANES]",
     )
     p.add_argument(
         "--idle-connection-timeout",
-        type=_TIMEOUT,
-        default=_env("IDLE_CONNECTION_TIMEOUT", "300"),
+        type=TIMEOUT,
+        default=env("IDLE_CONNECTION_TIMEOUT", "300"),
         metavar="SECONDS",
         help="close a connection without calls for this long [SHARDSTREAM_IDLE_CONNECTION_TIMEOUT]",
     )
     p.add_argument(
         "--metrics-port",
-        type=_PORT,
-        default=_env("METRICS_PORT"),
+        type=PORT,
+        default=env("METRICS_PORT"),
         help="serve Prometheus metrics on this port (needs shardstream[metrics]) "
         "[SHARDSTREAM_METRICS_PORT]",
     )
@@ -383,9 +236,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         ("--tls-client-ca", "PEM CA bundle: require client certificates signed by it (mTLS)"),
         ("--auth-token-file", "file with a bearer token every client must send (not health)"),
     ):
-        env = flag[2:].upper().replace("-", "_")
+        name = flag[2:].upper().replace("-", "_")
         p.add_argument(
-            flag, type=_PATH, default=_env(env), metavar="FILE", help=f"{what} [SHARDSTREAM_{env}]"
+            flag, type=PATH, default=env(name), metavar="FILE", help=f"{what} [SHARDSTREAM_{name}]"
         )
 
 
@@ -421,7 +274,7 @@ def _cache_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _decoders(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(args.decoders or (_env("DECODERS") or "").split())
+    return tuple(args.decoders or (env("DECODERS") or "").split())
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -519,7 +372,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--output",
-        type=_PATH,
+        type=PATH,
         metavar="FILE",
         help="write the manifest to FILE (default: standard output)",
     )
@@ -573,10 +426,8 @@ def index_command(args: argparse.Namespace) -> int:
 
 def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, help="where to write the shards (created if missing)")
-    p.add_argument("--shards", type=_int_in(1), default=8, help="shard files")
-    p.add_argument(
-        "--records", type=_int_in(1), default=1000, help="records in all shards together"
-    )
+    p.add_argument("--shards", type=int_in(1), default=8, help="shard files")
+    p.add_argument("--records", type=int_in(1), default=1000, help="records in all shards together")
     p.add_argument(
         "--shape",
         default="32,32,3",
@@ -589,7 +440,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
         default="npz",
         help="npz, csv; wds (JPEG tar shards, needs Pillow); parquet (needs pyarrow)",
     )
-    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the generated images")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the generated images")
     p.add_argument(
         "--overwrite",
         action="store_true",
