@@ -362,3 +362,36 @@ async def test_a_worker_serves_where_dev_shm_is_smaller_than_its_buffers(
     errors = [line for line in log if "Bad address" in line or "ERROR" in line]
     assert not errors, errors[:5]
     assert stats.resumes == 0
+
+
+PARENT = """
+import sys, time
+from shardstream.server._process import WorkerProcess
+worker = WorkerProcess.start(["--data-root", sys.argv[1], "--dataset", "train=*.npz",
+                              "--processes", "1"])
+print(worker.pid, flush=True)
+time.sleep(600)  # until killed
+"""
+
+
+async def test_a_local_worker_does_not_outlive_the_program_that_started_it(root: Path) -> None:
+    """A worker started with `WorkerProcess` (the demo, a local fleet) drains and exits,
+    with its decoding processes, when the program that started it is SIGKILLed."""
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PARENT, str(root), stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(await parent.stdout.readline())
+        decoding = decoding_processes(pid)
+        assert alive(pid) and len(decoding) == 1
+        parent.kill()
+        await parent.wait()
+        deadline = time.monotonic() + 60  # only bounds a hang
+        while alive(pid) or any(alive(c) for c in decoding):
+            assert time.monotonic() < deadline, "the worker outlived the program that started it"
+            await asyncio.sleep(0.05)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()

@@ -57,6 +57,8 @@ class WorkerProcess:
         argv = list(args)
         if "--port" not in argv and "SHARDSTREAM_PORT" not in (env or {}):
             argv += ["--port", "0"]
+        if "--exit-with-parent" not in argv:  # never outlives this process, even SIGKILLed
+            argv += ["--exit-with-parent", str(os.getpid())]
         proc = subprocess.Popen(
             [sys.executable, "-m", "shardstream.server", *argv],
             stdin=subprocess.DEVNULL,

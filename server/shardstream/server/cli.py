@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -174,6 +176,15 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="seconds running streams get to end on SIGTERM [SHARDSTREAM_GRACE]",
     )
     p.add_argument(
+        "--exit-with-parent",
+        type=int_in(1),
+        default=env("EXIT_WITH_PARENT"),
+        metavar="PID",
+        help="drain and exit once process PID is no longer this worker's parent (local "
+        "fleets started by a program: the demo, tests; none in containers) "
+        "[SHARDSTREAM_EXIT_WITH_PARENT]",
+    )
+    p.add_argument(
         "--stream-stall-timeout",
         type=TIMEOUT,
         default=env("STREAM_STALL_TIMEOUT", "30"),
@@ -320,10 +331,13 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def serve(config: WorkerConfig) -> int:
-    """Run a worker until SIGTERM/SIGINT (drain; a second signal exits at once)."""
+async def serve(config: WorkerConfig, *, parent: int | None = None) -> int:
+    """Run a worker until SIGTERM/SIGINT (drain; a second signal exits at once), or,
+    with `parent`, until that process is no longer its parent (then it drains too)."""
     tune_malloc()
     loop = asyncio.get_running_loop()
+    if parent is not None:
+        threading.Thread(target=_drain_without, args=(parent,), daemon=True).start()
     worker = Worker(config)
     drains: list[asyncio.Task[None]] = []
 
@@ -350,6 +364,19 @@ async def serve(config: WorkerConfig) -> int:
     return 0
 
 
+PARENT_POLL_SECONDS = 0.5
+
+
+def _drain_without(parent: int) -> None:
+    """Poll for this process being re-parented (its parent died, even by SIGKILL), then
+    SIGTERM itself: the drain a signal gives. (Not PR_SET_PDEATHSIG: that fires when the
+    parent's *thread* that started this process ends, which is no death at all.)"""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    log.warning("parent process %d is gone: draining", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_command(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
@@ -358,7 +385,7 @@ def worker_command(args: argparse.Namespace) -> int:
         print(f"shardstream worker: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_async(lambda: serve(config))
+        return run_async(lambda: serve(config, parent=args.exit_with_parent))
     except (CatalogError, ValueError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
