@@ -27,7 +27,7 @@ from typing import Any
 
 from shardstream.server._decoding import decoder
 from shardstream.server._files import ShardPath, Stamp, stat_stamp
-from shardstream.server._wire import Region, fixed_layout
+from shardstream.server._wire import Region, fixed_layout, layout_size
 from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
 
@@ -69,19 +69,13 @@ def read_direct(
 ) -> bytes | None:
     """The chunk `read_chunk` would make of records [start, start + count), read from the
     file into the message; None where the decoder gives no byte ranges (decode it)."""
-    if new_message is None or not isinstance(path, os.PathLike):
-        return None
-    with _opened(path, stamp) as fd:
-        planned = _plan(ref, path, start, count, schema, shard_id)
-        if planned is None:
-            return None
-        pieces, ranges, size = planned
-        message, view = new_message(size)
-        try:
-            _fill(fd, view, pieces, ranges)
-        finally:
-            view.release()
-        return message
+    job = (ref, path, stamp, start, count, schema, shard_id)
+    message, room = message_for(job)
+    try:
+        size = read_direct_into(room, *job)
+    finally:
+        room.release()
+    return message if size is not None and size == len(message) else None
 
 
 def message_for(job: tuple[Any, ...]) -> tuple[bytes, memoryview]:
@@ -92,7 +86,7 @@ def message_for(job: tuple[Any, ...]) -> tuple[bytes, memoryview]:
         return b"", memoryview(bytearray())
     _, _, _, start, count, schema, shard_id = job
     pieces = fixed_layout(start, count, schema, shard_id)
-    return new_message(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces))
+    return new_message(layout_size(pieces))
 
 
 def read_direct_into(
@@ -105,8 +99,9 @@ def read_direct_into(
     schema: tuple[FieldSpec, ...],
     shard_id: str = "",
 ) -> int | None:
-    """`read_direct` into the start of `buffer` (a same-host lane's slot): the message's
-    size, or None where the chunk needs decoding or does not fit."""
+    """`read_direct` into the start of `buffer` (a new message: `message_for`; or a
+    same-host lane's slot): the message's size, or None where the chunk needs decoding or
+    does not fit."""
     if not isinstance(path, os.PathLike):
         return None
     with _opened(path, stamp) as fd:
@@ -152,8 +147,7 @@ def _plan(
     if ranges is None or set(ranges) != {f.name for f in schema}:
         return None
     pieces = fixed_layout(start, count, schema, shard_id)
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
-    return pieces, [ranges[f.name] for f in schema], size
+    return pieces, [ranges[f.name] for f in schema], layout_size(pieces)
 
 
 def _why(exc: OSError) -> str:

@@ -189,7 +189,7 @@ def layout_chunk_into(
     completes the same bytes `encode_chunk` would produce, without an intermediate copy.
     """
     pieces = fixed_layout(start, count, schema, shard)
-    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    total = layout_size(pieces)
     if total > len(buf):
         raise ValueError(f"a chunk of {total} bytes does not fit its buffer of {len(buf)}")
     views: dict[str, np.ndarray[Any, Any]] = {}
@@ -206,6 +206,11 @@ def layout_chunk_into(
             views[spec.name] = room.reshape((count, *spec.shape))
             pos += piece.nbytes
     return total, views
+
+
+def layout_size(pieces: list[bytes | Region]) -> int:
+    """Bytes of the message a layout describes."""
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
 
 
 def fixed_layout(
