@@ -150,9 +150,9 @@ def _refusal(
     return code, message, tuple(metadata)
 
 
-class StatusOnError:
-    """`async with StatusOnError(context, metrics):` turns a RequestError into a status.
-    Refusals are logged through `refusals` (a worker's own; `REFUSALS` by default)."""
+class _OnError:
+    """What both blocks below hold: the call, the metrics, where refusals are logged (a
+    worker's own `LogLimit`; `REFUSALS` by default)."""
 
     def __init__(
         self,
@@ -166,6 +166,10 @@ class StatusOnError:
 
     async def __aenter__(self) -> None:
         return None
+
+
+class StatusOnError(_OnError):
+    """`async with StatusOnError(context, metrics):` turns a RequestError into a status."""
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if not isinstance(exc, RequestError):
@@ -174,23 +178,10 @@ class StatusOnError:
         await self._context.abort(code, message, trailing_metadata=metadata)
 
 
-class FinishOnError:
+class FinishOnError(_OnError):
     """`async with FinishOnError(context, metrics):` for a stream's handler: a RequestError
     sets the call's status and ends the block, and gRPC sends the status once the messages
     before it are out. Unlike `abort`, nothing waits here for a client that reads nothing."""
-
-    def __init__(
-        self,
-        context: grpc.aio.ServicerContext,
-        metrics: WorkerMetrics,
-        refusals: LogLimit | None = None,
-    ) -> None:
-        self._context = context
-        self._metrics = metrics
-        self._refusals = refusals or REFUSALS
-
-    async def __aenter__(self) -> None:
-        return None
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
         if not isinstance(exc, RequestError):
