@@ -264,7 +264,10 @@ def test_options_refused() -> None:
         PlanOptions(batch_size=2, shuffle=True, shuffle_reads=-1)
     base = {"dataset": "train", "batch_size": 2, "shuffle": True}
     with pytest.raises(ConfigError, match=r"reads_ahead \(16\) must be >= 2 x shuffle_reads"):
-        Loader(["127.0.0.1:1"], **base, shuffle_reads=9)  # type: ignore[arg-type]
+        Loader(["127.0.0.1:1"], **base, shuffle_reads=9, reads_ahead=16)  # type: ignore[arg-type]
+    # Not given: as many reads ahead as the shuffle needs (at least 8).
+    assert Loader(["127.0.0.1:1"], **base, shuffle_reads=9).config.reads_ahead == 18  # type: ignore[arg-type]
+    assert Loader(["127.0.0.1:1"], **base, shuffle_reads=2).config.reads_ahead == 8  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"shuffle_reads must be an int >= 0, got 2\.5"):
         Loader(["127.0.0.1:1"], **base, shuffle_reads=2.5)  # type: ignore[arg-type]
 

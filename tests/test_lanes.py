@@ -109,8 +109,10 @@ async def test_a_lane_that_cannot_be_reached_leaves_the_socket(
     there: the loader reads on the socket, exactly once."""
     real = WorkerStub.open_lane
 
-    async def elsewhere(self: WorkerStub, *, timeout: float, slots: int = 0) -> LaneOffer:
-        offer = await real(self, timeout=timeout, slots=slots)
+    async def elsewhere(
+        self: WorkerStub, *, timeout: float, slots: int = 0, slot_bytes: int = 0
+    ) -> LaneOffer:
+        offer = await real(self, timeout=timeout, slots=slots, slot_bytes=slot_bytes)
         return LaneOffer("shardstream-lane-on-another-host", offer.ticket, offer.lane,
                          offer.slots, offer.slot_bytes)  # fmt: skip
 
@@ -194,6 +196,80 @@ async def test_a_lane_short_of_slots_sends_the_rest_on_the_socket(npz_root: Path
         async with Loader([w.address], **OPTIONS, max_inflight_reads=8) as loader:
             assert_same(await epoch_batches(loader, 0), reference)
             assert lane_bytes(loader) > 0
+
+
+@pytest.fixture(scope="module")
+def large_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two shards of 200 records of 3 KiB: reads far larger than a 64 KiB message."""
+    from shardstream.server import make_dataset
+
+    root = tmp_path_factory.mktemp("large")
+    make_dataset(root, shards=2, records=400, shape=(32, 32, 3), format="npz")
+    return root
+
+
+# Reads of up to 256 records (~800 KB) where a message holds at most 21 (64 KiB).
+LARGE = {"dataset": "train", "batch_size": 16, "read_bytes": 800_000,
+         "max_message_bytes": 64 * 1024}  # fmt: skip
+
+
+async def test_a_read_is_one_chunk_in_a_lane(large_root: Path) -> None:
+    """In a lane a chunk is not bounded by the message size: each read comes as one chunk
+    (one SharedChunk and one parse per read, not one per message's worth), the epoch
+    byte-identical to the socket's, whose chunks keep to the loader's message size."""
+    async with running_workers(large_root, 1, processes=1) as (w,):
+        async with Loader([w.address], **LARGE, same_host_lane=False) as loader:
+            reference = await epoch_batches(loader, 0)
+        async with Loader([w.address], **LARGE) as loader:
+            assert_same(await epoch_batches(loader, 0), reference)
+            assert w._lanes is not None
+            (lane,) = w._lanes._lanes.values()
+            before = lane.chunks
+            assert_same(await epoch_batches(loader, 0), reference)
+            reads = loader.plan(0).read_count
+            # Reads of up to 256 records (800 KB), cut at the shard ends: [0, 200) of shard
+            # 0, then [0, 56) and [56, 200) of shard 1; on the socket, 21 records a chunk.
+            assert lane.chunks - before == reads == 3
+
+
+async def test_a_read_short_of_slots_goes_on_in_messages(large_root: Path) -> None:
+    """One slot, eight reads at once: a whole-read chunk that finds the slot taken is
+    sent on the socket instead, in chunks the loader's message size holds (a message
+    over it would fail the read: RESOURCE_EXHAUSTED); the epoch is the same."""
+    async with running_workers(large_root, 1, processes=1, lane_slots=1) as (w,):
+        async with Loader([w.address], **LARGE, same_host_lane=False) as loader:
+            reference = await epoch_batches(loader, 0)
+        async with Loader([w.address], **LARGE, max_inflight_reads=8) as loader:
+            kept = await epoch_batches(loader, 0)  # every batch kept: slots stay taken
+            assert_same(kept, reference)
+            assert 0 < lane_bytes(loader) < sum(sum(v.nbytes for v in b.values()) for b in kept)
+            assert loader.statistics().resumes == 0
+
+
+async def test_a_lane_keeps_to_the_workers_bounds_whatever_is_asked() -> None:
+    """Slots hold what the client asks for (a whole read), at least a message and at most
+    64 MiB, and a lane at most `lane_slots` x max message bytes in all: a client asking
+    for more gets fewer, smaller slots, never more memory."""
+    from shardstream.server._lanes import Lanes
+
+    mib = 1 << 20
+    lanes = Lanes(slots=4, slot_bytes=mib, max_lanes=8)
+    lanes.start()
+    try:
+        offers = [lanes.offer(*ask) for ask in
+                  [(0, 0), (100, 0), (4, 1 << 40), (4, 3 * mib), (2, 10), (3, mib + 1)]]  # fmt: skip
+        sizes = [(o.slots, o.slot_bytes) for o in offers if o is not None]
+        assert sizes == [(4, mib), (4, mib), (1, 4 * mib), (1, 3 * mib), (2, mib),
+                         (3, mib + 4096)]  # fmt: skip
+        big = Lanes(slots=1024, slot_bytes=mib, max_lanes=1)
+        big.start()
+        try:
+            offer = big.offer(1024, 1 << 40)
+            assert offer is not None and (offer.slots, offer.slot_bytes) == (16, 64 * mib)
+        finally:
+            big.close()
+    finally:
+        lanes.close()
 
 
 def test_a_client_breaking_the_protocol_loses_its_lane() -> None:

@@ -51,6 +51,9 @@ class FetchOptions:
     dataset: str
     seed: int
     max_chunk_records: int
+    # On a same-host lane: records one chunk may hold there, a whole read (a chunk in a
+    # lane is not bounded by the message size); 0: max_chunk_records.
+    lane_chunk_records: int = 0
     idle_timeout: float  # seconds without a message before a stream is given up
     # A stream whose next message is `straggler_factor` times later than the fleet's usual
     # gap between messages (and at least `straggler_seconds` late) is moved to another
@@ -306,6 +309,7 @@ async def _stream(
         epoch=options.epoch,
         lane="" if lane is None else lane.id,
         lane_stream=stream,
+        lane_chunk_records=0 if lane is None else options.lane_chunk_records,
     )
     call = conn.read_stub().read(request)
     sent = 0

@@ -115,13 +115,13 @@ class ClientLane:
 
 
 async def open_lane(
-    stub: WorkerStub, *, slots: int = 0, timeout: float = CONNECT_SECONDS
+    stub: WorkerStub, *, slots: int = 0, slot_bytes: int = 0, timeout: float = CONNECT_SECONDS
 ) -> ClientLane | None:
-    """A lane of up to `slots` slots to the worker behind `stub`, or None where it offers
-    none or is not on this host (why is logged at debug level: that is the usual case
-    across machines)."""
+    """A lane of up to `slots` slots of `slot_bytes` (0: the worker's choice) to the
+    worker behind `stub`, or None where it offers none or is not on this host (why is
+    logged at debug level: that is the usual case across machines)."""
     try:
-        offer = await stub.open_lane(timeout=timeout, slots=slots)
+        offer = await stub.open_lane(timeout=timeout, slots=slots, slot_bytes=slot_bytes)
     except grpc.aio.AioRpcError as exc:
         log.debug("no same-host lane: %s %s", exc.code().name, exc.details())
         return None

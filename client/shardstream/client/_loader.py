@@ -303,6 +303,8 @@ class Loader:
             pool=self._pool,
             fetch_options=cfg.fetch_options(
                 max_chunk_records=chunk,
+                # on a lane, a chunk may be a whole read (ragged ones are cut by the worker)
+                lane_chunk_records=0 if is_ragged(self.schema) else plan.read_records,
                 schema=self.schema,
                 journal=None if ledger is None else ledger.event,
                 epoch=epoch,

@@ -18,7 +18,11 @@ from shardstream.client.errors import ConfigError
 from shardstream.v1.codec import FieldSpec
 
 MiB = 1 << 20
+DEFAULT_READS_AHEAD = 8  # reads_ahead=0: this many (or what max_inflight_reads, shuffle_reads need)
 MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's limit on a message (a C int)
+# What a same-host lane's slot holds beyond a whole read's records: the chunk's headers
+# (shard id, field names and shapes, 64-byte alignment pads).
+LANE_SLOT_MARGIN = 64 * 1024
 # Options that count something (positive ints) and durations (positive seconds).
 _COUNTS = (
     "batch_size", "world_size", "read_bytes", "max_inflight_reads", "reads_per_worker",
@@ -55,7 +59,10 @@ class LoaderConfig:
     # + NAME_offsets (batch + 1); see `_ragged`.
     ragged: RaggedMode = "pad"
     pad_to: int | None = None  # "pad": this fixed length instead, longer records truncated
-    read_bytes: int = 8 * MiB  # target size of one read (a slice of a shard)
+    # Target size of one read (a slice of a shard). Each read is a gRPC call (~0.5 ms of
+    # the client's CPU in grpcio alone): larger reads cost less per GB, and on a same-host
+    # lane a read is one chunk (bench/README.md).
+    read_bytes: int = 16 * MiB
     max_inflight_reads: int = 8  # read streams running at once, over all workers...
     # ...and on any one worker. A worker decodes one chunk ahead per stream, so this should
     # be at least its --processes; more streams only interleave on its connection and
@@ -68,7 +75,9 @@ class LoaderConfig:
     # A worker on this host (a sidecar, spare cores of this node) hands chunks over in
     # shared memory instead of the socket, where it offers a lane (`_lanes`); False: bytes.
     same_host_lane: bool = True
-    reads_ahead: int = 16  # reads started but not consumed: bounds memory
+    # Reads started but not consumed: bounds memory (reads_ahead x read_bytes). 0: 8, or
+    # max_inflight_reads, or 2 x shuffle_reads (with shuffle), whichever is largest.
+    reads_ahead: int = 0
     prefetch_batches: int = 4  # batches ready before the consumer asks
     chunk_bytes: int = 4 * MiB  # preferred bytes per streamed message (the worker caps it)
     max_message_bytes: int = 16 * MiB  # gRPC max receive size (>= the workers' messages)
@@ -121,6 +130,9 @@ class LoaderConfig:
 
         if not isinstance(self.dataset, str) or not self.dataset:
             fail("dataset", "a non-empty name (str)")
+        given: object = self.reads_ahead  # not checked yet: any type
+        if not isinstance(given, bool) and isinstance(given, numbers.Integral) and given == 0:
+            object.__setattr__(self, "reads_ahead", self._auto_reads_ahead())
         for name in _COUNTS:
             integer(name, 1, None, "a positive int", "positive")
         integer("max_message_bytes", 1, MAX_MESSAGE_BYTES + 1, "a positive int",
@@ -170,6 +182,18 @@ class LoaderConfig:
             self.plan_options()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _auto_reads_ahead(self) -> int:
+        """`reads_ahead` when given as 0 (the default). Options it depends on that are
+        wrong are ignored here and refused next, by name."""
+        wanted = DEFAULT_READS_AHEAD
+        inflight: object = self.max_inflight_reads  # not checked yet: any type
+        block: object = self.shuffle_reads
+        if not isinstance(inflight, bool) and isinstance(inflight, numbers.Integral):
+            wanted = max(wanted, int(inflight))
+        if self.shuffle is True and isinstance(block, numbers.Integral):
+            wanted = max(wanted, 2 * int(block))
+        return wanted
 
     def _check_channel_options(self) -> None:
         """`channel_options` as a tuple of (str, int | str) pairs, or ConfigError."""
@@ -227,6 +251,7 @@ class LoaderConfig:
             connections_per_worker=self.connections_per_worker,
             same_host_lane=self.same_host_lane,
             lane_slots=self.lane_slots(),
+            lane_slot_bytes=self.read_bytes + LANE_SLOT_MARGIN,
         )
 
     def lane_slots(self) -> int:
@@ -242,6 +267,7 @@ class LoaderConfig:
         *,
         max_chunk_records: int,
         schema: tuple[FieldSpec, ...],
+        lane_chunk_records: int = 0,
         journal: Callable[[dict[str, object]], None] | None = None,
         epoch: int = 0,
     ) -> FetchOptions:
@@ -251,6 +277,7 @@ class LoaderConfig:
             dataset=self.dataset,
             seed=self.seed,
             max_chunk_records=max_chunk_records,
+            lane_chunk_records=lane_chunk_records,
             schema=schema,
             idle_timeout=self.idle_timeout,
             straggler_factor=self.straggler_factor,

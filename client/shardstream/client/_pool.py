@@ -54,6 +54,7 @@ class PoolOptions:
     connections_per_worker: int = 1
     same_host_lane: bool = True
     lane_slots: int = 0  # chunks the loader may hold at once: the slots its lanes ask for
+    lane_slot_bytes: int = 0  # its largest chunk, a whole read: what a slot should hold
 
 
 class WorkerPool:
@@ -145,7 +146,11 @@ class WorkerPool:
         use it from then on (until then, and without one, chunks come as bytes)."""
         conn.lane_opening = True
         try:
-            conn.lane = await open_lane(conn.stub, slots=self.options.lane_slots)
+            conn.lane = await open_lane(
+                conn.stub,
+                slots=self.options.lane_slots,
+                slot_bytes=self.options.lane_slot_bytes,
+            )
         finally:
             conn.lane_opening = False
 

@@ -199,6 +199,7 @@ def encode_read(
     epoch: int = 0,
     lane: str = "",
     lane_stream: int = 0,
+    lane_chunk_records: int = 0,
 ) -> bytes:
     return pb.ReadRequest(
         dataset=dataset,
@@ -211,6 +212,7 @@ def encode_read(
         epoch=epoch,
         lane=lane,
         lane_stream=lane_stream,
+        lane_chunk_records=lane_chunk_records,
     ).SerializeToString()
 
 
@@ -287,10 +289,12 @@ class WorkerStub:
             response_deserializer=pb.ListDatasetsResponse.FromString,
         )
 
-    async def open_lane(self, *, timeout: float, slots: int = 0) -> LaneOffer:
+    async def open_lane(self, *, timeout: float, slots: int = 0, slot_bytes: int = 0) -> LaneOffer:
         """Ask for a same-host lane (AioRpcError where the worker gives none)."""
         reply = await self._open_lane(
-            pb.OpenLaneRequest(slots=slots), timeout=timeout, metadata=self._metadata()
+            pb.OpenLaneRequest(slots=slots, slot_bytes=slot_bytes),
+            timeout=timeout,
+            metadata=self._metadata(),
         )
         return LaneOffer(reply.address, reply.ticket, reply.lane, reply.slots, reply.slot_bytes)
 

@@ -120,7 +120,7 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch", "lane", "lane_stream")
+    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch", "lane", "lane_stream", "lane_chunk_records")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class ReadRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     LANE_STREAM_FIELD_NUMBER: _ClassVar[int]
+    LANE_CHUNK_RECORDS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     shard: str
     start: int
@@ -141,7 +142,8 @@ class ReadRequest(_message.Message):
     epoch: int
     lane: str
     lane_stream: int
-    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ..., lane: _Optional[str] = ..., lane_stream: _Optional[int] = ...) -> None: ...
+    lane_chunk_records: int
+    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ..., lane: _Optional[str] = ..., lane_stream: _Optional[int] = ..., lane_chunk_records: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("start", "count", "tensors", "shard")
@@ -188,10 +190,12 @@ class ReadResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., shared: _Optional[_Union[SharedChunk, _Mapping]] = ...) -> None: ...
 
 class OpenLaneRequest(_message.Message):
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "slot_bytes")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     slots: int
-    def __init__(self, slots: _Optional[int] = ...) -> None: ...
+    slot_bytes: int
+    def __init__(self, slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenLaneResponse(_message.Message):
     __slots__ = ("address", "ticket", "lane", "slots", "slot_bytes", "ticket_seconds")

@@ -111,9 +111,10 @@ class WorkerConfig:
     # decoding processes (`_direct`); False: every chunk goes through a decoding process.
     direct_reads: bool = True
     # Same-host lanes (`_lanes`): a client on this host gets chunks through shared memory,
-    # at most `lane_slots` slots of max_message_bytes each (a loader asks for as many
-    # chunks as it may hold), at most `max_lanes` clients at once: at most lane_slots x
-    # max_message_bytes x max_lanes bytes, taken as chunks are written into them.
+    # at most `lane_slots` slots (a loader asks for as many chunks as it may hold) of at
+    # least max_message_bytes (a loader asks for a whole read's worth), at most lane_slots
+    # x max_message_bytes bytes in one lane, at most `max_lanes` clients at once: at most
+    # lane_slots x max_message_bytes x max_lanes bytes, taken as chunks are written.
     lanes: bool = True
     lane_slots: int = 64
     max_lanes: int = 16

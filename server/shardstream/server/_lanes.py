@@ -6,7 +6,10 @@ an authenticated call like any other: token and mTLS apply), connects to the
 worker's Unix socket in the Linux abstract namespace (reachable only from the
 same host and network namespace: that is the proof), presents the single-use
 ticket it got, and receives the lane's memory, a memfd of `slots` slots, by
-SCM_RIGHTS. Its reads then name the lane, and the worker puts each chunk's
+SCM_RIGHTS. A slot holds the client's largest chunk, a whole read: on a lane a
+chunk is not bounded by the gRPC message size, so a read of direct chunks
+(`_direct`) is one chunk, and what each chunk costs both sides is paid once a
+read (`_streaming`). Its reads then name the lane, and the worker puts each chunk's
 message into a free slot and streams a small `SharedChunk` (start, count,
 shard, slot, size) in its place: gRPC still carries every chunk's header, the
 order and the End, so exactly once, resuming and every check stay as they are.
@@ -49,6 +52,7 @@ TICKET_BYTES = 32
 TICKET_SECONDS = 30.0  # a ticket not used within this long is dropped
 HANDSHAKE_SECONDS = 5.0  # a connection that sends no ticket within this long is closed
 DEFAULT_SLOTS = 8  # a lane's slots when the client asks for none in particular
+MAX_SLOT_BYTES = 64 << 20  # the most one slot holds, whatever a client asks for
 HANDSHAKES = 8  # connections presenting a ticket at once
 RELEASE, END = 1, 2  # control records from the client: (kind, value, count), 3 uint32
 _RECORD = struct.Struct("<III")
@@ -189,13 +193,16 @@ class Lanes:
     event loop (`get`)."""
 
     def __init__(self, *, slots: int, slot_bytes: int, max_lanes: int) -> None:
+        """At most `max_lanes` lanes of at most `slots` slots, and `slots` x `slot_bytes`
+        bytes, each; a slot holds at least `slot_bytes` (a whole message)."""
         self._slots = slots
-        self._slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._slot_bytes = _pages(slot_bytes)
+        self._budget = slots * self._slot_bytes  # the most bytes of one lane
         self._max = max_lanes
         self._lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(HANDSHAKES)
-        # lane id -> (ticket, deadline, slots)
-        self._tickets: dict[str, tuple[bytes, float, int]] = {}
+        # lane id -> (ticket, deadline, slots, slot bytes)
+        self._tickets: dict[str, tuple[bytes, float, int, int]] = {}
         self._lanes: dict[str, Lane] = {}
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -217,22 +224,24 @@ class Lanes:
         self._thread = threading.Thread(target=self._accept, name="shardstream-lanes", daemon=True)
         self._thread.start()
 
-    def offer(self, slots: int = 0) -> LaneOffer | None:
-        """A ticket for a new lane of `slots` slots (at most the worker's `slots`; 0: 8),
-        or None when the worker holds its most lanes."""
-        slots = min(slots or DEFAULT_SLOTS, self._slots)
+    def offer(self, slots: int = 0, slot_bytes: int = 0) -> LaneOffer | None:
+        """A ticket for a new lane of `slots` slots (0: 8) of `slot_bytes` each (0: the
+        worker's own), within the worker's bounds, or None when it holds its most lanes."""
+        size = min(max(slot_bytes, self._slot_bytes), max(MAX_SLOT_BYTES, self._slot_bytes))
+        size = _pages(min(size, self._budget))
+        slots = max(1, min(slots or DEFAULT_SLOTS, self._slots, self._budget // size))
         now = time.monotonic()
         for old_id in [k for k, v in self._lanes.items() if not v.alive]:
             del self._lanes[old_id]
         with self._lock:
-            for lane_id, (_, deadline, _) in list(self._tickets.items()):
+            for lane_id, (_, deadline, _, _) in list(self._tickets.items()):
                 if deadline < now:
                     del self._tickets[lane_id]
             if self._listener is None or len(self._lanes) + len(self._tickets) >= self._max:
                 return None
             lane_id, ticket = secrets.token_hex(8), secrets.token_bytes(TICKET_BYTES)
-            self._tickets[lane_id] = (ticket, now + TICKET_SECONDS, slots)
-        return LaneOffer(self.address, ticket, lane_id, slots, self._slot_bytes)
+            self._tickets[lane_id] = (ticket, now + TICKET_SECONDS, slots, size)
+        return LaneOffer(self.address, ticket, lane_id, slots, size)
 
     def get(self, lane_id: str) -> Lane | None:
         lane = self._lanes.get(lane_id)
@@ -299,10 +308,10 @@ class Lanes:
             del self._tickets[lane_id]
         if expected[1] < time.monotonic():
             raise PermissionError("an expired ticket")
-        slots = expected[2]
+        slots, slot_bytes = expected[2], expected[3]
         fd = os.memfd_create(f"shardstream-lane-{lane_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            size = slots * self._slot_bytes
+            size = slots * slot_bytes
             os.ftruncate(fd, size)  # sparse: pages are allocated when first written
             # Sealed at that size: the client can check that it can never shrink under
             # its mapping (which would be SIGBUS there).
@@ -314,7 +323,7 @@ class Lanes:
         finally:
             os.close(fd)  # the mapping and the client's copy of the descriptor keep it
         conn.setblocking(False)
-        lane = Lane(lane_id, slots, self._slot_bytes, memoryview(memory), conn)
+        lane = Lane(lane_id, slots, slot_bytes, memoryview(memory), conn)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._attach, lane)
 
@@ -333,3 +342,8 @@ class Lanes:
         asyncio.get_running_loop().add_reader(lane.sock.fileno(), lane.on_readable)
         log.info("same-host lane %s open: %d slots of %d bytes", lane.id, lane.slots,
                  lane.slot_bytes)  # fmt: skip
+
+
+def _pages(n: int) -> int:
+    """`n` rounded up to whole pages."""
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE

@@ -93,8 +93,10 @@ class WorkerServicer:
     async def open_lane(self, request: bytes, context: grpc.aio.ServicerContext) -> LaneOffer:
         """A ticket for a same-host lane (`_lanes`), or NoLaneError."""
         async with StatusOnError(context, self.metrics, self.refusals):
-            slots = decode_open_lane(request)
-            offer = None if self.lanes is None or self.draining else self.lanes.offer(slots)
+            slots, slot_bytes = decode_open_lane(request)
+            offer = (
+                None if self.lanes is None or self.draining else self.lanes.offer(slots, slot_bytes)
+            )
             if offer is None:
                 why = "turned off (--no-lanes)" if self.lanes is None else "all taken"
                 raise NoLaneError(f"this worker has no same-host lane to give: {why}")

@@ -5,8 +5,12 @@
         ...  # ReadResponse{chunk} bytes, then one ReadResponse{end}
 
 Chunks are sized to `chunk_bytes` (and to what a message may carry, and to the
-client's `max_chunk_records`). The next chunk is decoding while the current
-one is sent. With decoding processes, chunks come back through shared-memory
+client's `max_chunk_records`). On a same-host lane, chunks read straight from
+their files are sized to the lane's slot instead, up to a whole read: what each
+chunk costs (its messages, parsing, hand-overs) is then paid once a read; where
+one finds no free slot, the rest of the read goes on the socket in message-sized
+chunks. The next chunk is decoding while the current one is sent. With
+decoding processes, chunks come back through shared-memory
 slots (`_shm`); with threads, as bytes. A decoding process that dies fails the
 read of its chunk with `ProcessDiedError` (UNAVAILABLE; the client resumes it).
 A drain ends the stream at the next chunk boundary with an `End` that says so;
@@ -45,6 +49,9 @@ from shardstream.v1.codec import chunk_limit, estimated_record_bytes, is_ragged
 log = logging.getLogger("shardstream.worker")
 
 LaneTo = tuple[Lane, int]  # a client's lane and its id of the read
+# What a chunk job gives: a message, or a SharedChunk message and the chunk's size (in a
+# lane); None: a lane-sized chunk that is to go as messages instead.
+Sent = bytes | tuple[bytes, int] | None
 
 
 class ChunkStreamer:
@@ -85,6 +92,26 @@ class ChunkStreamer:
             n = min(n, args.max_chunk_records)
         return n
 
+    def lane_chunk_records(self, ds: Dataset, args: ReadArgs, lane: Lane, step: int) -> int:
+        """Records per chunk of a read whose chunks go into `lane` straight from their
+        files: what a slot holds (not bounded by a message), within the client's cap;
+        at least `step`, the message-sized chunk."""
+        fits = chunk_limit(ds.schema, len(args.shard.encode()), lane.slot_bytes)
+        cap = args.lane_chunk_records or args.max_chunk_records
+        if cap > 0:
+            fits = min(fits, cap)
+        return max(step, fits)
+
+    def _direct(self, ds: Dataset, chain: object, ragged: bool) -> bool:
+        """Whether the dataset's chunks are read straight from their files (`_direct`)."""
+        return (
+            self._buffers is not None
+            and not chain
+            and not ragged
+            and self._config.direct_reads
+            and ds.name not in self._decoded
+        )
+
     async def stream(
         self, ds: Dataset, shard: Shard, args: ReadArgs
     ) -> AsyncGenerator[bytes, None]:
@@ -93,7 +120,6 @@ class ChunkStreamer:
         loop = asyncio.get_running_loop()
         step = self.chunk_records(ds, args, shard)
         end = args.start + args.count
-        starts = range(args.start, end, step)
         ragged = is_ragged(ds.schema)
         sizes = (self._config.chunk_bytes, self._config.max_message_bytes)
         # The request's seed and epoch: what the transforms' randomness depends on.
@@ -101,33 +127,49 @@ class ChunkStreamer:
 
         lane = None if self._lanes is None or not args.lane else self._lanes.get(args.lane)
         to = None if lane is None else (lane, args.lane_stream)
+        small = step  # a message's worth: what a chunk that goes on the socket holds
+        if lane is not None and self._direct(ds, chain, ragged):
+            step = self.lane_chunk_records(ds, args, lane, step)
 
-        def submit(s: int) -> asyncio.Future[Any]:
+        def submit(s: int) -> tuple[int, int, asyncio.Future[Any]]:
+            """(start, records, future) of the chunk job at `s`."""
             submitted[0] = loop.time()
-            job = (ds.decoder, shard.path, shard.stamp, s, min(step, end - s), ds.schema, shard.id)
+            n = min(step, end - s)
+            direct = self._direct(ds, chain, ragged)
+            if n > small and not direct:  # lane-sized chunks only where read straight in
+                n = small
+            job = (ds.decoder, shard.path, shard.stamp, s, n, ds.schema, shard.id)
             if ragged:  # chunks cut from actual bytes, returned as bytes (no shared memory)
-                return asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
-            if self._buffers is None:
+                return s, n, asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
+            buffers = self._buffers
+            if buffers is None:
                 decoded = loop.run_in_executor(self._executor, read_chunk, *job, chain)
-                return decoded if to is None else asyncio.ensure_future(_to_lane(decoded, job, to))
-            if not chain and self._config.direct_reads and ds.name not in self._decoded:
-                return asyncio.ensure_future(self._read_direct(ds, self._buffers, job, to))
-            return asyncio.ensure_future(self._decode_shared(self._buffers, (*job, chain), to))
+                if to is None:
+                    return s, n, decoded
+                return s, n, asyncio.ensure_future(_to_lane(decoded, job, to))
+            if direct:
+                return s, n, asyncio.ensure_future(self._read_direct(ds, buffers, job, to, small))
+            return s, n, asyncio.ensure_future(self._decode_shared(buffers, (*job, chain), to))
 
         submitted = [0.0]
-        pending = submit(starts[0]) if starts else None
+        pending = submit(args.start) if args.start < end else None
         sent = 0
         try:
-            for i, s in enumerate(starts):
-                assert pending is not None
+            while pending is not None:
+                s, count, future = pending
                 try:
-                    data = await pending
+                    data = await future
                 except (DecodeError, ShardChanged) as exc:
                     raise _data_error(ds, shard, s, exc) from exc
+                if data is None:  # a lane-sized chunk found no slot: the rest as messages
+                    step = small
+                    pending = submit(s)
+                    continue
                 took = loop.time() - submitted[0]
-                pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
-                if not ragged:  # (message, bytes of the chunk: in a lane, not in the message)
-                    data = [(min(step, end - s), *(data if isinstance(data, tuple) else (data,)))]
+                pending = submit(s + count) if s + count < end else None
+                if not isinstance(data, list):  # (records, message, bytes of the chunk: in a
+                    # lane, not in the message)
+                    data = [(count, *(data if isinstance(data, tuple) else (data,)))]
                 for n, message, *size in data:
                     yield message
                     sent += n
@@ -142,7 +184,7 @@ class ChunkStreamer:
             yield encode_end(sent, draining=False)
         finally:
             if pending is not None:
-                pending.cancel()
+                pending[2].cancel()
 
     async def _decode_ragged(self, job: tuple[Any, ...]) -> list[tuple[int, bytes]]:
         """`read_ragged_chunks` in the executor; a dead decoding process as ProcessDiedError."""
@@ -158,15 +200,23 @@ class ChunkStreamer:
             ) from exc
 
     async def _read_direct(
-        self, ds: Dataset, buffers: ChunkBuffers, job: tuple[Any, ...], to: LaneTo | None
-    ) -> bytes | tuple[bytes, int]:
+        self,
+        ds: Dataset,
+        buffers: ChunkBuffers,
+        job: tuple[Any, ...],
+        to: LaneTo | None,
+        small: int,
+    ) -> Sent:
         """A chunk of file bytes read into its message in an I/O thread (`_direct`), in a
         lane's slot if one is free; one that needs decoding goes to a decoding process, as
-        do the dataset's next ones."""
+        do the dataset's next ones. None for a chunk of more than `small` records (sized
+        for a lane's slot) that finds no slot (or needs decoding)."""
         if to is not None:
             shared = await self._read_direct_to_lane(job, *to)
             if shared is not None:
                 return shared
+        if job[4] > small:  # sized for the lane: the caller sends it as messages instead
+            return None
         loop = asyncio.get_running_loop()
         index = await buffers.acquire()  # the slots bound the chunks in flight either way
         # The message is made here, on the event loop, so that its memory comes from the

@@ -294,6 +294,7 @@ class ReadArgs:
     epoch: int = 0  # with `seed`: what a dataset's per-record randomness depends on
     lane: str = ""  # the client's same-host lane (`_lanes`), if it has one
     lane_stream: int = 0  # the client's id of this read on its lane
+    lane_chunk_records: int = 0  # most records per chunk in the lane (0: max_chunk_records)
 
 
 # Requests are decoded by the handlers, not by gRPC: bytes that do not parse become
@@ -336,6 +337,7 @@ def decode_read(data: bytes) -> ReadArgs:
         epoch=r.epoch,
         lane=_bounded("lane id", r.lane, 64),
         lane_stream=r.lane_stream,
+        lane_chunk_records=r.lane_chunk_records,
     )
 
 
@@ -344,9 +346,10 @@ def decode_describe(data: bytes) -> str:
     return _bounded("dataset name", _parse(pb.DescribeDatasetRequest, data).dataset)
 
 
-def decode_open_lane(data: bytes) -> int:
-    """The slots an OpenLaneRequest asks for, or MalformedRequestError."""
-    return int(_parse(pb.OpenLaneRequest, data).slots)
+def decode_open_lane(data: bytes) -> tuple[int, int]:
+    """The slots, and bytes per slot, an OpenLaneRequest asks for, or MalformedRequestError."""
+    request = _parse(pb.OpenLaneRequest, data)
+    return int(request.slots), int(request.slot_bytes)
 
 
 def decode_list(data: bytes) -> None:
