@@ -369,6 +369,7 @@ SYSTEMS = {
     "torch": run_torch,
     "zmq": run_zmq,
     "grpc_wire": run_grpc_wire,
+    "grpc_file": run_grpc_wire,  # the same bare receiver; the server sends file bytes
     "tcp_wire": run_tcp_wire,
 }
 

@@ -1,12 +1,17 @@
 """Producer processes of the baselines.
 
-    python -m bench.producers grpc   # bare grpc.aio server-streaming RPC ("wire ceiling")
-    python -m bench.producers tcp    # raw TCP loopback sender
+    python -m bench.producers grpc       # bare grpc.aio server-streaming RPC ("wire ceiling")
+    python -m bench.producers grpcfile DIR  # the same, sending the bytes of DIR's shard files
+    python -m bench.producers tcp        # raw TCP loopback sender
 
-Both listen on 127.0.0.1 port 0, print `serving 127.0.0.1:PORT` and serve until
+Each listens on 127.0.0.1 port 0, prints `serving 127.0.0.1:PORT` and serves until
 killed. A request is 16 bytes: (total bytes, message bytes), little-endian u64; the
-reply is `total` bytes sent as messages of `message` bytes from one preallocated
-buffer. `zmq_producer` is the body of one ZeroMQ PUSH process (forked by the consumer).
+reply is `total` bytes sent as messages of `message` bytes: from one preallocated buffer
+(grpc, tcp: the same zero-filled memory again and again, always in the CPU's caches), or
+read from the shard files into a new `bytes` each (grpcfile: what the simplest gRPC
+server of files does, one copy from the page cache per message; the floor for a worker
+that serves stored records). `zmq_producer` is the body of one ZeroMQ PUSH process
+(forked by the consumer).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ GRPC_OPTIONS = [
 # gRPC --------------------------------------------------------------------------------
 
 
-async def _grpc_serve() -> None:
+async def _grpc_serve(files: list[Path] | None = None) -> None:
     import grpc
 
     async def stream(request: bytes, context: Any) -> Any:
@@ -44,10 +49,27 @@ async def _grpc_serve() -> None:
             yield message if n == size else message[:n]
             sent += n
 
+    async def stream_files(request: bytes, context: Any) -> Any:
+        total, size = REQUEST.unpack(request)
+        assert files
+        sent = 0
+        while sent < total:  # the files in turn, again from the first if need be
+            for path in files:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    end, at = os.fstat(fd).st_size, 0
+                    while at < end and sent < total:
+                        message = os.pread(fd, min(size, end - at, total - sent), at)
+                        at += len(message)
+                        sent += len(message)
+                        yield message
+                finally:
+                    os.close(fd)
+
     server = grpc.aio.server(options=GRPC_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "bench.Wire",
-        {"Stream": grpc.unary_stream_rpc_method_handler(stream)},  # raw bytes both ways
+        {"Stream": grpc.unary_stream_rpc_method_handler(stream if files is None else stream_files)},
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -135,13 +157,14 @@ def main() -> None:
 
     die_with_parent()
     kind = sys.argv[1]
-    if kind == "grpc":
+    if kind in ("grpc", "grpcfile"):
+        files = sorted(Path(sys.argv[2]).glob("*.npz")) if kind == "grpcfile" else None
         try:
             import uvloop
 
-            uvloop.run(_grpc_serve())
+            uvloop.run(_grpc_serve(files))
         except ImportError:  # pragma: no cover
-            asyncio.run(_grpc_serve())
+            asyncio.run(_grpc_serve(files))
     elif kind == "tcp":
         _tcp_serve()
     else:

@@ -93,6 +93,7 @@ def ratios(results: list[dict[str, Any]]) -> str:
         torch_ref = "torch nw2" if "torch nw2" in systems else (torch[-1] if torch else None)
         refs = [("tcp_wire", "mb_per_s", "MB/s ÷ raw TCP"),
                 ("grpc_wire", "mb_per_s", "MB/s ÷ bare gRPC"),
+                ("grpc_file", "mb_per_s", "MB/s ÷ gRPC of the files"),
                 ("plain", "records_per_s", "records/s ÷ plain loop")]  # fmt: skip
         if torch_ref:
             refs.append((torch_ref, "records_per_s", f"records/s ÷ {torch_ref}"))

@@ -46,7 +46,7 @@ from shardstream.client import LoaderConfig
 from shardstream.client._consume import progress
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_SYSTEMS = ("shardstream", "plain", "torch", "zmq", "grpc_wire", "tcp_wire")
+ALL_SYSTEMS = ("shardstream", "plain", "torch", "zmq", "grpc_wire", "grpc_file", "tcp_wire")
 DATA_SYSTEMS = ("shardstream", "plain", "torch", "zmq")
 
 
@@ -337,10 +337,10 @@ def start_producers(ctx: Context, cfg: Config, inst: Instance, root: Path) -> di
             worker.wait_serving(120)
         boxes = started
         return {"addresses": [w.address for w in boxes], "pids": [w.pid for w in boxes]}
-    if inst.system in ("grpc_wire", "tcp_wire"):
-        kind = inst.system.split("_")[0]
+    if inst.system in ("grpc_wire", "grpc_file", "tcp_wire"):
+        kind = {"grpc_wire": ["grpc"], "grpc_file": ["grpcfile", str(root)], "tcp_wire": ["tcp"]}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.producers", kind],
+            [sys.executable, "-m", "bench.producers", *kind[inst.system]],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, preexec_fn=_die_with_parent,
         )  # fmt: skip

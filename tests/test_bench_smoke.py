@@ -25,7 +25,7 @@ KEYS = {
 
 
 def test_bench_smoke_run(tmp_path: Path) -> None:
-    systems = ["shardstream", "plain", "grpc_wire", "tcp_wire", "torch", "zmq"]
+    systems = ["shardstream", "plain", "grpc_wire", "grpc_file", "tcp_wire", "torch", "zmq"]
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bench.run", "--shape", "8,8,3", "--dtype", "uint8",
@@ -41,7 +41,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in lines]
     stdout_rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert rows == stdout_rows
-    expected = {"plain", "grpc_wire", "tcp_wire"} | {
+    expected = {"plain", "grpc_wire", "grpc_file", "tcp_wire"} | {
         f"shardstream {lane} w1 r{ranks}" for lane in ("local", "tcp") for ranks in (1, 2)
     }
     for system, row in (("torch", "torch nw0"), ("zmq", "zmq p1")):  # optional packages

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,6 @@ import grpc
 
 from shardstream._common import run_async
 from shardstream._common.args import PATH, TIMEOUT, UsageParser, add_version_arg, checked, int_in
-from shardstream.client._options import LoaderConfig
 from shardstream.client._resolve import split_host_port
 from shardstream.client._security import ClientSecurity, call_metadata, secure_channel
 from shardstream.client._wire import WorkerStub, check_health
@@ -32,7 +30,6 @@ from shardstream.server.cli import (
 # a refused connection or failed handshake is known at once, a silent host takes this long.
 PROBE_SECONDS = 5.0
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_READS_AHEAD = next(f.default for f in dataclasses.fields(LoaderConfig) if f.name == "reads_ahead")
 
 
 def _address(text: str) -> str:
@@ -135,8 +132,6 @@ def _consume(args: argparse.Namespace) -> int:
         "security": args.security, "describe_timeout": args.timeout,
         "ledger_dir": None if args.ledger_dir is None else str(args.ledger_dir),
     }  # fmt: skip
-    if 2 * args.shuffle_reads > _READS_AHEAD:  # the next group comes in while one is delivered
-        options["reads_ahead"] = 2 * args.shuffle_reads
 
     async def run() -> int:
         probe = min(args.timeout, PROBE_SECONDS)

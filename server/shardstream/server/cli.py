@@ -217,9 +217,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         "--lane-slots",
         type=int_in(1, 1024),
         default=env("LANE_SLOTS", "64"),
-        help="most slots of --max-message-bytes each in one client's lane (a loader asks "
-        "for as many chunks as it may hold; memory is taken as slots are written) "
-        "[SHARDSTREAM_LANE_SLOTS]",
+        help="most slots in one client's lane, and this x --max-message-bytes its most "
+        "bytes (a loader asks for as many slots as it may hold chunks, each a whole read; "
+        "memory is taken as slots are written) [SHARDSTREAM_LANE_SLOTS]",
     )
     p.add_argument(
         "--max-lanes",
