@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 def test_torch_ddp_example_with_torchrun(data: Path) -> None:
-    with worker_processes(data, 2) as workers:
+    with worker_processes(data, 2) as workers, tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
              "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
              str(EXAMPLES / "train_torch_ddp.py"), "--workers",
              ",".join(w.address for w in workers), "--epochs", "2"],
             capture_output=True, text=True, timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp},  # torchrun's files
         )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     lines = json_objects(r.stdout)

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,13 @@ def test_lightning_ddp_exactly_once_new_order_and_mid_epoch_resume(
 @pytest.mark.timeout(600)  # two 2-process launches, ~25 s here: the default 120 s is too near
 def test_accelerate_two_processes_exactly_once(data: Path) -> None:
     def launch(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-             str(EXAMPLES / "train_accelerate.py"), "--workers", addresses, *extra],
-            capture_output=True, text=True, timeout=300, env=ENV,
-        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:  # torchrun's own files (torchelastic_*)
+            return subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                 str(EXAMPLES / "train_accelerate.py"), "--workers", addresses, *extra],
+                capture_output=True, text=True, timeout=300, env={**ENV, "TMPDIR": tmp},
+            )  # fmt: skip
 
     with worker_processes(data, 2) as workers:
         addresses = ",".join(w.address for w in workers)
