@@ -149,3 +149,27 @@ def test_grpc_verbosity_defaults_to_error_before_grpc_is_imported(package: str) 
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**env, "GRPC_VERBOSITY": "DEBUG"}, timeout=60, check=True)  # fmt: skip
     assert run.stdout.split() == ["DEBUG", "True"]
+
+
+async def test_wait_done_waits_times_out_and_never_cancels() -> None:
+    """`wait_done`, the per-message wait of both streaming sides: True once the future is
+    done, False at the timeout with the future left running, and a cancelled waiter
+    leaves the future running too, with no callback of its own left on it."""
+    import asyncio
+
+    from shardstream._common import wait_done
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    assert await wait_done(future, 0.01) is False
+    assert not future.done() and not future.cancelled()
+    waiter = asyncio.ensure_future(wait_done(future))
+    await asyncio.sleep(0)  # the waiter is waiting
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not future.cancelled()
+    assert not future._callbacks  # type: ignore[attr-defined]  # every waiter's is gone
+    loop.call_soon(future.set_result, 7)
+    assert await wait_done(future, None) is True and future.result() == 7
+    assert await wait_done(future, 0) is True  # done already: no wait

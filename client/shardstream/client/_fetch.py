@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from shardstream._common.loops import wait_done
 from shardstream.client._lanes import ClientLane
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
@@ -361,8 +362,7 @@ async def _next_message(
             waited = loop.time() - began
             late = counters.pace.late(options)
             patience = min(options.idle_timeout, max(late, waited + 0.25)) - waited
-            done, _ = await asyncio.wait({reader}, timeout=max(0.0, patience))
-            if done:
+            if await wait_done(reader, patience):
                 counters.pace.observe(loop.time() - began)
                 return reader.result()
             waited = loop.time() - began

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from shardstream._common.loops import wait_done
 from shardstream.client._fetch import FetchCounters, FetchOptions, Hole, fetch
 from shardstream.client._ledger import LedgerWriter
 from shardstream.client._planner import RankPlan, Read
@@ -190,8 +191,7 @@ class EpochIterator:
         waited = 0.0
         try:
             while True:
-                done, _ = await asyncio.wait({getter}, timeout=self._lag_warning)
-                if done:
+                if await wait_done(getter, self._lag_warning):
                     return getter.result()
                 waited += self._lag_warning
                 running = {a: n for a, n in self._pool.in_flight().items() if n}

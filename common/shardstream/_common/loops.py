@@ -1,4 +1,5 @@
-"""Event loops: uvloop where it is installed (a dependency on POSIX), asyncio otherwise."""
+"""Event loops: uvloop where it is installed (a dependency on POSIX), asyncio otherwise;
+and `wait_done`, the lean wait for one future that the streaming paths use per message."""
 
 from __future__ import annotations
 
@@ -28,3 +29,30 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run `main()` to completion on a fresh loop (uvloop when installed)."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main())
+
+
+async def wait_done(future: asyncio.Future[Any], timeout: float | None = None) -> bool:
+    """Wait until `future` is done, for at most `timeout` seconds (None: no limit);
+    whether it is. Never cancels `future`: cancelling the waiter leaves it running.
+
+    What `asyncio.wait({future}, timeout=...)` does for one future, at a fraction of
+    its cost (no set, no task wrapping, one waiter and one timer): it runs once per
+    streamed message on both sides."""
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = None if timeout is None else loop.call_later(max(0.0, timeout), wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()

@@ -7,6 +7,7 @@ code outside the two `_wire` modules never touches generated classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +125,7 @@ class FieldSpec:
     @property
     def item_bytes(self) -> int:
         """Bytes one item of a ragged field takes (one record's value, if fixed)."""
-        return int(storage_dtype(self.dtype).itemsize * int(np.prod(self.inner, dtype=np.int64)))
+        return int(storage_dtype(self.dtype).itemsize) * math.prod(int(d) for d in self.inner)
 
     @property
     def record_bytes(self) -> int:

@@ -27,6 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import Any
 
+from shardstream._common.loops import wait_done
 from shardstream.server._catalog import Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoding import read_chunk, read_chunk_into
@@ -232,19 +233,18 @@ class ChunkStreamer:
 
         kept = [message]  # the thread fills it: keep it alive until then
         try:
-            size = await asyncio.shield(future)
+            await wait_done(future)  # cancelled here, the thread still writes: see below
         except asyncio.CancelledError:
             future.add_done_callback(done)
             raise
+        done()
+        try:
+            size = future.result()
         except (DecodeError, ShardChanged):
-            done()
             raise
         except Exception:  # e.g. the decoder does not load here: decode in its processes
-            done()
             log.warning("dataset %r: direct reads failed; decoding instead", ds.name, exc_info=True)
             size = None
-        else:
-            done()
         if size == len(message):
             return message
         self._decoded.add(ds.name)
@@ -261,10 +261,12 @@ class ChunkStreamer:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, read_direct_into, lane.slot(slot), *job)
         try:
-            size = await asyncio.shield(future)
+            await wait_done(future)
         except asyncio.CancelledError:  # the thread may still write into the slot
             future.add_done_callback(lambda _: lane.written(slot, sent=False))
             raise
+        try:
+            size = future.result()
         except BaseException:
             lane.written(slot, sent=False)
             raise

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
+from shardstream._common.loops import wait_done
 from shardstream._common.malloc import trim_heap
 
 
@@ -46,8 +47,7 @@ async def completes(write: asyncio.Task[None], seconds: float | None) -> bool:
     """Wait up to `seconds` for `write`; False if it is still waiting (HTTP/2 flow control:
     the client reads nothing). A write that failed means the client left: the call is
     cancelled (gRPC already ends it without a status, and logs nothing)."""
-    await asyncio.wait((write,), timeout=seconds)
-    if not write.done():
+    if not await wait_done(write, seconds):
         return False
     if write.cancelled():
         raise asyncio.CancelledError
