@@ -126,3 +126,68 @@ async def test_a_worker_reads_stored_shards_without_its_decoding_process(
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
+
+
+def _evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (written back first: dirty pages stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_read_on_the_event_loop_never_waits_for_the_disk(tmp_path: Path) -> None:
+    """`read_direct_now` (what the event loop calls) reads a chunk whose bytes are all in
+    the page cache, and says LATER for one that is not (for an I/O thread to read), the
+    bytes the same either way."""
+    from shardstream.server._direct import LATER, message_for, read_direct_now
+
+    path = _shard(tmp_path / "s.npz")
+    stamp = shard_stat(path)
+    job = (NPZ, path, stamp, 3, 30, SCHEMA, "s.npz")
+    expected = read_chunk(*job)
+    _evict(path)
+    message, room = message_for(job)
+    assert read_direct_now(room, *job) == LATER
+    assert read_direct(*job) == expected  # a thread's read: it waits for the disk
+    assert read_direct_now(room, *job) == len(message)  # in the page cache now
+    room.release()
+    assert message == expected
+
+
+@pytest.mark.parametrize("lane", [False, True])
+async def test_shards_not_in_the_page_cache_are_read_in_threads(
+    tmp_path: Path, lane: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose shard files left the page cache serves the same epoch (on the
+    socket and through a same-host lane): chunks the event loop cannot read at once are
+    read by its I/O threads."""
+    from shardstream.server import _streaming, make_dataset
+    from shardstream.server._direct import LATER
+
+    answers: list[int | None] = []
+    now = _streaming.read_direct_now
+
+    def counted(buffer: memoryview, *job: Any) -> int | None:
+        answers.append(now(buffer, *job))
+        return answers[-1]
+
+    monkeypatch.setattr(_streaming, "read_direct_now", counted)
+    paths = make_dataset(tmp_path, shards=3, records=300, shape=(16, 16, 3))
+    async with running_workers(tmp_path, 1, processes=1) as (w,):
+        async with Loader([w.address], dataset="train", batch_size=32,
+                          same_host_lane=lane) as loader:  # fmt: skip
+            cached = [b async for b in loader.epoch(0)]
+            assert answers and LATER not in answers  # written just now: all in the cache
+            answers.clear()
+            for path in paths:
+                _evict(path)
+            evicted = [b async for b in loader.epoch(0)]
+            assert LATER in answers  # read by a thread, waiting for the disk
+            if lane:
+                assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
+    assert len(cached) == len(evicted) == 10
+    for a, b in zip(cached, evicted, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -3,9 +3,10 @@
 When a decoder says where a chunk's records lie in the shard's file, exactly as
 the chunk carries them (`Decoder.byte_ranges`: npz members stored little-endian
 in C order, no transform), there is nothing to decode. The server process then
-builds the message itself, in one of its I/O threads: the protobuf headers are
-written and the records read from the file (`preadv`) straight into the room
-left for them in the message. Compared with a decoding process filling a
+builds the message itself: the protobuf headers are written and the records read
+from the file (`preadv`) straight into the room left for them in the message, on
+the event loop where every byte is in the page cache (`read_direct_now`: RWF_NOWAIT
+never waits for a disk), else in one of its I/O threads. Compared with a decoding process filling a
 shared-memory slot that the server copies out, that skips a process hop, the
 pickled job and a copy of every byte.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -31,7 +33,16 @@ from shardstream.server._wire import Region, fixed_layout, layout_size
 from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
 
-__all__ = ["message_for", "new_message", "read_direct", "read_direct_into"]
+__all__ = [
+    "LATER",
+    "message_for",
+    "new_message",
+    "read_direct",
+    "read_direct_into",
+    "read_direct_now",
+]
+
+LATER = -1  # `read_direct_now`: some of the chunk is not in the page cache; read it in a thread
 
 
 def _bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None:
@@ -102,6 +113,13 @@ def read_direct_into(
     """`read_direct` into the start of `buffer` (a new message: `message_for`; or a
     same-host lane's slot): the message's size, or None where the chunk needs decoding or
     does not fit."""
+    return _read_into(buffer, (ref, path, stamp, start, count, schema, shard_id), 0)
+
+
+def _read_into(buffer: memoryview, job: tuple[Any, ...], flags: int) -> int | None:
+    """`read_direct_into`, `preadv` with `flags` (RWF_NOWAIT: BlockingIOError rather than
+    wait for the disk)."""
+    ref, path, stamp, start, count, schema, shard_id = job
     if not isinstance(path, os.PathLike):
         return None
     with _opened(path, stamp) as fd:
@@ -109,8 +127,27 @@ def read_direct_into(
         if planned is None or planned[2] > len(buffer):
             return None
         pieces, ranges, size = planned
-        _fill(fd, buffer[:size], pieces, ranges)
+        _fill(fd, buffer[:size], pieces, ranges, flags)
         return size
+
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def read_direct_now(buffer: memoryview, *job: Any) -> int | None:
+    """`read_direct_into` if every byte of the chunk is in the page cache (`preadv` with
+    RWF_NOWAIT: it never waits for a disk), for the event loop to call without a thread
+    hop; LATER otherwise (not cached, or a file system that cannot tell)."""
+    if not _NOWAIT:
+        return LATER
+    try:
+        return _read_into(buffer, job, _NOWAIT)
+    except BlockingIOError:
+        return LATER
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return LATER
+        raise
 
 
 @contextlib.contextmanager
@@ -155,9 +192,13 @@ def _why(exc: OSError) -> str:
 
 
 def _fill(
-    fd: int, view: memoryview, pieces: list[bytes | Region], ranges: list[tuple[int, int]]
+    fd: int,
+    view: memoryview,
+    pieces: list[bytes | Region],
+    ranges: list[tuple[int, int]],
+    flags: int = 0,
 ) -> None:
-    """Headers into `view`, and each region from its file range."""
+    """Headers into `view`, and each region from its file range (`preadv` flags)."""
     regions = iter(ranges)
     pos = 0
     for piece in pieces:
@@ -169,7 +210,7 @@ def _fill(
         assert nbytes == piece.nbytes
         done = 0
         while done < nbytes:
-            n = os.preadv(fd, [view[pos + done : pos + nbytes]], offset + done)
+            n = os.preadv(fd, [view[pos + done : pos + nbytes]], offset + done, flags)
             if n <= 0:
                 raise ShardChanged("the shard is shorter than when it was indexed")
             done += n
