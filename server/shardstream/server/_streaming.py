@@ -216,8 +216,9 @@ class ChunkStreamer:
         to: LaneTo | None,
         small: int,
     ) -> Sent:
-        """A chunk of file bytes read into its message in an I/O thread (`_direct`), in a
-        lane's slot if one is free; one that needs decoding goes to a decoding process, as
+        """A chunk of file bytes read into its message (`_direct`: on the event loop where
+        it is all in the page cache, else in an I/O thread), in a lane's slot if one is
+        free; one that needs decoding goes to a decoding process, as
         do the dataset's next ones. None for a chunk of more than `small` records (sized
         for a lane's slot) that finds no slot (or needs decoding)."""
         if to is not None:
