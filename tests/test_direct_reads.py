@@ -128,64 +128,62 @@ async def test_a_worker_reads_stored_shards_without_its_decoding_process(
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
 
 
-def _evict(path: Path) -> None:
-    """Drop the file's pages from the page cache (written back first: dirty pages stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+class _Uncached:
+    """`os.preadv` as on a file whose bytes are not in the page cache (while `on`): a read
+    that may not wait for the disk (RWF_NOWAIT) gets EAGAIN, as Linux answers it, or
+    EOPNOTSUPP, as a file system without it does; others read."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, errno_: int = 11) -> None:
+        self.on, self.refused, self._errno = True, 0, errno_
+        self._real = os.preadv
+        monkeypatch.setattr(os, "preadv", self)
+
+    def __call__(self, fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if self.on and flags & os.RWF_NOWAIT:
+            self.refused += 1
+            raise OSError(self._errno, os.strerror(self._errno))
+        return self._real(fd, buffers, offset, flags)
 
 
-def test_a_read_on_the_event_loop_never_waits_for_the_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("errno_", [11, 95])  # EAGAIN (not cached), EOPNOTSUPP
+def test_a_read_on_the_event_loop_never_waits_for_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
     """`read_direct_now` (what the event loop calls) reads a chunk whose bytes are all in
-    the page cache, and says LATER for one that is not (for an I/O thread to read), the
-    bytes the same either way."""
+    the page cache, and says LATER where the kernel would have to wait for the disk (or
+    cannot say), for an I/O thread to read it; the bytes are the same either way."""
     from shardstream.server._direct import LATER, message_for, read_direct_now
 
     path = _shard(tmp_path / "s.npz")
-    stamp = shard_stat(path)
-    job = (NPZ, path, stamp, 3, 30, SCHEMA, "s.npz")
+    job = (NPZ, path, shard_stat(path), 3, 30, SCHEMA, "s.npz")
     expected = read_chunk(*job)
-    _evict(path)
     message, room = message_for(job)
-    assert read_direct_now(room, *job) == LATER
-    assert read_direct(*job) == expected  # a thread's read: it waits for the disk
-    assert read_direct_now(room, *job) == len(message)  # in the page cache now
+    uncached = _Uncached(monkeypatch, errno_)
+    assert read_direct_now(room, *job) == LATER and uncached.refused == 1
+    assert read_direct(*job) == expected  # a thread's read: it may wait
+    uncached.on = False  # in the page cache: the real preadv with RWF_NOWAIT
+    assert read_direct_now(room, *job) == len(message)
     room.release()
     assert message == expected
 
 
 @pytest.mark.parametrize("lane", [False, True])
-async def test_shards_not_in_the_page_cache_are_read_in_threads(
+async def test_chunks_not_in_the_page_cache_are_read_in_threads(
     tmp_path: Path, lane: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker whose shard files left the page cache serves the same epoch (on the
-    socket and through a same-host lane): chunks the event loop cannot read at once are
-    read by its I/O threads."""
-    from shardstream.server import _streaming, make_dataset
-    from shardstream.server._direct import LATER
+    """A worker whose shards are not in the page cache serves the same epoch (on the
+    socket and through a same-host lane): every chunk the event loop cannot read at once
+    is read by an I/O thread."""
+    from shardstream.server import make_dataset
 
-    answers: list[int | None] = []
-    now = _streaming.read_direct_now
-
-    def counted(buffer: memoryview, *job: Any) -> int | None:
-        answers.append(now(buffer, *job))
-        return answers[-1]
-
-    monkeypatch.setattr(_streaming, "read_direct_now", counted)
-    paths = make_dataset(tmp_path, shards=3, records=300, shape=(16, 16, 3))
+    make_dataset(tmp_path, shards=3, records=300, shape=(16, 16, 3))
     async with running_workers(tmp_path, 1, processes=1) as (w,):
         async with Loader([w.address], dataset="train", batch_size=32,
                           same_host_lane=lane) as loader:  # fmt: skip
             cached = [b async for b in loader.epoch(0)]
-            assert answers and LATER not in answers  # written just now: all in the cache
-            answers.clear()
-            for path in paths:
-                _evict(path)
+            uncached = _Uncached(monkeypatch)
             evicted = [b async for b in loader.epoch(0)]
-            assert LATER in answers  # read by a thread, waiting for the disk
+            assert uncached.refused >= loader.plan(0).read_count  # every chunk, at least
             if lane:
                 assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
     assert len(cached) == len(evicted) == 10
