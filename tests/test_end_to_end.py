@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -320,14 +319,13 @@ async def test_reads_use_every_connection_to_a_worker(
     from shardstream.server._servicer import WorkerServicer
 
     peers: set[str] = set()
-    real_read = WorkerServicer.read
+    real_read = WorkerServicer.serve_read
 
-    async def read(self: WorkerServicer, args: Any, context: Any) -> AsyncIterator[bytes]:
+    async def serve_read(self: WorkerServicer, request: bytes, context: Any) -> None:
         peers.add(context.peer())
-        async for message in real_read(self, args, context):
-            yield message
+        await real_read(self, request, context)
 
-    monkeypatch.setattr(WorkerServicer, "read", read)
+    monkeypatch.setattr(WorkerServicer, "serve_read", serve_read)
     async with running_workers(npz_root, 1) as workers:
         async with Loader([workers[0].address], dataset="train", batch_size=16, read_bytes=2048,
                           connections_per_worker=connections) as loader:  # fmt: skip

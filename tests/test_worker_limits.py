@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from shardstream._common.args import UsageParser
 from shardstream.server import DatasetSpec, WorkerConfig
 from shardstream.server._worker import Worker, grpc_options
+from shardstream.server._writes import StallWatch
 from shardstream.server.cli import add_worker_args, config_from_args
 
 FLAGS = ["--data-root", "/data", "--dataset", "train=*.npz"]
@@ -113,3 +115,48 @@ async def test_a_port_in_use_is_refused_in_process(npz_root: Path) -> None:
         with pytest.raises(OSError, match=f"port {a.port} is already in use"):
             await second.start()
         await second.wait_closed()  # closed again, nothing left running
+
+
+# -- the stall watch: one timer per stream, not one per write ------------------------------------
+
+
+async def test_a_write_that_waits_past_the_stall_timeout_is_reported_while_it_waits() -> None:
+    """`on_stall` runs once, while the write still waits; the write then completes."""
+    stalls: list[bool] = []
+    release, reported = asyncio.Event(), asyncio.Event()
+
+    def on_stall() -> None:
+        stalls.append(release.is_set())
+        reported.set()
+
+    watch = StallWatch(0.2, on_stall)
+    write = asyncio.ensure_future(watch.write(release.wait()))
+    await asyncio.wait_for(reported.wait(), 30)
+    assert stalls == [False] and watch.stalled() and not write.done()
+    release.set()
+    await write
+    watch.close()
+    assert stalls == [False]
+
+
+async def test_writes_that_each_complete_never_stall_however_long_the_stream() -> None:
+    """Many writes, each well within the timeout, over several timeouts in all: the one
+    timer moves on with the writes and never reports a stall."""
+    loop = asyncio.get_running_loop()
+    stalls: list[int] = []
+    watch = StallWatch(0.5, lambda: stalls.append(1))
+    began = loop.time()
+    while loop.time() - began < 1.6:  # past three timeouts: the timer fired and moved on
+        await watch.write(asyncio.sleep(0.01))
+    watch.close()
+    assert not stalls and not watch.stalled()
+
+
+async def test_a_failed_write_means_the_client_left() -> None:
+    async def fails() -> None:
+        raise RuntimeError("the RPC is already finished")
+
+    watch = StallWatch(5.0, lambda: None)
+    with pytest.raises(asyncio.CancelledError, match="the write failed"):
+        await watch.write(fails())
+    watch.close()

@@ -178,7 +178,9 @@ def _plan(
     """The chunk's layout, each field's file range and the message's size; None where
     the decoder gives no byte ranges."""
     try:
-        ranges = decoder(ref).byte_ranges(Path(path), start, count)
+        ranges = decoder(ref).byte_ranges(
+            path if isinstance(path, Path) else Path(path), start, count
+        )
     except OSError as exc:  # it went away after the open: what the decoder opens
         raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
     if ranges is None or set(ranges) != {f.name for f in schema}:

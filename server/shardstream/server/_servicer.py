@@ -5,8 +5,8 @@ and return domain objects or serialized chunks (`_streaming`); `_wire` encodes
 replies. Refusals are `errors.RequestError`s, which become gRPC status codes in
 one place, `_status`.
 
-`read` yields a stream's messages; `serve_read`, the Read handler, writes them,
-each within `stream_stall_timeout`: a client that reads nothing for that long
+`serve_read`, the Read handler, writes a read's messages, watching each write
+for `stream_stall_timeout`: a client that reads nothing for that long
 (its HTTP/2 window stays full) has its stream ended with `StalledError`, so it
 keeps neither a `max_streams` slot nor decoded chunks; the status reaches it
 after the chunk gRPC still holds for it, if it ever reads, and it resumes the
@@ -20,9 +20,7 @@ gone, or after streams stalled, freed heap is handed back to the kernel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
 
 import grpc
@@ -42,7 +40,7 @@ from shardstream.server._wire import (
     decode_open_lane,
     decode_read,
 )
-from shardstream.server._writes import TrimWhenIdle, completes, send_within
+from shardstream.server._writes import StallWatch, TrimWhenIdle
 from shardstream.server.errors import BusyError, DrainingError, NoLaneError, StalledError
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
@@ -102,11 +100,11 @@ class WorkerServicer:
                 raise NoLaneError(f"this worker has no same-host lane to give: {why}")
             return offer
 
-    async def read(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[bytes, None]:
-        """A read's chunks, then its End; a refusal or failure sets the call's status.
-        `serve_read` writes them; closing this generator ends the stream's work."""
+    async def serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """The Read handler: a read's chunks, then its End, each write watched for a stall
+        (`StallWatch`); a refusal or failure sets the call's status. One coroutine per
+        stream: the chunks come from the streamer's generator, closed when the stream
+        stops early (that cancels the chunk decoding ahead)."""
         async with FinishOnError(context, self.metrics, self.refusals):
             args = decode_read(request)
             if self.draining:
@@ -117,26 +115,56 @@ class WorkerServicer:
             self._trim.stream_started()
             self.idle.clear()
             self.metrics.stream(ds.name, +1)
-            try:
-                # Closed with this generator: that cancels the chunk decoding ahead.
-                async with contextlib.aclosing(self._streamer.stream(ds, shard, args)) as chunks:
-                    async for message in chunks:
-                        yield message
-            finally:
-                self.active -= 1
-                self.metrics.stream(ds.name, -1)
-                if self.active == 0:
-                    self.idle.set()
-                self._maybe_idle()
+            chunks = self._streamer.stream(ds, shard, args)
+            running = True
+            closing: asyncio.Task[None] | None = None
 
-    async def serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        """The Read handler: writes `read`'s messages, each within the stall timeout."""
-        async with FinishOnError(context, self.metrics, self.refusals):
-            stalled = await send_within(
-                context, self.read(request, context), self._config.stream_stall_timeout
-            )
-            if stalled is not None:
-                await self._linger(stalled, decode_read(request))
+            def stop_running() -> None:
+                """The stream holds no slot nor chunk any more (once)."""
+                nonlocal running
+                if running:
+                    running = False
+                    self.active -= 1
+                    self.metrics.stream(ds.name, -1)
+                    if self.active == 0:
+                        self.idle.set()
+                    self._maybe_idle()
+
+            def on_stall() -> None:
+                """A write waits on a client that reads nothing: end the stream's work now;
+                the write gRPC holds stays until the client reads it or leaves."""
+                nonlocal closing
+                closing = asyncio.ensure_future(chunks.aclose())
+                stop_running()
+                self.stalled += 1
+                self._log_stall(args)
+                self._maybe_idle(stalled=True)
+
+            watch = StallWatch(self._config.stream_stall_timeout, on_stall)
+            try:
+                # Headers first and alone, so that a status after a stall carries none.
+                await watch.write(context.send_initial_metadata(()))
+                if not watch.stalled():
+                    async for message in chunks:
+                        await watch.write(context.write(message))
+                        if watch.stalled():
+                            break
+            finally:
+                watch.close()
+                await (chunks.aclose() if closing is None else closing)
+                stop_running()
+                if watch.stalled():
+                    self.stalled -= 1
+                    self._maybe_idle()
+            if watch.stalled():
+                timeout = self._config.stream_stall_timeout
+                raise StalledError(
+                    f"ended the stream of shard {args.shard!r} of dataset {args.dataset!r}: "
+                    f"the client read nothing for {timeout:g}s (--stream-stall-timeout); "
+                    "resume it elsewhere",
+                    dataset=args.dataset,
+                    shard=args.shard,
+                )
 
     def _admit(self) -> None:
         limit = self._config.max_streams
@@ -146,33 +174,14 @@ class WorkerServicer:
                 f"the worker already serves {self.active} streams{held} (--max-streams {limit})"
             )
 
-    async def _linger(self, write: asyncio.Task[None], args: ReadArgs) -> None:
-        """A stalled stream: it holds no slot nor decoded chunk, only the write gRPC still
-        has. Wait until its client reads it, then end with StalledError (the client
-        resumes); if the client leaves, the call is cancelled and nothing is sent."""
-        timeout = self._config.stream_stall_timeout
+    def _log_stall(self, args: ReadArgs) -> None:
         self.refusals.log(
             logging.INFO,
             "stalled",
             "ended a stream of shard %s of dataset %s: its client read nothing for %gs",
             shown(repr(args.shard)),
             shown(repr(args.dataset)),
-            timeout,
-        )
-        self.stalled += 1
-        self._maybe_idle(stalled=True)
-        try:
-            await completes(write, None)
-        finally:
-            write.cancel()
-            self.stalled -= 1
-            self._maybe_idle()
-        raise StalledError(
-            f"ended the stream of shard {args.shard!r} of dataset {args.dataset!r}: the "
-            f"client read nothing for {timeout:g}s (--stream-stall-timeout); resume it "
-            "elsewhere",
-            dataset=args.dataset,
-            shard=args.shard,
+            self._config.stream_stall_timeout,
         )
 
     def _maybe_idle(self, *, stalled: bool = False) -> None:

@@ -9,7 +9,8 @@ client's `max_chunk_records`). On a same-host lane, chunks read straight from
 their files are sized to the lane's slot instead, up to a whole read: what each
 chunk costs (its messages, parsing, hand-overs) is then paid once a read; where
 one finds no free slot, the rest of the read goes on the socket in message-sized
-chunks. The next chunk is decoding while the current one is sent. With
+chunks. The next chunk is decoding while the current one is sent (a chunk read
+on the event loop, all in the page cache, is read when it is due: `_inline`). With
 decoding processes, chunks come back through shared-memory
 slots (`_shm`); with threads, as bytes. A decoding process that dies fails the
 read of its chunk with `ProcessDiedError` (UNAVAILABLE; the client resumes it).
@@ -122,7 +123,8 @@ class ChunkStreamer:
     async def stream(
         self, ds: Dataset, shard: Shard, args: ReadArgs
     ) -> AsyncGenerator[bytes, None]:
-        """Chunks of [start, start + count), decoding one chunk ahead, then the end. Close it
+        """Chunks of [start, start + count), decoding one chunk ahead (but those read on the
+        event loop), then the end. Close it
         (`aclose`) when stopping early: that cancels the chunk decoding ahead."""
         loop = asyncio.get_running_loop()
         step = self.chunk_records(ds, args, shard)
@@ -158,27 +160,48 @@ class ChunkStreamer:
                 return s, n, asyncio.ensure_future(self._read_direct(ds, buffers, job, to, small))
             return s, n, asyncio.ensure_future(self._decode_shared(buffers, (*job, chain), to))
 
+        def inline() -> bool:
+            """Whether the next chunk is to be read on the event loop when it is due
+            (nothing ahead: there is no other core to read it on meanwhile)."""
+            return (
+                to is None and self._running <= INLINE_STREAMS and self._direct(ds, chain, ragged)
+            )
+
         submitted = [0.0]
-        pending = submit(args.start) if args.start < end else None
+        at = args.start  # the next chunk's first record
+        pending = None
         sent = 0
         self._running += 1
         try:
-            while pending is not None:
-                s, count, future = pending
-                try:
-                    data = await future
-                except (DecodeError, ShardChanged) as exc:
-                    raise _data_error(ds, shard, s, exc) from exc
-                if data is None:  # a lane-sized chunk found no slot: the rest as messages
-                    step = small
-                    pending = submit(s)
-                    continue
-                took = loop.time() - submitted[0]
-                pending = submit(s + count) if s + count < end else None
-                if not isinstance(data, list):  # (records, message, bytes of the chunk: in a
-                    # lane, not in the message)
-                    data = [(count, *(data if isinstance(data, tuple) else (data,)))]
-                for n, message, *size in data:
+            while at < end:
+                count = min(step, end - at)
+                data: Sent | list[tuple[int, bytes]] = None
+                if pending is None and inline():
+                    began = loop.time()
+                    job = (ds.decoder, shard.path, shard.stamp, at, count, ds.schema, shard.id)
+                    data = self._inline(ds, shard, job)
+                    took = loop.time() - began
+                if data is None:  # from a job: decoded, read in a thread, or in a lane
+                    s, count, future = pending or submit(at)
+                    try:
+                        data = await future
+                    except (DecodeError, ShardChanged) as exc:
+                        raise _data_error(ds, shard, s, exc) from exc
+                    pending = None
+                    if data is None:  # a lane-sized chunk found no slot: the rest as messages
+                        step = small
+                        continue
+                    took = loop.time() - submitted[0]
+                    if at + count < end and not inline():
+                        pending = submit(at + count)
+                at += count
+                # (records, message[, bytes of the chunk: in a lane, not in the message])
+                out: list[tuple[Any, ...]]
+                if isinstance(data, list):
+                    out = list(data)
+                else:
+                    out = [(count, *(data if isinstance(data, tuple) else (data,)))]
+                for n, message, *size in out:
                     yield message
                     sent += n
                     self._metrics.chunk(ds.name, n, size[0] if size else len(message), took)
@@ -194,6 +217,24 @@ class ChunkStreamer:
             self._running -= 1
             if pending is not None:
                 pending[2].cancel()
+
+    def _inline(self, ds: Dataset, shard: Shard, job: tuple[Any, ...]) -> bytes | None:
+        """A chunk read straight from its file on the event loop (`read_direct_now`); None
+        where it is not all in the page cache (read it in a thread), or needs decoding
+        (so do the dataset's next ones)."""
+        message, room = message_for(job)
+        try:
+            size = self._now(ds, room, job)
+        except (DecodeError, ShardChanged) as exc:
+            raise _data_error(ds, shard, job[3], exc) from exc
+        finally:
+            room.release()
+        if size == LATER:
+            return None
+        if size is None or size != len(message):
+            self._decoded.add(ds.name)
+            return None
+        return message
 
     async def _decode_ragged(self, job: tuple[Any, ...]) -> list[tuple[int, bytes]]:
         """`read_ragged_chunks` in the executor; a dead decoding process as ProcessDiedError."""

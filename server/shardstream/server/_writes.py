@@ -1,8 +1,8 @@
-"""Writing a stream within a stall timeout, and handing freed heap back when idle.
+"""Noticing a stalled write, and handing freed heap back when idle.
 
-`send_within` writes a stream's messages, each within the stall timeout: a client
-that reads nothing for that long (its HTTP/2 window stays full) gets its stream
-ended by the servicer. `TrimWhenIdle` hands freed heap back to the kernel
+`StallWatch` watches a stream's writes: one that waits longer than the stall
+timeout (the client reads nothing: its HTTP/2 window stays full) is reported while
+it still waits, and the servicer ends the stream. `TrimWhenIdle` hands freed heap back to the kernel
 (glibc's `malloc_trim`) a moment after the last stream is gone, or after streams
 stalled, so an idle worker returns near its baseline memory.
 """
@@ -10,50 +10,65 @@ stalled, so an idle worker returns near its baseline memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Awaitable, Callable
 
-import grpc
-
-from shardstream._common.loops import wait_done
 from shardstream._common.malloc import trim_heap
 
 
-async def send_within(
-    context: grpc.aio.ServicerContext, messages: AsyncGenerator[bytes, None], timeout: float
-) -> asyncio.Task[None] | None:
-    """Write the headers, then `messages`, each within `timeout` seconds. Returns None
-    once all are written, or the write still waiting on a client that reads nothing;
-    `messages` is closed either way (which frees its slot and decoded chunks)."""
-    write: asyncio.Task[None] | None = None
-    try:
-        async with contextlib.aclosing(messages):
-            # Headers first and alone, so that a status after a stall carries none.
-            write = asyncio.ensure_future(context.send_initial_metadata(()))
-            if not await completes(write, timeout):
-                return write
-            async for message in messages:
-                write = asyncio.ensure_future(context.write(message))
-                if not await completes(write, timeout):
-                    return write
-            return None
-    except BaseException:
-        if write is not None:
-            write.cancel()
-        raise
+class StallWatch:
+    """Notices a stream's write that waits longer than `timeout` seconds: `on_stall()`
+    is called once, while the write still waits, and `stalled()` is true from then on.
+
+    One timer per stream, armed by the first write and moved on only when it fires
+    (once per `timeout` at most), not one per message: a write costs two clock reads.
+    A write that failed means the client left: it raises CancelledError (gRPC already
+    ends such a call without a status, and logs nothing)."""
+
+    def __init__(self, timeout: float, on_stall: Callable[[], None]) -> None:
+        self._timeout = timeout
+        self._on_stall = on_stall
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the write now waiting began
+        self._timer: asyncio.TimerHandle | None = None
+        self._stalled = False
+
+    def stalled(self) -> bool:
+        """Whether a write waited past the timeout (`on_stall` was called)."""
+        return self._stalled
+
+    async def write(self, op: Awaitable[None]) -> None:
+        """Await `op`, a write of the stream (its headers, a message)."""
+        self._since = self._loop.time()
+        if self._timer is None and not self._stalled:
+            self._timer = self._loop.call_at(self._since + self._timeout, self._check)
+        try:
+            await op
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise asyncio.CancelledError(f"the write failed: {exc}") from exc
+        finally:
+            self._since = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._since
+        if since is None or self._stalled:  # nothing waits: the next write arms the timer
+            return
+        due = since + self._timeout
+        if self._loop.time() + _CLOCK_SLACK < due:  # a later write: watch it until its due
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self._stalled = True
+        self._on_stall()
 
 
-async def completes(write: asyncio.Task[None], seconds: float | None) -> bool:
-    """Wait up to `seconds` for `write`; False if it is still waiting (HTTP/2 flow control:
-    the client reads nothing). A write that failed means the client left: the call is
-    cancelled (gRPC already ends it without a status, and logs nothing)."""
-    if not await wait_done(write, seconds):
-        return False
-    if write.cancelled():
-        raise asyncio.CancelledError
-    if write.exception() is not None:
-        raise asyncio.CancelledError(f"the write failed: {write.exception()}")
-    return True
+_CLOCK_SLACK = 1e-3  # timers may fire up to the clock's resolution early
 
 
 class TrimWhenIdle:
