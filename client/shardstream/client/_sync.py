@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -204,13 +204,16 @@ HANDOFF_BATCHES = 2
 
 
 class _Handoff:
-    """A bounded queue from the event loop's thread (put) to the caller's (get)."""
+    """A bounded queue from the event loop's thread (put) to the caller's (get): a C
+    `SimpleQueue` (a get blocks without the GIL, a put wakes it with no Python-level
+    condition), with the count that bounds it kept under a lock."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
         self._loop = loop
         self._capacity = capacity
-        self._items: deque[object] = deque()
-        self._cond = threading.Condition()
+        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # put and not yet taken
         self._space = asyncio.Event()  # used only on the loop's thread
         self._putter_waits = False
         self._closed = False
@@ -219,12 +222,12 @@ class _Handoff:
     async def put(self, item: object) -> None:
         """Called on the loop's thread; waits while the queue is full."""
         while True:
-            with self._cond:
+            with self._lock:
                 if self._closed:
                     return
-                if len(self._items) < self._capacity:
-                    self._items.append(item)
-                    self._cond.notify()
+                if self._queued < self._capacity:
+                    self._queued += 1
+                    self._items.put(item)
                     return
                 self._putter_waits = True
                 self._space.clear()
@@ -232,10 +235,9 @@ class _Handoff:
 
     def get(self) -> object:
         """Called on the caller's thread; blocks until an item is there."""
-        with self._cond:
-            while not self._items:
-                self._cond.wait()
-            item = self._items.popleft()
+        item = self._items.get()
+        with self._lock:
+            self._queued -= 1
             wake, self._putter_waits = self._putter_waits, False
         if wake:
             self._wake_putter()
@@ -245,19 +247,26 @@ class _Handoff:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self._loop.call_soon_threadsafe(self._space.set)
 
+    def _drop_all(self) -> None:
+        """Drop what is queued (called holding the lock)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._items.get_nowait()
+        self._queued = 0
+
     def abort(self, error: BaseException) -> None:
         """End the queue with `error` for the getter (called on any thread)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._items.clear()
-            self._items.append(Failure(error))
+            self._drop_all()
+            self._queued = 1
+            self._items.put(Failure(error))
             self._putter_waits = False  # its task is cancelled next
-            self._cond.notify()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._items.clear()
+            self._drop_all()
             wake = self._putter_waits
         if wake:
             self._wake_putter()
