@@ -21,7 +21,6 @@ from typing import Any
 
 import grpc
 
-from shardstream._common.loops import wait_done
 from shardstream.client._lanes import ClientLane
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
@@ -314,9 +313,10 @@ async def _stream(
     )
     call = conn.read_stub().read(request)
     sent = 0
+    patience = _Patience(conn, progress, options, pool, counters)
     try:
         while True:
-            msg = await _next_message(call, conn, progress, options, pool, counters)
+            msg = await patience.read(call)
             if isinstance(msg, Broken):
                 return msg
             if msg is grpc.aio.EOF:
@@ -338,45 +338,100 @@ async def _stream(
         busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         return Broken(f"{exc.code().name}: {exc.details()}", suspect=not busy)
     finally:
+        patience.close()
         call.cancel()
         if lane is not None:
             lane.end(stream)
 
 
-async def _next_message(
-    call: grpc.aio.UnaryStreamCall,
-    conn: Conn,
-    progress: _Progress,
-    options: FetchOptions,
-    pool: WorkerPool,
-    counters: FetchCounters,
-) -> Any:
-    """The stream's next message, or why to give the stream up: nothing for
-    `idle_timeout` (the worker may be frozen), or a straggler, far slower than the fleet,
-    while another worker has room for the rest of the read."""
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    reader = asyncio.ensure_future(call.read())
-    try:
-        while True:
-            waited = loop.time() - began
-            late = counters.pace.late(options)
-            patience = min(options.idle_timeout, max(late, waited + 0.25)) - waited
-            if await wait_done(reader, patience):
-                counters.pace.observe(loop.time() - began)
-                return reader.result()
-            waited = loop.time() - began
-            if waited >= options.idle_timeout:
-                return Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
-            if progress.moves < options.straggler_moves and pool.has_room_besides(conn):
-                progress.moves += 1
-                counters.stragglers += 1
-                return Broken(
-                    f"straggling: no message for {waited:.3g}s, the fleet sends one every "
-                    f"{counters.pace.gap:.3g}s"
-                )
-    finally:
-        reader.cancel()
+class _Patience:
+    """Reads a stream's messages, giving the stream up where the next one is too late:
+    nothing for `idle_timeout` (the worker may be frozen), or a straggler, far slower
+    than the fleet, while another worker has room for the rest of the read.
+
+    The stream's task awaits each message itself; one timer per stream looks at the
+    message awaited now when it fires (moved on at most every 0.25 s while messages
+    come), and cancels the wait with the reason to give the stream up: no task, no
+    timer per message."""
+
+    TICK = 0.25  # seconds between two looks at a late message
+
+    def __init__(
+        self,
+        conn: Conn,
+        progress: _Progress,
+        options: FetchOptions,
+        pool: WorkerPool,
+        counters: FetchCounters,
+    ) -> None:
+        self._conn = conn
+        self._progress = progress
+        self._options = options
+        self._pool = pool
+        self._counters = counters
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._began: float | None = None  # when the message awaited now was asked for
+        self._timer: asyncio.TimerHandle | None = None
+        self._verdict: Broken | None = None
+
+    async def read(self, call: grpc.aio.UnaryStreamCall) -> Any:
+        """The stream's next message (or EOF), or the Broken outcome that gives it up."""
+        loop = self._loop
+        began = self._began = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(began + self._patience(0.0), self._look)
+        try:
+            msg = await call.read()
+        except asyncio.CancelledError:
+            verdict, self._verdict = self._verdict, None
+            if verdict is not None and self._task is not None and self._task.uncancel() == 0:
+                return verdict  # cancelled by `_look` alone
+            raise
+        finally:
+            self._began = None
+        self._counters.pace.observe(loop.time() - began)
+        return msg
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _patience(self, waited: float) -> float:
+        """Seconds from the request of the awaited message to its next look: when it is
+        late (or the idle timeout), then every TICK while it stays late."""
+        late = self._counters.pace.late(self._options)
+        due = late if waited + _CLOCK_SLACK < late else waited + self.TICK
+        return min(self._options.idle_timeout, due)
+
+    def _look(self) -> None:
+        self._timer = None
+        began = self._began
+        if began is None or self._task is None:  # nothing awaited: the next read arms it
+            return
+        loop, options, progress = self._loop, self._options, self._progress
+        waited = loop.time() - began
+        if waited + _CLOCK_SLACK >= options.idle_timeout:
+            self._verdict = Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
+        elif (
+            waited + _CLOCK_SLACK >= self._counters.pace.late(options)
+            and progress.moves < options.straggler_moves
+            and self._pool.has_room_besides(self._conn)
+        ):
+            progress.moves += 1
+            self._counters.stragglers += 1
+            self._verdict = Broken(
+                f"straggling: no message for {waited:.3g}s, the fleet sends one every "
+                f"{self._counters.pace.gap:.3g}s"
+            )
+        else:  # not late yet (a later message), or late with nowhere better to go
+            self._timer = loop.call_at(began + self._patience(waited), self._look)
+            return
+        self._task.cancel()
+
+
+_CLOCK_SLACK = 1e-3  # timers may fire up to the clock's resolution early
 
 
 def _ending(end: StreamEnd, sent: int, wanted: int) -> Outcome:
