@@ -3,13 +3,16 @@ it asked for: a worker that lies is refused by name, and the read goes on elsewh
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
 
 from shardstream.client import Loader
+from shardstream.client._fetch import Broken, FetchCounters, _Patience
 from shardstream.client._wire import is_retryable, worker_error
 from shardstream.client.errors import ConfigError, MessageTooLargeError, ProtocolError
 
@@ -91,3 +94,70 @@ async def test_a_straggling_worker_does_not_stall_the_rank(npz_root: Path) -> No
     assert np.array_equal(np.sort(ids_of(batches)), np.arange(RECORDS))
     assert stats.stragglers >= 1
     assert stats.reads_by_worker[fast.address] > stats.reads_by_worker[proxy.address]
+
+
+# -- a stream's patience: one timer per stream, its verdicts, and outside cancellation ------------
+
+
+class _SilentCall:
+    """A stream whose next message never comes (until cancelled)."""
+
+    async def read(self) -> object:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def _patience(
+    *, idle: float, room: bool = False, gap: float = 0.0, seen: int = 0
+) -> tuple[_Patience, SimpleNamespace, FetchCounters]:
+    options = SimpleNamespace(
+        idle_timeout=idle, straggler_factor=8.0, straggler_seconds=0.1, straggler_moves=2
+    )
+    counters = FetchCounters()
+    counters.pace.gap, counters.pace.seen = gap, seen
+    progress = SimpleNamespace(moves=0)
+    pool = SimpleNamespace(has_room_besides=lambda conn: room)
+    return _Patience(None, progress, options, pool, counters), progress, counters  # type: ignore[arg-type]
+
+
+async def test_a_silent_stream_is_given_up_after_the_idle_timeout() -> None:
+    async def run() -> object:
+        patience, _, _ = _patience(idle=0.3)
+        try:
+            return await patience.read(_SilentCall())  # type: ignore[arg-type]
+        finally:
+            patience.close()
+
+    outcome = await asyncio.wait_for(run(), 30)
+    assert isinstance(outcome, Broken) and outcome.suspect
+    assert outcome.why == "no data for 0.3s"
+
+
+async def test_a_straggling_stream_moves_when_another_worker_has_room() -> None:
+    async def run() -> tuple[object, int, int]:
+        # the fleet sends a message every 10 ms: 0.1 s without one is a straggler's
+        patience, progress, counters = _patience(idle=30.0, room=True, gap=0.01, seen=8)
+        try:
+            outcome = await patience.read(_SilentCall())  # type: ignore[arg-type]
+        finally:
+            patience.close()
+        return outcome, progress.moves, counters.stragglers
+
+    outcome, moves, stragglers = await asyncio.wait_for(run(), 30)
+    assert isinstance(outcome, Broken) and outcome.why.startswith("straggling")
+    assert (moves, stragglers) == (1, 1)
+
+
+async def test_cancelling_a_waiting_stream_from_outside_is_not_taken_for_a_verdict() -> None:
+    """The epoch closing while a stream waits: the cancellation propagates, also when the
+    patience timer gives its verdict at the same moment."""
+    for verdict_too in (False, True):
+        patience, _, _ = _patience(idle=0.0 if verdict_too else 30.0)
+        task = asyncio.ensure_future(patience.read(_SilentCall()))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the task waits for its message now
+        task.cancel()
+        if verdict_too:
+            patience._look()  # the timer's look, before the task resumes: two cancellations
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        patience.close()

@@ -378,6 +378,7 @@ class _Patience:
     async def read(self, call: grpc.aio.UnaryStreamCall) -> Any:
         """The stream's next message (or EOF), or the Broken outcome that gives it up."""
         loop = self._loop
+        self._task = asyncio.current_task()  # the task to cancel with a verdict
         began = self._began = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(began + self._patience(0.0), self._look)
