@@ -179,7 +179,10 @@ class ChunkStreamer:
                 if pending is None and inline():
                     began = loop.time()
                     job = (ds.decoder, shard.path, shard.stamp, at, count, ds.schema, shard.id)
-                    data = self._inline(ds, shard, job)
+                    try:
+                        data = self._inline(ds, job)
+                    except (DecodeError, ShardChanged) as exc:
+                        raise _data_error(ds, shard, at, exc) from exc
                     took = loop.time() - began
                 if data is None:  # from a job: decoded, read in a thread, or in a lane
                     s, count, future = pending or submit(at)
@@ -218,15 +221,13 @@ class ChunkStreamer:
             if pending is not None:
                 pending[2].cancel()
 
-    def _inline(self, ds: Dataset, shard: Shard, job: tuple[Any, ...]) -> bytes | None:
+    def _inline(self, ds: Dataset, job: tuple[Any, ...]) -> bytes | None:
         """A chunk read straight from its file on the event loop (`read_direct_now`); None
         where it is not all in the page cache (read it in a thread), or needs decoding
-        (so do the dataset's next ones)."""
+        (then so do the dataset's next ones: it is added to `_decoded`)."""
         message, room = message_for(job)
         try:
             size = self._now(ds, room, job)
-        except (DecodeError, ShardChanged) as exc:
-            raise _data_error(ds, shard, job[3], exc) from exc
         finally:
             room.release()
         if size == LATER:
@@ -268,18 +269,14 @@ class ChunkStreamer:
                 return shared
         if job[4] > small:  # sized for the lane: the caller sends it as messages instead
             return None
-        if self._running <= INLINE_STREAMS:  # all in the page cache: read it here and now
-            message, room = message_for(job)
-            try:
-                size = self._now(ds, room, job)
-            finally:
-                room.release()
-            if size != LATER:
-                if size == len(message):
-                    return message
-                self._decoded.add(ds.name)
-                return await self._decode_shared(buffers, (*job, None), to)
-            del message
+        # All in the page cache: read it here and now (without a lane, `stream` tried that
+        # already when the chunk was due).
+        if to is not None and self._running <= INLINE_STREAMS:
+            message = self._inline(ds, job)
+            if message is not None:
+                return message
+        if ds.name in self._decoded:  # it needs decoding (`_inline` found out)
+            return await self._decode_shared(buffers, (*job, None), to)
         loop = asyncio.get_running_loop()
         index = await buffers.acquire()  # the slots bound the chunks in flight either way
         # The message is made here, on the event loop, so that its memory comes from the
