@@ -269,9 +269,9 @@ class ChunkStreamer:
                 return shared
         if job[4] > small:  # sized for the lane: the caller sends it as messages instead
             return None
-        # All in the page cache: read it here and now (without a lane, `stream` tried that
-        # already when the chunk was due).
-        if to is not None and self._running <= INLINE_STREAMS:
+        # All in the page cache: read it here and now (a chunk submitted ahead while more
+        # streams ran, or one on the socket beside a lane).
+        if self._running <= INLINE_STREAMS:
             message = self._inline(ds, job)
             if message is not None:
                 return message
