@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from shardstream._common.loops import TIMER_SLACK
 from shardstream.client._lanes import ClientLane
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
@@ -403,7 +404,7 @@ class _Patience:
         """Seconds from the request of the awaited message to its next look: when it is
         late (or the idle timeout), then every TICK while it stays late."""
         late = self._counters.pace.late(self._options)
-        due = late if waited + _CLOCK_SLACK < late else waited + self.TICK
+        due = late if waited + TIMER_SLACK < late else waited + self.TICK
         return min(self._options.idle_timeout, due)
 
     def _look(self) -> None:
@@ -413,10 +414,10 @@ class _Patience:
             return
         loop, options, progress = self._loop, self._options, self._progress
         waited = loop.time() - began
-        if waited + _CLOCK_SLACK >= options.idle_timeout:
+        if waited + TIMER_SLACK >= options.idle_timeout:
             self._verdict = Broken(f"no data for {options.idle_timeout:g}s", suspect=True)
         elif (
-            waited + _CLOCK_SLACK >= self._counters.pace.late(options)
+            waited + TIMER_SLACK >= self._counters.pace.late(options)
             and progress.moves < options.straggler_moves
             and self._pool.has_room_besides(self._conn)
         ):
@@ -430,9 +431,6 @@ class _Patience:
             self._timer = loop.call_at(began + self._patience(waited), self._look)
             return
         self._task.cancel()
-
-
-_CLOCK_SLACK = 1e-3  # timers may fire up to the clock's resolution early
 
 
 def _ending(end: StreamEnd, sent: int, wanted: int) -> Outcome:

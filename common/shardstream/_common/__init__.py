@@ -4,7 +4,8 @@ Neither `shardstream.server` nor `shardstream.client` imports the other; both
 import this package (and the wire contract, `shardstream.v1`). It holds:
 
 - `environment`: process-wide gRPC settings, applied by importing it before `grpc`;
-- `loops`: the event-loop factory (uvloop when installed), `run_async`, `wait_done`;
+- `loops`: the event-loop factory (uvloop when installed), `run_async`, `wait_done`,
+  `TIMER_SLACK`;
 - `malloc`: glibc malloc tuning for processes moving multi-MiB messages;
 - `pem`: readers for PEM and bearer-token files with precise errors;
 - `watched`: files reread when they change (TLS files, token files);

@@ -1,5 +1,6 @@
 """Event loops: uvloop where it is installed (a dependency on POSIX), asyncio otherwise;
-and `wait_done`, the lean wait for one future that the streaming paths use per message."""
+`wait_done`, the lean wait for one future (per batch, per chunk read in a thread); and
+`TIMER_SLACK`, for timers that judge how long something has waited."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Timers may fire up to the clock's resolution early: a timer that judges how long
+# something has waited counts that much more.
+TIMER_SLACK = 1e-3
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -36,8 +41,8 @@ async def wait_done(future: asyncio.Future[Any], timeout: float | None = None) -
     whether it is. Never cancels `future`: cancelling the waiter leaves it running.
 
     What `asyncio.wait({future}, timeout=...)` does for one future, at a fraction of
-    its cost (no set, no task wrapping, one waiter and one timer): it runs once per
-    streamed message on both sides."""
+    its cost (no set, no task wrapping, one waiter and one timer): the loader's pipeline
+    runs it once per batch, the worker once per chunk read in an I/O thread."""
     if future.done():
         return True
     loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from shardstream._common.loops import TIMER_SLACK
 from shardstream._common.malloc import trim_heap
 
 
@@ -61,14 +62,11 @@ class StallWatch:
         if since is None or self._stalled:  # nothing waits: the next write arms the timer
             return
         due = since + self._timeout
-        if self._loop.time() + _CLOCK_SLACK < due:  # a later write: watch it until its due
+        if self._loop.time() + TIMER_SLACK < due:  # a later write: watch it until its due
             self._timer = self._loop.call_at(due, self._check)
             return
         self._stalled = True
         self._on_stall()
-
-
-_CLOCK_SLACK = 1e-3  # timers may fire up to the clock's resolution early
 
 
 class TrimWhenIdle:
