@@ -333,6 +333,88 @@ def run_grpc_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     return {}
 
 
+def run_ss_raw(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """The floor under shardstream's TCP path: a bare grpc.aio client of the worker's own
+    Read calls, the reads the loader plans for this rank (the same reads and chunk size,
+    the same streams at once on each worker, at most `reads_ahead` started and not yet
+    consumed, consumed in order: a later read's messages are held until its turn), and
+    nothing of the loader beyond: no parsing, checks, batches or hand-over. Its client
+    CPU against the loader's is what the loader costs; against the bare stream's, what
+    reads of shard ranges cost in gRPC (calls, several streams, messages held)."""
+    import grpc
+
+    from shardstream._common import run_async
+    from shardstream.client import Loader
+    from shardstream.client._wire import WorkerStub, encode_read
+
+    opts = dict(
+        dataset="bench", batch_size=spec["batch_size"], rank=spec["rank"],
+        world_size=spec["world"], **spec.get("loader_opts", {}), same_host_lane=False,
+    )  # fmt: skip
+    chunk = spec["message_bytes"] // spec["record_bytes"]
+    record_bytes = spec["record_bytes"]
+
+    async def main() -> int:
+        go_wait()
+        meter.start()  # describing counts, as for the loader
+        async with Loader(spec["addresses"], **opts) as loader:
+            cfg = loader.config
+            plan, shards = loader.plan(0), loader.dataset.shards
+            channels = [
+                grpc.aio.insecure_channel(a, options=cfg.grpc_options()) for a in spec["addresses"]
+            ]
+            try:
+                stubs = [WorkerStub(c) for c in channels]
+                per_worker = [asyncio.Semaphore(cfg.reads_per_worker) for _ in stubs]
+                ahead = asyncio.Semaphore(cfg.reads_ahead)
+                reads = plan.reads
+                queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue() for _ in reads]
+
+                async def one(i: int) -> None:
+                    read = reads[i]
+                    shard = shards[read.shard]
+                    w = i % len(stubs)
+                    async with per_worker[w]:
+                        call = stubs[w].read(encode_read(
+                            dataset="bench", shard=shard.id, start=read.start,
+                            count=read.count, seed=cfg.seed, fingerprint=shard.fingerprint,
+                            max_chunk_records=chunk,
+                        ))  # fmt: skip
+                        while (msg := await call.read()) is not grpc.aio.EOF:
+                            queues[i].put_nowait(msg)
+                    queues[i].put_nowait(None)
+
+                async def start_all() -> None:
+                    for i in range(len(reads)):
+                        await ahead.acquire()  # released as read i is consumed
+                        tasks.append(asyncio.ensure_future(one(i)))
+
+                tasks: list[asyncio.Future[None]] = []
+                starter = asyncio.ensure_future(start_all())
+                try:
+                    for read, q in zip(reads, queues, strict=True):
+                        t = time.perf_counter()
+                        while (msg := await q.get()) is not None:
+                            if meter.step and len(msg) >= record_bytes:  # a chunk
+                                await asyncio.sleep(meter.step)
+                        # a read's records count once it is in: exact bytes, no parsing
+                        if not meter.got(t, None, read.count * record_bytes, read.count):
+                            break
+                        ahead.release()
+                finally:
+                    for task in [starter, *tasks]:
+                        task.cancel()
+                    await asyncio.gather(starter, *tasks, return_exceptions=True)
+            finally:
+                for c in channels:
+                    await c.close()
+        meter.finish()
+        return 0
+
+    run_async(main)
+    return {}
+
+
 def run_tcp_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     from bench.producers import REQUEST
 
@@ -370,6 +452,7 @@ SYSTEMS = {
     "zmq": run_zmq,
     "grpc_wire": run_grpc_wire,
     "grpc_file": run_grpc_wire,  # the same bare receiver; the server sends file bytes
+    "ss_raw": run_ss_raw,
     "tcp_wire": run_tcp_wire,
 }
 

@@ -97,7 +97,12 @@ def ratios(results: list[dict[str, Any]]) -> str:
                 ("plain", "records_per_s", "records/s ÷ plain loop")]  # fmt: skip
         if torch_ref:
             refs.append((torch_ref, "records_per_s", f"records/s ÷ {torch_ref}"))
+        refs.append(("grpc_wire", "client_cpu_s_per_gb", "client CPU ÷ bare gRPC client"))
         refs = [r for r in refs if r[0] in systems and _median(systems[r[0]], r[1])]
+        raw = {k for k in systems if k.startswith("ss_raw w")}  # per worker count
+        if raw:
+            refs.append(("ss_raw", "mb_per_s", "MB/s ÷ bare client of the reads"))
+            refs.append(("ss_raw", "client_cpu_s_per_gb", "client CPU ÷ bare client of the reads"))
         if not refs:
             continue
         lines.append(f"**{config}** (ratios of medians)\n")
@@ -106,6 +111,11 @@ def ratios(results: list[dict[str, Any]]) -> str:
         for name, rows in ss.items():
             cells = [name]
             for ref, key, _ in refs:
+                if ref == "ss_raw":  # the bare client of as many workers
+                    ref = f"ss_raw w{rows[0].get('workers')}"
+                    if ref not in systems:
+                        cells.append("-")
+                        continue
                 a, b = _median(rows, key), _median(systems[ref], key)
                 cells.append(f"{a / b:.2f}" if a and b else "-")
             lines.append("| " + " | ".join(cells) + " |")

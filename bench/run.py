@@ -46,7 +46,9 @@ from shardstream.client import LoaderConfig
 from shardstream.client._consume import progress
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_SYSTEMS = ("shardstream", "plain", "torch", "zmq", "grpc_wire", "grpc_file", "tcp_wire")
+ALL_SYSTEMS = (
+    "shardstream", "plain", "torch", "zmq", "grpc_wire", "grpc_file", "ss_raw", "tcp_wire",
+)  # fmt: skip
 DATA_SYSTEMS = ("shardstream", "plain", "torch", "zmq")
 
 
@@ -123,6 +125,8 @@ class Instance:
             return f"torch nw{self.workers}"
         if self.system == "zmq":
             return f"zmq p{self.workers}"
+        if self.system == "ss_raw":
+            return f"ss_raw w{self.workers}"
         return self.system
 
 
@@ -138,6 +142,8 @@ def instances(cfg: Config, available: dict[str, str | None]) -> list[Instance]:
             out += [Instance(system, n) for n in cfg.torch_workers]
         elif system == "zmq":
             out += [Instance(system, n) for n in cfg.zmq_procs]
+        elif system == "ss_raw":  # one bare client (rank 0 of 1) of the workers' Read
+            out += [Instance(system, w) for w in cfg.workers]
         else:
             out.append(Instance(system))
     return out
@@ -315,7 +321,7 @@ class Context:
 def start_producers(ctx: Context, cfg: Config, inst: Instance, root: Path) -> dict[str, Any]:
     """Producer processes of a run (started by this runner): their addresses and pids."""
     env = _env(cfg.work, ctx.args.malloc)
-    if inst.system == "shardstream":
+    if inst.system in ("shardstream", "ss_raw"):
         from shardstream.server._process import WorkerProcess
 
         argv = [
@@ -399,7 +405,7 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
         }  # fmt: skip
         for rank in range(inst.ranks):
             spec = dict(base, rank=rank, world=inst.ranks)
-            if inst.system == "shardstream":
+            if inst.system in ("shardstream", "ss_raw"):
                 spec.update(addresses=prod["addresses"], api=cfg.ss_api,
                             loader_opts=loader_opts)  # fmt: skip
             elif inst.system == "torch":

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark suite (bench/): a run of a few seconds on a tiny dataset.
 
-shardstream, the plain loop and both wire ceilings always run; torch (num_workers=0)
+shardstream, the plain loop, the wire ceilings and the bare client of the worker's
+reads (`ss_raw`) always run; torch (num_workers=0)
 and the ZeroMQ prefetcher run when their packages are importable; otherwise the
 benchmark skips them with a printed note, which the test accepts.
 """
@@ -25,7 +26,9 @@ KEYS = {
 
 
 def test_bench_smoke_run(tmp_path: Path) -> None:
-    systems = ["shardstream", "plain", "grpc_wire", "grpc_file", "tcp_wire", "torch", "zmq"]
+    systems = [
+        "shardstream", "plain", "grpc_wire", "grpc_file", "ss_raw", "tcp_wire", "torch", "zmq",
+    ]  # fmt: skip
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bench.run", "--shape", "8,8,3", "--dtype", "uint8",
@@ -41,7 +44,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in lines]
     stdout_rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert rows == stdout_rows
-    expected = {"plain", "grpc_wire", "grpc_file", "tcp_wire"} | {
+    expected = {"plain", "grpc_wire", "grpc_file", "ss_raw w1", "tcp_wire"} | {
         f"shardstream {lane} w1 r{ranks}" for lane in ("local", "tcp") for ranks in (1, 2)
     }
     for system, row in (("torch", "torch nw0"), ("zmq", "zmq p1")):  # optional packages
@@ -70,6 +73,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert "| shardstream tcp w1 r2 | yes 1/1 |" in table
     assert "server CPU s/GB" in table
     assert "MB/s ÷ raw TCP" in table
+    assert "client CPU ÷ bare client of the reads" in table  # the loader against ss_raw
 
 
 def test_exactly_once_check_reports_duplicates_and_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
