@@ -1,5 +1,6 @@
 """Benchmark: shardstream against a plain loop, torch DataLoader, a ZeroMQ prefetcher
-and the wire ceilings (bare gRPC stream, raw TCP), on the same shards.
+and the floors (bare gRPC stream, gRPC of the files, a bare client of the worker's own
+reads, raw TCP), on the same shards.
 
     python -m bench.run [options]          # from the repository root; see bench/README.md
 
