@@ -368,20 +368,26 @@ def run_ss_raw(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
                 per_worker = [asyncio.Semaphore(cfg.reads_per_worker) for _ in stubs]
                 ahead = asyncio.Semaphore(cfg.reads_ahead)
                 reads = plan.reads
-                queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue() for _ in reads]
+                queues: list[asyncio.Queue[bytes | Exception | None]] = [
+                    asyncio.Queue() for _ in reads
+                ]
 
                 async def one(i: int) -> None:
                     read = reads[i]
                     shard = shards[read.shard]
                     w = i % len(stubs)
-                    async with per_worker[w]:
-                        call = stubs[w].read(encode_read(
-                            dataset="bench", shard=shard.id, start=read.start,
-                            count=read.count, seed=cfg.seed, fingerprint=shard.fingerprint,
-                            max_chunk_records=chunk,
-                        ))  # fmt: skip
-                        while (msg := await call.read()) is not grpc.aio.EOF:
-                            queues[i].put_nowait(msg)
+                    try:
+                        async with per_worker[w]:
+                            call = stubs[w].read(encode_read(
+                                dataset="bench", shard=shard.id, start=read.start,
+                                count=read.count, seed=cfg.seed, fingerprint=shard.fingerprint,
+                                max_chunk_records=chunk,
+                            ))  # fmt: skip
+                            while (msg := await call.read()) is not grpc.aio.EOF:
+                                queues[i].put_nowait(msg)
+                    except Exception as exc:  # a failed call: the consumer raises it
+                        queues[i].put_nowait(exc)
+                        return
                     queues[i].put_nowait(None)
 
                 async def start_all() -> None:
@@ -395,6 +401,8 @@ def run_ss_raw(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
                     for read, q in zip(reads, queues, strict=True):
                         t = time.perf_counter()
                         while (msg := await q.get()) is not None:
+                            if isinstance(msg, Exception):
+                                raise msg
                             if meter.step and len(msg) >= record_bytes:  # a chunk
                                 await asyncio.sleep(meter.step)
                         # a read's records count once it is in: exact bytes, no parsing

@@ -99,8 +99,7 @@ def ratios(results: list[dict[str, Any]]) -> str:
             refs.append((torch_ref, "records_per_s", f"records/s ÷ {torch_ref}"))
         refs.append(("grpc_wire", "client_cpu_s_per_gb", "client CPU ÷ bare gRPC client"))
         refs = [r for r in refs if r[0] in systems and _median(systems[r[0]], r[1])]
-        raw = {k for k in systems if k.startswith("ss_raw w")}  # per worker count
-        if raw:
+        if any(k.startswith("ss_raw w") for k in systems):  # one per worker count
             refs.append(("ss_raw", "mb_per_s", "MB/s ÷ bare client of the reads"))
             refs.append(("ss_raw", "client_cpu_s_per_gb", "client CPU ÷ bare client of the reads"))
         if not refs:

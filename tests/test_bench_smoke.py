@@ -1,9 +1,9 @@
 """Smoke test of the benchmark suite (bench/): a run of a few seconds on a tiny dataset.
 
 shardstream, the plain loop, the wire ceilings and the bare client of the worker's
-reads (`ss_raw`) always run; torch (num_workers=0)
-and the ZeroMQ prefetcher run when their packages are importable; otherwise the
-benchmark skips them with a printed note, which the test accepts.
+reads (`ss_raw`) always run; torch (num_workers=0) and the ZeroMQ prefetcher run when
+their packages are importable; otherwise the benchmark skips them with a printed note,
+which the test accepts.
 """
 
 from __future__ import annotations
