@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,57 @@ def run_grpc_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     return {}
 
 
+def run_grpc_reads(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """The gRPC server of the files (`grpc_file`'s), read the way the loader reads a
+    worker: a call per read of the loader's read size (whole messages of the chunk size),
+    at most `reads_per_worker` calls at once, the next started as one ends; every message
+    counted as it arrives (nothing held, nothing parsed). Against `grpc_file` (one call for
+    everything) it is what reading in ranges costs a bare gRPC server and client; against
+    `ss_raw`, what the shardstream worker costs over a bare server of the same reads."""
+    import grpc
+
+    from bench.producers import GRPC_METHOD, GRPC_OPTIONS, RANGE_REQUEST
+    from shardstream._common import run_async
+    from shardstream.client import LoaderConfig
+
+    record_bytes, size = spec["record_bytes"], spec["message_bytes"]
+    defaults = {f.name: f.default for f in fields(LoaderConfig)}
+    opts = {**defaults, **spec.get("loader_opts", {})}
+    read = max(1, int(opts["read_bytes"]) // size) * size
+    total = spec["total_bytes"]
+
+    async def main() -> int:
+        go_wait()
+        meter.start()
+        async with grpc.aio.insecure_channel(spec["address"], options=GRPC_OPTIONS) as ch:
+            stream = ch.unary_stream(GRPC_METHOD)
+            starts = iter(range(0, total, read))
+            stop = False
+
+            async def reader() -> None:  # one of `reads_per_worker`: reads in turn
+                nonlocal stop
+                for at in starts:
+                    call = stream(RANGE_REQUEST.pack(min(read, total - at), size, at))
+                    while not stop:
+                        t = time.perf_counter()
+                        msg = await call.read()
+                        if msg is grpc.aio.EOF:
+                            break
+                        n = len(msg)
+                        if not meter.got(t, None, n, n // record_bytes):
+                            stop = True
+                    if stop:
+                        call.cancel()
+                        return
+
+            await asyncio.gather(*(reader() for _ in range(int(opts["reads_per_worker"]))))
+            meter.finish()
+        return 0
+
+    run_async(main)
+    return {}
+
+
 def run_ss_raw(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     """The floor under shardstream's TCP path: a bare grpc.aio client of the worker's own
     Read calls, the reads the loader plans for this rank (the same reads and chunk size,
@@ -460,6 +512,7 @@ SYSTEMS = {
     "zmq": run_zmq,
     "grpc_wire": run_grpc_wire,
     "grpc_file": run_grpc_wire,  # the same bare receiver; the server sends file bytes
+    "grpc_reads": run_grpc_reads,
     "ss_raw": run_ss_raw,
     "tcp_wire": run_tcp_wire,
 }

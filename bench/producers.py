@@ -10,7 +10,9 @@ reply is `total` bytes sent as messages of `message` bytes: from one preallocate
 (grpc, tcp: the same zero-filled memory again and again, always in the CPU's caches), or
 read from the shard files into a new `bytes` each (grpcfile: what the simplest gRPC
 server of files does, one copy from the page cache per message; the floor for a worker
-that serves stored records). `zmq_producer` is the body of one ZeroMQ PUSH process
+that serves stored records). A grpcfile request may carry a third u64, the offset in
+the files (taken one after the other) to start from: a read of a range, as a loader's
+reads are. `zmq_producer` is the body of one ZeroMQ PUSH process
 (forked by the consumer).
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 REQUEST = struct.Struct("<QQ")
+RANGE_REQUEST = struct.Struct("<QQQ")  # grpcfile: (total, message, offset in the files)
 GRPC_METHOD = "/bench.Wire/Stream"
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -50,14 +53,18 @@ async def _grpc_serve(files: list[Path] | None = None) -> None:
             sent += n
 
     async def stream_files(request: bytes, context: Any) -> Any:
-        total, size = REQUEST.unpack(request)
+        if len(request) == RANGE_REQUEST.size:
+            total, size, skip = RANGE_REQUEST.unpack(request)
+        else:
+            (total, size), skip = REQUEST.unpack(request), 0
         assert files
         sent = 0
         while sent < total:  # the files in turn, again from the first if need be
             for path in files:
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    end, at = os.fstat(fd).st_size, 0
+                    end = os.fstat(fd).st_size
+                    at, skip = min(skip, end), max(0, skip - end)
                     while at < end and sent < total:
                         message = os.pread(fd, min(size, end - at, total - sent), at)
                         at += len(message)

@@ -94,10 +94,12 @@ def ratios(results: list[dict[str, Any]]) -> str:
         refs = [("tcp_wire", "mb_per_s", "MB/s ÷ raw TCP"),
                 ("grpc_wire", "mb_per_s", "MB/s ÷ bare gRPC"),
                 ("grpc_file", "mb_per_s", "MB/s ÷ gRPC of the files"),
+                ("grpc_reads", "mb_per_s", "MB/s ÷ gRPC of the files in reads"),
                 ("plain", "records_per_s", "records/s ÷ plain loop")]  # fmt: skip
         if torch_ref:
             refs.append((torch_ref, "records_per_s", f"records/s ÷ {torch_ref}"))
         refs.append(("grpc_wire", "client_cpu_s_per_gb", "client CPU ÷ bare gRPC client"))
+        refs.append(("grpc_reads", "server_cpu_s_per_gb", "server CPU ÷ files' server in reads"))
         refs = [r for r in refs if r[0] in systems and _median(systems[r[0]], r[1])]
         if any(k.startswith("ss_raw w") for k in systems):  # one per worker count
             refs.append(("ss_raw", "mb_per_s", "MB/s ÷ bare client of the reads"))

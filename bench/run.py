@@ -48,7 +48,8 @@ from shardstream.client._consume import progress
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_SYSTEMS = (
-    "shardstream", "plain", "torch", "zmq", "grpc_wire", "grpc_file", "ss_raw", "tcp_wire",
+    "shardstream", "plain", "torch", "zmq", "grpc_wire", "grpc_file", "grpc_reads", "ss_raw",
+    "tcp_wire",
 )  # fmt: skip
 DATA_SYSTEMS = ("shardstream", "plain", "torch", "zmq")
 
@@ -344,8 +345,9 @@ def start_producers(ctx: Context, cfg: Config, inst: Instance, root: Path) -> di
             worker.wait_serving(120)
         boxes = started
         return {"addresses": [w.address for w in boxes], "pids": [w.pid for w in boxes]}
-    if inst.system in ("grpc_wire", "grpc_file", "tcp_wire"):
-        kind = {"grpc_wire": ["grpc"], "grpc_file": ["grpcfile", str(root)], "tcp_wire": ["tcp"]}
+    if inst.system in ("grpc_wire", "grpc_file", "grpc_reads", "tcp_wire"):
+        files = ["grpcfile", str(root)]
+        kind = {"grpc_wire": ["grpc"], "grpc_file": files, "grpc_reads": files, "tcp_wire": ["tcp"]}
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.producers", *kind[inst.system]],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -415,6 +417,8 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
                 spec.update(procs=inst.workers, hwm=args.zmq_hwm)
             elif "address" in prod:
                 spec["address"] = prod["address"]
+                if inst.system == "grpc_reads":  # the loader's read size, streams at once
+                    spec["loader_opts"] = loader_opts
             spec_path = logs / f"{tag}-r{rank}.json"
             spec.update(ids_out=str(logs / f"{tag}-r{rank}-ids.npy"),
                         result_out=str(logs / f"{tag}-r{rank}-result.json"))  # fmt: skip

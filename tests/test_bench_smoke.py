@@ -27,7 +27,8 @@ KEYS = {
 
 def test_bench_smoke_run(tmp_path: Path) -> None:
     systems = [
-        "shardstream", "plain", "grpc_wire", "grpc_file", "ss_raw", "tcp_wire", "torch", "zmq",
+        "shardstream", "plain", "grpc_wire", "grpc_file", "grpc_reads", "ss_raw", "tcp_wire",
+        "torch", "zmq",
     ]  # fmt: skip
     out = tmp_path / "out"
     cmd = [
@@ -44,7 +45,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in lines]
     stdout_rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert rows == stdout_rows
-    expected = {"plain", "grpc_wire", "grpc_file", "ss_raw w1", "tcp_wire"} | {
+    expected = {"plain", "grpc_wire", "grpc_file", "grpc_reads", "ss_raw w1", "tcp_wire"} | {
         f"shardstream {lane} w1 r{ranks}" for lane in ("local", "tcp") for ranks in (1, 2)
     }
     for system, row in (("torch", "torch nw0"), ("zmq", "zmq p1")):  # optional packages
@@ -74,6 +75,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert "server CPU s/GB" in table
     assert "MB/s ÷ raw TCP" in table
     assert "client CPU ÷ bare client of the reads" in table  # the loader against ss_raw
+    assert "MB/s ÷ gRPC of the files in reads" in table  # against grpc_reads
 
 
 def test_exactly_once_check_reports_duplicates_and_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,3 +108,37 @@ def test_work_decoder_matches_the_baselines_work(
     assert not np.array_equal(got["image"], image[2:7])
     np.testing.assert_array_equal(got["id"], np.arange(2, 7))
     decoder.close()
+
+
+def test_grpcfile_producer_serves_ranges_of_the_files(tmp_path: Path) -> None:
+    """`grpc_reads`' server: a range request gets exactly the bytes at that offset of the
+    files taken one after the other (again from the first past the last), in messages of
+    the size asked for."""
+    import grpc
+
+    from bench.producers import GRPC_METHOD, GRPC_OPTIONS, RANGE_REQUEST, REQUEST
+
+    parts = [bytes(range(256)) * 3, b"x" * 1000, bytes(range(7, 200))]
+    for i, part in enumerate(parts):
+        (tmp_path / f"s{i}.npz").write_bytes(part)
+    whole = b"".join(parts) * 2  # 1961 bytes, then again
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.producers", "grpcfile", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), line
+        with grpc.insecure_channel(line.split()[1], options=GRPC_OPTIONS) as ch:
+            stream = ch.unary_stream(GRPC_METHOD)
+            for total, size, at in ((500, 128, 0), (900, 100, 700), (300, 64, 1700), (10, 4, 0)):
+                messages = list(stream(RANGE_REQUEST.pack(total, size, at), timeout=30))
+                assert b"".join(messages) == whole[at : at + total], (total, size, at)
+                assert all(0 < len(m) <= size for m in messages)
+            assert b"".join(stream(REQUEST.pack(600, 256), timeout=30)) == whole[:600]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
