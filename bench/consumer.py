@@ -301,6 +301,24 @@ def run_zmq(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     return extra
 
 
+async def _receive(call: Any, meter: Meter, record_bytes: int) -> bool:
+    """Count a bare stream's messages into `meter` (its step slept after each) until the
+    call ends (True) or the meter's time limit is reached (False; the call is cancelled)."""
+    import grpc
+
+    while True:
+        t = time.perf_counter()
+        msg = await call.read()
+        if msg is grpc.aio.EOF:
+            return True
+        n = len(msg)
+        if not meter.got(t, None, n, n // record_bytes):
+            call.cancel()
+            return False
+        if meter.step:
+            await asyncio.sleep(meter.step)
+
+
 def run_grpc_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     import grpc
 
@@ -316,17 +334,7 @@ def run_grpc_wire(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
             call = ch.unary_stream(GRPC_METHOD)(
                 REQUEST.pack(spec["total_bytes"], spec["message_bytes"])
             )
-            while True:
-                t = time.perf_counter()
-                msg = await call.read()
-                if msg is grpc.aio.EOF:
-                    break
-                n = len(msg)
-                if not meter.got(t, None, n, n // record_bytes):
-                    call.cancel()
-                    break
-                if meter.step:
-                    await asyncio.sleep(meter.step)
+            await _receive(call, meter, record_bytes)
             meter.finish()
         return 0
 
@@ -338,9 +346,10 @@ def run_grpc_reads(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     """The gRPC server of the files (`grpc_file`'s), read the way the loader reads a
     worker: a call per read of the loader's read size (whole messages of the chunk size),
     at most `reads_per_worker` calls at once, the next started as one ends; every message
-    counted as it arrives (nothing held, nothing parsed). Against `grpc_file` (one call for
-    everything) it is what reading in ranges costs a bare gRPC server and client; against
-    `ss_raw`, what the shardstream worker costs over a bare server of the same reads."""
+    counted as it arrives, as `grpc_wire` counts them (nothing held, nothing parsed).
+    Against `grpc_file` (one call for everything) it is what reading in ranges costs a bare
+    gRPC server and client; against `ss_raw`, what the shardstream worker costs over a bare
+    server of the same reads."""
     import grpc
 
     from bench.producers import GRPC_METHOD, GRPC_OPTIONS, RANGE_REQUEST
@@ -359,23 +368,12 @@ def run_grpc_reads(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(spec["address"], options=GRPC_OPTIONS) as ch:
             stream = ch.unary_stream(GRPC_METHOD)
             starts = iter(range(0, total, read))
-            stop = False
 
             async def reader() -> None:  # one of `reads_per_worker`: reads in turn
-                nonlocal stop
                 for at in starts:
                     call = stream(RANGE_REQUEST.pack(min(read, total - at), size, at))
-                    while not stop:
-                        t = time.perf_counter()
-                        msg = await call.read()
-                        if msg is grpc.aio.EOF:
-                            break
-                        n = len(msg)
-                        if not meter.got(t, None, n, n // record_bytes):
-                            stop = True
-                    if stop:
-                        call.cancel()
-                        return
+                    if not await _receive(call, meter, record_bytes):
+                        return  # the time limit: every reader stops at its next message
 
             await asyncio.gather(*(reader() for _ in range(int(opts["reads_per_worker"]))))
             meter.finish()
