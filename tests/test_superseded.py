@@ -4,6 +4,8 @@ epoch is superseded or its loader closed; a superseded epoch never ends as compl
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,42 @@ async def test_sync_loader_epoch_from_another_thread_wakes_the_first(npz_root: P
                 await asyncio.to_thread(sync.close)
             with pytest.raises(RuntimeError, match="closed"):
                 await asyncio.wait_for(b, 10)
+
+
+async def test_close_on_another_thread_ends_an_epoch_it_overtakes(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `close` on one thread while another thread's epoch is starting ends that epoch
+    with a clear RuntimeError; it does not leave it waiting forever for a batch (nor the
+    close waiting on it)."""
+    async with running_workers(npz_root, 1) as workers:
+        sync = SyncLoader([workers[0].address], **OPTS)
+        await asyncio.to_thread(sync.open)
+        starting = threading.Event()
+        real_epoch = sync._loader.epoch
+
+        def epoch_held_until_close(epoch: int) -> Any:  # on the loop's thread, in its start
+            iterator = real_epoch(epoch)
+            starting.set()
+            while not sync._closing:  # a poll of the condition: `close` has begun
+                time.sleep(0.001)
+            return iterator
+
+        monkeypatch.setattr(sync._loader, "epoch", epoch_held_until_close)
+        outcome: list[object] = []
+
+        def consume() -> None:
+            try:
+                outcome.append(next(sync.epoch(0)))
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        assert await asyncio.to_thread(starting.wait, 20)
+        await asyncio.wait_for(asyncio.to_thread(sync.close), 20)
+        await asyncio.to_thread(consumer.join, 20)
+        assert not consumer.is_alive(), "the epoch still waits for a batch after close"
+        (error,) = outcome
+        assert isinstance(error, RuntimeError), error
+        assert "closed" in str(error)

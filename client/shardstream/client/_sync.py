@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -41,17 +41,29 @@ class SyncLoader:
         self._handoffs: set[_Handoff] = set()  # of the epochs being iterated
         self._position: _Position | None = None  # of the epoch iterated last
         self._closing = False
+        # Guards `_closing` and `_handoffs` between the threads that iterate epochs and the
+        # one that closes: a call or an epoch either starts before `close` looks (and is
+        # ended by it) or sees that it is closing.
+        self._lock = threading.Lock()
 
     @property
     def config(self) -> Any:
         return self._loader.config
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._loop is None:
-            coro.close()
-            raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return fut.result()
+        """Run `coro` on the loop's thread and wait for it; `_Closed` if `close` ends it
+        (or has begun)."""
+        with self._lock:
+            if self._loop is None or self._closing:
+                coro.close()
+                if self._closing:
+                    raise _Closed("the SyncLoader is being closed")
+                raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
+            fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except CancelledError:  # `close` cancelled it with every task of its loop
+            raise _Closed("the SyncLoader was closed") from None
 
     def open(self) -> None:
         if self._loop is not None:
@@ -70,19 +82,27 @@ class SyncLoader:
 
     def close(self) -> None:
         """Stop reads, close connections and the background loop (idempotent)."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._closing = True
-        for handoff in list(self._handoffs):  # a loop in another thread must not wait forever
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None or self._closing:
+                return
+            self._closing = True  # no call nor epoch starts from here on
+            handoffs = list(self._handoffs)
+        for handoff in handoffs:  # a loop in another thread must not wait forever
             handoff.abort(RuntimeError("the SyncLoader was closed during the epoch"))
-        pumps = [h.pump for h in self._handoffs if h.pump is not None]
+        pumps = [h.pump for h in handoffs if h.pump is not None]
 
         async def shut() -> None:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             await self._loader.aclose()
+            # Calls other threads started before `_closing` was set, still running: their
+            # callers get `_Closed` rather than wait on a loop that stops.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(shut(), loop).result()
@@ -90,7 +110,9 @@ class SyncLoader:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
-            self._loop = self._thread = None
+            with self._lock:
+                self._loop = self._thread = None
+                self._closing = False
 
     def __enter__(self) -> SyncLoader:
         self.open()
@@ -155,15 +177,24 @@ class SyncLoader:
             await asyncio.gather(task, return_exceptions=True)
             await iterator.aclose()
 
-        for other in list(self._handoffs):  # a loop in another thread must not wait forever
+        with self._lock:  # registered before it starts, so that a `close` ends it
+            if self._closing:
+                raise _Closed("the SyncLoader is being closed")
+            superseded = list(self._handoffs)
+            self._handoffs.add(handoff)
+        for other in superseded:  # a loop in another thread must not wait forever
             other.abort(
                 RuntimeError(
                     f"this epoch was superseded by SyncLoader.epoch({epoch}): an epoch can "
                     "only be iterated until the next one starts"
                 )
             )
-        iterator, task = self._call(start())
-        self._handoffs.add(handoff)
+        try:
+            iterator, task = self._call(start())
+        except BaseException:
+            with self._lock:
+                self._handoffs.discard(handoff)
+            raise
         # What the caller has received: the pump and the hand-off run ahead of it.
         position = self._position = _Position(iterator)
         began = time.perf_counter()
@@ -185,9 +216,15 @@ class SyncLoader:
                 yield cast(Batch, item)
         finally:
             handoff.close()
-            self._handoffs.discard(handoff)
+            with self._lock:
+                self._handoffs.discard(handoff)
             if self._loop is not None and not self._closing:
-                self._call(stop(iterator, task))
+                with contextlib.suppress(_Closed):  # a close from another thread ends it too
+                    self._call(stop(iterator, task))
+
+
+class _Closed(RuntimeError):
+    """A call or an epoch that `SyncLoader.close`, on another thread, ended or refused."""
 
 
 @dataclass
