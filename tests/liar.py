@@ -78,11 +78,62 @@ def _oversize(chunk: pb.Chunk, _: int) -> None:
     chunk.tensors[-1].shape.extend([2 << 20])
 
 
+def _wrapping_lengths(chunk: pb.Chunk, _: int) -> None:
+    """Lengths that add up to the values' count only modulo 2**64: records 1 and 2
+    claim 2**63 - 1 values each, record 0 takes what they had plus 2."""
+    t = _tensor(chunk, "tokens")
+    lengths = list(t.lengths)
+    if len(lengths) >= 3:
+        big = (1 << 63) - 1
+        lengths[:3] = [lengths[0] + lengths[1] + lengths[2] + 2, big, big]
+        t.ClearField("lengths")
+        t.lengths.extend(lengths)
+
+
+def _split_character(chunk: pb.Chunk, _: int) -> None:
+    """A string record boundary moved into a two-byte character: the values stay valid
+    UTF-8 as a whole, two records do not."""
+    t = _tensor(chunk, "caption")
+    lengths, data = list(t.lengths), bytes(t.data)
+    ends = np.cumsum(lengths)
+    for i in range(len(lengths) - 1):  # a record ending in a two-byte character
+        if lengths[i] >= 2 and data[ends[i] - 2] & 0xE0 == 0xC0:
+            lengths[i] -= 1
+            lengths[i + 1] += 1
+            t.ClearField("lengths")
+            t.lengths.extend(lengths)
+            return
+
+
+class Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+
+
+def _huge_status(chunk: pb.Chunk, n: int) -> None:
+    """After one chunk, UNAVAILABLE with 20 KB of details: over gRPC's 16 KiB limit on
+    received metadata, so the client sees RESOURCE_EXHAUSTED, not what was meant."""
+    if n == 1:
+        raise Abort(grpc.StatusCode.UNAVAILABLE, "x" * 20_000)
+
+
+def _overcount(end: pb.End) -> None:
+    end.records_sent += 5
+
+
+def _honest(chunk: pb.Chunk, n: int) -> None:
+    pass
+
+
 LIES: dict[str, Lie] = {
     "dtype": _retype, "shape": _reshape, "shape-later": _reshape_later, "missing": _drop,
     "renamed": _rename, "extra": _extra, "duplicate": _duplicate, "no-tensors": _empty,
     "other-shard": _other_shard, "oversize": _oversize,
+    "wrapping-lengths": _wrapping_lengths, "split-character": _split_character,
+    "huge-status": _huge_status, "overcount": _honest,
 }  # fmt: skip
+END_LIES: dict[str, Callable[[pb.End], None]] = {"overcount": _overcount}
+RAGGED_LIES = ("wrapping-lengths", "split-character")  # for a dataset with tokens, caption
 
 
 @contextlib.asynccontextmanager
@@ -102,9 +153,14 @@ async def lying_worker(upstream: str, lie: str) -> AsyncIterator[str]:
         n = 0
         async for data in read(request):
             msg = pb.ReadResponse.FromString(data)
-            if msg.WhichOneof("kind") == "chunk":
-                rewrite(msg.chunk, n)
-                n += 1
+            try:
+                if msg.WhichOneof("kind") == "chunk":
+                    rewrite(msg.chunk, n)
+                    n += 1
+                elif msg.WhichOneof("kind") == "end" and lie in END_LIES:
+                    END_LIES[lie](msg.end)
+            except Abort as abort:
+                await context.abort(abort.code, abort.details)
             yield msg.SerializeToString()
 
     handler = grpc.method_handlers_generic_handler(

@@ -17,7 +17,7 @@ from shardstream.client import Loader
 from shardstream.client._agreement import Describing, verify
 from shardstream.client._wire import HealthWatch, WorkerStub, _dataset_desc
 from shardstream.client._workers import Conn
-from shardstream.client.errors import ProtocolError
+from shardstream.client.errors import DatasetMismatchError, ProtocolError
 from shardstream.v1 import shardstream_pb2 as pb
 
 SERVICE = "shardstream.v1.Worker"
@@ -141,3 +141,32 @@ async def test_a_description_of_1e15_records_starts_at_once() -> None:
             assert loader.batches_per_epoch() == 10**15 // 8 // 64
             assert len(plan.windows[0].reads) == -(-(10**15 // 8) // (16 << 20))
         assert time.perf_counter() - t0 < 5
+
+
+UINT16 = pb.DTYPE_UINT16
+
+
+@pytest.mark.parametrize("first", ["uint8", "uint16"])
+async def test_workers_with_one_fingerprint_but_two_schemas_refuse_the_start(first: str) -> None:
+    """The same fingerprint and shards, another schema: a worker whose fingerprint does
+    not cover its schema (a bug, or another pipeline) must not decide the dtype by the
+    order of the addresses. Was: the first-listed worker's schema won, the other one was
+    excluded mid-epoch for 'breaking the contract'."""
+    narrow, wide = info(), info(schema=[("x", UINT16, [3]), ("id", 5, [])])
+    answers = (narrow, wide) if first == "uint8" else (wide, narrow)
+    async with describing(answers[0]) as a, describing(answers[1]) as b:
+        with pytest.raises(DatasetMismatchError, match="schema") as caught:
+            async with Loader([a, b], dataset="train", batch_size=4, describe_timeout=5):
+                pass
+    assert a in str(caught.value) and b in str(caught.value)
+    # a worker that comes back later with the other schema is left out, with the reason
+    how = Describing(dataset="train", timeout=5, backoff_base=0.1, backoff_cap=1)
+    async with describing(wide) as address:
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            conn = Conn(address, channel, WorkerStub(channel), HealthWatch(channel))
+            why = await verify(conn, _dataset_desc(narrow), how)
+        finally:
+            await channel.close()
+    assert why is not None and why == conn.excluded and "schema" in why
+    assert not conn.verified

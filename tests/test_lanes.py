@@ -395,3 +395,37 @@ async def test_connections_that_send_no_ticket_hold_up_no_lane(npz_root: Path) -
         finally:
             for s in silent:
                 s.close()
+
+
+def test_a_worker_naming_a_slot_the_client_still_holds_is_caught() -> None:
+    """A worker that writes a slot the client's arrays still view (it lost track of the
+    slots, or ignores the client's hand-backs) changes batches already delivered, which
+    no check of the new chunk can see. The reference it then sends names a slot this
+    client has not handed back: a ValueError (the read's ProtocolError) instead of a
+    silent change. A slot handed back (its arrays gone) may be named again."""
+    import mmap
+
+    from shardstream.client._lanes import _RECORD, ClientLane
+
+    memory = mmap.mmap(-1, 4 * 1024)
+    ours, theirs = socket.socketpair()
+    lane = ClientLane("l" * 16, memory, 4, 1024, ours)
+    try:
+        stream = lane.new_stream()
+        held = lane.take(0, 100, stream)
+        other = lane.take(1, 100, stream)
+        with pytest.raises(ValueError, match="slot 0, which this loader had not handed back"):
+            lane.take(0, 100, stream)
+        view = held[10:20]  # an array viewing the message keeps the slot too
+        del held
+        gc.collect()
+        with pytest.raises(ValueError, match="slot 0"):
+            lane.take(0, 100, stream)
+        del view
+        gc.collect()
+        assert theirs.recv(_RECORD.size) == _RECORD.pack(RELEASE, 0, 0)
+        again = lane.take(0, 100, stream)  # handed back: the worker may use it again
+        assert len(again) == 100 and len(other) == 100
+    finally:
+        lane.close()
+        theirs.close()

@@ -27,6 +27,7 @@ from shardstream.v1.codec import FieldSpec
 from shardstream.v1.ragged import Ragged, concat
 
 from conftest import running_workers
+from liar import RAGGED_LIES, lying_worker
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -180,6 +181,9 @@ def _chunk(tensors: list[pb.Tensor], count: int = 2) -> bytes:
         ([2, -1], [1], "negative length"),
         ([1, 1], [3], "add up to 2"),
         ([1, 1, 1], [3], "lengths for 3 records"),
+        # lengths whose int64 sum wraps around to the values' count
+        ([1 << 62] * 4, [0], "more than the 0 values"),
+        ([5, (1 << 63) - 1, (1 << 63) - 1, 2], [5], "more than the 5 values"),
     ],
 )
 def test_client_refuses_inconsistent_lengths(
@@ -214,6 +218,20 @@ def test_client_refuses_ragged_where_fixed_and_bad_text() -> None:
     assert isinstance(piece, Piece)
     with pytest.raises(ProtocolError, match="UTF-8"):
         check_piece(piece, text, "s")
+    # valid UTF-8 as a whole, but record 1 starts inside record 0's "é"
+    split = pb.Tensor(
+        name="caption", dtype=pb.DTYPE_STRING, shape=[3], data="aé".encode(), lengths=[2, 1]
+    )
+    piece = decode_response(_chunk([split]))
+    assert isinstance(piece, Piece)
+    with pytest.raises(ProtocolError, match="record 1 of the chunk starts inside a UTF-8"):
+        check_piece(piece, text, "s")
+    whole = pb.Tensor(
+        name="caption", dtype=pb.DTYPE_STRING, shape=[3], data="aé".encode(), lengths=[1, 2]
+    )
+    piece = decode_response(_chunk([whole]))
+    assert isinstance(piece, Piece)
+    check_piece(piece, text, "s")
     no_lengths = pb.Tensor(name="caption", dtype=pb.DTYPE_STRING, shape=[2], data=b"ab")
     with pytest.raises(ProtocolError, match="no lengths"):
         decode_response(_chunk([no_lengths]))
@@ -523,3 +541,54 @@ def test_description_of_a_ragged_field_is_checked() -> None:
     ):
         with pytest.raises(ProtocolError, match="field"):
             _dataset_desc(info(bad))
+
+
+@pytest.mark.parametrize("lie", RAGGED_LIES)
+@pytest.mark.parametrize("api", ["Loader", "SyncLoader", "torch"])
+async def test_lying_ragged_lengths_and_strings_are_refused_on_every_path(
+    parquet_root: Path, lie: str, api: str
+) -> None:
+    """Lengths that add up only modulo 2**64 (which would give offsets into other
+    records' values) and a string record boundary inside a character (each part invalid
+    UTF-8, the whole valid) are ProtocolErrors naming the worker, through the async
+    loader, the sync wrapper and the torch wrapper alike; with an honest worker beside
+    the liar, its reads go on there and every record arrives once, unchanged."""
+    import asyncio
+
+    opts: dict[str, Any] = {"dataset": "train", "batch_size": 8, "ragged": "pad",  # chunks
+                            "read_bytes": 16384, "chunk_bytes": 8192,  # of many records
+                            "retry_deadline": 20.0}  # fmt: skip
+
+    def sync_epoch(addresses: list[str]) -> list[dict[str, Any]]:
+        if api == "torch":
+            pytest.importorskip("torch")
+            from shardstream.client.torch import ShardstreamIterable
+
+            it = ShardstreamIterable(addresses, **opts)
+            try:
+                return list(it)
+            finally:
+                it.close()
+        with SyncLoader(addresses, **opts) as sync:
+            return list(sync.epoch(0))
+
+    async def epoch(addresses: list[str]) -> list[dict[str, Any]]:
+        if api == "Loader":
+            return await epoch_batches(
+                addresses, **{k: v for k, v in opts.items() if k != "dataset"}
+            )
+        return await asyncio.to_thread(sync_epoch, addresses)
+
+    async with (
+        running_workers(parquet_root, 1, datasets=("train=*.parquet",)) as (worker,),
+        lying_worker(worker.address, lie) as liar,
+    ):
+        with pytest.raises(ProtocolError) as caught:
+            await epoch([liar])
+        assert caught.value.worker == liar and caught.value.shard.endswith(".parquet")
+        assert ("more than the" if lie == "wrapping-lengths" else "UTF-8") in str(caught.value)
+        batches = await epoch([liar, worker.address])
+    if api == "torch":  # tensors: back to numpy for the comparison
+        batches = [{k: v.numpy() if hasattr(v, "numpy") else v for k, v in b.items()}
+                   for b in batches]  # fmt: skip
+    assert_matches(by_id(batches, "pad"), range(N))

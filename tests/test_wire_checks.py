@@ -13,16 +13,23 @@ import pytest
 
 from shardstream.client import Loader
 from shardstream.client._fetch import Broken, FetchCounters, _Patience
-from shardstream.client._wire import is_retryable, worker_error
-from shardstream.client.errors import ConfigError, MessageTooLargeError, ProtocolError
+from shardstream.client._wire import Piece, check_piece, decode_response, is_retryable, worker_error
+from shardstream.client.errors import (
+    ConfigError,
+    MessageTooLargeError,
+    ProtocolError,
+    WorkersUnavailableError,
+)
+from shardstream.v1 import shardstream_pb2 as pb
+from shardstream.v1.codec import FieldSpec
 
 from conftest import RECORDS, collect_epoch, ids_of, running_workers
 from faultproxy import FaultProxy, Trickle
-from liar import LIES, lying_worker
+from liar import LIES, RAGGED_LIES, lying_worker
 
 OPTS = {"dataset": "train", "batch_size": 16, "read_bytes": 2048, "chunk_bytes": 512,
         "retry_deadline": 20.0}  # fmt: skip
-CHECKED = [lie for lie in LIES if lie != "oversize"]
+CHECKED = [lie for lie in LIES if lie not in ("oversize", "huge-status", *RAGGED_LIES)]
 
 
 @pytest.mark.parametrize("lie", CHECKED)
@@ -62,14 +69,41 @@ async def test_a_message_over_the_receive_limit_is_no_busy_worker(npz_root: Path
 
 def test_busy_and_too_large_are_told_apart() -> None:
     class Error(grpc.aio.AioRpcError):
-        def __init__(self, code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...]) -> None:
-            super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), "x")
+        def __init__(
+            self, code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...], details: str = "x"
+        ) -> None:
+            super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details)
 
     busy = Error(grpc.StatusCode.RESOURCE_EXHAUSTED, (("shardstream-busy", "1"),))
     too_large = Error(grpc.StatusCode.RESOURCE_EXHAUSTED, ())
     assert is_retryable(busy) and not is_retryable(too_large)
+    metadata = Error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, (), "received metadata size exceeds hard limit"
+    )
+    assert is_retryable(metadata)  # a worker's status too large to read: not a size option
     assert isinstance(worker_error(too_large, worker="w"), MessageTooLargeError)
     assert is_retryable(Error(grpc.StatusCode.UNAVAILABLE, ()))
+
+
+async def test_a_status_over_the_metadata_limit_is_a_broken_stream_not_a_size_option(
+    npz_root: Path,
+) -> None:
+    """A worker's status with 20 KB of details reaches the client as RESOURCE_EXHAUSTED
+    ("received metadata size exceeds ...limit"). Was: taken for a message over
+    max_message_bytes, which ended the epoch (MessageTooLargeError naming the wrong option)
+    even with a healthy worker beside it. Now: the stream is broken, the read goes on
+    elsewhere, exactly once; with no other worker, WorkersUnavailableError saying why."""
+    async with running_workers(npz_root, 1) as (worker,):
+        async with lying_worker(worker.address, "huge-status") as liar:
+            async with Loader([liar, worker.address], **OPTS) as loader:
+                batches = await collect_epoch(loader, 0)
+                stats = loader.statistics()
+            assert np.array_equal(np.sort(ids_of(batches)), np.arange(RECORDS))
+            assert stats.resumes_by_worker.get(liar, 0) >= 1
+            alone = {**OPTS, "retry_deadline": 1.0}
+            async with Loader([liar], **alone) as loader:
+                with pytest.raises(WorkersUnavailableError, match="metadata size"):
+                    await collect_epoch(loader, 0)
 
 
 async def test_records_larger_than_a_message_are_refused_at_start(npz_root: Path) -> None:
@@ -161,3 +195,20 @@ async def test_cancelling_a_waiting_stream_from_outside_is_not_taken_for_a_verdi
         with pytest.raises(asyncio.CancelledError):
             await task
         patience.close()
+
+
+@pytest.mark.parametrize(("data", "ok"), [(b"\x00\x01", True), (b"\x00\x02", False),
+                                          (b"\xff\x01", False)])  # fmt: skip
+def test_bool_bytes_other_than_0_or_1_are_refused(data: bytes, ok: bool) -> None:
+    """The wire says a BOOL element is one byte, 0 or 1. numpy keeps any byte in a bool
+    array, and a uint8 view, a sum or a copy to another language would see the lie."""
+    schema = (FieldSpec("flag", "bool", ()),)
+    tensor = pb.Tensor(name="flag", dtype=pb.DTYPE_BOOL, shape=[2], data=data)
+    chunk = pb.Chunk(start=0, count=2, shard="s", tensors=[tensor])
+    piece = decode_response(pb.ReadResponse(chunk=chunk).SerializeToString())
+    assert isinstance(piece, Piece)
+    if ok:
+        check_piece(piece, schema, "s")
+    else:
+        with pytest.raises(ProtocolError, match="BOOL byte other than 0 or 1"):
+            check_piece(piece, schema, "s")

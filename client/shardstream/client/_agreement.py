@@ -86,7 +86,9 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
 
 
 def differs(a: DatasetDesc, b: DatasetDesc) -> bool:
-    return a.fingerprint != b.fingerprint or a.shards != b.shards
+    """Whether two workers' descriptions are not of the same records: the schema counts
+    too, whatever the fingerprints say (a worker's fingerprint need not cover it)."""
+    return a.fingerprint != b.fingerprint or a.shards != b.shards or a.schema != b.schema
 
 
 async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:

@@ -34,6 +34,7 @@ from shardstream.client._wire import (
     decode_response,
     encode_read,
     is_retryable,
+    metadata_overflow,
     worker_error,
 )
 from shardstream.client.errors import (
@@ -216,8 +217,9 @@ async def fetch(
                 share = started = None
                 outcome = await _stream(conn, progress, options, deliver, pool, counters)
         except WorkersUnavailableError as exc:
-            if progress.violation is not None:  # what made the workers unusable
-                raise progress.violation from exc
+            violation = progress.violation or pool.unusable_for()
+            if violation is not None:  # what made the workers unusable
+                raise violation from exc
             raise
         _decide(outcome, conn, progress, pool, options, counters, attempts)
 
@@ -248,7 +250,7 @@ def _decide(
     elif isinstance(outcome, Violated):
         progress.violation = outcome.error
         attempts[conn.address] = str(outcome.error)
-        pool.exclude(conn, str(outcome.error))
+        pool.exclude(conn, str(outcome.error), outcome.error)
         counters.count(conn.address)
         _journal(options, conn, progress.shard, progress.position, "protocol error")
     elif not _skip(outcome.error, progress, options, counters):
@@ -336,7 +338,7 @@ async def _stream(
     except grpc.aio.AioRpcError as exc:
         if not is_retryable(exc):
             return Refused(worker_error(exc, worker=conn.address, dataset=options.dataset))
-        busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not metadata_overflow(exc)
         return Broken(f"{exc.code().name}: {exc.details()}", suspect=not busy)
     finally:
         patience.close()

@@ -59,6 +59,7 @@ class ClientLane:
         self._sock = sock
         self._streams = 0
         self._received: dict[int, int] = {}  # per read running: its chunks that arrived
+        self._held: set[int] = set()  # slots arrays here still view (not handed back)
         self._lock = threading.Lock()
         self.alive = True
         self.bytes = 0  # chunk bytes that came through the lane
@@ -78,13 +79,25 @@ class ClientLane:
                 f"a shared chunk in slot {slot} of {size} bytes, outside the lane's "
                 f"{self._slots} slots of {self._slot_bytes} bytes"
             )
+        with self._lock:
+            if slot in self._held:  # the worker wrote over records handed out from it
+                raise ValueError(
+                    f"a shared chunk in slot {slot}, which this loader had not handed back: "
+                    "the worker wrote a slot that batches already delivered still view"
+                )
+            self._held.add(slot)
         if stream in self._received:
             self._received[stream] += 1
         start = slot * self._slot_bytes
         message = np.frombuffer(self._view[start : start + size].toreadonly(), np.uint8)
-        weakref.finalize(message, self._send, _RELEASE, slot)
+        weakref.finalize(message, self._release, slot)
         self.bytes += size
         return message
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._held.discard(slot)  # before the worker can hear of it
+        self._send(_RELEASE, slot)
 
     def end(self, stream: int) -> None:
         """The read `stream` is over: the worker frees the slots it sent that never

@@ -32,7 +32,7 @@ from shardstream.client._security import CallMetadata, ClientSecurity, secure_ch
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 from shardstream.client._workers import Conn
-from shardstream.client.errors import WorkersUnavailableError
+from shardstream.client.errors import ProtocolError, WorkersUnavailableError
 
 log = logging.getLogger("shardstream.client")
 
@@ -75,6 +75,7 @@ class WorkerPool:
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
         self._changed = asyncio.Event()  # a worker became available, or a slot free
+        self.violation: ProtocolError | None = None  # the last worker's that broke the contract
         self._scope = TaskScope("worker pool")
 
     # lifecycle -------------------------------------------------------------
@@ -277,11 +278,20 @@ class WorkerPool:
             for c in self.conns
         )
 
-    def exclude(self, conn: Conn, why: str) -> None:
+    def exclude(self, conn: Conn, why: str, error: ProtocolError | None = None) -> None:
         """No more reads for a worker that broke the wire contract (for this loader)."""
         conn.excluded = why
+        if error is not None:
+            self.violation = error
         log.error("worker %s gets no more reads: %s", conn.address, why)
         self._changed.set()  # whoever waits for it should look again
+
+    def unusable_for(self) -> ProtocolError | None:
+        """What left no worker to read from, where every one is excluded and one of them
+        broke the contract (else None: they may be down, or disagree on the dataset)."""
+        if self.violation is not None and all(c.excluded for c in self.conns):
+            return self.violation
+        return None
 
     def suspect(self, conn: Conn) -> None:
         """No reads for `conn` until its health service answers SERVING again."""

@@ -85,6 +85,15 @@ def check_piece(piece: Piece, schema: tuple[FieldSpec, ...], shard: str) -> None
                 f"tensor {spec.name!r} is {array.dtype.name}{list(array.shape[1:])} per record, "
                 f"the schema says {spec.dtype}{list(spec.shape)}"
             )
+        if spec.dtype == "bool":
+            _check_bool(spec.name, array.values if isinstance(array, Ragged) else array)
+
+
+def _check_bool(name: str, array: np.ndarray[Any, Any]) -> None:
+    """BOOL bytes are 0 or 1 (the wire's rule): numpy would keep any other byte, and a
+    view or a sum of it would see the lie."""
+    if array.size and int(array.view(np.uint8).max()) > 1:
+        raise ProtocolError(f"tensor {name!r} holds a BOOL byte other than 0 or 1")
 
 
 def _check_ragged(spec: FieldSpec, column: Any) -> None:
@@ -108,6 +117,15 @@ def _check_ragged(spec: FieldSpec, column: Any) -> None:
             values.tobytes().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"tensor {spec.name!r} holds invalid UTF-8 ({exc})") from None
+        # Valid as a whole, so each record is too unless one starts inside a character
+        # (on a continuation byte, 0b10xxxxxx): then the one before it ends inside it.
+        starts = column.offsets[:-1][column.offsets[:-1] < len(values)]
+        cut = np.flatnonzero((values[starts] & 0xC0) == 0x80)
+        if len(cut):
+            raise ProtocolError(
+                f"tensor {spec.name!r}: record {int(cut[0])} of the chunk starts inside a "
+                "UTF-8 character (each record's string must be valid UTF-8 by itself)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,8 +362,18 @@ BUSY_HEADER = "shardstream-busy"
 def is_retryable(exc: grpc.aio.AioRpcError) -> bool:
     """Whether the same read may succeed later or on another worker."""
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return any(k == BUSY_HEADER for k, _ in exc.trailing_metadata() or ())
+        return metadata_overflow(exc) or any(
+            k == BUSY_HEADER for k, _ in exc.trailing_metadata() or ()
+        )
     return exc.code() in RETRYABLE
+
+
+def metadata_overflow(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether gRPC ended the call for headers or a status over its metadata limits (a
+    worker's status whose details no client can take): the worker's fault, not a message
+    over max_message_bytes, and what the worker meant is lost with the status."""
+    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata size" in details
 
 
 _ERRORS: Mapping[grpc.StatusCode, type[WorkerError]] = {

@@ -40,6 +40,13 @@ class Ragged:
         if len(lengths) and int(lengths.min()) < 0:
             bad = int(np.flatnonzero(lengths < 0)[0])
             raise ValueError(f"record {bad} has the negative length {int(lengths[bad])}")
+        items = len(values) if values.ndim else 0
+        if len(lengths) and int(lengths.max()) > items:  # else their sum may wrap around
+            bad = int(np.flatnonzero(lengths > items)[0])
+            raise ValueError(
+                f"record {bad} has the length {int(lengths[bad])}, more than the {items} "
+                "values there are"
+            )
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         if values.ndim == 0 or int(offsets[-1]) != len(values):
