@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import grpc
 import numpy as np
 import pytest
 
-from shardstream.client import Loader
+from shardstream.client import ClientSecurity, Loader
+from shardstream.server import DatasetSpec, Worker, WorkerConfig
 from shardstream.server._process import WorkerProcess
+from shardstream.server._security import ServerSecurity
 from shardstream.v1 import shardstream_pb2 as pb
 
 from conftest import collect_epoch, ids_of
@@ -121,16 +124,25 @@ async def one_epoch(address: str, **options: object) -> np.ndarray:
 async def test_never_read_streams_end_memory_stays_bounded_and_returns(big_root: Path) -> None:
     """64 streams opened and never read, each on its own connection (so the per-connection
     limit does not hold them back): they are ended after --stream-stall-timeout, a Loader
-    is served meanwhile, the worker's peak stays under the README's bound, and once the
-    streams are abandoned its memory returns near its baseline."""
+    on another host (::1, where there is one) is served meanwhile, the worker's peak stays
+    under the README's bound, and once the streams are abandoned its memory returns near
+    its baseline. (Clients on the never-reading host itself are refused meanwhile: its
+    stalled streams are over its share.)"""
     max_streams = 64
-    with worker(big_root, "--chunk-bytes", str(CHUNK), "--stream-stall-timeout", "2") as w:
+    other_host = ipv6_loopback()
+    extra = ("--host", "::") if other_host else ()
+    with worker(big_root, *extra, "--chunk-bytes", str(CHUNK), "--stream-stall-timeout",
+                "2") as w:  # fmt: skip
+        attacker = f"127.0.0.1:{w.port}"  # w.address: [::1] on a dual-stack worker
         assert sorted((await one_epoch(w.address)).tolist()) == list(range(RECORDS))  # warm
         baseline = status_mb(w.pid)["VmRSS"]
-        async with never_read(w.address, 64, 64) as calls:
+        async with never_read(attacker, 64, 64) as calls:
             await started(calls, 64)
-            ids = await one_epoch(w.address)  # retries while the worker is full
-            assert sorted(ids.tolist()) == list(range(RECORDS))
+            if other_host:
+                ids = await one_epoch(w.address)  # retries while the worker is full
+                assert sorted(ids.tolist()) == list(range(RECORDS))
+            await until(lambda: any("its client read nothing for 2s" in line for line in w.log),
+                        30, "the never-read streams ended")  # fmt: skip
             assert not any(call.done() for call in calls)  # still open: served meanwhile
             peak = status_mb(w.pid)["VmHWM"]
             # README "Resource bounds": running streams hold 3 chunks, stalled ones 2; at
@@ -188,6 +200,158 @@ async def test_a_stalled_client_reads_what_was_sent_then_unavailable(big_root: P
         assert w.terminate() == 0
 
 
+def in_process(root: Path, **kw: object) -> WorkerConfig:
+    """A worker on this test's event loop (its servicer's counts can be looked at)."""
+    options: dict[str, object] = {"processes": 0, "port": 0, "chunk_bytes": CHUNK}
+    options.update(kw)
+    return WorkerConfig(data_root=root, datasets=(DatasetSpec.parse("train=*.npz"),), **options)  # type: ignore[arg-type]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs ::1 beside 127.0.0.1: two client hosts")
+async def test_clients_that_stall_streams_on_many_connections_keep_no_other_host_out(
+    big_root: Path,
+) -> None:
+    """A client host (127.0.0.1) opening never-read streams on 32 connections, each opened
+    again as soon as it ends, so that as many streams as it can get stall: once it holds
+    its share of stalled streams, its new reads are refused, and a loader on another host
+    (::1) is served (before: the attacker held every slot, running plus stalled, and every
+    other client got RESOURCE_EXHAUSTED for as long as it went on, health SERVING)."""
+    limit = 4
+    config = in_process(big_root, host="::", max_streams=limit, stream_stall_timeout=1.0)
+    async with Worker(config) as w:
+        servicer = w._servicer
+        assert servicer is not None
+        refused = [0]
+        stop = asyncio.Event()
+
+        async def attack() -> None:
+            request = pb.ReadRequest(dataset="train", shard="a.npz", start=0, count=RECORDS)
+            options = [("grpc.use_local_subchannel_pool", 1),
+                       ("grpc.max_receive_message_length", -1)]  # fmt: skip
+            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{w.port}", options=options)
+                        for _ in range(32)]  # fmt: skip
+            calls: list = [None] * len(channels)
+            try:
+                while not stop.is_set():
+                    for i, channel in enumerate(channels):
+                        call = calls[i]
+                        if call is None or call.done():
+                            if (
+                                call is not None
+                                and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            ):
+                                refused[0] += 1
+                            calls[i] = channel.unary_stream(READ)(request.SerializeToString())
+                    await asyncio.sleep(0.05)  # the attacker's pace, not a wait
+            finally:
+                for call in calls:
+                    if call is not None:
+                        call.cancel()
+                for channel in channels:
+                    await channel.close()
+
+        attacker = asyncio.ensure_future(attack())
+        try:
+            await until(lambda: servicer.stalled >= limit, 30, f"{limit} stalled streams")
+            seen = refused[0]
+            await until(lambda: refused[0] > seen, 30, "the attacker refused while they stall")
+            ids = await one_epoch(f"[::1]:{w.port}", retry_deadline=15.0, same_host_lane=False)
+            assert sorted(ids.tolist()) == list(range(RECORDS))
+            assert list(servicer.stalled_by) == ["127.0.0.1"]  # the attacker's, none of ::1
+        finally:
+            stop.set()
+            await attacker
+        await until(lambda: servicer.stalled == 0, 30, "the abandoned streams gone")
+
+
+async def test_a_stream_whose_client_never_reads_ends_with_its_connections_age(
+    big_root: Path,
+) -> None:
+    """A client that keeps its connection up (it answers pings) but never reads its
+    stream: the stream stalls, and the connection's age (--max-connection-age, then
+    --stream-stall-timeout) ends it, so the worker holds neither a slot nor the chunk
+    gRPC had for it (before: both held for as long as the client kept the connection);
+    the client then gets what was on its way and UNAVAILABLE."""
+    config = in_process(big_root, stream_stall_timeout=1.0, max_connection_age=2.0)
+    async with Worker(config) as w:
+        servicer = w._servicer
+        assert servicer is not None
+        async with never_read(w.address, 1, 1) as (call,):
+            await started([call], 1)
+            await until(lambda: servicer.stalled == 1, 30, "the stream stalled")
+            await until(lambda: servicer.stalled == 0, 30, "the stalled stream ended")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+PAUSED_CLIENT = """
+import sys
+from shardstream.client import SyncLoader
+with SyncLoader([sys.argv[1]], dataset="train", batch_size=500, same_host_lane=False,
+                retry_deadline=60.0, tune_malloc=False) as loader:
+    for batch in loader.epoch(0):
+        print(" ".join(map(str, batch["id"].tolist())), flush=True)
+"""
+
+
+async def test_a_paused_client_loses_its_stalled_stream_to_the_connection_age_and_resumes(
+    big_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader process stopped (SIGSTOP: a trainer frozen, say) as its first read starts,
+    for longer than the stall timeout and the connection's age: its stream stalls and is
+    cut with its connection. Continued (SIGCONT), the loader resumes the read (the cut
+    stream is retryable: UNAVAILABLE) and delivers the epoch exactly once, in the order
+    of one without a pause."""
+    config = in_process(big_root, stream_stall_timeout=1.0, max_connection_age=2.0)
+    async with Worker(config) as w:
+        servicer = w._servicer
+        assert servicer is not None
+        async with Loader([w.address], dataset="train", batch_size=500, same_host_lane=False,
+                          tune_malloc=False) as loader:  # fmt: skip
+            reference = [b["id"].tolist() for b in await collect_epoch(loader, 0)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PAUSED_CLIENT, w.address,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        streamer, stream = servicer._streamer, servicer._streamer.stream
+        stopped = []
+
+        def stop_the_client_first(*args: object) -> object:
+            """At the first read, before anything of it is written: the client stops."""
+            if not stopped:
+                proc.send_signal(signal.SIGSTOP)
+                stopped.append(time.monotonic())
+            return stream(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(streamer, "stream", stop_the_client_first)
+        try:
+            await until(lambda: servicer.stalled >= 1, 30, "the stopped client's stream stalled")
+            await until(lambda: servicer.stalled == 0 and servicer.active == 0, 30,
+                        "the stalled stream gone while its client stays stopped")  # fmt: skip
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGCONT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0
+        got = [list(map(int, line.split())) for line in out.decode().splitlines()]
+        assert got == reference
+
+
 # -- connections ---------------------------------------------------------------------------------
 
 
@@ -235,6 +399,58 @@ async def test_connections_over_the_cap_are_closed_and_idle_handshakes_end(
         ids = await one_epoch(w.address)
         assert sorted(ids.tolist()) == list(range(RECORDS))
         assert w.terminate() == 0
+
+
+async def test_health_watches_without_a_token_cannot_hold_every_connection(
+    big_root: Path, tmp_path: Path
+) -> None:
+    """--max-connections connections that each keep a health Watch running (watched again
+    whenever the worker ends one): at most half of them get a watch without the token, the
+    others are refused at once, left idle and closed, and a loader with the token is
+    served (before: the watches held every connection for good, and token holders were
+    closed out as over the cap)."""
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    cap = 8
+    config = in_process(big_root, max_connections=cap, idle_connection_timeout=1.0,
+                        stream_stall_timeout=10.0,
+                        security=ServerSecurity(auth_token_file=token))  # fmt: skip
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with Worker(config) as w:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(w.address, options=options) for _ in range(cap)]
+        first: dict[int, str] = {}  # how each connection's first watch went
+        stop = asyncio.Event()
+
+        async def hold(i: int) -> None:
+            """Keep a watch running on connection `i`; give up once one is refused."""
+            stub = health_pb2_grpc.HealthStub(channels[i])
+            while not stop.is_set():
+                call = stub.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+                try:
+                    async for _ in call:
+                        first.setdefault(i, "watching")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        first.setdefault(i, "refused")
+                        return
+                    if not stop.is_set():
+                        raise
+
+        holders = [asyncio.ensure_future(hold(i)) for i in range(cap)]
+        try:
+            await until(lambda: len(first) == cap, 30, "every connection's first watch")
+            ids = await one_epoch(
+                w.address, retry_deadline=15.0, security=ClientSecurity(auth_token="secret")
+            )
+            assert sorted(ids.tolist()) == list(range(RECORDS))
+            assert list(first.values()).count("watching") == cap // 2
+        finally:
+            stop.set()
+            for c in channels:
+                await c.close()
+            await asyncio.gather(*holders, return_exceptions=True)
 
 
 # -- ports ---------------------------------------------------------------------------------------

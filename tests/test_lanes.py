@@ -429,3 +429,194 @@ def test_a_worker_naming_a_slot_the_client_still_holds_is_caught() -> None:
     finally:
         lane.close()
         theirs.close()
+
+
+# -- what a client can hold of the worker ----------------------------------------------
+
+
+async def hand_lane(stub: WorkerStub) -> tuple[LaneOffer, socket.socket, int]:
+    """A lane opened by hand: its offer, its control socket and the client's memfd."""
+    offer = await stub.open_lane(timeout=5)
+
+    def connect() -> tuple[socket.socket, int]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect("\0" + offer.address)
+        s.sendall(offer.lane.encode() + offer.ticket)
+        _, fds, _, _ = socket.recv_fds(s, 1, 1)
+        assert len(fds) == 1
+        return s, fds[0]
+
+    sock, fd = await asyncio.to_thread(connect)
+    return offer, sock, fd
+
+
+async def lane_read(channel: Any, shard: str, count: int, lane: str, stream: int,
+                    lane_chunk_records: int = 0) -> list[Any]:  # fmt: skip
+    """A read of `count` records of `shard` naming `lane`: its messages, decoded."""
+    from shardstream.v1 import shardstream_pb2 as pb
+
+    request = pb.ReadRequest(dataset="train", shard=shard, start=0, count=count, lane=lane,
+                             lane_stream=stream, lane_chunk_records=lane_chunk_records)  # fmt: skip
+    call = channel.unary_stream("/shardstream.v1.Worker/Read")(request.SerializeToString())
+    return [pb.ReadResponse.FromString(m) async for m in call]
+
+
+def allocated(fd: int) -> int:
+    """Bytes of memory a memfd holds now."""
+    return os.fstat(fd).st_blocks * 512
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_lane_chunks_keep_to_the_clients_lane_chunk_records(
+    npz_root: Path, processes: int
+) -> None:
+    """`lane_chunk_records` is the most records a chunk in the lane holds, also where a
+    message would hold more (before: raised to the socket's chunk, ignoring the client)."""
+    import grpc
+
+    async with running_workers(npz_root, 1, processes=processes) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            stub = WorkerStub(channel)
+            shard = (await stub.describe("train", timeout=5)).shards[0].id
+            offer, sock, fd = await hand_lane(stub)
+            try:
+                assert w._lanes is not None
+                await until(lambda: w._lanes is not None and w._lanes.get(offer.lane) is not None)
+                messages = await lane_read(channel, shard, 100, offer.lane, 1, lane_chunk_records=7)
+            finally:
+                sock.close()
+                os.close(fd)
+    counts = [m.shared.count for m in messages if m.HasField("shared")]
+    assert counts and max(counts) <= 7
+    assert sum(counts) + sum(m.chunk.count for m in messages if m.HasField("chunk")) == 100
+    assert messages[-1].end.records_sent == 100
+
+
+def test_a_client_that_never_ends_its_reads_loses_its_lane() -> None:
+    """A client that hands every slot back but never says it is done with a read (no END):
+    the worker's records of its reads stay bounded and, once over the bound, the lane is
+    closed, loudly (before: ~190 bytes kept per read, for as long as the lane lived)."""
+    import mmap
+
+    from shardstream.server._lanes import MAX_OPEN_READS
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        lane = Lane("0" * 16, 2, mmap.PAGESIZE, memoryview(mmap.mmap(-1, 2 * mmap.PAGESIZE)), b)
+        for stream in range(1, 2 * MAX_OPEN_READS):  # a well-behaved client first: it ends them
+            slot = lane.acquire(stream)
+            assert slot is not None
+            lane.written(slot, sent=True)
+            a.send(struct.pack("<III", RELEASE, slot, 0) + struct.pack("<III", END, stream, 1))
+            lane.on_readable()
+        assert lane.alive and lane._sent == {}
+        for stream in range(2 * MAX_OPEN_READS, 4 * MAX_OPEN_READS):
+            slot = lane.acquire(stream)
+            if slot is None:
+                break
+            lane.written(slot, sent=True)
+            assert len(lane._sent) <= MAX_OPEN_READS
+            if not lane.alive:
+                break
+            a.send(struct.pack("<III", RELEASE, slot, 0))
+            lane.on_readable()
+        assert not lane.alive and stream == 2 * MAX_OPEN_READS + MAX_OPEN_READS
+        assert lane._sent == {}
+
+
+async def test_a_lane_ended_hands_back_the_slots_its_client_let_go(npz_root: Path) -> None:
+    """When a lane ends, the pages of the slots its client handed back (or never got) are
+    freed at once, although the client still has the memfd; what it still holds stays
+    counted against the worker's lane budget (before: every page written stayed)."""
+    import grpc
+
+    async with running_workers(npz_root, 1, lane_slots=4) as (w,):
+        assert w._lanes is not None
+        lanes = w._lanes
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            stub = WorkerStub(channel)
+            shards = [s.id for s in (await stub.describe("train", timeout=5)).shards]
+            offer, sock, fd = await hand_lane(stub)
+            try:
+                await until(lambda: lanes.get(offer.lane) is not None)
+                slots = []
+                for stream, shard in enumerate(shards[:3], 1):
+                    messages = await lane_read(channel, shard, 200, offer.lane, stream)
+                    slots += [m.shared.slot for m in messages if m.HasField("shared")]
+                    sock.sendall(struct.pack("<III", END, stream, len(messages) - 1))
+                assert len(slots) == 3
+                for slot in slots[1:]:  # the first one kept, as by a batch still in use
+                    sock.sendall(struct.pack("<III", RELEASE, slot, 0))
+                written = allocated(fd)
+                assert written > 0
+                sock.close()
+                await until(lambda: lanes.get(offer.lane) is None)
+                left = allocated(fd)
+                assert 0 < left <= written // 3 + mmap_page()
+                assert lanes.kept_bytes() == left
+            finally:
+                os.close(fd)
+
+
+def mmap_page() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+async def test_ended_lanes_a_client_keeps_stay_within_the_budget(npz_root: Path) -> None:
+    """A same-host client that ends lanes holding their slots and keeps each memfd (so
+    the pages the worker wrote stay alive) gets at most `max_lanes` of them: then no lane
+    is offered, and the memory it holds stays within the lanes' budget; once it lets
+    the memfds go, lanes are offered again (before: a new lane after every one it ended,
+    the worker's memory held by the client growing without bound)."""
+    import grpc
+
+    async with running_workers(npz_root, 1, lane_slots=2, max_lanes=2) as (w,):
+        assert w._lanes is not None
+        lanes = w._lanes
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            stub = WorkerStub(channel)
+            shard = (await stub.describe("train", timeout=5)).shards[0].id
+            fds: list[int] = []
+            refused = 0
+            try:
+                for _ in range(6):
+                    try:
+                        offer, sock, fd = await hand_lane(stub)
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        assert "no same-host lane to give" in (exc.details() or "")
+                        refused += 1
+                        continue
+                    fds.append(fd)
+                    with sock:
+                        await until(lambda: lanes.get(offer.lane) is not None)  # noqa: B023
+                        messages = await lane_read(channel, shard, 200, offer.lane, 1)
+                        assert any(m.HasField("shared") for m in messages)
+                    await until(lambda: lanes.get(offer.lane) is None)  # noqa: B023
+                assert (len(fds), refused) == (2, 4)
+                held = sum(allocated(fd) for fd in fds)
+                assert 0 < held == lanes.kept_bytes()
+                assert held <= 2 * 2 * offer.slot_bytes
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+            async def offered() -> bool:
+                try:
+                    _, sock, fd = await hand_lane(stub)
+                except grpc.aio.AioRpcError:
+                    return False
+                sock.close()
+                os.close(fd)
+                return True
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not await offered():  # ended lanes are looked at once a second at most
+                assert loop.time() < deadline, "no lane offered once the memfds were let go"
+                await asyncio.sleep(0.1)
+            assert lanes.kept_bytes() == 0

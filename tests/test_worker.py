@@ -113,6 +113,7 @@ async def test_prometheus_metrics(npz_root: Path) -> None:
         ).decode()
     assert 'shardstream_records_sent_total{dataset="train"} 2000.0' in text
     assert 'shardstream_streams_active{dataset="train"} 0.0' in text
+    assert "shardstream_streams_stalled 0.0" in text
     assert 'shardstream_chunk_seconds_count{dataset="train"}' in text
     assert "shardstream_bytes_sent_total" in text
     assert 'shardstream_stream_errors_total{code="NOT_FOUND"} 1.0' in text
@@ -128,3 +129,27 @@ async def test_shared_memory_buffers_survive_cancelled_streams(npz_root: Path) -
                     break
             ids = ids_of(await collect_epoch(loader, 0))
     assert np.array_equal(ids, np.arange(2000))
+
+
+async def test_health_watches_end_after_a_while_and_loaders_watch_again(npz_root: Path) -> None:
+    """Each health Watch ends after half --stream-stall-timeout, with OK and the trailer
+    `shardstream-rewatch` (so connections that only watch can go idle); a loader watches
+    again at once, never taking the worker for gone: an epoch over many such ends needs
+    no new description of the worker and resumes no read."""
+    async with running_workers(npz_root, 1, stream_stall_timeout=0.2) as (worker,):
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            replies = [r.status async for r in call]
+            assert replies == [health_pb2.HealthCheckResponse.SERVING]
+            assert await call.code() == grpc.StatusCode.OK
+            assert ("shardstream-rewatch", "1") in tuple(await call.trailing_metadata())
+        async with Loader([worker.address], dataset="train", batch_size=100,
+                          read_bytes=4096) as loader:  # fmt: skip
+            (conn,) = loader._pool.conns
+            ids = []
+            async for batch in loader.epoch(0):
+                ids.append(batch["id"])
+                assert conn.verified and conn.serving and not conn.last_error
+                await asyncio.sleep(0.02)  # a slow consumer: the epoch spans many watches
+            assert loader.statistics().resumes == 0
+    assert sorted(np.concatenate(ids).tolist()) == list(range(2000))

@@ -12,6 +12,7 @@ import pytest
 
 from shardstream._common.args import UsageParser
 from shardstream.server import DatasetSpec, WorkerConfig
+from shardstream.server._servicer import peer_host, stalled_share
 from shardstream.server._worker import Worker, grpc_options
 from shardstream.server._writes import StallWatch
 from shardstream.server.cli import add_worker_args, config_from_args
@@ -31,19 +32,25 @@ def config(**kw: object) -> WorkerConfig:
 
 def test_defaults_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STREAM_STALL_TIMEOUT", "MAX_CONNECTIONS", "MAX_STREAMS_PER_CONNECTION",
-                 "IDLE_CONNECTION_TIMEOUT"):  # fmt: skip
+                 "IDLE_CONNECTION_TIMEOUT", "MAX_CONNECTION_AGE", "MAX_HEALTH_WATCHES"):  # fmt: skip
         monkeypatch.delenv(f"SHARDSTREAM_{name}", raising=False)
     c = parse()
     assert (c.stream_stall_timeout, c.max_connections, c.max_streams_per_connection,
             c.idle_connection_timeout) == (30.0, 4096, 16, 300.0)  # fmt: skip
+    assert (c.max_connection_age, c.max_health_watches, c.health_watches) == (600.0, None, 2048)
+    assert c.health_watch_seconds == 15.0
     c = parse("--stream-stall-timeout", "2.5", "--max-connections", "100",
-              "--max-streams-per-connection", "4", "--idle-connection-timeout", "60")  # fmt: skip
+              "--max-streams-per-connection", "4", "--idle-connection-timeout", "60",
+              "--max-connection-age", "120", "--max-health-watches", "7")  # fmt: skip
     assert (c.stream_stall_timeout, c.max_connections, c.max_streams_per_connection,
             c.idle_connection_timeout) == (2.5, 100, 4, 60.0)  # fmt: skip
+    assert (c.max_connection_age, c.max_health_watches, c.health_watches) == (120.0, 7, 7)
     monkeypatch.setenv("SHARDSTREAM_STREAM_STALL_TIMEOUT", "7")
     monkeypatch.setenv("SHARDSTREAM_MAX_CONNECTIONS", "9")
+    monkeypatch.setenv("SHARDSTREAM_MAX_CONNECTION_AGE", "30")
     c = parse("--max-connections", "10")  # a flag wins over its variable
-    assert (c.stream_stall_timeout, c.max_connections) == (7.0, 10)
+    assert (c.stream_stall_timeout, c.max_connections, c.max_connection_age) == (7.0, 10, 30.0)
+    assert c.health_watches == 5
 
 
 def test_grpc_settings() -> None:
@@ -63,6 +70,9 @@ def test_grpc_settings() -> None:
     assert options["grpc.server_handshake_timeout_ms"] == 2500
     assert options["grpc.max_connection_idle_ms"] == 60_000
     assert options["grpc.max_receive_message_length"] == 64 * 1024  # requests are small
+    # Connections age out; what still runs on them gets a stall timeout, then is cut.
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 2500
 
 
 @pytest.mark.parametrize(
@@ -73,6 +83,8 @@ def test_grpc_settings() -> None:
         ({"idle_connection_timeout": -1}, "idle_connection_timeout must be"),
         ({"max_connections": 0}, "max_connections must be in [1, 2147483647], got 0"),
         ({"max_streams_per_connection": 0}, "max_streams_per_connection must be in [1,"),
+        ({"max_connection_age": 0}, "max_connection_age must be a number of seconds in (0"),
+        ({"max_health_watches": 0}, "max_health_watches must be in [1, 2147483647], got 0"),
     ],
 )
 def test_config_refuses_bad_limits(kw: dict[str, object], message: str) -> None:
@@ -87,6 +99,8 @@ def test_config_refuses_bad_limits(kw: dict[str, object], message: str) -> None:
         (["--stream-stall-timeout", "0"], ["'0'", "expected a number of seconds > 0"]),
         (["--max-connections", "many"], ["'many'", "expected an integer in [1,"]),
         (["--max-streams-per-connection", "0"], ["'0'", "expected an integer in [1,"]),
+        (["--max-connection-age", "-1"], ["'-1'", "expected a number of seconds > 0"]),
+        (["--max-health-watches", "none"], ["'none'", "expected an integer in [1,"]),
     ],
 )
 def test_bad_flags_are_one_line_usage_errors(args: list[str], words: list[str]) -> None:
@@ -115,6 +129,50 @@ async def test_a_port_in_use_is_refused_in_process(npz_root: Path) -> None:
         with pytest.raises(OSError, match=f"port {a.port} is already in use"):
             await second.start()
         await second.wait_closed()  # closed again, nothing left running
+
+
+# -- stalled streams: counted per client host -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.0.7:5123", "10.0.0.7"),
+        ("ipv6:[::1]:5123", "::1"),
+        ("ipv6:%5B::1%5D:5123", "::1"),
+        ("ipv6:[::FFFF:127.0.0.1]:80", "127.0.0.1"),  # an IPv4 client on a dual-stack port
+        ("ipv6:[fd00::2]:1", "fd00::2"),
+        ("unix:/run/w.sock", "unix:/run/w.sock"),
+    ],
+)
+def test_the_client_host_of_a_peer(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
+
+
+async def test_a_host_holding_its_share_of_stalled_streams_gets_no_more() -> None:
+    """Streams its clients read nothing of count against their host: at its share
+    (--max-streams / 4), once the worker is half full, its new reads are refused, while
+    other hosts are admitted up to --max-streams running and 2 x --max-streams running
+    plus stalled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardstream.server._servicer import WorkerServicer
+    from shardstream.server.errors import BusyError
+
+    with ThreadPoolExecutor(1) as executor:
+        servicer = WorkerServicer(config(max_streams=8), executor)
+        assert stalled_share(8) == 2 and stalled_share(3) == 1
+        servicer.stalled, servicer.stalled_by = 2, {"10.0.0.7": 2}
+        servicer._admit("10.0.0.7")  # over its share, but the worker is not half full
+        servicer.active = 6
+        with pytest.raises(BusyError, match=r"clients on 10\.0\.0\.7 hold 2 streams they read"):
+            servicer._admit("10.0.0.7")
+        servicer._admit("10.0.0.8")  # another host: served
+        servicer.stalled, servicer.stalled_by = 9, {"10.0.0.7": 1, **{f"h{i}": 1 for i in range(8)}}
+        servicer.active = 7
+        with pytest.raises(BusyError, match="already serves 7 streams and holds 9 stalled"):
+            servicer._admit("10.0.0.8")  # the worker's own bound still holds
+        servicer.close()
 
 
 # -- the stall watch: one timer per stream, not one per write ------------------------------------

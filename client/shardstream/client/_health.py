@@ -4,7 +4,9 @@ A worker gets new reads only while its last health report was SERVING. A
 worker that drains (NOT_SERVING) or goes away is left alone; when it is back
 it must be described again (`conn.verified` is cleared) before it gets reads,
 so a worker restarted with other data is never used. `suspect()` stops reads
-to a worker that went silent until its health service answers again.
+to a worker that went silent until its health service answers again. A worker
+ends each watch after a while (with a `shardstream-rewatch` trailer, so that
+connections which only watch can age out): that watch is simply made again.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ async def watch_health(conn: Conn, *, on_serving: Callable[[], None], pause: flo
     `pause` seconds between watches of a worker that went away."""
     while True:
         call = conn.watch_call = conn.health.watch()
+        replies = 0
         try:
             async for reply in call:
+                replies += 1
                 serving = conn.health.is_serving(reply)
                 if serving and not conn.serving:
                     log.info("worker %s is serving", conn.address)
@@ -34,6 +38,8 @@ async def watch_health(conn: Conn, *, on_serving: Callable[[], None], pause: flo
                 elif not serving and conn.serving:
                     log.info("worker %s is not serving; no new reads", conn.address)
                 conn.serving = serving
+            if replies and await conn.health.ended_to_rewatch(call):  # ended to be renewed
+                continue
             conn.last_error = "health watch ended"
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -62,6 +62,7 @@ class ClientLane:
         self._held: set[int] = set()  # slots arrays here still view (not handed back)
         self._lock = threading.Lock()
         self.alive = True
+        self._pid = os.getpid()  # a forked child must not hand back the parent's slots
         self.bytes = 0  # chunk bytes that came through the lane
 
     def new_stream(self) -> int:
@@ -107,7 +108,7 @@ class ClientLane:
     def _send(self, kind: int, value: int, count: int = 0) -> None:
         # From any thread: the last reference to a batch may go in the training loop's.
         with self._lock:
-            if not self.alive:
+            if not self.alive or os.getpid() != self._pid:
                 return
             try:
                 self._sock.send(_RECORD.pack(kind, value, count))

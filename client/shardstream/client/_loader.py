@@ -107,6 +107,12 @@ class Loader:
 
     # lifecycle -------------------------------------------------------------
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Loader cannot be pickled: it holds connections and tasks of this process. "
+            "Pass the addresses and options to the other process and open one there"
+        )
+
     async def start(self) -> None:
         """Connect and check that the workers agree on the dataset."""
         if self._state != "new":
@@ -142,7 +148,11 @@ class Loader:
             await self._tasks.aclose()
         finally:
             if self._pool is not None:
-                await self._pool.aclose()
+                try:
+                    await self._pool.aclose()
+                finally:
+                    for conn in self._pool.conns:
+                        conn.release()
 
     async def __aenter__(self) -> Loader:
         await self.start()

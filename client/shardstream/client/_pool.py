@@ -124,7 +124,12 @@ class WorkerPool:
     def _add(self, address: str) -> Conn:
         opts = self.options
         channel = secure_channel(address, opts.channel_options, opts.security)
-        conn = Conn(address, channel, WorkerStub(channel, self._metadata), HealthWatch(channel))
+        conn = Conn(
+            address,
+            channel,
+            WorkerStub(channel, self._metadata),
+            HealthWatch(channel, self._metadata),  # the token: never refused a watch
+        )
         for _ in range(opts.connections_per_worker - 1):  # each channel its own connection
             extra = secure_channel(address, opts.channel_options, opts.security)
             conn.extra.append((extra, WorkerStub(extra, self._metadata)))

@@ -10,10 +10,15 @@ background thread; iteration blocks the caller until the next batch is ready.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import gc
+import os
 import queue
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
@@ -45,6 +50,22 @@ class SyncLoader:
         # one that closes: a call or an epoch either starts before `close` looks (and is
         # ended by it) or sees that it is closing.
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # of the process that opened it: a forked child cannot use it
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a SyncLoader cannot be pickled: it holds connections and a thread of this "
+            "process. Pass the addresses and options to the other process and open one "
+            "there (ShardstreamIterable, for torch, does this when pickled)"
+        )
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this SyncLoader was opened in process {self._pid}; a forked child "
+                f"({os.getpid()}) cannot use it, as its thread and connections stay in the "
+                "parent: open a new SyncLoader in the child"
+            )
 
     @property
     def config(self) -> Any:
@@ -53,6 +74,7 @@ class SyncLoader:
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the loop's thread and wait for it; `_Closed` if `close` ends it
         (or has begun)."""
+        self._check_process()
         with self._lock:
             if self._loop is None or self._closing:
                 coro.close()
@@ -67,13 +89,16 @@ class SyncLoader:
 
     def open(self) -> None:
         if self._loop is not None:
+            self._check_process()
             raise RuntimeError("the SyncLoader is already open")
         self._closing = False
+        self._pid = os.getpid()
         loop = self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=loop.run_forever, name="shardstream-loader", daemon=True
         )
         self._thread.start()
+        _open.add(self)
         try:
             self._call(self._loader.start())
         except BaseException:
@@ -82,12 +107,21 @@ class SyncLoader:
 
     def close(self) -> None:
         """Stop reads, close connections and the background loop (idempotent)."""
+        self._close(None)
+
+    def _close(self, timeout: float | None) -> None:
+        """`close`, waiting at most `timeout` seconds for the loop (at exit: a loop that
+        does not answer must not keep the process from ending)."""
         with self._lock:
             loop, thread = self._loop, self._thread
             if loop is None or thread is None or self._closing:
                 return
+            if os.getpid() != self._pid:  # a forked child: the loop is the parent's
+                self._loop = self._thread = None
+                return
             self._closing = True  # no call nor epoch starts from here on
             handoffs = list(self._handoffs)
+        _open.discard(self)
         for handoff in handoffs:  # a loop in another thread must not wait forever
             handoff.abort(RuntimeError("the SyncLoader was closed during the epoch"))
         pumps = [h.pump for h in handoffs if h.pump is not None]
@@ -105,11 +139,12 @@ class SyncLoader:
             await asyncio.gather(*others, return_exceptions=True)
 
         try:
-            asyncio.run_coroutine_threadsafe(shut(), loop).result()
+            asyncio.run_coroutine_threadsafe(shut(), loop).result(timeout)
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+            thread.join(timeout)
+            if not thread.is_alive():
+                loop.close()
             with self._lock:
                 self._loop = self._thread = None
                 self._closing = False
@@ -146,10 +181,13 @@ class SyncLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position of the batches this thread has received (not of those the loader
         has prepared ahead): restoring it yields exactly the rest."""
-        pos = self._position
-        if pos is None:
-            return self._loader.state_dict()
-        return self._loader.state_at(pos.iterator, pos.batches, completed=pos.completed)
+        with self._lock:  # an epoch starting on the loop's thread sets `_position`
+            pos = self._position
+            if pos is None or pos.iterator is not self._loader._current:
+                # None yet, or the next epoch has just started and hands out nothing
+                # until `_position` is set: the loader's own position is the caller's.
+                return self._loader.state_dict()
+            return self._loader.state_at(pos.iterator, pos.batches, completed=pos.completed)
 
     def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
         self._loader.load_state_dict(state, override=override)
@@ -164,13 +202,18 @@ class SyncLoader:
         loop = self._loop
         if loop is None:
             raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
+        self._check_process()
         handoff = _Handoff(loop, HANDOFF_BATCHES)
 
-        async def start() -> tuple[EpochIterator, asyncio.Task[None]]:
+        async def start() -> tuple[EpochIterator, _Position, asyncio.Task[None]]:
+            # The position `state_dict` reports moves to the new epoch here, on the
+            # loop's thread, whatever the caller's does meanwhile (a Ctrl-C included).
             iterator = self._loader.epoch(epoch)
+            with self._lock:
+                position = self._position = _Position(iterator)
             iterator.external_wait = True  # the caller's own waiting is counted below
             handoff.pump = self._loader._spawn(_pump(iterator, handoff))
-            return iterator, handoff.pump
+            return iterator, position, handoff.pump
 
         async def stop(iterator: EpochIterator, task: asyncio.Task[None]) -> None:
             task.cancel()
@@ -190,13 +233,12 @@ class SyncLoader:
                 )
             )
         try:
-            iterator, task = self._call(start())
+            # `position`: what the caller has received (the pump and hand-off run ahead).
+            iterator, position, task = self._call(start())
         except BaseException:
             with self._lock:
                 self._handoffs.discard(handoff)
             raise
-        # What the caller has received: the pump and the hand-off run ahead of it.
-        position = self._position = _Position(iterator)
         began = time.perf_counter()
         try:
             while True:
@@ -218,9 +260,54 @@ class SyncLoader:
             handoff.close()
             with self._lock:
                 self._handoffs.discard(handoff)
-            if self._loop is not None and not self._closing:
-                with contextlib.suppress(_Closed):  # a close from another thread ends it too
-                    self._call(stop(iterator, task))
+            self._stop_epoch(stop(iterator, task))
+
+    def _stop_epoch(self, stop: Coroutine[Any, Any, None]) -> None:
+        """Stop an epoch left early, from wherever its generator is finalized: the
+        caller's thread waits for it; the loop's own thread (a garbage collection there)
+        and a process that is exiting or forked cannot wait, and do not."""
+        loop = self._loop
+        if (
+            loop is None
+            or self._closing
+            or os.getpid() != self._pid
+            or sys.is_finalizing()
+            or self._thread is None
+            or not self._thread.is_alive()
+        ):
+            stop.close()  # closed, or going: `close` (or the exit) ends the reads
+        elif threading.current_thread() is self._thread:  # waiting would wait on itself
+
+            async def quietly() -> None:
+                with contextlib.suppress(Exception):  # nobody is there to hear of it
+                    await stop
+
+            try:
+                self._loader._spawn(quietly())
+            except RuntimeError:  # the loader is closing: that ends the reads
+                stop.close()
+        else:
+            with contextlib.suppress(_Closed):  # a close from another thread ends it too
+                self._call(stop)
+
+
+# SyncLoaders open in this process, closed at exit if their users did not: before the
+# interpreter's teardown, while their thread can still run.
+_open: weakref.WeakSet[SyncLoader] = weakref.WeakSet()
+EXIT_CLOSE_SECONDS = 10.0
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close what is open, then collect the closed loaders' channels: grpc stops its
+    process-wide poller thread when the last channel goes, and that must happen now.
+    Left to the interpreter's teardown, the thread wakes when it can no longer run and
+    the process can abort ("terminate called without an active exception") after a
+    job that did everything right."""
+    for loader in list(_open):
+        with contextlib.suppress(Exception):
+            loader._close(EXIT_CLOSE_SECONDS)
+    gc.collect()
 
 
 class _Closed(RuntimeError):

@@ -432,19 +432,37 @@ async def check_health(
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"
 
 
+# Trailer of a health watch the worker ended on purpose (each runs a bounded time):
+# watch again at once, the worker is not gone.
+REWATCH_HEADER = "shardstream-rewatch"
+
+
 class HealthWatch:
     """`Watch` on a worker's health service: an async iterator of SERVING or not."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: Callable[[], tuple[tuple[str, str], ...]] | tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """`metadata`: sent on each watch (the bearer token: a worker never refuses a
+        token holder's watch, where it bounds those without one)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._request = health_pb2.HealthCheckRequest(service=SERVICE)
         self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._metadata = metadata if callable(metadata) else (lambda: metadata)
 
     def watch(self) -> grpc.aio.UnaryStreamCall:
         """A new Watch call; it waits for the worker to be reachable."""
-        return self._stub.Watch(self._request, wait_for_ready=True)
+        return self._stub.Watch(self._request, wait_for_ready=True, metadata=self._metadata())
+
+    @staticmethod
+    async def ended_to_rewatch(call: grpc.aio.UnaryStreamCall) -> bool:
+        """Whether a watch that ended was ended by the worker to be watched again."""
+        trailers = await call.trailing_metadata()
+        return any(key == REWATCH_HEADER for key, _ in trailers or ())
 
     def is_serving(self, reply: Any) -> bool:
         return bool(reply.status == self._serving)

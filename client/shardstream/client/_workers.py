@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import grpc
 
@@ -43,6 +44,16 @@ class Conn:
 
     def channels(self) -> list[grpc.aio.Channel]:
         return [self.channel, *(c for c, _ in self.extra)]
+
+    def release(self) -> None:
+        """Drop the closed connection's gRPC objects (what the loader knew of the worker
+        stays, for its statistics): grpc's process-wide poller thread stops once no
+        channel is left, which must happen while the interpreter still runs, not in its
+        teardown at exit (where it can abort the process)."""
+        gone = cast(Any, None)
+        self.channel, self.stub, self.health = gone, gone, gone
+        self.watch_call = None
+        self.extra = []
 
 
 def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from shardstream._common.metricshttp import MetricsServer
 from shardstream.client._loader import Loader
 
 __all__ = ["serve_metrics"]
@@ -85,5 +86,9 @@ def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> 
     registry = prom.CollectorRegistry()
     labels = {"dataset": loader.config.dataset, "rank": str(loader.config.rank)}
     registry.register(_LoaderCollector(loader, labels))
-    server, _ = prom.start_http_server(port, addr=host, registry=registry)
-    return int(server.server_address[1])
+    # GET /metrics on one thread, a bounded number of connections, each closed after a
+    # few seconds (`MetricsServer`), for as long as the process runs.
+    server = MetricsServer(
+        lambda: (prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST), host=host, port=port
+    )
+    return server.start()

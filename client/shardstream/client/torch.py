@@ -124,11 +124,12 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         return self._loader.batches_per_epoch()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
+        if get_worker_info() is not None:
             raise RuntimeError(
-                "ShardstreamIterable must be read with DataLoader(num_workers=0): every "
-                "DataLoader worker would deliver the whole rank's data again"
+                "ShardstreamIterable must be read with DataLoader(num_workers=0): in a "
+                "DataLoader worker process it would be a copy whose epoch and position the "
+                "trainer never sees (and more workers would each deliver the rank's data "
+                "again); shardstream prefetches on its own"
             )
         _refuse_resharding(sys._getframe(1))
         self._ensure_open()
@@ -142,6 +143,29 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
             if i == last and self.epoch == epoch:
                 self.epoch = epoch + 1
             yield to_torch(batch, writable=self._writable, pin_memory=self._pin)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned processes, `ddp_spawn`): the addresses, options and the
+        position; the copy connects on first use and goes on from there."""
+        state = self.state_dict() if self._open else self._closed_state
+        return {
+            "addresses": self._addresses,
+            "options": self._options,
+            "writable": self._writable,
+            "pin_memory": self._pin,
+            "epoch": self.epoch,
+            "position": None if state is None else dict(state),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._addresses = state["addresses"]
+        self._options = state["options"]
+        self._writable = state["writable"]
+        self._pin = state["pin_memory"]
+        self.epoch = state["epoch"]
+        self._closed_state = state["position"]
+        self._loader = SyncLoader(self._addresses, **self._options)
+        self._open = False
 
     def _ensure_open(self) -> None:
         if self._open:

@@ -142,6 +142,15 @@ class WorkerConfig:
     # Seconds a connection may stay without any call before it is closed (GOAWAY); its
     # client reconnects when it needs to. Loaders keep theirs busy with health watches.
     idle_connection_timeout: float = 300.0
+    # Seconds a connection may live: then it is sent GOAWAY (clients open another for new
+    # calls) and closed stream_stall_timeout later, ending what still runs on it (reads
+    # are resumed). What bounds how long a client that reads nothing keeps a stalled
+    # stream's chunk, and a connection that only watches health.
+    max_connection_age: float = 600.0
+    # Health Watch calls without a valid bearer token (all of them, without a token) at
+    # once; more get RESOURCE_EXHAUSTED, so watches cannot hold every connection. A loader
+    # sends its token on its watches. None: half of max_connections.
+    max_health_watches: int | None = None
     # Keep the shards of an fsspec URL data root on local disk here, so later epochs and
     # restarts read them locally (`_shardcache`); None: every open reads the data root.
     shard_cache_dir: Path | None = None
@@ -197,7 +206,7 @@ class WorkerConfig:
             raise ValueError(f"max_lanes must be in [1, 4096], got {self.max_lanes}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
-        for name in ("stream_stall_timeout", "idle_connection_timeout"):
+        for name in ("stream_stall_timeout", "idle_connection_timeout", "max_connection_age"):
             seconds = getattr(self, name)
             if not 0 < seconds < 1e6:  # also refuses NaN
                 raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {seconds}")
@@ -209,9 +218,23 @@ class WorkerConfig:
                 f"(s3://, gs://, ...), but the data root {self.data_root} is a local directory, "
                 "read in place: drop --shard-cache-dir"
             )
-        for name in ("max_connections", "max_streams_per_connection"):
-            if not 1 <= getattr(self, name) <= 2**31 - 1:
-                raise ValueError(f"{name} must be in [1, 2147483647], got {getattr(self, name)}")
+        for name in ("max_connections", "max_streams_per_connection", "max_health_watches"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 2**31 - 1:
+                raise ValueError(f"{name} must be in [1, 2147483647], got {value}")
+
+    @property
+    def health_watches(self) -> int:
+        """Health watches without a token at once (`max_health_watches`, or its default)."""
+        if self.max_health_watches is not None:
+            return self.max_health_watches
+        return max(1, self.max_connections // 2)
+
+    @property
+    def health_watch_seconds(self) -> float:
+        """How long one health Watch runs before the worker ends it (its client watches
+        again): half the time an aged connection is given, so none is cut mid-watch."""
+        return self.stream_stall_timeout / 2
 
     @property
     def address(self) -> str:

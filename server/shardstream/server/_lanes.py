@@ -24,6 +24,18 @@ use). A chunk that finds no free slot, or a lane that is gone, travels as bytes
 on the stream: the lane only ever saves copies. Either side closing the socket (a SIGKILL too) ends
 the lane; the memory is anonymous and goes with the last mapping: nothing is
 left behind, in /dev/shm or anywhere.
+
+What a client can hold of the worker's memory. The pages of a lane are charged
+to the worker (it writes them), and a client keeps them alive for as long as it
+keeps the memfd or a mapping of it, also after the lane ended. So when a lane
+ends, the worker hands back the pages of every slot the client said it no longer
+views (free slots, and slots of chunks it never received: `MADV_REMOVE`), and
+keeps counting what is left against its lane budget (`max_lanes` lanes of their
+most bytes, `max_lanes` ended lanes at most) until the client is gone
+(`_lanekeep`). A client that hoards ended lanes thus takes lanes from other
+clients on its host (they read on the socket), never more memory than the
+budget. A client's records of reads it has not ended are bounded too
+(`MAX_OPEN_READS`): one that never ends its reads loses its lane.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shardstream.server._lanekeep import EndedLanes, open_pidfd, peer_pid
+
 log = logging.getLogger("shardstream.worker")
 
 __all__ = ["Lane", "LaneOffer", "Lanes"]
@@ -57,6 +71,11 @@ HANDSHAKES = 8  # connections presenting a ticket at once
 RELEASE, END = 1, 2  # control records from the client: (kind, value, count), 3 uint32
 _RECORD = struct.Struct("<III")
 _ENDED_KEPT = 4096  # ids of reads the client ended, kept so late requests get no slots
+# Reads with chunks sent through one lane that the client has not ended (END): a loader
+# ends each read as it finishes, so it has a few (its reads in flight); more: it never
+# ends them, and its lane is closed rather than its records growing.
+MAX_OPEN_READS = 1024
+RECLAIM_SECONDS = 1.0  # ended lanes are looked for in /proc at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +93,7 @@ class LaneOffer:
 class _Slot:
     stream: int
     writing: bool
+    position: int = -1  # its chunk's place among the read's chunks sent in the lane
 
 
 @dataclass(eq=False)
@@ -88,11 +108,14 @@ class Lane:
     _held: dict[int, _Slot] = field(default_factory=dict)
     _free: list[int] = field(default_factory=list)
     _ended: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    _sent: dict[int, list[int]] = field(default_factory=dict)  # per read: slots, in order
+    _sent: dict[int, int] = field(default_factory=dict)  # per read not ended: chunks sent
     _pending: bytes = b""
     alive: bool = True
     chunks: int = 0  # sent through the lane
     on_close: list[Callable[[Lane], None]] = field(default_factory=list)
+    fd: int = -1  # the worker's descriptor of the memfd (-1: none); closed with the lane
+    pid: int = 0  # the client's process (SO_PEERCRED; 0: unknown)
+    pidfd: int = -1  # a pidfd of it (-1: none), to learn when it is gone
 
     def __post_init__(self) -> None:
         self._free = list(range(self.slots - 1, -1, -1))
@@ -119,9 +142,18 @@ class Lane:
         held.writing = False
         if not sent or held.stream in self._ended:
             self._free_slot(index)
-        else:
-            self._sent.setdefault(held.stream, []).append(index)
-            self.chunks += 1
+            return
+        held.position = self._sent.get(held.stream, 0)
+        self._sent[held.stream] = held.position + 1
+        self.chunks += 1
+        if len(self._sent) > MAX_OPEN_READS:
+            log.warning(
+                "same-host lane %s: its client has ended none of %d reads (no END records): "
+                "closing the lane; its reads go on over the socket",
+                self.id,
+                len(self._sent),
+            )
+            self.close(f"more than {MAX_OPEN_READS} reads not ended")
 
     def on_readable(self) -> None:
         """Control records from the client (the event loop calls this when readable)."""
@@ -154,13 +186,13 @@ class Lane:
             self._ended[value] = None
             while len(self._ended) > _ENDED_KEPT:
                 self._ended.popitem(last=False)
-            sent = self._sent.pop(value, [])
-            if count > len(sent):
-                return f"it received {count} chunks of read {value}, {len(sent)} were sent"
-            for index in sent[count:]:  # sent, never received: the client never sees them
-                held = self._held.get(index)
-                if held is not None and held.stream == value and not held.writing:
-                    self._free_slot(index)
+            sent = self._sent.pop(value, 0)
+            if count > sent:
+                return f"it received {count} chunks of read {value}, {sent} were sent"
+            if count < sent:  # sent, never received: the client never sees them
+                for index, held in list(self._held.items()):
+                    if held.stream == value and not held.writing and held.position >= count:
+                        self._free_slot(index)
         else:
             return f"unknown record kind {kind}"
         return None
@@ -170,19 +202,40 @@ class Lane:
         self._free.append(index)
 
     def close(self, why: str) -> None:
-        """End the lane (idempotent); reads on it go on as bytes. The memory goes when the
-        last view of it does (a chunk being written keeps it)."""
+        """End the lane (idempotent); reads on it go on as bytes. The pages of the slots
+        the client does not hold are handed back now; the rest goes when the last view of
+        it does (the client's, or a chunk being written). `on_close` callbacks may take
+        over `fd` and `pidfd` (set them to -1); otherwise they are closed here."""
         if not self.alive:
             return
         self.alive = False
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
+        self._hand_back([i for i in range(self.slots) if i not in self._held])
         self._held.clear()
         self._sent.clear()
         for callback in self.on_close:
             callback(self)
+        self.close_fds()
         log.info("same-host lane %s closed: %s", self.id, why)
+
+    def close_fds(self) -> None:
+        for name in ("fd", "pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def _hand_back(self, indices: list[int]) -> None:
+        """Free the pages of these slots (the memory reads as zeros afterwards): slots no
+        view of the client's holds, whoever else keeps the memfd."""
+        memory = self.view.obj
+        if not isinstance(memory, mmap.mmap):
+            return
+        for index in indices:
+            with contextlib.suppress(OSError, ValueError):  # not a shared file mapping
+                memory.madvise(mmap.MADV_REMOVE, index * self.slot_bytes, self.slot_bytes)
 
 
 class Lanes:
@@ -199,6 +252,9 @@ class Lanes:
         self._slot_bytes = _pages(slot_bytes)
         self._budget = slots * self._slot_bytes  # the most bytes of one lane
         self._max = max_lanes
+        self._total = max_lanes * self._budget  # the most bytes of all lanes, ended ones too
+        self._ended = EndedLanes()  # ended lanes whose clients may still hold their memory
+        self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(HANDSHAKES)
         # lane id -> (ticket, deadline, slots, slot bytes)
@@ -234,14 +290,33 @@ class Lanes:
         for old_id in [k for k, v in self._lanes.items() if not v.alive]:
             del self._lanes[old_id]
         with self._lock:
-            for lane_id, (_, deadline, _, _) in list(self._tickets.items()):
-                if deadline < now:
-                    del self._tickets[lane_id]
-            if self._listener is None or len(self._lanes) + len(self._tickets) >= self._max:
+            room = self._room(slots * size, now)
+        if not room and now >= self._next_reclaim:  # ended lanes may have been let go of
+            self._next_reclaim = now + RECLAIM_SECONDS
+            self._ended.reclaim()
+        with self._lock:
+            if self._listener is None or not self._room(slots * size, now):
                 return None
             lane_id, ticket = secrets.token_hex(8), secrets.token_bytes(TICKET_BYTES)
             self._tickets[lane_id] = (ticket, now + TICKET_SECONDS, slots, size)
         return LaneOffer(self.address, ticket, lane_id, slots, size)
+
+    def _room(self, nbytes: int, now: float) -> bool:
+        """Whether a lane of `nbytes` fits (`_lock` held): fewer than `max_lanes` lanes
+        (open or offered) and ended lanes kept, and all their bytes within the budget."""
+        for lane_id, (_, deadline, _, _) in list(self._tickets.items()):
+            if deadline < now:
+                del self._tickets[lane_id]
+        offered = sum(slots * size for _, _, slots, size in self._tickets.values())
+        count = len(self._lanes) + len(self._tickets)
+        taken = offered + sum(lane.slots * lane.slot_bytes for lane in self._lanes.values())
+        taken += self._ended.nbytes()
+        ended = len(self._ended)
+        return count < self._max and ended < self._max and taken + nbytes <= self._total
+
+    def kept_bytes(self) -> int:
+        """Bytes of ended lanes that their clients may still hold (counted in the budget)."""
+        return self._ended.nbytes()
 
     def get(self, lane_id: str) -> Lane | None:
         lane = self._lanes.get(lane_id)
@@ -262,6 +337,7 @@ class Lanes:
         for lane in list(self._lanes.values()):
             lane.close("the worker is stopping")
         self._lanes.clear()
+        self._ended.close()
 
     # -- the accepting thread ------------------------------------------------------------
 
@@ -309,6 +385,8 @@ class Lanes:
         if expected[1] < time.monotonic():
             raise PermissionError("an expired ticket")
         slots, slot_bytes = expected[2], expected[3]
+        pid = peer_pid(conn)
+        pidfd = open_pidfd(pid)  # opened now: it names this very process, whatever pids do
         fd = os.memfd_create(f"shardstream-lane-{lane_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             size = slots * slot_bytes
@@ -320,16 +398,27 @@ class Lanes:
             )
             memory = mmap.mmap(fd, size)
             socket.send_fds(conn, [b"\1"], [fd])
-        finally:
-            os.close(fd)  # the mapping and the client's copy of the descriptor keep it
+        except BaseException:
+            os.close(fd)
+            if pidfd >= 0:
+                os.close(pidfd)
+            raise
         conn.setblocking(False)
-        lane = Lane(lane_id, slots, slot_bytes, memoryview(memory), conn)
+        # The worker keeps its descriptor: to see and free what is left once the lane ends.
+        lane = Lane(lane_id, slots, slot_bytes, memoryview(memory), conn, fd=fd, pid=pid,
+                    pidfd=pidfd)  # fmt: skip
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._attach, lane)
 
     def _forget(self, lane: Lane) -> None:
-        """A closed lane: nothing here keeps it, so its memory goes with its last view."""
+        """A closed lane: nothing here keeps it, so its memory goes with its last view; what
+        its client may still hold of it stays counted (`EndedLanes`) until it is gone."""
         self._lanes.pop(lane.id, None)
+        loop = self._loop
+        if loop is None or self._listener is None or lane.fd < 0:  # stopping: it all goes
+            return
+        if self._ended.keep(lane.id, lane.fd, lane.pid, lane.pidfd, loop):
+            lane.fd = lane.pidfd = -1  # theirs now
 
     def _attach(self, lane: Lane) -> None:
         if self._listener is None:  # stopping

@@ -1,6 +1,8 @@
 """Worker metrics for Prometheus (`--metrics-port`; needs `shardstream[metrics]`).
 
 shardstream_streams_active{dataset}           read streams running now
+shardstream_streams_stalled                   streams ended for a client that reads nothing,
+                                              whose last chunk gRPC still holds
 shardstream_records_sent_total{dataset}       records streamed
 shardstream_bytes_sent_total{dataset}         chunk bytes streamed
 shardstream_chunk_seconds{dataset}            histogram: decode + serialize one chunk,
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from shardstream._common.metricshttp import MetricsServer
 from shardstream.server._pool import DecodingPool
 
 log = logging.getLogger("shardstream.worker")
@@ -45,9 +48,17 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self._on = False
         self._m: dict[str, Any] = {}
+        self._server: MetricsServer | None = None
+
+    def close(self) -> None:
+        """Stop serving the metrics over HTTP (idempotent)."""
+        if self._server is not None:
+            self._server.close()
 
     def enable(self, host: str, port: int, executor: Executor | None = None) -> int:
-        """Create the metrics and serve them over HTTP; returns the port (0 picks one).
+        """Create the metrics and serve them over HTTP (`MetricsServer`: GET /metrics, one
+        thread, a bounded number of connections, each closed after a few seconds); returns
+        the port (0 picks one).
         `executor`: the worker's decoding processes (a `DecodingPool`), for their
         utilization."""
         try:
@@ -60,6 +71,9 @@ class WorkerMetrics:
         self._m = {
             "active": prom.Gauge("shardstream_streams_active", "read streams running now",
                                  ["dataset"], registry=registry),
+            "stalled": prom.Gauge("shardstream_streams_stalled",
+                                  "streams whose client reads nothing, not yet left by it",
+                                  registry=registry),
             "records": prom.Counter("shardstream_records_sent", "records streamed",
                                     ["dataset"], registry=registry),
             "bytes": prom.Counter("shardstream_bytes_sent", "chunk bytes streamed",
@@ -76,15 +90,21 @@ class WorkerMetrics:
         }  # fmt: skip
         pool = executor if isinstance(executor, DecodingPool) else None
         registry.register(_DecodingCollector(pool))
-        server, _thread = prom.start_http_server(port, addr=host, registry=registry)
+        self._server = MetricsServer(
+            lambda: (prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST), host=host, port=port
+        )
+        bound = self._server.start()
         self._on = True
-        bound = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
     def stream(self, dataset: str, delta: int) -> None:
         if self._on:
             self._m["active"].labels(dataset).inc(delta)
+
+    def stalled(self, delta: int) -> None:
+        if self._on:
+            self._m["stalled"].inc(delta)
 
     def chunk(self, dataset: str, records: int, nbytes: int, seconds: float) -> None:
         if self._on:
@@ -112,7 +132,7 @@ class _DecodingCollector:
     def __init__(self, pool: DecodingPool | None) -> None:
         self._pool = pool
         self._window = UTILIZATION_WINDOW
-        self._lock = threading.Lock()  # scrapes run in the HTTP server's threads
+        self._lock = threading.Lock()  # scrapes run in the HTTP server's thread
         # (time, busy seconds) readings: the oldest is the newest one at least `window` old.
         self._readings: deque[tuple[float, float]] = deque(maxlen=1024)
         if pool is not None:

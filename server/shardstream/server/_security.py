@@ -275,6 +275,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._refusals.log(logging.WARNING, "UNAUTHENTICATED", "refused %s: %s", method, problem)
         return _rejecting_handler(handler, problem)
 
+    def accepts(self, metadata: Any) -> bool:
+        """Whether a call's metadata carries a valid token (for calls that need none, like
+        health, whose limits are looser with one: `_watches`)."""
+        self._refresh()
+        return self._check(metadata) is None
+
     def _check(self, metadata: Any) -> str | None:
         """None if the metadata carries the right token, else why not (without the token)."""
         values = [value for key, value in metadata if key.lower() == "authorization"]

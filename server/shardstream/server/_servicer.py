@@ -12,7 +12,15 @@ keeps neither a `max_streams` slot nor decoded chunks; the status reaches it
 after the chunk gRPC still holds for it, if it ever reads, and it resumes the
 read. Until its client reads or leaves, such a stream still holds that chunk,
 so stalled streams count too: at most `max_streams` run, and running plus
-stalled ones stay under `2 * max_streams`. A second after the last stream is
+stalled ones stay under `2 * max_streams`. Stalled streams are counted per
+client host too (the peer's address without its port): a host holding its share
+of them (`max_streams // 4`, at least 1) gets no new stream while running plus
+stalled ones are `max_streams` or more, until it reads or leaves them: clients
+that open streams and never read, from however many connections, cannot keep
+other hosts out of the `max_streams` running streams. gRPC gives a handler no
+way to reset its own stream, so what ends a stalled stream whose client never
+reads is its connection's age (`--max-connection-age`, then
+`--stream-stall-timeout` more: `_worker`). A second after the last stream is
 gone, or after streams stalled, freed heap is handed back to the kernel
 (`_writes.TrimWhenIdle`), so a worker returns near its baseline memory.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from concurrent.futures import Executor
 
 import grpc
@@ -46,6 +55,24 @@ from shardstream.server.errors import BusyError, DrainingError, NoLaneError, Sta
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
 
 
+def peer_host(peer: str) -> str:
+    """The client host of a gRPC peer: "ipv4:10.0.0.7:5123" -> "10.0.0.7",
+    "ipv6:[::1]:5123" (or %5B::1%5D) -> "::1", an IPv4-mapped IPv6 address as the IPv4
+    one; other peers (Unix sockets) as they are."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    text = urllib.parse.unquote(rest)
+    host, sep, port = text.rpartition(":")
+    host = (host if sep and port.isdigit() else text).strip("[]").lower()
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+
+
+def stalled_share(max_streams: int) -> int:
+    """Stalled streams one client host may hold before its new reads are refused."""
+    return max(1, max_streams // 4)
+
+
 class WorkerServicer:
     def __init__(
         self,
@@ -65,6 +92,7 @@ class WorkerServicer:
         self.draining = False  # set by the Worker's drain: refuse streams, end running ones
         self.active = 0  # streams running now
         self.stalled = 0  # streams ended for a client reading nothing, not yet left by it
+        self.stalled_by: dict[str, int] = {}  # the same, per client host (`peer_host`)
         self.idle = asyncio.Event()  # set while no stream runs
         self.idle.set()
         self._trim = TrimWhenIdle(TRIM_AFTER_IDLE, lambda: bool(self.active or self.stalled))
@@ -109,7 +137,8 @@ class WorkerServicer:
             args = decode_read(request)
             if self.draining:
                 raise DrainingError("the worker is draining")
-            self._admit()
+            host = peer_host(context.peer())
+            self._admit(host)
             ds, shard = check_read(self.catalog, args)
             self.active += 1
             self._trim.stream_started()
@@ -137,6 +166,8 @@ class WorkerServicer:
                 closing = asyncio.ensure_future(chunks.aclose())
                 stop_running()
                 self.stalled += 1
+                self.stalled_by[host] = self.stalled_by.get(host, 0) + 1
+                self.metrics.stalled(+1)
                 self._log_stall(args)
                 self._maybe_idle(stalled=True)
 
@@ -155,6 +186,10 @@ class WorkerServicer:
                 stop_running()
                 if watch.stalled():
                     self.stalled -= 1
+                    held = self.stalled_by.pop(host) - 1
+                    if held:
+                        self.stalled_by[host] = held
+                    self.metrics.stalled(-1)
                     self._maybe_idle()
             if watch.stalled():
                 timeout = self._config.stream_stall_timeout
@@ -166,8 +201,24 @@ class WorkerServicer:
                     shard=args.shard,
                 )
 
-    def _admit(self) -> None:
+    def _admit(self, host: str) -> None:
         limit = self._config.max_streams
+        share, mine = stalled_share(limit), self.stalled_by.get(host, 0)
+        # Over its share, a host gets no new stream once the worker is half full: its
+        # stalled ones stay under about `limit`, and other hosts keep `limit` running.
+        if mine >= share and self.active + self.stalled >= limit:
+            self.refusals.log(
+                logging.WARNING,
+                "stalled share",
+                "refused reads from %s: it holds %d streams it reads nothing of (its share: %d)",
+                shown(host),
+                mine,
+                share,
+            )
+            raise BusyError(
+                f"clients on {shown(host)} hold {mine} streams they read nothing of, their "
+                f"share of this worker (--max-streams {limit}): read them, or retry later"
+            )
         if self.active >= limit or self.active + self.stalled >= 2 * limit:
             held = f" and holds {self.stalled} stalled ones" if self.stalled else ""
             raise BusyError(

@@ -100,15 +100,16 @@ class ChunkStreamer:
             n = min(n, args.max_chunk_records)
         return n
 
-    def lane_chunk_records(self, ds: Dataset, args: ReadArgs, lane: Lane, step: int) -> int:
+    def lane_chunk_records(self, ds: Dataset, args: ReadArgs, lane: Lane) -> int:
         """Records per chunk of a read whose chunks go into `lane` straight from their
-        files: what a slot holds (not bounded by a message), within the client's cap;
-        at least `step`, the message-sized chunk."""
+        files: what a slot holds (not bounded by a message), at most the client's
+        `lane_chunk_records` (0: its `max_chunk_records`), the most it asked for, even
+        where that is fewer than a message holds; at least one."""
         fits = chunk_limit(ds.schema, len(args.shard.encode()), lane.slot_bytes)
         cap = args.lane_chunk_records or args.max_chunk_records
         if cap > 0:
             fits = min(fits, cap)
-        return max(step, fits)
+        return max(1, fits)
 
     def _direct(self, ds: Dataset, chain: object, ragged: bool) -> bool:
         """Whether the dataset's chunks are read straight from their files (`_direct`)."""
@@ -138,7 +139,9 @@ class ChunkStreamer:
         to = None if lane is None else (lane, args.lane_stream)
         small = step  # a message's worth: what a chunk that goes on the socket holds
         if lane is not None and self._direct(ds, chain, ragged):
-            step = self.lane_chunk_records(ds, args, lane, step)
+            step = self.lane_chunk_records(ds, args, lane)
+        elif lane is not None and args.lane_chunk_records > 0:  # the most a lane chunk holds
+            step = min(step, args.lane_chunk_records)
 
         def submit(s: int) -> tuple[int, int, asyncio.Future[Any]]:
             """(start, records, future) of the chunk job at `s`."""

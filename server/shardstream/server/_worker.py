@@ -34,11 +34,12 @@ from shardstream.server._files import ShardPath
 from shardstream.server._lanes import Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
-from shardstream.server._security import RequestGuard
+from shardstream.server._security import BearerTokenInterceptor, RequestGuard
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shardcache import ShardDiskCache, open_cache
 from shardstream.server._shardcache import process_init as cached_process_init
 from shardstream.server._shm import ChunkBuffers
+from shardstream.server._watches import WatchGuard
 from shardstream.server._wire import SERVICE, service_handler
 from shardstream.v1.codec import FieldSpec
 
@@ -70,6 +71,11 @@ def grpc_options(config: WorkerConfig) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", int(config.stream_stall_timeout * 1000)),
         ("grpc.max_connection_idle_ms", int(config.idle_connection_timeout * 1000)),
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Connections age out: GOAWAY, then what still runs on them is cut a stall timeout
+        # later. gRPC gives a handler no way to reset its own stream, so this is what ends
+        # a stalled stream whose client never reads (and frees the chunk gRPC holds for it).
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.stream_stall_timeout * 1000)),
     ]
 
 
@@ -139,6 +145,7 @@ class Worker:
         self._failing: asyncio.Task[None] | None = None  # the drain that failure started
         self._port = 0
         self.metrics_port: int | None = None  # where Prometheus metrics are served, if enabled
+        self._metrics: WorkerMetrics | None = None
         self._closed = asyncio.Event()
         self._state = "new"
 
@@ -222,17 +229,23 @@ class Worker:
         cfg = self.config
         assert self._executor is not None
         security = cfg.security.load()  # reads the TLS files and token once
-        metrics = WorkerMetrics()
+        metrics = self._metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
             self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port, self._executor)
             if self._shard_cache is not None:
                 metrics.add_collector(self._shard_cache.collector())
         self._lanes = self._open_lanes()
         self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers, self._lanes)
-        connections = _fit_open_files(cfg.max_connections)
+        fitted = replace(cfg, max_connections=_fit_open_files(cfg.max_connections))
+        token = security.interceptors()  # the token first: nothing reads a refused call
+        accepts = next((t.accepts for t in token if isinstance(t, BearerTokenInterceptor)), None)
+        watches = WatchGuard(
+            max_untrusted=fitted.health_watches,
+            seconds=cfg.health_watch_seconds,
+            trusted=accepts,
+        )
         self._server = grpc.aio.server(
-            options=grpc_options(replace(cfg, max_connections=connections)),
-            interceptors=[*security.interceptors(), RequestGuard()],  # the token first
+            options=grpc_options(fitted), interceptors=[*token, watches, RequestGuard()]
         )
         self._server.add_generic_rpc_handlers((service_handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -337,6 +350,8 @@ class Worker:
             self._server = None
         if self._servicer is not None:
             self._servicer.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._lanes is not None:
             self._lanes.close()
             self._lanes = None

@@ -235,6 +235,22 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="close a connection without calls for this long [SHARDSTREAM_IDLE_CONNECTION_TIMEOUT]",
     )
     p.add_argument(
+        "--max-connection-age",
+        type=TIMEOUT,
+        default=env("MAX_CONNECTION_AGE", "600"),
+        metavar="SECONDS",
+        help="send a connection GOAWAY after this long and close it --stream-stall-timeout "
+        "later (clients reconnect; reads still running resume) "
+        "[SHARDSTREAM_MAX_CONNECTION_AGE]",
+    )
+    p.add_argument(
+        "--max-health-watches",
+        type=int_in(1, 2**31 - 1),
+        default=env("MAX_HEALTH_WATCHES"),
+        help="health Watch calls without a valid token at once (default: half of "
+        "--max-connections); more get RESOURCE_EXHAUSTED [SHARDSTREAM_MAX_HEALTH_WATCHES]",
+    )
+    p.add_argument(
         "--metrics-port",
         type=PORT,
         default=env("METRICS_PORT"),
@@ -305,6 +321,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_connections=args.max_connections,
         max_streams_per_connection=args.max_streams_per_connection,
         idle_connection_timeout=args.idle_connection_timeout,
+        max_connection_age=args.max_connection_age,
+        max_health_watches=args.max_health_watches,
         lanes=args.lanes,
         lane_slots=args.lane_slots,
         max_lanes=args.max_lanes,

@@ -1,0 +1,308 @@
+"""The synchronous wrappers through a process's whole life: epochs left suspended and
+finalized on any thread (the loader's own included), state asked for while an epoch
+starts, interpreter exit with loaders and epochs still open, fork, pickling, and torch's
+DataLoader worker processes. Each of these used to hang, deadlock, crash or answer
+wrong; here each ends promptly, clearly, and with the right position."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader, SyncLoader
+
+from conftest import RECORDS, worker_processes
+
+OPTS: dict[str, Any] = {"dataset": "train", "batch_size": 16, "rank": 0, "world_size": 1}
+BATCHES = -(-RECORDS // 16)
+WAIT = 60  # seconds: a bound that only a hang reaches, never a pacing
+
+
+@pytest.fixture(scope="module")
+def address(npz_root: Path) -> Iterator[str]:
+    with worker_processes(npz_root, 1) as workers:
+        yield workers[0].address
+
+
+def test_an_epoch_finalized_on_the_loaders_own_thread_does_not_deadlock(address: str) -> None:
+    """A suspended epoch that becomes garbage is finalized by whichever thread drops it:
+    when that is the loader's event-loop thread (a garbage collection there), its stop
+    must not wait for that same thread. (In a process of its own: a deadlocked loader
+    could not even be closed.)"""
+    r = _run_script(
+        address,
+        f"""
+        import asyncio, sys
+        import numpy as np
+        from shardstream.client import SyncLoader
+        with SyncLoader(sys.argv[1], dataset="train", batch_size=16) as loader:
+            held = [loader.epoch(0)]
+            next(held[0])
+
+            async def drop():  # the generator's `finally` runs here, on the loop
+                held.clear()
+
+            asyncio.run_coroutine_threadsafe(drop(), loader._loop).result({WAIT})
+            # The loop still answers: a whole epoch afterwards, exactly once.
+            ids = np.concatenate([b["id"] for b in loader.epoch(1)])
+            assert sorted(ids.tolist()) == list(range({RECORDS})), "not exactly once"
+        print("done", flush=True)
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "done"
+
+
+def _run_script(address: str, body: str) -> subprocess.CompletedProcess[str]:
+    """Run `body` in a new interpreter (and session: a hang, and whatever it forked, is
+    killed whole)."""
+    args = [sys.executable, "-c", textwrap.dedent(body), address]
+    with subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=WAIT + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_exit_with_a_suspended_epoch_in_a_global(address: str, closed: bool) -> None:
+    """A script that leaves its loop early and ends, its epoch generator (and, unclosed,
+    its loader) still referenced from module globals: the process exits at once and
+    cleanly, not hanging on a loop thread that exit has stopped."""
+    r = _run_script(
+        address,
+        f"""
+        import sys
+        from shardstream.client import SyncLoader
+        loader = SyncLoader(sys.argv[1], dataset="train", batch_size=16)
+        loader.open()
+        epoch = loader.epoch(0)
+        for step, batch in enumerate(epoch):
+            if step == 3:
+                break
+        if {closed}:
+            loader.close()
+        print("done", flush=True)
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "done"
+    assert "Task was destroyed" not in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+class _Interleaved(SyncLoader):
+    """A SyncLoader whose epoch start returns into an interruption: `state_dict` is asked
+    for (as another thread may ask it) or a Ctrl-C arrives, at the moment the loader has
+    switched to the new epoch but the caller has not yet heard of it."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.then = ""  # what happens after the next epoch's start
+        self.seen: dict[str, Any] | None = None
+
+    def _call(self, coro: Any) -> Any:
+        starting = getattr(coro, "__qualname__", "").endswith("epoch.<locals>.start")
+        result = super()._call(coro)
+        if starting and self.then == "state":
+            self.seen = self.state_dict()
+        elif starting and self.then == "interrupt":
+            self.then = ""
+            raise KeyboardInterrupt
+        return result
+
+
+@pytest.mark.parametrize("then", ["state", "interrupt"])
+def test_state_while_an_epoch_starts(address: str, then: str) -> None:
+    """The position `state_dict` reports and the loader's current epoch change together:
+    asked between the two, or after a Ctrl-C that arrived as the next epoch started, it
+    is the new epoch's start (nothing of it received), never an error, and restoring it
+    yields that whole epoch exactly once."""
+    with _Interleaved(address, **OPTS) as loader:
+        for step, _ in enumerate(loader.epoch(0)):
+            if step == 2:
+                break
+        loader.then = then
+        if then == "state":
+            batches = list(loader.epoch(1))
+            assert loader.seen is not None
+            state = loader.seen
+            assert len(batches) == BATCHES
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                loader.epoch(1).__next__()
+            state = loader.state_dict()
+    with SyncLoader(address, **OPTS) as again:
+        again.load_state_dict(state)
+        assert again.start_epoch == 1
+        ids = np.concatenate([b["id"] for b in again.epoch(1)])
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+def test_a_forked_child_is_refused_clearly_and_the_parent_goes_on(address: str) -> None:
+    """A process forked while a SyncLoader is open gets a copy whose thread and
+    connections stay in the parent: using it there is a clear RuntimeError at once
+    (it used to wait forever, or the child crashed in grpc's fork handlers), closing it
+    is a no-op, and the parent is unaffected. (In a process of its own, as a training
+    script is: this one may hold other libraries' threads.)"""
+    r = _run_script(
+        address,
+        f"""
+        import os, select, signal, sys
+        import numpy as np
+        from shardstream.client import SyncLoader
+
+        def child(loader):
+            code = 1
+            try:
+                next(loader.epoch(1))
+            except RuntimeError as exc:
+                code = 0 if "forked child" in str(exc) else 2
+            except BaseException:
+                code = 3
+            try:
+                loader.close()
+            except BaseException:
+                code = 4
+            return code
+
+        codes = []
+        with SyncLoader(sys.argv[1], dataset="train", batch_size=16) as loader:
+            epoch = loader.epoch(0)
+            got = [next(epoch)["id"]]
+            for _ in range(6):  # it used to crash about one fork in six
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(child(loader))
+                fd = os.pidfd_open(pid)
+                if not select.select([fd], [], [], {WAIT})[0]:
+                    os.kill(pid, signal.SIGKILL)
+                os.close(fd)
+                codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                got.append(next(epoch)["id"])
+            got += [b["id"] for b in epoch]
+        ids = sorted(np.concatenate(got).tolist())
+        print("children:", codes, "exactly once:", ids == list(range({RECORDS})), flush=True)
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "children: [0, 0, 0, 0, 0, 0] exactly once: True", r.stderr[-3000:]
+
+
+def test_loaders_refuse_pickling_clearly(address: str) -> None:
+    for loader in (SyncLoader(address, **OPTS), Loader(address, **OPTS)):
+        with pytest.raises(TypeError, match=r"cannot be pickled.*open one there"):
+            pickle.dumps(loader)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_a_pickled_iterable_goes_on_from_the_position(address: str) -> None:
+    """ShardstreamIterable crosses to spawned processes (`ddp_spawn`, spawn-started
+    DataLoader-free workers) as its addresses, options and position: the copy yields
+    exactly the batches the original had not."""
+    from shardstream.client.torch import ShardstreamIterable
+
+    data = ShardstreamIterable(address, **OPTS)
+    try:
+        head = []
+        for step, batch in enumerate(data):
+            head.append(batch["id"].numpy())
+            if step == 4:
+                break
+        copy = pickle.loads(pickle.dumps(data))
+    finally:
+        data.close()
+    try:
+        assert copy.epoch == 0
+        tail = [batch["id"].numpy() for batch in copy]
+    finally:
+        copy.close()
+    ids = np.concatenate(head + tail)
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+    fresh = pickle.loads(pickle.dumps(ShardstreamIterable(address, **OPTS)))
+    try:
+        assert len(fresh) == BATCHES
+    finally:
+        fresh.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_torch_dataloader_worker_processes_are_refused(address: str) -> None:
+    """Any DataLoader worker process, one included, would iterate a copy whose epoch
+    and position the trainer never sees (forked with the loader open, it used to hang):
+    a clear error in the trainer's process instead, and the trainer's own copy is
+    untouched. (In a process of its own: DataLoader workers are forked.)"""
+    r = _run_script(
+        address,
+        f"""
+        import sys
+        import numpy as np
+        from torch.utils.data import DataLoader
+        from shardstream.client.torch import ShardstreamIterable
+
+        data = ShardstreamIterable(sys.argv[1], dataset="train", batch_size=16)
+        try:
+            assert len(data) == {BATCHES}  # opened, as Lightning's len() opens it
+            loader = DataLoader(data, batch_size=None, num_workers=1, timeout={WAIT})
+            try:
+                next(iter(loader))
+                print("not refused")
+            except RuntimeError as exc:
+                print("refused:", "num_workers=0" in str(exc), flush=True)
+            del loader
+            ids = np.concatenate([b["id"].numpy() for b in data])
+            print("exactly once:", sorted(ids.tolist()) == list(range({RECORDS})))
+        finally:
+            data.close()
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["refused: True", "exactly once: True"], r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_grpc_channels_are_gone_before_the_interpreter_tears_down(
+    address: str, closed: bool
+) -> None:
+    """grpc stops its process-wide poller thread when the last channel goes; left to the
+    interpreter's teardown, that thread wakes when it can no longer run, and a job that
+    did everything right can abort at exit ("terminate called without an active
+    exception"). A loader still referenced at exit, closed or not, has let go of its
+    channels by the time the last exit handler runs."""
+    r = _run_script(
+        address,
+        f"""
+        import atexit, gc, sys
+
+        def channels_left():  # registered first: runs after shardstream's own handler
+            from grpc._cython import cygrpc
+            n = sum(isinstance(o, cygrpc.AioChannel) for o in gc.get_objects())
+            print("channels at teardown:", n, flush=True)
+
+        atexit.register(channels_left)
+        from shardstream.client import SyncLoader
+        loader = SyncLoader(sys.argv[1], dataset="train", batch_size=16)
+        loader.open()
+        print("records:", sum(len(b["id"]) for b in loader.epoch(0)), flush=True)
+        if {closed}:
+            loader.close()
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == [f"records: {RECORDS}", "channels at teardown: 0"]
