@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardstream.client import Loader
 from shardstream.server import make_dataset
-from shardstream.server._process import WorkerProcess
+from shardstream.server._process import WorkerProcess, WorkerStartError
 
 TESTS = Path(__file__).parent
 RECORDS = 12_000
@@ -435,3 +437,17 @@ async def test_keepalive_pings_are_accepted_by_the_worker(root: Path) -> None:
     assert stats.resumes == 0
     assert conn.last_error == "" and conn.serving  # the health watch was never cut
     assert not any("too_many_pings" in line or "GOAWAY" in line for line in worker.log)
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_log_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # The error used to leave the worker's stdout and stderr pipes open (a ResourceWarning
+    # at the next collection, which failed a whole test run at its end).
+    argv = ["--data-root", str(tmp_path)]  # and no --dataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(WorkerStartError, match=r"exit code [1-9]\d*\); its log:\n.*dataset"):
+            WorkerProcess.start(argv, timeout=60)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

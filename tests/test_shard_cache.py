@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -276,6 +278,52 @@ def test_an_unusable_cache_directory_is_refused_with_the_flag_named(tmp_path: Pa
     with pytest.raises(OSError, match=r"cannot use the shard cache directory .*--shard-cache-dir"):
         cache.prepare()
     cache.close()
+
+
+_PREPARE = """
+import pathlib, sys
+from shardstream.server._shardcache import ShardDiskCache
+for line in sys.stdin:  # a directory to prepare, given to every process at once
+    cache = ShardDiskCache(pathlib.Path(line.strip()), 1 << 20)
+    try:
+        cache.prepare()
+        print("ok", flush=True)
+    except OSError as exc:
+        print(exc, flush=True)
+    finally:
+        cache.close_connections()
+"""
+
+
+def test_workers_preparing_one_new_directory_at_once_all_start(tmp_path: Path) -> None:
+    # Setting the index's journal mode does not wait for other connections: 1 start in
+    # 6 of three workers at once failed with "database is locked".
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outcomes = []
+    try:
+        for i in range(20):
+            for p in procs:  # each is waiting on its stdin: they start together
+                assert p.stdin is not None
+                p.stdin.write(f"{tmp_path / str(i)}\n")
+                p.stdin.flush()
+            outcomes += [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+    finally:
+        for p in procs:
+            try:
+                p.communicate(timeout=60)  # closes its pipes; it ends at the end of its input
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+    assert [o for o in outcomes if o != "ok"] == []
+    assert [p.returncode for p in procs] == [0] * len(procs)
 
 
 def test_open_shard_uses_the_cache_only_under_its_root(

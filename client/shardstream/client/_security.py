@@ -15,6 +15,7 @@ a running loader follows a token rotation (see `read_tokens_file`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,27 @@ class ClientSecurity:
             object.__setattr__(self, "tls", True)
 
 
+# The process in which this client first made a gRPC channel. grpc.aio does not survive
+# a fork: in a child forked after it ran, a new channel's calls hang or crash (measured:
+# both, with grpc's fork support off and on, also after the parent closed every channel).
+_grpc_used_in: int | None = None
+
+
+def _refuse_forked_child() -> None:
+    global _grpc_used_in
+    pid = os.getpid()
+    if _grpc_used_in is None:
+        _grpc_used_in = pid
+    elif _grpc_used_in != pid:
+        raise RuntimeError(
+            f"this process ({pid}) was forked from process {_grpc_used_in} after "
+            "shardstream's client used gRPC there, and grpc.aio does not work in a forked "
+            "child (its calls hang or crash): start this process with the spawn method "
+            "(multiprocessing.get_context('spawn'), torch.multiprocessing.spawn), or fork "
+            "before the first loader opens"
+        )
+
+
 def secure_channel(
     address: str,
     options: Sequence[tuple[str, int | str]],
@@ -70,8 +92,10 @@ def secure_channel(
 ) -> grpc.aio.Channel:
     """A channel to `address`: TLS when `security` asks for it, else plain.
 
-    Reads the TLS files once; a ValueError names any file that is unusable.
+    Reads the TLS files once; a ValueError names any file that is unusable; a
+    RuntimeError refuses a child forked after this client used gRPC.
     """
+    _refuse_forked_child()
     opts = list(options)
     if security is None or not security.tls:
         return grpc.aio.insecure_channel(address, options=opts)

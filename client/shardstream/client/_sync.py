@@ -64,7 +64,8 @@ class SyncLoader:
             raise RuntimeError(
                 f"this SyncLoader was opened in process {self._pid}; a forked child "
                 f"({os.getpid()}) cannot use it, as its thread and connections stay in the "
-                "parent: open a new SyncLoader in the child"
+                "parent (nor open another: grpc.aio does not survive a fork). Start such "
+                "processes with the spawn method, and open a loader there"
             )
 
     @property
@@ -242,6 +243,7 @@ class SyncLoader:
         began = time.perf_counter()
         try:
             while True:
+                self._check_process()  # in a forked child nothing would fill the hand-off
                 t0 = time.perf_counter()
                 item = handoff.get()
                 waited = time.perf_counter() - t0

@@ -88,11 +88,12 @@ class WorkerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         if not self._serving.wait(timeout) or not self.address:
-            self.kill()
+            code = self.proc.poll()  # None: it was still starting
+            self.close()  # and its pipes: nothing of it outlives the error
             tail = "\n  ".join(list(self.log)[-15:])
             raise WorkerStartError(
                 f"worker {' '.join(self.args)} did not start serving within {timeout}s "
-                f"(exit code {self.proc.poll()}); its log:\n  {tail}"
+                f"(exit code {code}); its log:\n  {tail}"
             )
 
     @property

@@ -10,6 +10,7 @@ copy:
                         the copy's stat, last use) and the digests indexed
     DIR/shards/NAME     the copies; NAME is a hash of the URL and its file name
     DIR/locks/NAME      a lock file per entry (flock)
+    DIR/index.lock      taken (flock) while a worker creates or checks the index
 
 A copy is served only while (1) the store reports the version it was downloaded
 at (`_files.shard_version`: size and every time, checksum, ETag or version it
@@ -93,6 +94,7 @@ __all__ = [
 log = logging.getLogger("shardstream.cache")
 
 INDEX_FILE = "index.sqlite3"
+INDEX_LOCK = "index.lock"
 KEEP_SECONDS = 30 * 86400  # indexed digests not seen by a worker for this long are dropped
 _PART = "~"  # NAME~PID-THREAD.part: a download under way (names never hold a '~')
 
@@ -233,10 +235,19 @@ class ShardDiskCache:
             ) from None
 
     def _create(self) -> None:
-        db = self._db()
-        db.execute("PRAGMA journal_mode = WAL")  # readers do not wait for writers
-        for statement in _SCHEMA:
-            db.execute(statement)
+        # SQLite does not wait (busy timeout) to change the journal mode while another
+        # connection has the file open: workers starting together on one directory
+        # failed with "database is locked". They take turns here instead.
+        fd = os.open(self.directory / INDEX_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            db = self._db()
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")  # readers do not wait for writers
+            for statement in _SCHEMA:
+                db.execute(statement)
+        finally:
+            os.close(fd)  # and the lock with it
 
     def _tidy(self) -> None:
         evicted = 0
