@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
@@ -43,6 +43,12 @@ from shardstream.v1.codec import (
 log = logging.getLogger("shardstream.client")
 
 MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    iterator: EpochIterator
+    history: tuple[Interruption, ...]  # of its plan (a resumed epoch's interruptions)
 
 
 class Loader:
@@ -93,7 +99,9 @@ class Loader:
         self._pool: WorkerPool | None = None
         self._desc: DatasetDesc | None = None
         self._tasks = TaskScope("loader")  # epochs' pipelines, and epochs being stopped
-        self._current: EpochIterator | None = None
+        # The current epoch and its plan's history, replaced as one: a wrapper's thread
+        # reading the position never pairs an epoch with another's history.
+        self._live: _Live | None = None
         self._fetch_counters = FetchCounters()
         self._past = EpochCounters()  # epochs before the current one
         self._by_epoch: dict[int, EpochIterator] = {}  # the last iterator of each epoch
@@ -103,7 +111,6 @@ class Loader:
         self._resume: LoaderState | None = None  # applies to the epoch it names
         self._pending_state = state
         self._override = override_state_checks
-        self._running_history: tuple[Interruption, ...] = ()  # of the current epoch's plan
 
     # lifecycle -------------------------------------------------------------
 
@@ -213,13 +220,19 @@ class Loader:
         """The epoch to continue with: 0, or the one a restored state points at."""
         return 0 if self._resume is None else self._resume.epoch
 
+    @property
+    def _current(self) -> EpochIterator | None:
+        live = self._live
+        return None if live is None else live.iterator
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: restoring it (also with another world size, when every rank
         saved at the same step) yields exactly the rest of the epoch."""
-        it = self._current
-        if it is None:
-            return self.state_at(None, 0, completed=False)
-        return self.state_at(it, it.counters.batches, completed=it.completed)
+        live = self._live
+        if live is None:
+            return self._state_of(None, 0, completed=False)
+        it = live.iterator
+        return self._state_of(live, it.counters.batches, completed=it.completed)
 
     def state_at(
         self, iterator: EpochIterator | None, batches: int, *, completed: bool
@@ -227,17 +240,34 @@ class Loader:
         """The state after the consumer received `batches` batches of `iterator` (the
         current epoch), or its end (`completed`): for wrappers that hand batches on, such
         as `SyncLoader`, whose caller may be behind what the iterator has produced."""
-        if iterator is not None and iterator is not self._current:
+        live = self._live
+        if iterator is None:
+            return self._state_of(None, 0, completed=False)
+        if live is None or iterator is not live.iterator:
             raise RuntimeError("state_at() of an epoch that is no longer the loader's current")
+        return self._state_of(live, batches, completed=completed)
+
+    def _state_at_or_current(
+        self, iterator: EpochIterator, batches: int, *, completed: bool
+    ) -> dict[str, Any]:
+        """`state_at`, or `state_dict` once another epoch has started (from a wrapper's
+        thread, which learns of the new epoch after the loader's thread started it)."""
+        live = self._live
+        if live is not None and iterator is live.iterator:
+            return self._state_of(live, batches, completed=completed)
+        return self.state_dict()
+
+    def _state_of(self, live: _Live | None, batches: int, *, completed: bool) -> dict[str, Any]:
         cfg = self.config
         epoch = 0
         history: tuple[Interruption, ...] = ()
-        if iterator is not None:
-            epoch, history = iterator.plan.epoch, self._running_history
-            if completed or batches >= iterator.plan.batches:  # every batch received
+        resume = self._resume
+        if live is not None:
+            epoch, history = live.iterator.plan.epoch, live.history
+            if completed or batches >= live.iterator.plan.batches:  # every batch received
                 epoch, batches, history = epoch + 1, 0, ()
-        elif self._resume is not None:
-            epoch, history = self._resume.epoch, self._resume.interruptions()
+        elif resume is not None:
+            epoch, history = resume.epoch, resume.interruptions()
         options = cfg.plan_dict()
         return LoaderState(
             dataset=cfg.dataset,
@@ -297,7 +327,7 @@ class Loader:
             self._epochs_completed += self._current.completed
         cfg = self.config
         plan = self.plan(epoch)
-        self._running_history = self._history(epoch)
+        history = self._history(epoch)
         per_record = max(1, estimated_record_bytes(self.dataset.schema))
         chunk = max(1, min(cfg.chunk_bytes // per_record, self._chunk_limit()))
         if is_ragged(self.schema):  # the worker cuts chunks from the records' actual bytes
@@ -326,7 +356,7 @@ class Loader:
             ledger=ledger,
             formatter=self._formatter(),
         )
-        self._current = iterator
+        self._live = _Live(iterator, history)
         self._by_epoch[epoch] = iterator
         return iterator
 

@@ -184,11 +184,13 @@ class SyncLoader:
         has prepared ahead): restoring it yields exactly the rest."""
         with self._lock:  # an epoch starting on the loop's thread sets `_position`
             pos = self._position
-            if pos is None or pos.iterator is not self._loader._current:
-                # None yet, or the next epoch has just started and hands out nothing
-                # until `_position` is set: the loader's own position is the caller's.
+            if pos is None:
                 return self._loader.state_dict()
-            return self._loader.state_at(pos.iterator, pos.batches, completed=pos.completed)
+            # If the next epoch has just started (it hands out nothing until `_position`
+            # is set), the loader's own position is the caller's.
+            return self._loader._state_at_or_current(
+                pos.iterator, pos.batches, completed=pos.completed
+            )
 
     def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
         self._loader.load_state_dict(state, override=override)
