@@ -620,3 +620,55 @@ async def test_ended_lanes_a_client_keeps_stay_within_the_budget(npz_root: Path)
                 assert loop.time() < deadline, "no lane offered once the memfds were let go"
                 await asyncio.sleep(0.1)
             assert lanes.kept_bytes() == 0
+
+
+def lane_mappings() -> list[str]:
+    """This process's mappings and descriptors of lane memory."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # the listing's own descriptor
+    with open("/proc/self/maps") as maps:
+        mapped = [line.split(None, 5)[-1].strip() for line in maps]
+    return [m for m in fds + mapped if "shardstream-lane" in m]
+
+
+@pytest.mark.parametrize("consumed", ["whole", "abandoned"])
+@pytest.mark.parametrize("api", ["Loader", "SyncLoader"])
+async def test_a_closed_loader_unmaps_its_lanes(npz_root: Path, api: str, consumed: str) -> None:
+    """A worker counts a lane's memory against its budget while the client maps it. Once
+    a loader is closed, and its caller holds none of its batches, the mapping is gone at
+    once: it used to stay until a garbage collection ran (a cycle of the loader's, or of
+    the reads cancelled mid-epoch), and a process opening and closing loaders held one
+    lane after another."""
+    assert lane_mappings() == []
+    with worker_processes(npz_root, 1) as (w,):
+        for _ in range(2):
+            if api == "Loader":
+                async with Loader([w.address], **OPTIONS) as loader:
+                    async for step, batch in aenumerate(loader.epoch(0)):
+                        assert batch and lane_mappings() != []  # the lane is in use
+                        if consumed == "abandoned" and step == 2:
+                            break
+                    del batch
+            else:
+
+                def run() -> None:
+                    with SyncLoader([w.address], **OPTIONS) as sync:
+                        for step, batch in enumerate(sync.epoch(0)):
+                            assert batch and lane_mappings() != []
+                            if consumed == "abandoned" and step == 2:
+                                break
+                        del batch
+
+                await asyncio.to_thread(run)
+            assert lane_mappings() == []
+
+
+async def aenumerate(items: Any) -> Any:
+    step = 0
+    async for item in items:
+        yield step, item
+        step += 1

@@ -62,6 +62,7 @@ class ClientLane:
         self._held: set[int] = set()  # slots arrays here still view (not handed back)
         self._lock = threading.Lock()
         self.alive = True
+        self._mapped = True
         self._pid = os.getpid()  # a forked child must not hand back the parent's slots
         self.bytes = 0  # chunk bytes that came through the lane
 
@@ -81,6 +82,8 @@ class ClientLane:
                 f"{self._slots} slots of {self._slot_bytes} bytes"
             )
         with self._lock:
+            if not self._mapped:
+                raise RuntimeError(f"a chunk taken from the same-host lane {self.id} after close")
             if slot in self._held:  # the worker wrote over records handed out from it
                 raise ValueError(
                     f"a shared chunk in slot {slot}, which this loader had not handed back: "
@@ -115,11 +118,24 @@ class ClientLane:
             except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
                 self._close(f"its socket failed: {exc}")
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the lane's memory is still mapped in this process."""
+        return self._mapped
+
     def close(self, why: str = "the loader closed") -> None:
         """End the lane (idempotent): the worker sees the socket close and frees it. The
-        mapping stays while arrays view it; it goes with the last of them."""
+        mapping goes now if no array views it (the worker counts the lane's memory for as
+        long as this process maps it), else with the last of them."""
         with self._lock:
             self._close(why)
+            if self._mapped and not self._held and os.getpid() == self._pid:
+                try:
+                    self._view.release()
+                    self._memory.close()
+                    self._mapped = False
+                except BufferError:  # an array of it the finalizers have not seen go yet
+                    pass
 
     def _close(self, why: str) -> None:
         if self.alive:

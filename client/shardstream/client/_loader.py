@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -160,6 +161,19 @@ class Loader:
                 finally:
                     for conn in self._pool.conns:
                         conn.release()
+                    self._unmap_lanes()
+
+    def _unmap_lanes(self) -> None:
+        """Unmap the closed lanes that chunks still view only from the cancelled reads'
+        frames (reference cycles): a worker counts a lane's memory against its budget for
+        as long as a client maps it, which would otherwise last until a collection ran.
+        Batches the caller still holds keep theirs mapped."""
+        assert self._pool is not None
+        lanes = [c.lane for c in self._pool.conns if c.lane is not None and c.lane.mapped]
+        if lanes:
+            gc.collect()
+            for lane in lanes:
+                lane.close()
 
     async def __aenter__(self) -> Loader:
         await self.start()
