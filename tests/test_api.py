@@ -173,3 +173,17 @@ async def test_wait_done_waits_times_out_and_never_cancels() -> None:
     loop.call_soon(future.set_result, 7)
     assert await wait_done(future, None) is True and future.result() == 7
     assert await wait_done(future, 0) is True  # done already: no wait
+
+
+def test_the_readme_documents_every_loader_option() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from shardstream.client._options import LoaderConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Loader options", 1)[1].split("\n### ", 1)[0]
+    names = [f.name for f in dataclasses.fields(LoaderConfig)]
+    assert len(names) > 20
+    first_cells = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| `"))
+    assert [n for n in names if f"`{n}`" not in first_cells] == []

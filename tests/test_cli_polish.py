@@ -111,6 +111,20 @@ def test_every_flag_and_command_has_help_and_no_abbreviations() -> None:
     assert seen > 100  # the walk reached the subcommands
 
 
+def test_the_readme_names_every_flag_of_every_command() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flags = {
+        (parser.prog, option)
+        for parser in parsers()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option not in ("--help", "--version")
+    }
+    assert len(flags) > 60
+    missing = sorted(f for f in flags if f"`{f[1]}" not in readme)
+    assert missing == [], "flags the README does not document"
+
+
 def test_help_shows_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SHARDSTREAM_"):
