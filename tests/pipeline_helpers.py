@@ -25,3 +25,10 @@ def varying(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     n = int(record["id"]) % 5 + 1
     record["tokens"] = np.arange(n, dtype=np.int32)
     return record
+
+
+def caption(record: dict[str, Any], rng: np.random.Generator, *, at: int) -> dict[str, Any]:
+    """Give each record a `caption`; the one whose id is `at` holds a lone surrogate, a
+    str that has no UTF-8."""
+    record["caption"] = "ok \udcff" if int(record["id"]) == at else f"record {int(record['id'])}"
+    return record

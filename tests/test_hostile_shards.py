@@ -367,6 +367,7 @@ async def test_memory_error_in_a_decoder_is_data_loss(
     """A decoder that runs out of memory (a real failed allocation) gives the client a
     DataLossError naming shard and record (before: UNKNOWN, retried on every worker,
     ending in WorkersUnavailableError)."""
+    _decoders._load_builtin()  # registered in the registry kept, not only in its copy
     monkeypatch.setattr(_decoders, "_REGISTRY", dict(_decoders._REGISTRY))  # "hog" stays here
     (tmp_path / "a.hog").write_text("100")
     (tmp_path / "b.hog").write_text("100")
@@ -381,6 +382,106 @@ async def test_memory_error_in_a_decoder_is_data_loss(
     err = info.value
     assert err.shard == "b.hog" and err.record == 40
     assert "b.hog" in str(err) and "record 40" in str(err) and "MemoryError" in str(err)
+
+
+class Brittle(Hog):
+    """A plug-in format whose read of records 40..49 of shard b.hog meets an exception
+    no decoder foresees (a parser's RecursionError)."""
+
+    name = "brittle"
+
+    def read(self, path: Any, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        if Path(path).name == "b.hog" and start <= 45 < start + count:
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+        return super().read(path, start, count)
+
+
+async def test_an_unforeseen_exception_in_a_decoder_is_data_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: UNKNOWN, which clients retry on every worker until their deadline."""
+    _decoders._load_builtin()  # registered in the registry kept, not only in its copy
+    monkeypatch.setattr(_decoders, "_REGISTRY", dict(_decoders._REGISTRY))
+    (tmp_path / "a.hog").write_text("100")
+    (tmp_path / "b.hog").write_text("100")
+    brittle = {
+        "datasets": ("b=*.hog:brittle",),
+        "decoders": (f"{__name__}:Brittle",),
+        "chunk_bytes": 80,
+    }
+    async with (
+        running_workers(tmp_path, 1, **brittle) as (worker,),
+        Loader([worker.address], dataset="b", batch_size=10, retry_deadline=3.0) as loader,
+    ):
+        with pytest.raises(DataLossError) as info:
+            async for _ in loader.epoch(0):
+                pass
+    err = info.value
+    assert (err.shard, err.record) == ("b.hog", 40)
+    assert "raised RecursionError: maximum recursion depth" in str(err)
+
+
+JSONL_FIELDS = [
+    {"name": "id", "dtype": "int64", "shape": []},
+    {"name": "score", "dtype": "float32", "shape": []},
+    {"name": "tokens", "dtype": "int32", "shape": [-1]},
+]
+
+
+@linux_only
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('{"id": 7, "score": 1e39, "tokens": [1]}', "out of the float32 range"),
+        ('{"id": 7, "score": -1e39, "tokens": [1]}', "out of the float32 range"),
+        ("[" * 100_000 + "]" * 100_000, "nests lists or objects deeper than the JSON parser"),
+        ('{"id": 7, "score": 1, "tokens": [' + "1, " * 3_000_000 + "1]}", "more than "
+         "SHARDSTREAM_READ_BUDGET_BYTES (1048576) lets one record take"),
+    ],
+    ids=["1e39", "-1e39", "nested", "9MB-line"],
+)  # fmt: skip
+async def test_jsonl_records_that_cannot_be_served_are_data_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, says: str
+) -> None:
+    """Before: 1e39 was served as inf; deep nesting was a RecursionError (UNKNOWN, retried
+    to the deadline; at start-up, a traceback); a line of any length was read and parsed
+    whole (a 400 MB line took the worker to 1.45 GB before it was refused)."""
+    (tmp_path / "_schema.json").write_text(json.dumps({"fields": JSONL_FIELDS}))
+    lines = [json.dumps({"id": i, "score": i / 2, "tokens": [i] * (i % 3)}) for i in range(20)]
+    lines[7] = line
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--data-root", str(tmp_path), "--dataset", "t=*.jsonl", "--processes", "0"]
+    env = {"SHARDSTREAM_READ_BUDGET_BYTES": str(MiB)}
+    with WorkerProcess.start([*args, "--chunk-bytes", "4096"], env=env) as worker:
+        async with Loader([worker.address], dataset="t", batch_size=4, retry_deadline=3) as loader:
+            with pytest.raises(DataLossError) as info:
+                async for batch in loader.epoch(0):
+                    assert np.isfinite(batch["score"]).all()
+        peak = peak_rss(worker.pid)
+    assert (info.value.shard, info.value.record) == ("a.jsonl", 7)
+    assert says in str(info.value)
+    assert peak < 200 * MiB, f"worker peak RSS {peak / MiB:.0f} MiB"
+
+
+async def test_jsonl_fields_are_not_inferred_from_a_line_over_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHARDSTREAM_READ_BUDGET_BYTES", "4096")
+    lines = [json.dumps({"id": i}) for i in range(10)]
+    lines[3] = json.dumps({"id": 3, "pad": "x" * 5000})
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CatalogError, match=r"a\.jsonl: record 3 is longer than SHARDSTREAM_READ"):
+        async with running_workers(tmp_path, 1, datasets=("t=*.jsonl",)):
+            pass
+
+
+async def test_jsonl_fields_nested_too_deep_to_infer_refuse_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.jsonl").write_text('{"id": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CatalogError, match=r"a\.jsonl: record 1 nests lists or objects deeper"):
+        async with running_workers(tmp_path, 1, datasets=("t=*.jsonl",)):
+            pass
 
 
 # -- values that do not fit their field ---------------------------------------------------

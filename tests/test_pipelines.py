@@ -235,6 +235,26 @@ async def test_a_transform_off_its_schema_is_data_loss_naming_it(
             await epoch_batches(addresses, 0, shuffle=False)
 
 
+async def test_a_transform_giving_a_string_without_utf8_is_data_loss_naming_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: UnicodeEncodeError escaped the worker as UNKNOWN, which clients retry: the
+    epoch stalled until the retry deadline and ended in WorkersUnavailableError."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    captioned = DatasetSpec(
+        name="train",
+        pattern="*.tar",
+        format="wds",
+        transforms=(TransformSpec(fn="pipeline_helpers:caption", params={"at": 37}),),
+    )
+    async with workers(root, 1, [captioned]) as addresses:
+        with pytest.raises(DataLossError) as info:
+            await epoch_batches(addresses, 0, shuffle=False, retry_deadline=5.0)
+    err = info.value
+    assert (err.shard, err.record) == ("shard-00001.tar", 13)
+    assert "pipeline_helpers:caption gave field 'caption' a string that has no UTF-8" in str(err)
+
+
 def test_the_generator_is_a_function_of_seed_epoch_shard_and_index() -> None:
     draw = [
         record_rng(5, e, shard_hash("shard-00000.tar"), i).random() for e in (0, 1) for i in (0, 1)

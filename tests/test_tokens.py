@@ -104,6 +104,22 @@ def test_bad_options_are_refused_naming_the_file(
         TokensDecoder().index(path)
 
 
+@pytest.mark.parametrize("seq_len", [2**25, 2**33, 2**62, 2**64])
+def test_packed_rows_over_the_read_budget_are_refused_before_any_is_allocated(
+    tmp_path: Path, seq_len: int
+) -> None:
+    """Before: seq_len 2**33 reserved 16 GiB while indexing; 2**62 and 2**64 ended in
+    numpy's "array is too big" or "Maximum allowed dimension exceeded", naming no shard."""
+    path = tmp_path / "a.bin"
+    path.write_bytes(bytes(64))
+    (tmp_path / SIDECAR).write_text(
+        json.dumps({"dtype": "uint16", "seq_len": seq_len, "eos_id": 0})
+    )
+    with pytest.raises(DecodeError, match=r"a\.bin: rows of \d+ tokens take \d+ bytes each, "
+                       r"more than SHARDSTREAM_READ_BUDGET_BYTES"):  # fmt: skip
+        PackedTokensDecoder().index(path)
+
+
 def test_npy_headers_are_checked(tmp_path: Path) -> None:
     (tmp_path / SIDECAR).write_text(json.dumps({"seq_len": 4}))
     decoder = TokensDecoder()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from shardstream.server._config import DatasetSpec, TransformSpec
 from shardstream.server._decoders import ShardMeta, decoder_class, decoder_ref, format_for_path
-from shardstream.server._decoding import decoder
+from shardstream.server._decoding import decoder, decoder_errors
 from shardstream.server._files import ShardPath, Stamp, glob_url, is_url, shard_stat, url_root
 from shardstream.server._fingerprint import (
     THREADS,
@@ -112,7 +112,8 @@ ProbeFn = Callable[
 def index_shard(ref: str, path: ShardPath) -> Indexed:
     """Index one shard (runs in a decoding process): its meta and file stamp."""
     stamp = shard_stat(path)
-    meta = decoder(ref).index(path)
+    with decoder_errors(ref, path):
+        meta = decoder(ref).index(path)
     return Indexed(meta, stamp)
 
 
@@ -124,7 +125,8 @@ def probe_pipeline(
     shard_id: str,
 ) -> tuple[FieldSpec, ...]:
     """The output schema of a chain of transforms (runs in a decoding process)."""
-    return probe_schema(decoder(ref), path, schema, transforms, shard_id)
+    with decoder_errors(ref, path):
+        return probe_schema(decoder(ref), path, schema, transforms, shard_id)
 
 
 def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardPath]]:

@@ -10,17 +10,18 @@ through the chain (`_pipelines`) and `schema` is the chain's output schema.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from shardstream._common.malloc import tune_malloc
-from shardstream.server._decoders import Decoder, check_arrays, load_decoder
+from shardstream.server._decoders import DecodeError, Decoder, check_arrays, load_decoder
 from shardstream.server._files import ShardPath, Stamp, shard_stat
 from shardstream.server._pipelines import Pipeline, run_pipeline
 from shardstream.server._shm import BlockHandle, attach, slot
@@ -70,6 +71,23 @@ def decoder(ref: str) -> Decoder:
     return found
 
 
+@contextlib.contextmanager
+def decoder_errors(ref: str, path: ShardPath) -> Iterator[None]:
+    """A decoder's unforeseen exception on these records (a RecursionError of a parser,
+    a UnicodeError, a bug meeting odd data), as the DecodeError it is: the same read
+    fails the same way on every worker, so it is DATA_LOSS naming the shard and records,
+    not an UNKNOWN status that clients retry until their deadline. OSError and
+    MemoryError stay as they are: another worker, or a later try, may not meet them."""
+    try:
+        yield
+    except (DecodeError, ShardChanged, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        raise DecodeError(
+            f"{path}: decoder {ref} raised {type(exc).__name__}: {str(exc)[:500]}"
+        ) from None
+
+
 def read_chunk(
     ref: str,
     path: ShardPath,
@@ -104,7 +122,8 @@ def read_chunk_into(
     size, views = layout_chunk_into(slot(index), start, count, schema, shard_id)
     try:
         if pipeline is None:
-            decoder(ref).read_into(path, start, count, views, schema)
+            with decoder_errors(ref, path):
+                decoder(ref).read_into(path, start, count, views, schema)
         else:  # the chain writes each record's fields straight into the message
             raw = decode_checked(ref, path, stamp, start, count, pipeline.input_schema)
             run_pipeline(pipeline, raw, schema, start, count, shard_id, out=views)
@@ -126,7 +145,8 @@ def decode_checked(
     """Records [start, start + count) of an unchanged shard, checked against the schema
     (through the pipeline, if any: its output is checked record by record)."""
     check_unchanged(path, stamp)
-    arrays = decoder(ref).read(path, start, count)
+    with decoder_errors(ref, path):
+        arrays = decoder(ref).read(path, start, count)
     if pipeline is None:
         check_arrays(arrays, schema, start, count)
         return arrays

@@ -21,8 +21,10 @@ differently are refused at start-up (declare the fields then).
 Indexing reads the shard once and keeps each line's byte range (blank lines
 are not records), so a read seeks straight to its first line. A line that is
 not a JSON object of the declared fields (invalid JSON or UTF-8, a missing
-key, a list where the field is fixed, a number where it is ragged...) is a
-`DecodeError` naming the shard and record.
+key, a list where the field is fixed, a number where it is ragged, a value out
+of its dtype's range...) is a `DecodeError` naming the shard and record, and so
+is a line longer than the read budget (`SHARDSTREAM_READ_BUDGET_BYTES`), before
+it is read.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 from shardstream.server._csv import SCHEMA_FILE, _load_schema
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
 from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat, sibling
+from shardstream.server._limits import READ_BUDGET_ENV, read_budget
 from shardstream.v1.codec import RAGGED, TEXT_DTYPES, FieldSpec
 from shardstream.v1.ragged import Ragged
 
@@ -43,6 +46,7 @@ __all__ = ["INFER_LINES", "JsonlDecoder"]
 
 INFER_LINES = 64  # lines looked at to infer the fields when there is no _schema.json
 _MAX_INDEXED = 256  # shards whose index an instance keeps
+_PIECE = 1 << 20  # bytes of a line indexing reads at a time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,18 +67,39 @@ def _stamp(path: ShardPath) -> tuple[Stamp, Stamp | None]:
 
 def _build_index(path: ShardPath) -> _Index:
     stamp = _stamp(path)
+    declared = _load_schema(path)
     spans: list[tuple[int, int]] = []
-    first: list[bytes] = []
+    first: list[bytes] = []  # to infer the fields from, where none are declared
+    budget = read_budget()
     pos = 0
     with open_shard(path) as f:
-        for line in f:
-            content = line.rstrip(b"\r\n")
-            if content.strip():
-                spans.append((pos, pos + len(content)))
-                if len(first) < INFER_LINES:
-                    first.append(content)
-            pos += len(line)
-    declared = _load_schema(path)
+        while piece := f.readline(_PIECE):  # a line in pieces: a huge one is never held
+            begin, blank, trail = pos, True, 0
+            keep: list[bytes] | None = [] if declared is None and len(first) < INFER_LINES else None
+            while True:
+                pos += len(piece)
+                blank = blank and not piece.strip()
+                run = len(piece) - len(piece.rstrip(b"\r\n"))  # the line ending's bytes
+                trail = trail + run if run == len(piece) else run
+                if keep is not None:
+                    if pos - begin > budget + 2:
+                        raise DecodeError(
+                            f"{path}: record {len(spans)} is longer than "
+                            f"{READ_BUDGET_ENV} ({budget} bytes) lets one record be; declare "
+                            f"the fields in a {SCHEMA_FILE} beside the shards (then such a "
+                            "record is refused when read, not the shard)",
+                            record=len(spans),
+                        )
+                    keep.append(piece)
+                if piece.endswith(b"\n"):
+                    break
+                piece = f.readline(_PIECE)
+                if not piece:
+                    break
+            if not blank:
+                if keep is not None:
+                    first.append(b"".join(keep).rstrip(b"\r\n"))
+                spans.append((begin, pos - trail))
     skipped: tuple[str, ...] = ()
     if declared is None:
         schema, skipped = _infer(path, first)
@@ -94,6 +119,11 @@ def _parse(path: ShardPath, line: bytes, record: int) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise DecodeError(
             f"{path}: record {record} is not valid UTF-8 ({e.reason} at byte {e.start})",
+            record=record,
+        ) from None
+    except RecursionError:
+        raise DecodeError(
+            f"{path}: record {record} nests lists or objects deeper than the JSON parser goes",
             record=record,
         ) from None
     except ValueError as e:
@@ -223,8 +253,15 @@ def _value(path: ShardPath, spec: FieldSpec, doc: dict[str, Any], record: int) -
         raise DecodeError(
             f"{where} holds {json.dumps(value)[:40]}: not {dtype.name} numbers", record=record
         )
-    converted = array.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(dtype)
     if dtype.kind in "iu" and array.size and not np.array_equal(converted, array):
+        raise DecodeError(f"{where} holds values out of the {dtype.name} range", record=record)
+    if (
+        dtype.kind == "f"
+        and array.size
+        and not np.array_equal(np.isfinite(converted), np.isfinite(array))
+    ):  # 1e39 in float32 would be inf: refused, as csv refuses it
         raise DecodeError(f"{where} holds values out of the {dtype.name} range", record=record)
     expected = (len(value), *spec.inner) if spec.ragged else spec.shape
     if converted.shape != expected:
@@ -245,6 +282,7 @@ class JsonlDecoder(Decoder):
 
     def __init__(self) -> None:
         self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED, stamp=_stamp)
+        self._budget = read_budget()
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._indexes.get(path)
@@ -261,6 +299,16 @@ class JsonlDecoder(Decoder):
                 record=max(start, len(idx.spans)),
             )
         spans = idx.spans[start : start + count]
+        if count:
+            lengths = spans[:, 1] - spans[:, 0]
+            longest = int(np.argmax(lengths))
+            if int(lengths[longest]) > self._budget:  # refused before it is read
+                record = start + longest
+                raise DecodeError(
+                    f"{path}: record {record} has {int(lengths[longest])} bytes, more than "
+                    f"{READ_BUDGET_ENV} ({self._budget}) lets one record take",
+                    record=record,
+                )
         data = b""
         if count:
             begin = int(spans[0, 0])

@@ -41,7 +41,7 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, ShardMeta, register_decoder
 from shardstream.server._files import ShardCache, ShardPath
-from shardstream.server._limits import read_budget
+from shardstream.server._limits import READ_BUDGET_ENV, read_budget
 from shardstream.server._tokens import (
     TokenDecoder,
     TokenFile,
@@ -79,6 +79,12 @@ def _scan(path: ShardPath, tf: TokenFile, most: int) -> np.ndarray[Any, np.dtype
     """before[r]: the `eos_id` tokens in rows [0, r), for r in [0, rows]; reads rows
     `most` bytes at a time (at least one row)."""
     width, eos = tf.options.width, _eos(tf, path)
+    if width * tf.dtype.itemsize > read_budget():  # before any row is allocated
+        raise DecodeError(
+            f"{path}: rows of {width} tokens take {width * tf.dtype.itemsize} bytes each, more "
+            f"than {READ_BUDGET_ENV} ({read_budget()}) lets one read hold; give a smaller "
+            f"seq_len in {tf.sidecar}"
+        )
     rows = row_count(tf.tokens, width)
     before = np.zeros(rows + 1, np.int64)
     step = max(1, most // (width * tf.dtype.itemsize))

@@ -301,6 +301,18 @@ def run_pipeline(
                     "and shapes for every record",
                     record=index,
                 )
+            if spec.dtype == "string":
+                try:
+                    value = value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise DecodeError(
+                        f"transform {made.get(spec.name, last)} gave field {spec.name!r} a "
+                        f"string that has no UTF-8 ({exc.reason} at character {exc.start}) "
+                        f"at record {index}",
+                        record=index,
+                    ) from None
+            elif spec.dtype == "bytes":
+                value = bytes(value)
             if spec.ragged:
                 items[spec.name].append(value)
             else:
@@ -308,10 +320,8 @@ def run_pipeline(
     for spec in schema:
         if spec.ragged:
             values = items[spec.name]
-            if spec.dtype == "string":
-                columns[spec.name] = Ragged.from_bytes([v.encode("utf-8") for v in values])
-            elif spec.dtype == "bytes":
-                columns[spec.name] = Ragged.from_bytes([bytes(v) for v in values])
+            if spec.dtype in TEXT_DTYPES:
+                columns[spec.name] = Ragged.from_bytes(values)
             else:
                 columns[spec.name] = Ragged.from_items(values, spec.dtype, spec.inner)
     return columns
