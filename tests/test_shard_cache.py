@@ -557,3 +557,31 @@ async def test_workers_sharing_a_cache_dir_download_once_and_restart_warm(
         m = await asyncio.to_thread(metrics, worker)
         assert m["shardstream_shard_cache_misses_total"] == 0
         assert m["shardstream_shard_cache_hits_total"] >= 2 * len(countfs.files)
+
+
+async def test_a_shard_rewritten_at_the_same_size_and_time_is_served_anew_after_a_restart(
+    countfs: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A shard rewritten in the store while no worker runs, at the same size and with its
+    modification time put back (only its ctime tells): the next worker indexes and serves
+    the new content. Before, the digest the previous run had indexed for that size and
+    time refused every download, so no worker could start on the directory again,
+    restarted or not ("its content differs from the one indexed")."""
+    cache_dir = tmp_path / "cache"
+    argv = worker_args(countfs, cache_dir, "--processes", "1")
+    (worker,) = await asyncio.to_thread(start_workers, [argv], countfs.env)
+    with worker:
+        assert await epoch_ids(worker.address, 0) == list(range(400))
+    shard = Path(countfs.root.removeprefix("countfile://")) / "part-001"
+    before = shard.stat()
+    lines = shard.read_bytes().split(b"\n")
+    fields = lines[1].split(b",")  # id,label,x,y,z: a label digit changes, the size stays
+    fields[1] = b"7" if fields[1] != b"7" else b"3"
+    lines[1] = b",".join(fields)
+    shard.write_bytes(b"\n".join(lines))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size
+    for _ in range(2):  # a new worker, then a restart
+        (worker,) = await asyncio.to_thread(start_workers, [argv], countfs.env)
+        with worker:
+            assert await epoch_ids(worker.address, 0) == list(range(400))

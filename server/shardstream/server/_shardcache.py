@@ -7,7 +7,8 @@ process, a restarted worker, another worker sharing the directory) read that
 copy:
 
     DIR/index.sqlite3   entries (URL, the store's version, size, content digest,
-                        the copy's stat, last use) and the digests indexed
+                        the copy's stat, last use) and the digests each worker
+                        run indexed (a run checks against its own only)
     DIR/shards/NAME     the copies; NAME is a hash of the URL and its file name
     DIR/locks/NAME      a lock file per entry (flock)
     DIR/index.lock      taken (flock) while a worker creates or checks the index
@@ -50,6 +51,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import socket
 import sqlite3
 import sys
 import threading
@@ -104,8 +107,11 @@ _SCHEMA = (
     "version TEXT NOT NULL, size INTEGER NOT NULL, digest TEXT NOT NULL, "
     "local TEXT NOT NULL, used INTEGER NOT NULL, pending INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS entries_used ON entries (used)",
-    "CREATE TABLE IF NOT EXISTS indexed (url TEXT NOT NULL, stamp TEXT NOT NULL, "
-    "digest TEXT NOT NULL, seen INTEGER NOT NULL, PRIMARY KEY (url, stamp)) WITHOUT ROWID",
+    # per worker run (`owner`): a digest another run indexed says nothing of this run's
+    "CREATE TABLE IF NOT EXISTS indexed_by (owner TEXT NOT NULL, url TEXT NOT NULL, "
+    "stamp TEXT NOT NULL, digest TEXT NOT NULL, seen INTEGER NOT NULL, "
+    "PRIMARY KEY (owner, url, stamp)) WITHOUT ROWID",
+    "DROP TABLE IF EXISTS indexed",  # of earlier versions, shared by every run
 )
 _TOUCH = "(SELECT COALESCE(MAX(used), 0) + 1 FROM entries)"  # a logical clock: LRU order
 
@@ -118,6 +124,7 @@ class CacheSettings:
     max_bytes: int
     root: str
     counters: Counters
+    owner: str  # the worker run whose indexed digests apply
     log_level: int  # of the server's "shardstream.cache" logger
     log_format: str | None  # of the server's log handler; None: it has none
 
@@ -170,6 +177,7 @@ class ShardDiskCache:
         *,
         root: str = "",
         counters: Counters | None = None,
+        owner: str = "",
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"the shard cache's max_bytes must be positive, got {max_bytes}")
@@ -177,6 +185,9 @@ class ShardDiskCache:
         self.max_bytes = max_bytes
         self.root = _canonical(root)  # the URLs it caches ("" for all)
         self._counters = counters if counters is not None else Counters()
+        # The worker run this cache serves (its decoding processes get the same): the
+        # digests it checks copies and downloads against are the ones this run indexed.
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(8)}"
         self._shards = directory / "shards"
         self._locks = directory / "locks"
         self._threads = threading.local()  # each thread's index connection
@@ -187,7 +198,11 @@ class ShardDiskCache:
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> ShardDiskCache:
         return cls(
-            settings.directory, settings.max_bytes, root=settings.root, counters=settings.counters
+            settings.directory,
+            settings.max_bytes,
+            root=settings.root,
+            counters=settings.counters,
+            owner=settings.owner,
         )
 
     def settings(self) -> CacheSettings:
@@ -198,6 +213,7 @@ class ShardDiskCache:
             max_bytes=self.max_bytes,
             root=self.root,
             counters=self._counters,
+            owner=self.owner,
             log_level=log.getEffectiveLevel(),
             log_format=None if handler is None or handler.formatter is None
             else handler.formatter._fmt,
@@ -252,7 +268,12 @@ class ShardDiskCache:
     def _tidy(self) -> None:
         evicted = 0
         with self._write() as db:
-            db.execute("DELETE FROM indexed WHERE seen < ?", (int(time.time()) - KEEP_SECONDS,))
+            db.execute("DELETE FROM indexed_by WHERE seen < ?", (int(time.time()) - KEEP_SECONDS,))
+            host = socket.gethostname()
+            for (owner,) in db.execute("SELECT DISTINCT owner FROM indexed_by").fetchall():
+                where, _, pid = owner.rpartition("/")[0].rpartition("/")
+                if where == host and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    db.execute("DELETE FROM indexed_by WHERE owner = ?", (owner,))  # run over
             for name, local, pending in db.execute(
                 "SELECT name, local, pending FROM entries"
             ).fetchall():
@@ -293,13 +314,15 @@ class ShardDiskCache:
         for ds in catalog.datasets.values():
             for s in ds.shards:
                 if isinstance(s.path, str) and self.covers(s.path):
-                    rows.append((s.path, _text(s.stamp), f"{ALGORITHM}:{s.digest}", now))
+                    rows.append(
+                        (self.owner, s.path, _text(s.stamp), f"{ALGORITHM}:{s.digest}", now)
+                    )
                     unversioned += s.stamp[1] == ""
                     if s.size > self.max_bytes:
                         large.append(s.size)
         try:
             with _local(), self._write() as db:
-                db.executemany("INSERT OR REPLACE INTO indexed VALUES (?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO indexed_by VALUES (?, ?, ?, ?, ?)", rows)
         except _CacheFailure as exc:
             self._give_up(exc.__cause__)
         if large:
@@ -536,8 +559,8 @@ class ShardDiskCache:
         row = (
             self._db()
             .execute(
-                "SELECT digest FROM indexed WHERE url = ? AND stamp = ?",
-                (want.url, _text(want.stamp)),
+                "SELECT digest FROM indexed_by WHERE owner = ? AND url = ? AND stamp = ?",
+                (self.owner, want.url, _text(want.stamp)),
             )
             .fetchone()
         )
