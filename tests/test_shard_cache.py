@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import re
 import subprocess
 import sys
@@ -232,6 +233,47 @@ def test_threads_opening_one_shard_at_once_download_it_once(
     assert store.opens[f"{STORE}/a"] == 1
     s = cache.statistics()
     assert (s.hits, s.misses) == (7, 1)
+
+
+def test_readers_never_find_an_entry_without_its_copy_while_others_evict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threads reading 8 shards through room for 2, each eviction's transaction held open
+    a little longer (5 ms), as a busy disk would. Before, an eviction removed the copy and
+    let go of its lock before its transaction committed: a reader in between found the
+    entry without its copy, warned "the copy is gone" and downloaded it again. (A file://
+    store: the memory store hands every reader of a file the same file object.)"""
+    store = tmp_path / "store"
+    store.mkdir()
+    for i in range(8):
+        (store / f"s{i}").write_bytes(bytes([i]) * 2000)
+    cache = ShardDiskCache(tmp_path / "cache", 2 * 2000 + 100, root=f"file://{store}")
+    cache.prepare()
+    real = ShardDiskCache._evict
+
+    def slow_evict(self: ShardDiskCache, *args: Any) -> bool:
+        done = real(self, *args)
+        if done:
+            time.sleep(0.005)  # widens the window between the eviction and its commit
+        return done
+
+    monkeypatch.setattr(ShardDiskCache, "_evict", slow_evict)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(100):
+            j = rng.randrange(8)
+            with cache.open(f"file://{store}/s{j}") as f:
+                assert f.read() == bytes([j]) * 2000
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardstream.cache"):
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(reader, range(4)))
+    finally:
+        cache.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sum(copies(tmp_path / "cache").values()) <= 2 * 2000 + 100
 
 
 def test_a_restart_keeps_the_copies_and_drops_what_is_left_over(

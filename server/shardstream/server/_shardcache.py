@@ -58,7 +58,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -140,6 +140,14 @@ class _Want:
     @property
     def size(self) -> int:
         return self.stamp[0]
+
+
+@dataclass(slots=True)
+class _Evictions:
+    """The entries evicted in one write transaction, and the locks held on them."""
+
+    locks: contextlib.ExitStack[bool | None]
+    names: list[str] = field(default_factory=list)
 
 
 class _CacheFailure(Exception):
@@ -267,7 +275,7 @@ class ShardDiskCache:
 
     def _tidy(self) -> None:
         evicted = 0
-        with self._write() as db:
+        with self._write_evicting() as (db, ev):
             db.execute("DELETE FROM indexed_by WHERE seen < ?", (int(time.time()) - KEEP_SECONDS,))
             host = socket.gethostname()
             for (owner,) in db.execute("SELECT DISTINCT owner FROM indexed_by").fetchall():
@@ -282,7 +290,7 @@ class ShardDiskCache:
                 except FileNotFoundError:
                     whole = False
                 if not whole:
-                    self._evict(db, name)  # skipped if a process of another worker holds it
+                    self._evict(db, ev, name)  # skipped if a process of another worker holds it
             known = {name for (name,) in db.execute("SELECT name FROM entries")}
             leftovers: dict[str, list[Path]] = {}  # files of no entry, partial downloads
             for path in [*self._shards.iterdir(), *self._locks.iterdir()]:
@@ -300,7 +308,7 @@ class ShardDiskCache:
             for name, size in db.execute("SELECT name, size FROM entries ORDER BY used").fetchall():
                 if total <= self.max_bytes:
                     break
-                if self._evict(db, name):
+                if self._evict(db, ev, name):
                     total -= size
                     evicted += 1
         self._counters.add(EVICTIONS, evicted)
@@ -473,7 +481,7 @@ class ShardDiskCache:
         one, and enter it as pending; False if they cannot be made to fit."""
         evicted = 0
         try:
-            with self._write() as db:
+            with self._write_evicting() as (db, ev):
                 db.execute("DELETE FROM entries WHERE name = ?", (name,))
                 (self._shards / name).unlink(missing_ok=True)
                 for part in self._shards.glob(glob.escape(name + _PART) + "*"):
@@ -485,7 +493,7 @@ class ShardDiskCache:
                     ).fetchall():
                         if total + want.size <= self.max_bytes:
                             break
-                        if self._evict(db, victim):
+                        if self._evict(db, ev, victim):
                             total -= size
                             evicted += not pending  # a pending one whose download died
                 if total + want.size > self.max_bytes:
@@ -498,18 +506,36 @@ class ShardDiskCache:
         finally:
             self._counters.add(EVICTIONS, evicted)
 
-    def _evict(self, db: sqlite3.Connection, name: str) -> bool:
-        """Remove an entry (in a write transaction) unless a process holds its lock."""
-        with self._locked(name, exclusive=True, blocking=False) as held:
-            if not held:
-                return False
-            db.execute("DELETE FROM entries WHERE name = ?", (name,))
-            (self._shards / name).unlink(missing_ok=True)
-            for part in self._shards.glob(glob.escape(name + _PART) + "*"):
-                part.unlink(missing_ok=True)
-            (self._locks / name).unlink(missing_ok=True)  # held: waiters lock a new file
-            log.debug("shard cache: evicted %s", name)
-            return True
+    def _evict(self, db: sqlite3.Connection, ev: _Evictions, name: str) -> bool:
+        """Remove an entry (in `_write_evicting`'s transaction) unless a process holds its
+        lock; its files go once the transaction commits."""
+        if not ev.locks.enter_context(self._locked(name, exclusive=True, blocking=False)):
+            return False
+        db.execute("DELETE FROM entries WHERE name = ?", (name,))
+        ev.names.append(name)
+        log.debug("shard cache: evicted %s", name)
+        return True
+
+    @contextlib.contextmanager
+    def _write_evicting(self) -> Iterator[tuple[sqlite3.Connection, _Evictions]]:
+        """`_write`, where entries may be evicted: their locks stay held, and their files
+        stay, until the transaction commits, so a process that still finds an entry also
+        finds its copy. Then the copies go (and partial downloads, listed once: not once
+        per eviction), then their lock files and locks (waiters lock a new file)."""
+        with contextlib.ExitStack() as locks:
+            ev = _Evictions(locks)
+            with self._write() as db:
+                yield db, ev
+            if ev.names:
+                parts: dict[str, list[Path]] = {}
+                for path in self._shards.iterdir():
+                    if _PART in path.name:
+                        parts.setdefault(path.name.split(_PART, 1)[0], []).append(path)
+                for name in ev.names:
+                    (self._shards / name).unlink(missing_ok=True)
+                    for part in parts.get(name, ()):
+                        part.unlink(missing_ok=True)
+                    (self._locks / name).unlink(missing_ok=True)
 
     def _download(self, want: _Want, part: Path) -> str:
         """Copy a shard from the store into `part`; its digest, checked against the
