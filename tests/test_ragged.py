@@ -592,3 +592,28 @@ async def test_lying_ragged_lengths_and_strings_are_refused_on_every_path(
         batches = [{k: v.numpy() if hasattr(v, "numpy") else v for k, v in b.items()}
                    for b in batches]  # fmt: skip
     assert_matches(by_id(batches, "pad"), range(N))
+
+
+@pytest.mark.parametrize("tokens", [100, 10_000])
+async def test_reads_of_records_far_larger_than_planned_are_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tokens: int
+) -> None:
+    """A description carries no sizes, so reads of ragged records are sized at 1 KiB a
+    value: records of 80 KB make each read, and the loader's memory bound, about 80 times
+    what read_bytes says. That used to go unsaid; now one warning names it and the
+    read_bytes that would keep reads near the bound (records near the guess: none)."""
+    lines = [json.dumps({"id": i, "tokens": [i] * tokens}) for i in range(64)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    async with (
+        running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,),
+        Loader([worker.address], dataset="t", batch_size=4, read_bytes=16384) as loader,
+    ):
+        with caplog.at_level("WARNING", logger="shardstream.client"):
+            for epoch in (0, 1):
+                assert sum([len(b["id"]) async for b in loader.epoch(epoch)]) == 64
+    said = [r.getMessage() for r in caplog.records if "reads were sized for" in r.getMessage()]
+    if tokens == 100:
+        assert said == []
+    else:
+        assert len(said) == 1, said
+        assert "where read_bytes is 16 KiB" in said[0] and "read_bytes=" in said[0]

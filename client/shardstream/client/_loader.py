@@ -112,6 +112,7 @@ class Loader:
         self._resume: LoaderState | None = None  # applies to the epoch it names
         self._pending_state = state
         self._override = override_state_checks
+        self._check_sizes = True  # warn if ragged records are far larger than the plan guessed
 
     # lifecycle -------------------------------------------------------------
 
@@ -369,7 +370,11 @@ class Loader:
             empty=empty_batch(self.schema),
             ledger=ledger,
             formatter=self._formatter(),
+            sized_for=(per_record, cfg.read_bytes)
+            if self._check_sizes and is_ragged(self.schema)
+            else (0, 0),
         )
+        self._check_sizes = False  # once per loader
         self._live = _Live(iterator, history)
         self._by_epoch[epoch] = iterator
         return iterator

@@ -33,9 +33,17 @@ from shardstream.client._reorder import ReorderBuffer
 from shardstream.client._tasks import first_error
 from shardstream.client._wire import Piece, ShardDesc
 from shardstream.client.errors import ProtocolError
+from shardstream.v1.codec import RAGGED_RECORD_GUESS
 from shardstream.v1.ragged import concat
 
 log = logging.getLogger("shardstream.client")
+
+SIZE_WARNING_RATIO = 4  # records this many times larger than planned: a warning
+
+
+def _about(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
+
 
 # Upper bounds (seconds) of the data-wait histogram's buckets (`LoaderStatistics.data_wait`).
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -110,8 +118,12 @@ class EpochIterator:
         empty: Batch,
         ledger: LedgerWriter | None = None,
         formatter: Callable[[Batch], Batch] | None = None,
+        sized_for: tuple[int, int] = (0, 0),
     ) -> None:
         self.plan = plan
+        # (bytes per record the reads were sized for, read_bytes) of a dataset whose sizes
+        # the plan could only guess (ragged values): checked once a read's worth arrived.
+        self._sized_for = sized_for
         self._empty = empty
         self._format = formatter  # ragged fields as the consumer asked (`_ragged`)
         self._ledger = ledger
@@ -181,7 +193,29 @@ class EpochIterator:
         c.records += len(next(iter(item.values())))
         c.bytes += batch_nbytes(item)
         c.seconds = time.perf_counter() - self._began
+        if self._sized_for[0] and c.records >= self.plan.read_records:
+            self._check_sizes()
         return item if self._format is None else self._format(item)
+
+    def _check_sizes(self) -> None:
+        """Warn (once) when records are far larger than the plan guessed: a read then holds
+        that much more than `read_bytes`, and so does the loader's memory bound."""
+        planned, read_bytes = self._sized_for
+        self._sized_for = (0, 0)
+        actual = self.counters.bytes / max(1, self.counters.records)
+        ratio = actual / planned
+        if ratio < SIZE_WARNING_RATIO:
+            return
+        log.warning(
+            "records average %d bytes, %.0fx the %d bytes reads were sized for (a ragged, "
+            "string or bytes value counts as %d bytes: a dataset's description carries no "
+            "sizes), so a read may hold up to %s where read_bytes is %s, and the loader's "
+            "memory bound (reads_ahead x read_bytes) grows as much; read_bytes=%d keeps "
+            "reads near %s",
+            actual, ratio, planned, RAGGED_RECORD_GUESS,
+            _about(int(self.plan.read_records * actual)), _about(read_bytes),
+            max(1, int(read_bytes / ratio)), _about(read_bytes),
+        )  # fmt: skip
 
     async def _next_item(self) -> Batch | EndOfEpoch | Failure:
         """The next queue item; while none comes, a warning every `lag_warning` seconds."""
