@@ -216,6 +216,22 @@ def test_only_the_content_indexed_is_served_or_downloaded(
     assert cache.statistics().bytes == 0
 
 
+def test_a_shard_changed_after_indexing_is_refused_not_downloaded(
+    store: Any, tmp_path: Path, open_caches: list[ShardDiskCache]
+) -> None:
+    """A read checks the shard's stat, then opens it through the cache: a shard rewritten
+    in between was downloaded and served, content the catalog does not describe (a whole
+    epoch of it, found by a red-team pass). The cache knows the size and time this run
+    indexed and refuses any other."""
+    store.pipe(f"{STORE}/a", b"a" * 100)
+    cache = new_cache(open_caches, tmp_path, 1 << 20)
+    cache.expect(catalog_of(("a", b"a" * 100)))
+    store.pipe(f"{STORE}/a", b"b" * 150)
+    with pytest.raises(ShardChanged, match="changed since it was indexed"):
+        read(cache, "a")
+    assert store.opens[f"{STORE}/a"] == 0
+
+
 def test_threads_opening_one_shard_at_once_download_it_once(
     store: Any, tmp_path: Path, open_caches: list[ShardDiskCache]
 ) -> None:

@@ -388,6 +388,8 @@ class ShardDiskCache:
         want, name = _Want(url, stamp, version), entry_name(url)
         counted = False
         try:
+            with _local():
+                self._indexed(want)  # ShardChanged before any download, if it changed
             with _local(), self._locked(name, exclusive=False):
                 found = self._open_copy(name, want, quiet=True)
             if found is None:
@@ -581,16 +583,28 @@ class ShardDiskCache:
     # -- locks and the index -------------------------------------------------------------
 
     def _indexed(self, want: _Want) -> str | None:
-        """The digest the worker indexed for this version of the shard, if known."""
-        row = (
+        """The digest this worker run indexed for this version of the shard, if it has
+        indexed the shard yet. `ShardChanged` if it indexed another size or time: a copy
+        or download now would serve content the catalog does not describe (the stat the
+        read checked a moment ago may already be out of date)."""
+        rows = (
             self._db()
             .execute(
-                "SELECT digest FROM indexed_by WHERE owner = ? AND url = ? AND stamp = ?",
-                (self.owner, want.url, _text(want.stamp)),
+                "SELECT stamp, digest FROM indexed_by WHERE owner = ? AND url = ?",
+                (self.owner, want.url),
             )
-            .fetchone()
+            .fetchall()
         )
-        return None if row is None else str(row[0])
+        stamp = _text(want.stamp)
+        for indexed_stamp, digest in rows:
+            if indexed_stamp == stamp:
+                return str(digest)
+        if rows:
+            raise ShardChanged(
+                f"it changed since it was indexed (the data root reports {stamp}, indexed "
+                f"{rows[0][0]}); restart the worker to index it again"
+            )
+        return None
 
     @contextlib.contextmanager
     def _locked(self, name: str, *, exclusive: bool, blocking: bool = True) -> Iterator[bool]:
