@@ -384,6 +384,30 @@ def test_workers_preparing_one_new_directory_at_once_all_start(tmp_path: Path) -
     assert [p.returncode for p in procs] == [0] * len(procs)
 
 
+def test_an_index_replaced_under_a_running_worker_is_the_one_it_uses(
+    store: Any,
+    tmp_path: Path,
+    open_caches: list[ShardDiskCache],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The index deleted while a worker runs and created anew by another one starting:
+    the running worker used to go on in the deleted file, so two indexes each kept their
+    copies within the bound, not together (copies thrashed, the bound was exceeded)."""
+    for name in "ab":
+        store.pipe(f"{STORE}/{name}", name.encode() * 100)
+    running = new_cache(open_caches, tmp_path, 1 << 20)
+    assert read(running, "a") == b"a" * 100
+    for p in tmp_path.glob("index.sqlite3*"):
+        p.unlink()
+    starting = new_cache(open_caches, tmp_path, 1 << 20)
+    with caplog.at_level(logging.WARNING, "shardstream.cache"):
+        assert read(running, "b") == b"b" * 100
+    assert "was replaced: using the new one" in caplog.text
+    assert starting.statistics().bytes == 100  # b's copy, in the one index both use
+    assert read(starting, "b") == b"b" * 100
+    assert store.opens[f"{STORE}/b"] == 1
+
+
 def test_open_shard_uses_the_cache_only_under_its_root(
     store: Any, tmp_path: Path, open_caches: list[ShardDiskCache]
 ) -> None:

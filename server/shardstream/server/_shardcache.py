@@ -637,16 +637,27 @@ class ShardDiskCache:
             os.close(fd)
 
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection to the index; a new one if the index file was
+        replaced (deleted, and created anew by a worker starting on the directory): two
+        indexes in use would each keep their copies within the bound, not together."""
+        path = self.directory / INDEX_FILE
         db: sqlite3.Connection | None = getattr(self._threads, "db", None)
+        if db is not None and not db.in_transaction:
+            try:
+                replaced = os.stat(path).st_ino != self._threads.inode
+            except OSError:
+                replaced = False  # gone: the next statement says so, if it matters
+            if replaced:
+                log.warning("shard cache: the index %s was replaced: using the new one", path)
+                with self._guard:
+                    self._connections.remove(db)
+                db.close()
+                db = None
         if db is None:
-            db = sqlite3.connect(
-                self.directory / INDEX_FILE,
-                timeout=60,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA synchronous = NORMAL")  # a lost entry is only downloaded again
             self._threads.db = db
+            self._threads.inode = os.stat(path).st_ino
             with self._guard:
                 self._connections.append(db)
         return db
