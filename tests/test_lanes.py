@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gc
+import logging
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,33 @@ async def test_tickets_are_single_use_and_checked(npz_root: Path) -> None:
             assert await asyncio.to_thread(attempt, wrong) == (b"", [])
             assert len((await asyncio.to_thread(attempt, offer.ticket))[1]) == 1
             assert await asyncio.to_thread(attempt, offer.ticket) == (b"", [])
+
+
+async def test_a_flood_of_wrong_tickets_costs_the_log_a_few_lines(
+    npz_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone on the host can reach the lane's socket (an abstract name, listed in
+    /proc/net/unix): each wrong ticket used to log a warning, 7,029 lines in 2 s."""
+    import grpc
+
+    async with running_workers(npz_root, 1) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            offer = await WorkerStub(channel).open_lane(timeout=5)
+
+        def flood() -> None:
+            for _ in range(300):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(10)
+                    s.connect("\0" + offer.address)
+                    s.sendall(offer.lane.encode() + bytes(len(offer.ticket)))
+                    assert s.recv(1) == b""  # refused: closed
+
+        with caplog.at_level(logging.WARNING, "shardstream"):
+            began = time.monotonic()
+            await asyncio.to_thread(flood)
+            seconds = time.monotonic() - began
+    refused = [r for r in caplog.records if "same-host lane refused" in r.getMessage()]
+    assert 1 <= len(refused) <= 5 * (seconds + 1) + 1 < 300
 
 
 async def test_opening_a_lane_needs_the_token(npz_root: Path, tmp_path: Path) -> None:

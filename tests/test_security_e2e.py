@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,20 @@ async def test_token_without_tls_and_inspect(npz_root: Path, token_file: Path) -
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
         shown = await cli("inspect", worker.address, "--auth-token-file", str(token_file))
         assert shown.returncode == 0 and "dataset train" in shown.stdout
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_metrics_open_beside_a_guarded_worker_are_warned_about(
+    npz_root: Path, token_file: Path, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The metrics endpoint has neither TLS nor token: beside a worker that asks for them
+    on a non-loopback address, it used to show dataset names to anyone, silently."""
+    security = ServerSecurity(auth_token_file=token_file)
+    with caplog.at_level(logging.WARNING, "shardstream"):
+        async with running_workers(npz_root, 1, security=security, host=host, metrics_port=0):
+            pass
+    warned = [r for r in caplog.records if "served without the TLS or token" in r.getMessage()]
+    assert len(warned) == (host == "0.0.0.0")
 
 
 def test_worker_cli_refuses_half_a_tls_configuration(tmp_path: Path, certs: Certs) -> None:

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardstream.server._lanekeep import EndedLanes, open_pidfd, peer_pid
+from shardstream.server._status import LogLimit
 
 log = logging.getLogger("shardstream.worker")
 
@@ -257,6 +258,8 @@ class Lanes:
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(HANDSHAKES)
+        # Anyone on the host can connect to the socket: a flood of refusals costs a few lines
+        self._refusals = LogLimit(log)
         # lane id -> (ticket, deadline, slots, slot bytes)
         self._tickets: dict[str, tuple[bytes, float, int, int]] = {}
         self._lanes: dict[str, Lane] = {}
@@ -363,7 +366,7 @@ class Lanes:
         try:
             self._handshake(conn)
         except Exception as exc:  # one client's trouble never stops the others
-            log.warning("same-host lane refused: %s", exc)
+            self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
             conn.close()
         finally:
             self._handshakes.release()

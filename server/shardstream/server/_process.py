@@ -11,6 +11,7 @@ quote when the worker fails to start.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -89,6 +90,9 @@ class WorkerProcess:
     def wait_serving(self, timeout: float) -> None:
         if not self._serving.wait(timeout) or not self.address:
             code = self.proc.poll()  # None: it was still starting
+            if code is None and self._serving.is_set():  # its stdout closed: it is exiting
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self.proc.wait(5)
             self.close()  # and its pipes: nothing of it outlives the error
             tail = "\n  ".join(list(self.log)[-15:])
             raise WorkerStartError(

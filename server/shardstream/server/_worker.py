@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import resource
@@ -22,6 +23,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -129,6 +131,27 @@ def _fit_open_files(connections: int) -> int:
     return fit
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpcio-health-checking's servicer with `List`, which its aio servicer lacks: the
+    generated base raised NotImplementedError, an ERROR and a traceback in the log for
+    every call, which health's openness to callers without a token let anyone repeat."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={k: health_pb2.HealthCheckResponse(status=v) for k, v in statuses.items()}
+        )
+
+
 class Worker:
     """One worker server. Not reusable: start once, close once."""
 
@@ -137,7 +160,7 @@ class Worker:
         self._executor: Executor | None = None
         self._shard_cache: ShardDiskCache | None = None  # --shard-cache-dir
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = _Health()
         self._servicer: WorkerServicer | None = None
         self._buffers: ChunkBuffers | None = None
         self._lanes: Lanes | None = None
@@ -232,6 +255,14 @@ class Worker:
         metrics = self._metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
             self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port, self._executor)
+            guarded = cfg.security.tls or cfg.security.auth_token_file is not None
+            if guarded and not _loopback(cfg.host):
+                log.warning(
+                    "metrics on port %d of %s are served without the TLS or token gRPC asks "
+                    "for: dataset names and counters are open to whoever reaches the port "
+                    "(firewall it, or keep --host on loopback)",
+                    self.metrics_port, cfg.host,
+                )  # fmt: skip
             if self._shard_cache is not None:
                 metrics.add_collector(self._shard_cache.collector())
         self._lanes = self._open_lanes()
