@@ -6,6 +6,7 @@ wrong; here each ends promptly, clearly, and with the right position."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import pickle
@@ -353,3 +354,53 @@ def test_grpc_channels_are_gone_before_the_interpreter_tears_down(
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[:2] == [f"records: {RECORDS}", "channels at teardown: 0"]
+
+
+@pytest.mark.parametrize("api", ["Loader", "SyncLoader", "torch"])
+def test_a_checkpoint_right_after_load_state_dict_is_the_loaded_position(
+    address: str, api: str
+) -> None:
+    """state_dict() after load_state_dict() used to answer the epoch run before the load
+    (a checkpoint taken then resumed a whole other epoch); an epoch still being iterated
+    when a state is loaded ends, as when the next epoch starts."""
+    opts = {**OPTS, "shuffle": True, "seed": 3}
+    with SyncLoader(address, **opts) as ref:
+        whole = [b["id"].tolist() for b in ref.epoch(0)]
+        it = ref.epoch(0)
+        for _ in range(5):
+            next(it)
+        saved = ref.state_dict()
+    rest = sorted(i for b in whole[5:] for i in b)
+
+    if api == "Loader":
+
+        async def run() -> dict[str, Any]:
+            async with Loader(address, **opts) as loader:
+                async for _ in loader.epoch(0):
+                    pass
+                loader.load_state_dict(saved)
+                return loader.state_dict()
+
+        state = asyncio.run(run())
+    elif api == "SyncLoader":
+        with SyncLoader(address, **opts) as sync:
+            running = sync.epoch(1)
+            next(running)
+            sync.load_state_dict(saved)
+            state = sync.state_dict()
+            with pytest.raises(RuntimeError, match="superseded by load_state_dict"):
+                next(running)
+    else:
+        torch_mod = pytest.importorskip("shardstream.client.torch")
+        data = torch_mod.ShardstreamIterable(address, **opts)
+        try:
+            for _ in data:
+                pass
+            data.load_state_dict(saved)
+            state = data.state_dict()
+        finally:
+            data.close()
+    with SyncLoader(address, **opts) as again:
+        again.load_state_dict(state)
+        got = sorted(i for b in again.epoch(again.start_epoch) for i in b["id"].tolist())
+    assert (state["epoch"], got) == (0, rest)

@@ -320,6 +320,22 @@ class Loader:
         except BaseException:
             self._resume = previous
             raise
+        self._supersede(
+            "was superseded by load_state_dict(): an epoch can only be iterated until a "
+            "state is loaded or the next epoch starts"
+        )
+
+    def _supersede(self, why: str, *, forget: bool = True) -> None:
+        """End the current epoch, if any, for what comes next (a loaded state, or another
+        epoch): its iterator raises RuntimeError; with `forget`, the position is no longer
+        its (else it stays until the next epoch replaces it, in one assignment)."""
+        live = self._live
+        if forget:
+            self._live = None
+        if live is not None:
+            live.iterator.abandon(f"epoch {live.iterator.plan.epoch} {why}")
+            self._past.add(live.iterator.counters)
+            self._epochs_completed += live.iterator.completed
 
     def batches_per_epoch(self) -> int:
         """Batches every rank gets in an epoch (the same on every rank), whole: after a
@@ -332,14 +348,11 @@ class Loader:
         if self._state != "open":
             raise RuntimeError(f"Loader.epoch() on a loader that is {self._state}")
         assert self._pool is not None
-        if self._current is not None:
-            old = self._current.plan.epoch
-            self._current.abandon(
-                f"epoch {old} was superseded by loader.epoch({epoch}): an epoch can only be "
-                "iterated until the next one starts"
-            )
-            self._past.add(self._current.counters)
-            self._epochs_completed += self._current.completed
+        self._supersede(
+            f"was superseded by loader.epoch({epoch}): an epoch can only be iterated until "
+            "the next one starts",
+            forget=False,
+        )
         cfg = self.config
         plan = self.plan(epoch)
         history = self._history(epoch)

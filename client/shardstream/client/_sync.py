@@ -193,7 +193,19 @@ class SyncLoader:
             )
 
     def load_state_dict(self, state: Mapping[str, Any], *, override: bool = False) -> None:
-        self._loader.load_state_dict(state, override=override)
+        """`Loader.load_state_dict`: an epoch being iterated ends (it raises RuntimeError
+        from then on) and `state_dict()` is the loaded state until the next epoch."""
+        if self._loop is None:
+            self._loader.load_state_dict(state, override=override)
+            return
+        self._check_process()
+
+        async def load() -> None:  # on the loop's thread, where the epoch runs
+            self._loader.load_state_dict(state, override=override)
+            with self._lock:
+                self._position = None
+
+        self._call(load())
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; leaving the loop early stops the epoch's reads.
@@ -246,6 +258,8 @@ class SyncLoader:
         try:
             while True:
                 self._check_process()  # in a forked child nothing would fill the hand-off
+                if iterator._abandoned is not None:  # a state was loaded: batches ready go
+                    raise RuntimeError(iterator._abandoned)
                 t0 = time.perf_counter()
                 item = handoff.get()
                 waited = time.perf_counter() - t0
