@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from shardstream.client import Loader
-from shardstream.client.errors import StateMismatchError
+from shardstream.client.errors import ConfigError, StateMismatchError
 
 from conftest import RECORDS, collect_epoch, ids_of, running_workers, worker_processes
 
@@ -195,3 +195,47 @@ def test_ledger_of_a_killed_and_resumed_rank_audits_clean(npz_root: Path, tmp_pa
         "seg1-w1-r00000.jsonl",
     ]
     assert epoch0.ok and epoch0.received == epoch0.expected == RECORDS
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("epoch", float("inf")),  # was a bare OverflowError
+        ("batches", 2.9),  # were taken as 2, 3, 3, 1 and 3 batches or ranks
+        ("epoch", "3"),
+        ("epoch", b"3"),
+        ("batches", True),
+        ("world_size", 3.7),
+        ("epoch", 2**64),  # was accepted, then an untyped ValueError at the first read
+        ("history", [[1.5, 2.5]]),
+        ("version", True),
+    ],
+)
+def test_a_state_of_the_wrong_types_is_refused_not_coerced(key: str, value: object) -> None:
+    from shardstream.client._state import LoaderState
+
+    state = LoaderState(
+        dataset="train", fingerprint="f" * 24, epoch=1, batches=2, world_size=1, rank=0,
+        history=(), options={"seed": 3},
+    ).to_dict()  # fmt: skip
+    LoaderState.from_dict(json.loads(json.dumps(state)))  # the real thing passes
+    with pytest.raises(StateMismatchError, match=r"not a shardstream loader state|not supported"):
+        LoaderState.from_dict({**state, key: value})
+
+
+def test_options_of_another_type_are_a_difference() -> None:
+    from shardstream.client._state import LoaderState
+
+    state = LoaderState(
+        dataset="train", fingerprint="f" * 24, epoch=1, batches=2, world_size=1, rank=0,
+        history=(), options={"seed": 3.0, "shuffle": 1},
+    )  # fmt: skip
+    diffs = state.check(dataset="train", fingerprint="f" * 24, options={"seed": 3, "shuffle": True})
+    assert "seed 3.0 vs 3" in "; ".join(diffs) and "shuffle 1 vs True" in "; ".join(diffs)
+
+
+async def test_an_epoch_past_the_wire_is_a_config_error(npz_root: Path) -> None:
+    async with running_workers(npz_root, 1) as (worker,):
+        async with Loader([worker.address], dataset="train", batch_size=8) as loader:
+            with pytest.raises(ConfigError, match=r"epoch must be an int in \[0, 2\*\*63 - 1\]"):
+                loader.epoch(2**64)

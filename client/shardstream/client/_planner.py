@@ -155,6 +155,9 @@ class RankPlan:
         return self.records + self.trailing_holes - (self.batches - 1) * self.batch_size
 
 
+MAX_EPOCH = 2**63 - 1  # the wire's epoch is a uint64; a state's counts are int64
+
+
 def rank_records(total: int, world_size: int, options: PlanOptions) -> tuple[int, int]:
     """(records in each rank's part, records each rank delivers) for a dataset of `total`."""
     if options.remainder == "drop":
@@ -221,8 +224,8 @@ def epoch_grid(
 ) -> Grid | BlockGrid:
     """Every rank's part of `epoch` with `world_size` ranks (checks the arguments)."""
     check_rank(0, world_size)
-    if not _is_int(epoch) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if not _is_int(epoch) or not 0 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"epoch must be an int in [0, 2**63 - 1], got {epoch!r}")
     if not _is_int(read_records) or read_records < 1:
         raise ValueError(f"read_records must be positive, got {read_records}")
     counts = tuple(int(n) for n in shard_records)

@@ -11,6 +11,7 @@ exactly. A state saved after an epoch's last batch points at the next epoch.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -53,21 +54,24 @@ class LoaderState:
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> LoaderState:
         try:
-            if state["version"] != VERSION:
+            if not _same(state["version"], VERSION):
                 raise StateMismatchError(
                     f"state version {state['version']!r} is not supported (this loader: {VERSION})"
                 )
             out = cls(
-                dataset=str(state["dataset"]),
-                fingerprint=str(state["fingerprint"]),
-                epoch=int(state["epoch"]),
-                batches=int(state["batches"]),
-                world_size=int(state["world_size"]),
-                rank=int(state["rank"]),
-                history=tuple(Interruption(int(w), int(b)) for w, b in state["history"]),
+                dataset=_text(state, "dataset"),
+                fingerprint=_text(state, "fingerprint"),
+                epoch=_count(state["epoch"], "epoch"),
+                batches=_count(state["batches"], "batches"),
+                world_size=_count(state["world_size"], "world_size"),
+                rank=_count(state["rank"], "rank"),
+                history=tuple(
+                    Interruption(_count(w, "history"), _count(b, "history"))
+                    for w, b in state["history"]
+                ),
                 options=dict(state["options"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise StateMismatchError(f"not a shardstream loader state: {exc!r}") from None
         if (
             out.epoch < 0
@@ -98,6 +102,27 @@ class LoaderState:
             )
         for key in PLAN_KEYS:
             saved = self.options.get(key, ADDED_KEYS.get(key))
-            if saved != options.get(key):
+            if not _same(saved, options.get(key)):
                 diffs.append(f"{key} {saved!r} vs {options.get(key)!r}")
         return diffs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one type: a state's 3.0 or True is not the loader's 3 or 1."""
+    return type(a) is type(b) and bool(a == b)
+
+
+def _count(value: Any, name: str) -> int:
+    """A non-negative integer of a state, exactly (2.9 or "3" is no count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= int(value) < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value!r}")
+    return int(value)
+
+
+def _text(state: Mapping[str, Any], name: str) -> str:
+    value = state[name]
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {value!r}")
+    return value
