@@ -8,12 +8,14 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +264,59 @@ def test_consume_writes_a_ledger_that_audit_accepts(npz_root: Path, tmp_path: Pa
     (ledger,) = (tmp_path / "shuffled" / "epoch-00001").glob("*.jsonl")
     header = json.loads(ledger.read_text().splitlines()[0])
     assert header["options"]["shuffle"] is True and header["options"]["shuffle_reads"] == 2
+
+
+def test_audit_refuses_ledgers_it_cannot_vouch_for(npz_root: Path, tmp_path: Path) -> None:
+    """A red-team pass got "exactly once" (exit 0) from ranks of two different datasets, a
+    negative range and a header of world size 0; tracebacks from junk lines; and a ledger
+    file linked to /dev/zero took the audit to 24 GB. Each is now one line, exit 1."""
+    with worker_processes(npz_root, 1) as (worker,):
+        for rank in (0, 1):
+            r = run("shardstream", "consume", worker.address, "--batch-size", "100",
+                    "--rank", str(rank), "--world-size", "2",
+                    "--ledger-dir", str(tmp_path / "good"))  # fmt: skip
+            assert r.returncode == 0, r.stderr
+    assert run("shardstream", "audit", str(tmp_path / "good")).returncode == 0
+
+    def doctored(name: str, edit: Any) -> subprocess.CompletedProcess[str]:
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        files = sorted((tmp_path / name / "epoch-00000").glob("*.jsonl"))
+        edit(files[-1])
+        return run("shardstream", "audit", str(tmp_path / name))
+
+    def header(change: dict[str, Any]) -> Any:
+        def edit(path: Path) -> None:
+            lines = path.read_text().splitlines()
+            lines[0] = json.dumps({**json.loads(lines[0]), **change})
+            path.write_text("\n".join(lines) + "\n")
+
+        return edit
+
+    def line(text: str) -> Any:
+        def edit(path: Path) -> None:
+            lines = path.read_text().splitlines()
+            lines.insert(1, text)
+            path.write_text("\n".join(lines) + "\n")
+
+        return edit
+
+    def zero(path: Path) -> None:
+        path.unlink()
+        path.symlink_to("/dev/zero")
+
+    cases = {
+        "fingerprint": (header({"fingerprint": "0" * 24}), "disagree on fingerprint"),
+        "world": (header({"world_size": 0}), "not a ledger header"),
+        "huge": (header({"shard_records": [10**15] * 8}), "more than an audit holds"),
+        "negative": (line('{"kind":"batch","index":0,"ranges":[[1,-64,64]]}'), "line 2: an int"),
+        "outside": (line('{"kind":"batch","index":0,"ranges":[[1,0,10000]]}'), "outside"),
+        "strings": (line('{"kind":"batch","index":0,"ranges":[["a","b","c"]]}'), "line 2"),
+        "list": (line("[1, 2]"), "line 2: not a JSON object"),
+        "kind": (line('{"kind":"nonsense"}'), "line 2: a line of kind 'nonsense'"),
+        "zero": (zero, "not a regular file"),
+    }
+    for name, (edit, says) in cases.items():
+        r = doctored(name, edit)
+        assert (r.returncode, r.stdout) == (1, ""), (name, r.stdout, r.stderr)
+        assert r.stderr.startswith("shardstream audit: ") and says in r.stderr, (name, r.stderr)
+        assert r.stderr.count("\n") == 1, (name, r.stderr)

@@ -173,7 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from shardstream.client._ledger import audit
+    from shardstream.client._ledger import LedgerError, audit
 
     ok = True
     try:
@@ -186,10 +186,15 @@ def _audit(args: argparse.Namespace) -> int:
                 print(f"  missing    {sid} [{start}, {start + n})")
             for sid, start, n, times in ep.duplicated[: args.limit]:
                 print(f"  duplicated {sid} [{start}, {start + n}) x{times}")
-            hidden = len(ep.missing) + len(ep.duplicated) - 2 * args.limit
-            if hidden > 0:
+            for sid, start, n in ep.unplanned[: args.limit]:
+                print(f"  unplanned  {sid} [{start}, {start + n})")
+            shown = (ep.missing, ep.duplicated, ep.unplanned)
+            if any(len(kind) > args.limit for kind in shown):
                 print("  ... and more ranges (--limit)")
-    except (OSError, ValueError, KeyError) as exc:
+    except LedgerError as exc:  # what the ledger holds cannot be audited: a failure
+        print(f"shardstream audit: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"shardstream audit: {exc}", file=sys.stderr)
         return 2
     return 0 if ok else 1

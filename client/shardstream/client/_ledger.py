@@ -109,23 +109,118 @@ class _Segment:
     skipped: list[tuple[int, int]] = field(default_factory=list)
 
 
+MAX_LINE_BYTES = 16 << 20  # a ledger line longer than this is no ledger's
+MAX_AUDIT_RECORDS = 50_000_000  # records of one epoch an audit holds in memory
+_SAME = ("dataset", "fingerprint", "shard_ids", "shard_records", "options", "epoch")
+
+
+class LedgerError(ValueError):
+    """A ledger file that is not what a loader writes (cut lines at its end excepted)."""
+
+
+def _int(value: Any, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TypeError(f"an int >= {low}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _header(path: Path, header: Any) -> dict[str, Any]:
+    try:
+        if not isinstance(header, dict) or header.get("kind") != "header":
+            raise TypeError("no header line")
+        for key in ("dataset", "fingerprint"):
+            if not isinstance(header[key], str):
+                raise TypeError(f"{key} is not a string")
+        ids, counts = header["shard_ids"], header["shard_records"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not ids:
+            raise TypeError("shard_ids is not a list of strings")
+        if not isinstance(counts, list) or len(counts) != len(ids):
+            raise TypeError("shard_records is not a count per shard")
+        if sum(_int(n) for n in counts) > MAX_AUDIT_RECORDS:
+            raise ValueError(
+                f"the dataset has {sum(counts)} records, more than an audit holds in memory "
+                f"({MAX_AUDIT_RECORDS})"
+            )
+        if not isinstance(header["options"], dict):
+            raise TypeError("options is not an object")
+        _int(header["epoch"])
+        world = _int(header["world_size"], 1)
+        if not 0 <= _int(header["rank"]) < world:
+            raise ValueError(f"rank {header['rank']} of {world}")
+        history = header["history"]
+        if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and _int(h[0], 1) and _int(h[1]) >= 0
+            for h in history
+        ):
+            raise TypeError("history is not a list of [world size, batches]")
+        if header.get("read_records") is not None:
+            _int(header["read_records"], 1)
+        PlanOptions(**header["options"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedgerError(f"{path}: not a ledger header ({exc})") from None
+    return header
+
+
+def _ranges(path: Path, number: int, line: Any, counts: Sequence[int]) -> list[Range]:
+    ranges = line.get("ranges")
+    out: list[Range] = []
+    try:
+        if not isinstance(ranges, list):
+            raise TypeError("no list of ranges")
+        for r in ranges:
+            if not isinstance(r, list) or len(r) != 3:
+                raise TypeError("a range is not [shard, start, count]")
+            s, start, n = _int(r[0]), _int(r[1]), _int(r[2])
+            if s >= len(counts) or start + n > counts[s]:
+                raise ValueError(f"[{s}, {start}, {n}] is outside the dataset's shards")
+            out.append((s, start, n))
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"{path}, line {number}: {exc}") from None
+    return out
+
+
 def _read(path: Path) -> _Segment:
-    lines = path.read_text().splitlines()
-    if not lines:
-        raise ValueError(f"{path}: empty ledger file")
-    header = json.loads(lines[0])
-    seg = _Segment(path, header)
-    for text in lines[1:]:
+    if not path.is_file():  # a device or a FIFO (a link to /dev/zero) is no ledger
+        raise LedgerError(f"{path}: not a regular file")
+    with path.open("rb") as f:
+
+        def lines() -> Iterator[tuple[int, bytes]]:
+            number = 0
+            while text := f.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(text) > MAX_LINE_BYTES:
+                    raise LedgerError(f"{path}, line {number}: longer than {MAX_LINE_BYTES} bytes")
+                yield number, text
+
+        rows = lines()
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"{path}: empty ledger file")
         try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            break  # a line cut by a crash: the batch was not recorded as received
-        if line["kind"] == "batch":
-            seg.batches.append([tuple(r) for r in line["ranges"]])
-        elif line["kind"] == "resume":
-            seg.resumes += 1
-        elif line["kind"] == "skip":
-            seg.skipped.append((header["shard_ids"].index(line["shard"]), int(line["record"])))
+            header = _header(path, json.loads(first[1]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LedgerError(f"{path}: the header line is not JSON") from None
+        seg = _Segment(path, header)
+        ids, counts = header["shard_ids"], header["shard_records"]
+        for number, text in rows:
+            try:
+                line = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break  # a line cut by a crash: the batch was not recorded as received
+            if not isinstance(line, dict):
+                raise LedgerError(f"{path}, line {number}: not a JSON object")
+            kind = line.get("kind")
+            if kind == "batch":
+                seg.batches.append(_ranges(path, number, line, counts))
+            elif kind == "resume":
+                seg.resumes += 1
+            elif kind == "skip":
+                shard, record = line.get("shard"), line.get("record")
+                if shard not in ids or isinstance(record, bool) or not isinstance(record, int):
+                    raise LedgerError(f"{path}, line {number}: a skip of no record of the dataset")
+                seg.skipped.append((ids.index(shard), record))
+            else:
+                raise LedgerError(f"{path}, line {number}: a line of kind {kind!r}")
     return seg
 
 
@@ -137,10 +232,11 @@ class EpochAudit:
     missing: list[tuple[str, int, int]]  # shard id, start, count
     duplicated: list[tuple[str, int, int, int]]  # shard id, start, count, times
     resumes: int
+    unplanned: list[tuple[str, int, int]] = field(default_factory=list)  # received, not planned
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.duplicated
+        return not self.missing and not self.duplicated and not self.unplanned
 
 
 def _history_key(history: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
@@ -149,6 +245,14 @@ def _history_key(history: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...
 
 def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
     first = segments[0].header
+    for seg in segments[1:]:  # one epoch of one dataset under one plan, or no audit
+        for key in _SAME:
+            if seg.header[key] != first[key]:
+                raise LedgerError(
+                    f"{seg.path} and {segments[0].path} disagree on {key} "
+                    f"({json.dumps(seg.header[key])[:80]} vs {json.dumps(first[key])[:80]}): "
+                    "not the ranks of one epoch"
+                )
     counts = first["shard_records"]
     ids = first["shard_ids"]
     options = PlanOptions(**first["options"])
@@ -181,6 +285,7 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
         expected.update(zip(sh.tolist(), rec.tolist(), strict=True))
     skipped = {x for seg in segments for x in seg.skipped}
     missing = sorted(expected - set(received) - skipped)
+    unplanned = sorted(set(received) - expected)
     dup = sorted((k, v) for k, v in received.items() if v > 1)
     return EpochAudit(
         epoch=epoch,
@@ -189,6 +294,7 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
         missing=[(ids[s], a, n) for s, a, n in to_ranges(*_split(missing))],
         duplicated=_dup_ranges(dup, ids),
         resumes=sum(s.resumes for s in segments),
+        unplanned=[(ids[s], a, n) for s, a, n in to_ranges(*_split(unplanned))],
     )
 
 
@@ -222,4 +328,4 @@ def audit(directory: Path) -> Iterator[EpochAudit]:
             yield audit_epoch(segments)
 
 
-__all__ = ["EpochAudit", "Interruption", "LedgerWriter", "audit"]
+__all__ = ["EpochAudit", "Interruption", "LedgerError", "LedgerWriter", "audit"]
