@@ -67,6 +67,17 @@ async def test_a_message_over_the_receive_limit_is_no_busy_worker(npz_root: Path
                     await collect_epoch(loader, 0)
 
 
+async def test_a_description_over_the_receive_limit_is_no_busy_worker(npz_root: Path) -> None:
+    """The same at start: a dataset's description over max_message_bytes was retried
+    until describe_timeout, then reported as WorkersUnavailableError."""
+    async with running_workers(npz_root, 1) as (worker,):
+        with pytest.raises(MessageTooLargeError, match="max_message_bytes"):
+            async with Loader(
+                [worker.address], **{**OPTS, "max_message_bytes": 100, "describe_timeout": 5}
+            ):
+                pass
+
+
 def test_busy_and_too_large_are_told_apart() -> None:
     class Error(grpc.aio.AioRpcError):
         def __init__(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from shardstream.client._wire import RETRYABLE, DatasetDesc, worker_error
+from shardstream.client._wire import DatasetDesc, is_retryable, worker_error
 from shardstream.client._workers import Conn, describe_difference
 from shardstream.client.errors import (
     DatasetMismatchError,
@@ -60,7 +60,7 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
             answered.append((conn, res))
         elif isinstance(res, _NotYet):
             failed[conn.address] = conn.last_error or "did not answer in time"
-        elif isinstance(res, grpc.aio.AioRpcError) and res.code() in RETRYABLE:
+        elif isinstance(res, grpc.aio.AioRpcError) and is_retryable(res):
             failed[conn.address] = conn.last_error = f"{res.code().name}: {res.details()}"
         elif isinstance(res, grpc.aio.AioRpcError):
             raise worker_error(res, worker=conn.address, dataset=how.dataset)
@@ -100,7 +100,7 @@ async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:
         desc = await conn.stub.describe(how.dataset, timeout=how.timeout, wait_for_ready=False)
     except grpc.aio.AioRpcError as exc:
         why = f"{exc.code().name}: {exc.details()}"
-        if exc.code() not in RETRYABLE:
+        if not is_retryable(exc):
             conn.excluded = why
             log.error("worker %s cannot serve dataset %r: %s", conn.address, how.dataset, why)
         return why
@@ -160,7 +160,7 @@ async def _describe_patiently(conn: Conn, how: Describing) -> DatasetDesc:
                 how.dataset, timeout=max(0.1, remaining), wait_for_ready=False
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE or loop.time() + delay >= deadline:
+            if not is_retryable(exc) or loop.time() + delay >= deadline:
                 raise
         except ProtocolError as exc:
             raise _naming(exc, conn, how) from None
