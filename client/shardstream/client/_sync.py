@@ -204,6 +204,14 @@ class SyncLoader:
             self._loader.load_state_dict(state, override=override)
             with self._lock:
                 self._position = None
+                running = list(self._handoffs)
+            for handoff in running:  # batches already handed over go too
+                handoff.abort(
+                    RuntimeError(
+                        "this epoch was superseded by load_state_dict(): an epoch can only "
+                        "be iterated until a state is loaded or the next epoch starts"
+                    )
+                )
 
         self._call(load())
 
@@ -258,8 +266,6 @@ class SyncLoader:
         try:
             while True:
                 self._check_process()  # in a forked child nothing would fill the hand-off
-                if iterator._abandoned is not None:  # a state was loaded: batches ready go
-                    raise RuntimeError(iterator._abandoned)
                 t0 = time.perf_counter()
                 item = handoff.get()
                 waited = time.perf_counter() - t0
