@@ -187,3 +187,21 @@ def test_the_readme_documents_every_loader_option() -> None:
     assert len(names) > 20
     first_cells = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| `"))
     assert [n for n in names if f"`{n}`" not in first_cells] == []
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below", "/proc/shardstream-ledger"])
+def test_an_unusable_ledger_dir_is_a_config_error_before_connecting(
+    tmp_path: object, where: str
+) -> None:
+    """It was an OSError from the first epoch, after connecting (a traceback from
+    `shardstream consume --ledger-dir FILE`)."""
+    from pathlib import Path
+
+    from shardstream.client import Loader
+    from shardstream.client.errors import ConfigError
+
+    base = Path(str(tmp_path))
+    (base / "a-file").write_text("")
+    path = where if where.startswith("/") else str(base / where)
+    with pytest.raises(ConfigError, match=r"ledger_dir .* cannot be a folder"):
+        Loader(["127.0.0.1:1"], dataset="t", batch_size=1, ledger_dir=path)

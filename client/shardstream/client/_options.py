@@ -164,6 +164,17 @@ class LoaderConfig:
                 fail("pad_to", "None with ragged='flat' (it pads; give ragged='pad')")
         if self.ledger_dir is not None and not isinstance(self.ledger_dir, str | os.PathLike):
             fail("ledger_dir", "None or a folder (str or path)")
+        if self.ledger_dir is not None:  # before connecting, not at the first epoch
+            try:
+                os.makedirs(self.ledger_dir, exist_ok=True)
+                writable = os.access(self.ledger_dir, os.W_OK | os.X_OK)
+            except OSError as exc:
+                raise ConfigError(
+                    f"ledger_dir {os.fspath(self.ledger_dir)!r} cannot be a folder: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            if not writable:
+                raise ConfigError(f"ledger_dir {os.fspath(self.ledger_dir)!r} is not writable")
         if self.security is not None and not isinstance(self.security, ClientSecurity):
             fail("security", "None or a ClientSecurity")
         self._check_channel_options()
