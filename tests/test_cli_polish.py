@@ -320,3 +320,28 @@ def test_audit_refuses_ledgers_it_cannot_vouch_for(npz_root: Path, tmp_path: Pat
         assert (r.returncode, r.stdout) == (1, ""), (name, r.stdout, r.stderr)
         assert r.stderr.startswith("shardstream audit: ") and says in r.stderr, (name, r.stderr)
         assert r.stderr.count("\n") == 1, (name, r.stderr)
+
+
+def test_make_dataset_and_index_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    """Before: tracebacks for a path that is a file or cannot be made, numpy's
+    _ArrayMemoryError for sizes no machine holds, 'invalid literal for int()' naming no
+    flag, no bound on the shard count; index kept the last of two datasets of one name."""
+    (tmp_path / "a-file").write_text("")
+    out = str(tmp_path / "out")
+    cases = [
+        ((str(tmp_path / "a-file"),), 1, "cannot write to"),
+        (("/proc/shardstream-x",), 1, "cannot write to"),
+        ((out, "--shape", "100000,100000,1000"), 2, "give more shards"),
+        ((out, "--records", str(10**16)), 2, "give more shards"),
+        ((out, "--shape", "abc"), 2, "--shape must be comma-separated sizes"),
+        ((out, "--shards", "100000000", "--records", "100000000"), 2, "at most 100000"),
+    ]
+    for argv, code, says in cases:
+        r = run("shardstream", "make-dataset", *argv)
+        assert (r.returncode, r.stdout) == (code, ""), (argv, r.stderr)
+        assert says in r.stderr and r.stderr.count("\n") == 1, (argv, r.stderr)
+    r = run("shardstream", "make-dataset", out, "--records", "40", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    r = run("shardstream", "index", "--data-root", out, "--dataset", "t=part-*:csv",
+            "--dataset", "t=part-00*:csv", "--cache-dir", "off")  # fmt: skip
+    assert r.returncode == 2 and "dataset names must be unique" in r.stderr, r.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -41,6 +42,10 @@ _PATTERNS = {
     "parquet": re.compile(r"shard-\d+\.parquet"),
 }
 _WRITE_ROW_GROUP = 256  # rows per parquet row group, so that reads span row groups
+
+
+MAX_SHARD_BYTES = 4 << 30  # image bytes of one generated shard (made in memory)
+MAX_SHARDS = 100_000
 
 
 def make_dataset(
@@ -131,6 +136,15 @@ def _validate(*, shards: int, records: int, shape: tuple[int, ...], format: str,
         )
     if format == "wds" and (len(shape) != 3 or shape[2] != 3):
         raise ValueError(f"wds images need a shape (H, W, 3), got {shape!r}")
+    per_record = math.prod(shape)
+    if -(-records // shards) * per_record > MAX_SHARD_BYTES:  # one shard is made in memory
+        raise ValueError(
+            f"a shard of {-(-records // shards)} records of shape {shape} would take "
+            f"{-(-records // shards) * per_record} bytes, more than {MAX_SHARD_BYTES}: "
+            "give more shards, fewer records or a smaller shape"
+        )
+    if shards > MAX_SHARDS:
+        raise ValueError(f"`shards` must be at most {MAX_SHARDS}, got {shards}")
 
 
 def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray[Any, Any]]) -> None:

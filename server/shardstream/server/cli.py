@@ -437,6 +437,9 @@ def index_command(args: argparse.Namespace) -> int:
             raise ValueError(
                 "name a dataset: --dataset NAME=GLOB (or SHARDSTREAM_DATASETS), or --config"
             )
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):  # as a worker refuses them: one manifest each
+            raise ValueError(f"dataset names must be unique, got {names}")
         register_plugins((() if file is None else file.decoders) + _decoders(args))
     except ValueError as exc:
         print(f"shardstream index: {exc}", file=sys.stderr)
@@ -496,6 +499,14 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> None:
 def make_dataset_command(args: argparse.Namespace) -> int:
     try:
         shape = tuple(int(d) for d in args.shape.split(",") if d.strip())
+    except ValueError:
+        print(
+            f"shardstream make-dataset: --shape must be comma-separated sizes, e.g. 32,32,3; "
+            f"got {args.shape!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         paths = make_dataset(
             args.directory,
             shards=args.shards,
@@ -510,6 +521,10 @@ def make_dataset_command(args: argparse.Namespace) -> int:
         message = str(exc).replace("overwrite=True", "--overwrite")
         print(f"shardstream make-dataset: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        print(f"shardstream make-dataset: cannot write to {args.directory}: {why}", file=sys.stderr)
+        return 1
     print(f"wrote {len(paths)} {args.format} shards, {args.records} records, to {args.directory}")
     return 0
 
