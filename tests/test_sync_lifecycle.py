@@ -404,3 +404,40 @@ def test_a_checkpoint_right_after_load_state_dict_is_the_loaded_position(
         again.load_state_dict(state)
         got = sorted(i for b in again.epoch(again.start_epoch) for i in b["id"].tolist())
     assert (state["epoch"], got) == (0, rest)
+
+
+@pytest.mark.parametrize("api", ["SyncLoader", "torch"])
+def test_a_loader_dropped_without_close_lets_go_of_its_thread(address: str, api: str) -> None:
+    """A loader that becomes garbage while open (a notebook cell run again, a helper
+    that forgot close()): its loop closes it and ends its thread. Before, each left two
+    threads and its loader's tasks behind ("Task was destroyed but it is pending!")."""
+    r = _run_script(
+        address,
+        f"""
+        import gc, sys, threading, time
+        from shardstream.client import SyncLoader
+        for _ in range(3):
+            if {api == "torch"}:
+                from shardstream.client.torch import ShardstreamIterable
+                data = ShardstreamIterable(sys.argv[1], dataset="train", batch_size=16)
+                it = iter(data)
+            else:
+                data = SyncLoader(sys.argv[1], dataset="train", batch_size=16)
+                data.open()
+                it = data.epoch(0)
+            next(it)
+            next(it)
+            del it, data
+            gc.collect()
+        deadline = time.monotonic() + {WAIT}
+        def loops():
+            return [t.name for t in threading.enumerate() if t.name == "shardstream-loader"]
+        while loops() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("left:", loops(), flush=True)
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "left: []", r.stdout + r.stderr[-3000:]
+    assert "Task was destroyed" not in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]

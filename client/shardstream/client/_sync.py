@@ -100,6 +100,8 @@ class SyncLoader:
         )
         self._thread.start()
         _open.add(self)
+        # Dropped without close(): its loop closes the loader and ends its own thread.
+        self._dropped = weakref.finalize(self, _release_dropped, loop, self._loader, self._pid)
         try:
             self._call(self._loader.start())
         except BaseException:
@@ -123,6 +125,7 @@ class SyncLoader:
             self._closing = True  # no call nor epoch starts from here on
             handoffs = list(self._handoffs)
         _open.discard(self)
+        self._dropped.detach()
         for handoff in handoffs:  # a loop in another thread must not wait forever
             handoff.abort(RuntimeError("the SyncLoader was closed during the epoch"))
         pumps = [h.pump for h in handoffs if h.pump is not None]
@@ -318,6 +321,31 @@ class SyncLoader:
 # SyncLoaders open in this process, closed at exit if their users did not: before the
 # interpreter's teardown, while their thread can still run.
 _open: weakref.WeakSet[SyncLoader] = weakref.WeakSet()
+
+
+def _release_dropped(loop: asyncio.AbstractEventLoop, loader: Loader, pid: int) -> None:
+    """A SyncLoader that became garbage while open: its loop closes the loader, ends
+    what else runs there and stops, which ends its thread (the loader's tasks and two
+    threads were left behind, and "Task was destroyed but it is pending!"). Nothing
+    waits here: a finalizer runs on whichever thread collects."""
+    if os.getpid() != pid or loop.is_closed() or sys.is_finalizing():
+        return
+
+    async def shut() -> None:
+        try:
+            await loader.aclose()
+        finally:
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            asyncio.get_running_loop().stop()
+
+    def start() -> None:
+        loop.create_task(shut())
+
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(start)
 EXIT_CLOSE_SECONDS = 10.0
 
 
