@@ -102,6 +102,7 @@ class SyncLoader:
         _open.add(self)
         # Dropped without close(): its loop closes the loader and ends its own thread.
         self._dropped = weakref.finalize(self, _release_dropped, loop, self._loader, self._pid)
+        self._dropped.atexit = False  # at exit, `_close_at_exit` closes what is still open
         try:
             self._call(self._loader.start())
         except BaseException:
