@@ -347,6 +347,8 @@ def _release_dropped(loop: asyncio.AbstractEventLoop, loader: Loader, pid: int) 
 
     with contextlib.suppress(RuntimeError):  # closed meanwhile
         loop.call_soon_threadsafe(start)
+
+
 EXIT_CLOSE_SECONDS = 10.0
 
 
