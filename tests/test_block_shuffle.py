@@ -278,7 +278,7 @@ def test_states_pin_the_mode_and_the_read_size() -> None:
              "options": {"seed": 0, "batch_size": 4, "shuffle": True, "shuffle_window": 0,
                          "remainder": "drop", "drop_last": False}}  # fmt: skip
     old = LoaderState.from_dict(saved)  # saved before shuffle_reads existed
-    now = {**saved["options"], "shuffle_reads": 0, "read_bytes": 0}
+    now = {**saved["options"], "shuffle_reads": 0, "read_bytes": 0, "record_bytes": 0}
     assert old.check(dataset="d", fingerprint="f", options=now) == []
     block = {**now, "shuffle_reads": 8, "read_bytes": 1 << 20}
     assert old.check(dataset="d", fingerprint="f", options=block) == [
@@ -288,6 +288,10 @@ def test_states_pin_the_mode_and_the_read_size() -> None:
     new = LoaderState.from_dict({**saved, "options": block})
     assert new.check(dataset="d", fingerprint="f", options={**block, "read_bytes": 2 << 20}) == [
         "read_bytes 1048576 vs 2097152"
+    ]
+    # ragged records: the measured size the reads were cut by (0: not measured)
+    assert new.check(dataset="d", fingerprint="f", options={**block, "record_bytes": 4016}) == [
+        "record_bytes 0 vs 4016"
     ]
 
 

@@ -170,3 +170,45 @@ async def test_workers_with_one_fingerprint_but_two_schemas_refuse_the_start(fir
             await channel.close()
     assert why is not None and why == conn.excluded and "schema" in why
     assert not conn.verified
+
+
+def ragged_info(record_bytes: int) -> pb.DatasetInfo:
+    """`info()` with a string field (ragged) and a measured mean record size."""
+    answer = info()
+    answer.schema.append(pb.FieldSpec(name="text", dtype=pb.DTYPE_STRING, ragged=True))
+    answer.record_bytes = record_bytes
+    return answer
+
+
+@pytest.mark.parametrize("record_bytes", [1, 3 + 8 + 7, 2**31, 2**62])
+async def test_an_impossible_record_size_refuses_the_start(record_bytes: int) -> None:
+    """The measured mean size sizes every read: one below what a record of the schema
+    takes at least (3 bytes of x, 8 of id, 8 of the text's length) would make reads of
+    millions of records; one above what a message can carry, reads of one record."""
+    async with describing(ragged_info(record_bytes)) as address:
+        with pytest.raises(ProtocolError, match="on average") as caught:
+            async with Loader([address], dataset="train", batch_size=4, describe_timeout=5):
+                pass
+    assert caught.value.worker == address
+
+
+async def test_a_measured_record_size_sizes_the_reads() -> None:
+    async with describing(ragged_info(3 + 8 + 8 + 4096)) as address:
+        async with Loader([address], dataset="train", batch_size=4, read_bytes=1 << 20) as ld:
+            assert ld.dataset.record_bytes == 4115
+            assert ld.plan(0).read_records == (1 << 20) // 4115 // 4 * 4
+    # a worker that does not measure: the guess, 1 KiB a ragged value
+    async with describing(ragged_info(0)) as address:
+        async with Loader([address], dataset="train", batch_size=4, read_bytes=1 << 20) as ld:
+            assert ld.dataset.record_bytes == 0
+            assert ld.plan(0).read_records == (1 << 20) // (3 + 8 + 8 + 1024) // 4 * 4
+
+
+async def test_workers_that_measured_other_record_sizes_refuse_the_start() -> None:
+    """The same fingerprint, another measured size (workers of two versions, or
+    transforms whose code differs): their reads would be cut differently, so the plan
+    depends on which worker answered first."""
+    async with describing(ragged_info(500)) as a, describing(ragged_info(900)) as b:
+        with pytest.raises(DatasetMismatchError, match="measured mean size, 500 vs 900"):
+            async with Loader([a, b], dataset="train", batch_size=4, describe_timeout=5):
+                pass

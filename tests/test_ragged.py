@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import tarfile
@@ -16,7 +17,7 @@ from shardstream.client import Loader, SyncLoader
 from shardstream.client._chunkparse import parse_chunk
 from shardstream.client._ragged import format_batch
 from shardstream.client._wire import Piece, check_piece, decode_response
-from shardstream.client.errors import DataLossError, ProtocolError
+from shardstream.client.errors import DataLossError, ProtocolError, StateMismatchError
 from shardstream.server import _decoding
 from shardstream.server._catalog import CatalogError
 from shardstream.server._ragged import split_sizes
@@ -594,26 +595,151 @@ async def test_lying_ragged_lengths_and_strings_are_refused_on_every_path(
     assert_matches(by_id(batches, "pad"), range(N))
 
 
-@pytest.mark.parametrize("tokens", [100, 10_000])
-async def test_reads_of_records_far_larger_than_planned_are_named_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, tokens: int
+def write_tokens(path: Path, sizes: Sequence[int], first_id: int = 0) -> None:
+    """A jsonl shard: record i holds `sizes[i]` int64 tokens (8 bytes each)."""
+    lines = [json.dumps({"id": first_id + i, "tokens": [i] * n}) for i, n in enumerate(sizes)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("api", ["Loader", "SyncLoader"])
+async def test_reads_of_ragged_records_are_sized_by_the_measured_mean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, api: str
 ) -> None:
-    """A description carries no sizes, so reads of ragged records are sized at 1 KiB a
-    value: records of 80 KB make each read, and the loader's memory bound, about 80 times
-    what read_bytes says. That used to go unsaid; now one warning names it and the
-    read_bytes that would keep reads near the bound (records near the guess: none)."""
-    lines = [json.dumps({"id": i, "tokens": [i] * tokens}) for i in range(64)]
-    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    """Reads of ragged records are sized in bytes: the worker measures a record's mean
+    size on a sample as it indexes, and the description carries it. Was: every ragged
+    value counted as 1 KiB, so records of 80 KB made each read, and the loader's memory
+    bound, 78 times what read_bytes says (and a read of 128 KiB records 126 times)."""
+    for k in range(3):
+        write_tokens(tmp_path / f"{k}.jsonl", [10_000] * 64, first_id=64 * k)
+    per_record = 10_000 * 8 + 8 + 8  # tokens, their length, the id
+    opts: dict[str, Any] = {"dataset": "t", "batch_size": 4, "read_bytes": 1 << 20,
+                            "shuffle": True, "shuffle_reads": 2, "seed": 5}  # fmt: skip
+    async with running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,):
+        with caplog.at_level("WARNING", logger="shardstream.client"):
+            if api == "Loader":
+                async with Loader([worker.address], **opts) as loader:
+                    assert loader.dataset.record_bytes == per_record
+                    read_records = loader.plan(0).read_records
+                    ids = [i for b in [b async for b in loader.epoch(0)] for i in b["id"]]
+                    state = loader.state_dict()
+            else:
+
+                def run() -> tuple[int, list[int], dict[str, Any]]:
+                    with SyncLoader([worker.address], **opts) as sync:
+                        got = [int(i) for b in sync.epoch(0) for i in b["id"]]
+                        return sync.plan(0).read_records, got, sync.state_dict()
+
+                read_records, ids, state = await asyncio.to_thread(run)
+    # 13 records of 80 KB make a read of 1 MiB, 12 aligned to batches (the guess: 1,016)
+    assert (1 << 20) // per_record == 13 and read_records == 12
+    assert sorted(ids) == list(range(192))
+    assert state["options"]["record_bytes"] == per_record  # a state pins the blocks' size
+    assert not [r for r in caplog.records if "reads were sized for" in r.getMessage()]
+
+
+async def test_records_far_larger_than_the_sample_are_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sample is the first records of some shards: where the rest are far larger,
+    reads hold that much more than read_bytes. One warning names it and the read_bytes
+    that keeps reads near the bound."""
+    write_tokens(tmp_path / "a.jsonl", [10] * 32 + [10_000] * 96)
+    write_tokens(tmp_path / "b.jsonl", [10] * 128, first_id=128)
     async with (
         running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,),
         Loader([worker.address], dataset="t", batch_size=4, read_bytes=16384) as loader,
     ):
+        assert loader.dataset.record_bytes == 10 * 8 + 16
         with caplog.at_level("WARNING", logger="shardstream.client"):
             for epoch in (0, 1):
-                assert sum([len(b["id"]) async for b in loader.epoch(epoch)]) == 64
+                assert sum([len(b["id"]) async for b in loader.epoch(epoch)]) == 256
     said = [r.getMessage() for r in caplog.records if "reads were sized for" in r.getMessage()]
-    if tokens == 100:
-        assert said == []
-    else:
-        assert len(said) == 1, said
-        assert "where read_bytes is 16 KiB" in said[0] and "read_bytes=" in said[0]
+    assert len(said) == 1, said
+    assert "measured on a sample" in said[0] and "where read_bytes is 16 KiB" in said[0]
+
+
+async def test_a_record_level_shuffle_state_pins_the_measured_record_size(
+    tmp_path: Path,
+) -> None:
+    """With shuffle_reads, the size reads are cut by decides the blocks that are shuffled:
+    a state saved when reads were sized otherwise (a worker that did not measure, before
+    this version) would resume other blocks, so it is refused, naming the size; without
+    shuffle_reads the size decides nothing a state holds."""
+    for k in range(2):
+        write_tokens(tmp_path / f"{k}.jsonl", [500] * 64, first_id=64 * k)
+    opts: dict[str, Any] = {"dataset": "t", "batch_size": 4, "read_bytes": 1 << 16,
+                            "shuffle": True, "seed": 5}  # fmt: skip
+    async with running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,):
+        async with Loader([worker.address], shuffle_reads=2, **opts) as loader:
+            it = loader.epoch(0)
+            head = [await anext(it) for _ in range(5)]
+            state = loader.state_dict()
+            await it.aclose()
+        assert state["options"]["record_bytes"] == 500 * 8 + 16
+        for older in ({**state["options"], "record_bytes": 0},
+                      {k: v for k, v in state["options"].items() if k != "record_bytes"}):  # fmt: skip
+            async with Loader([worker.address], shuffle_reads=2, **opts) as loader:
+                with pytest.raises(StateMismatchError, match="record_bytes 0 vs 4016"):
+                    loader.load_state_dict({**state, "options": older})
+        async with Loader([worker.address], shuffle_reads=2, **opts) as loader:
+            loader.load_state_dict(state)
+            rest = [b async for b in loader.epoch(0)]
+        ids = [int(i) for b in head + rest for i in b["id"]]
+        assert sorted(ids) == list(range(128))
+        async with Loader([worker.address], **opts) as loader:
+            assert loader.state_dict()["options"]["record_bytes"] == 0
+
+
+@pytest.mark.parametrize("field", ["text", "tokens", "pixels"])
+@pytest.mark.parametrize("holes", [False, True])
+def test_a_record_level_shuffle_window_is_held_at_most_twice(field: str, holes: bool) -> None:
+    """A group of reads (`shuffle_reads`) is put in its order with one copy, and the reads
+    it was received in are let go first. Was: a window of strings took 33 times its size
+    (8-byte indexes for every byte gathered) and the received reads stayed held while the
+    window was delivered: client RSS 678 MiB where reads of 128 KiB strings, 2 a group,
+    give 263 MiB now."""
+    import tracemalloc
+
+    from shardstream.client._fetch import Hole
+    from shardstream.client._pipeline import _shuffled
+    from shardstream.client._rebatch import Rebatcher
+
+    rng = np.random.default_rng(1)
+    lengths = {"text": 4096, "tokens": 3, "pixels": 1}[field]
+    per_read = 1 << 20
+    pieces: list[Any] = []
+    for k in range(4):
+        if holes and k == 2:
+            pieces.append(Hole(0, 256))
+            continue
+        if field == "pixels":  # fixed records of 4 KiB
+            arrays: dict[str, Any] = {"x": rng.integers(0, 255, (256, 4096), dtype=np.uint8)}
+        else:
+            n = per_read // (lengths * 4 if field == "tokens" else lengths)
+            size = 256 if field == "text" else n
+            items = [b"y" * lengths] * size if field == "text" else [[7] * lengths] * size
+            arrays = {"x": Ragged.from_bytes(items) if field == "text"
+                      else Ragged.from_items(items, "int32")}  # fmt: skip
+        pieces.append(Piece(0, len(arrays["x"]), arrays))
+
+    def nbytes(x: Any) -> int:
+        return int(x.values.nbytes + x.offsets.nbytes) if isinstance(x, Ragged) else int(x.nbytes)
+
+    window = sum(nbytes(p.arrays["x"]) for p in pieces if isinstance(p, Piece))
+    take = rng.permutation(sum(p.count for p in pieces))
+    del arrays
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        rebatcher = Rebatcher(64)
+        batches = _shuffled(rebatcher, pieces, take)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert pieces == []  # the received reads are let go
+    last = rebatcher.flush()
+    got = sum(len(b["x"]) for b in [*batches, *([last] if last else [])])
+    assert got == len(take) - 256 * holes
+    # twice the window, and a few int64 per record (offsets, the order, what they index)
+    assert peak < 2.3 * window + 64 * len(take), (peak / window, window)

@@ -108,6 +108,8 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"dataset {ds.name}: format {ds.format}, {len(ds.shards)} shards, "
                   f"{ds.total_records} records, fingerprint {ds.fingerprint}")  # fmt: skip
             print(f"  schema: {', '.join(map(str, ds.schema))}")
+            if ds.record_bytes:
+                print(f"  a record: {ds.record_bytes} bytes (mean of a sample; sizes reads)")
             shown = ds.shards if args.dataset else ds.shards[:5]
             for s in shown:
                 print(f"  {s.id}: {s.records} records, fingerprint {s.fingerprint}")

@@ -88,7 +88,12 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
 def differs(a: DatasetDesc, b: DatasetDesc) -> bool:
     """Whether two workers' descriptions are not of the same records: the schema counts
     too, whatever the fingerprints say (a worker's fingerprint need not cover it)."""
-    return a.fingerprint != b.fingerprint or a.shards != b.shards or a.schema != b.schema
+    return (
+        a.fingerprint != b.fingerprint
+        or a.shards != b.shards
+        or a.schema != b.schema
+        or a.record_bytes != b.record_bytes  # sizes the reads: the plan
+    )
 
 
 async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:

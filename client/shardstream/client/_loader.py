@@ -36,7 +36,6 @@ from shardstream.v1.codec import (
     FieldSpec,
     chunk_limit,
     chunk_overhead,
-    estimated_record_bytes,
     is_ragged,
     record_bytes,
 )
@@ -205,7 +204,7 @@ class Loader:
         state, unless `whole`."""
         desc = self.dataset
         cfg = self.config
-        per_record = max(1, estimated_record_bytes(desc.schema))
+        per_record = desc.sizing_bytes
         read_records = max(1, cfg.read_bytes // per_record)
         if read_records >= cfg.batch_size:  # reads aligned to batches: zero-copy batches
             read_records -= read_records % cfg.batch_size
@@ -216,7 +215,7 @@ class Loader:
                 epoch=epoch,
                 rank=cfg.rank,
                 world_size=cfg.world_size,
-                options=cfg.plan_options(),
+                options=cfg.plan_options(desc.record_bytes),
                 read_records=read_records,
                 history=history,
             )
@@ -283,7 +282,7 @@ class Loader:
                 epoch, batches, history = epoch + 1, 0, ()
         elif resume is not None:
             epoch, history = resume.epoch, resume.interruptions()
-        options = cfg.plan_dict()
+        options = cfg.plan_dict(self.dataset.record_bytes)
         return LoaderState(
             dataset=cfg.dataset,
             fingerprint=self.dataset.fingerprint,
@@ -303,7 +302,7 @@ class Loader:
         diffs = loaded.check(
             dataset=cfg.dataset,
             fingerprint=self.dataset.fingerprint,
-            options=cfg.plan_dict(),
+            options=cfg.plan_dict(self.dataset.record_bytes),
         )
         if diffs and not override:
             raise StateMismatchError(
@@ -356,7 +355,7 @@ class Loader:
         cfg = self.config
         plan = self.plan(epoch)
         history = self._history(epoch)
-        per_record = max(1, estimated_record_bytes(self.dataset.schema))
+        per_record = self.dataset.sizing_bytes
         chunk = max(1, min(cfg.chunk_bytes // per_record, self._chunk_limit()))
         if is_ragged(self.schema):  # the worker cuts chunks from the records' actual bytes
             chunk = self._chunk_limit()
@@ -383,9 +382,9 @@ class Loader:
             empty=empty_batch(self.schema),
             ledger=ledger,
             formatter=self._formatter(),
-            sized_for=(per_record, cfg.read_bytes)
+            sized_for=(per_record, cfg.read_bytes, bool(self.dataset.record_bytes))
             if self._check_sizes and is_ragged(self.schema)
-            else (0, 0),
+            else (0, 0, False),
         )
         self._check_sizes = False  # once per loader
         self._live = _Live(iterator, history)
@@ -399,7 +398,7 @@ class Loader:
             "fingerprint": self.dataset.fingerprint,
             "shard_ids": [s.id for s in self.dataset.shards],
             "shard_records": [s.records for s in self.dataset.shards],
-            "options": cfg.plan_dict(),
+            "options": cfg.plan_dict(self.dataset.record_bytes),
             "epoch": plan.epoch,
             "world_size": plan.world_size,
             "rank": plan.rank,

@@ -230,8 +230,10 @@ class LoaderConfig:
             )
         object.__setattr__(self, "channel_options", tuple(pairs))
 
-    def plan_options(self) -> PlanOptions:
-        """The options that decide which batches this rank gets."""
+    def plan_options(self, record_bytes: int = 0) -> PlanOptions:
+        """The options that decide which batches this rank gets; `record_bytes`: the
+        dataset's measured record size (`DatasetDesc.record_bytes`), if any."""
+        pinned = self.shuffle and self.shuffle_reads
         return PlanOptions(
             batch_size=self.batch_size,
             seed=self.seed,
@@ -239,14 +241,15 @@ class LoaderConfig:
             shuffle_window=self.shuffle_window,
             shuffle_reads=self.shuffle_reads,
             # The read size cuts the blocks of a record-level shuffle: a state pins it then.
-            read_bytes=self.read_bytes if self.shuffle and self.shuffle_reads else 0,
+            read_bytes=self.read_bytes if pinned else 0,
+            record_bytes=record_bytes if pinned else 0,
             remainder=self.remainder,
             drop_last=self.drop_last,
         )
 
-    def plan_dict(self) -> dict[str, Any]:
+    def plan_dict(self, record_bytes: int = 0) -> dict[str, Any]:
         """`plan_options()` as a plain dict, as saved in states and ledgers."""
-        return asdict(self.plan_options())
+        return asdict(self.plan_options(record_bytes))
 
     def pool_options(self) -> PoolOptions:
         """What the worker pool needs: connections, backoff, start-up, scheduling."""

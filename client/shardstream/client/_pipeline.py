@@ -118,7 +118,7 @@ class EpochIterator:
         empty: Batch,
         ledger: LedgerWriter | None = None,
         formatter: Callable[[Batch], Batch] | None = None,
-        sized_for: tuple[int, int] = (0, 0),
+        sized_for: tuple[int, int, bool] = (0, 0, False),
     ) -> None:
         self.plan = plan
         # (bytes per record the reads were sized for, read_bytes) of a dataset whose sizes
@@ -200,19 +200,21 @@ class EpochIterator:
     def _check_sizes(self) -> None:
         """Warn (once) when records are far larger than the plan guessed: a read then holds
         that much more than `read_bytes`, and so does the loader's memory bound."""
-        planned, read_bytes = self._sized_for
-        self._sized_for = (0, 0)
+        planned, read_bytes, measured = self._sized_for
+        self._sized_for = (0, 0, False)
         actual = self.counters.bytes / max(1, self.counters.records)
         ratio = actual / planned
         if ratio < SIZE_WARNING_RATIO:
             return
         log.warning(
-            "records average %d bytes, %.0fx the %d bytes reads were sized for (a ragged, "
-            "string or bytes value counts as %d bytes: a dataset's description carries no "
-            "sizes), so a read may hold up to %s where read_bytes is %s, and the loader's "
-            "memory bound (reads_ahead x read_bytes) grows as much; read_bytes=%d keeps "
-            "reads near %s",
-            actual, ratio, planned, RAGGED_RECORD_GUESS,
+            "records average %d bytes, %.0fx the %d bytes reads were sized for (%s), so a "
+            "read may hold up to %s where read_bytes is %s, and the loader's memory bound "
+            "(reads_ahead x read_bytes) grows as much; read_bytes=%d keeps reads near %s",
+            actual, ratio, planned,
+            "the mean the workers measured on a sample of the dataset's records: these are "
+            "larger" if measured else
+            f"a ragged, string or bytes value counts as {RAGGED_RECORD_GUESS} bytes: the "
+            "workers did not measure the dataset's records",
             _about(int(self.plan.read_records * actual)), _about(read_bytes),
             max(1, int(read_bytes / ratio)), _about(read_bytes),
         )  # fmt: skip
@@ -331,7 +333,8 @@ class EpochIterator:
                     else:
                         await self._emit(rebatcher.push(piece.arrays))
                 if window.take is not None:
-                    await self._emit(_shuffled(rebatcher, pieces, window.take))
+                    shuffled = _shuffled(rebatcher, pieces, window.take)  # clears `pieces`
+                    await self._emit(shuffled)
             await self._emit(rebatcher.push_holes(self.plan.trailing_holes))
             last = rebatcher.flush()
             if last is not None:
@@ -397,10 +400,14 @@ def _shuffled(
     if not data:
         return rebatcher.push_holes(len(take))
     arrays = {k: concat([p.arrays[k] for p in data]) for k in data[0].arrays}
-    if len(data) == len(pieces):
-        return rebatcher.push({k: v[take] for k, v in arrays.items()})
-    valid = np.concatenate([np.full(p.count, isinstance(p, Piece)) for p in pieces])
-    row = np.cumsum(valid) - 1  # slot -> row in `arrays`
-    mask = valid[take]
-    rows = row[take][mask]
-    return rebatcher.push({k: v[rows] for k, v in arrays.items()}, mask)
+    mask = None
+    if len(data) != len(pieces):
+        valid = np.concatenate([np.full(p.count, isinstance(p, Piece)) for p in pieces])
+        row = np.cumsum(valid) - 1  # slot -> row in `arrays`
+        mask = valid[take]
+        take = row[take][mask]
+    # The received reads are copied: let them go before the window is copied once more in
+    # its order, so a window is held twice only for that copy, and once while delivered.
+    data.clear()
+    pieces.clear()
+    return rebatcher.push({k: v[take] for k, v in arrays.items()}, mask)

@@ -66,6 +66,9 @@ class PlanOptions:
     # hence the blocks; kept here so a state pins it. 0 otherwise. The planner reads only
     # its `read_records` argument.
     read_bytes: int = 0
+    # With shuffle_reads and ragged fields: the record size the reads were sized by, the
+    # description's measured mean (`DatasetDesc.record_bytes`; 0: unmeasured, a guess).
+    record_bytes: int = 0
     remainder: Remainder = "drop"  # records left when N % world_size != 0: drop, or pad by wrap
     drop_last: bool = False  # leave out each rank's last partial batch
 
@@ -89,6 +92,8 @@ class PlanOptions:
             )
         if self.read_bytes < 0:
             raise ValueError(f"read_bytes must be >= 0, got {self.read_bytes}")
+        if self.record_bytes < 0:
+            raise ValueError(f"record_bytes must be >= 0, got {self.record_bytes}")
         if self.remainder not in ("drop", "pad"):
             raise ValueError(f"remainder must be 'drop' or 'pad', got {self.remainder!r}")
 

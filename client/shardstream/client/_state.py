@@ -24,7 +24,7 @@ VERSION = 1
 # Options that decide which records a rank gets: a state only fits the same ones.
 PLAN_KEYS = tuple(f.name for f in fields(PlanOptions))
 # Plan options added since version 1: a state saved before one existed means this value.
-ADDED_KEYS: dict[str, Any] = {"shuffle_reads": 0, "read_bytes": 0}
+ADDED_KEYS: dict[str, Any] = {"shuffle_reads": 0, "read_bytes": 0, "record_bytes": 0}
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,15 @@ from shardstream.client.errors import (
     WorkerError,
 )
 from shardstream.v1 import shardstream_pb2 as pb
-from shardstream.v1.codec import RAGGED, TEXT_DTYPES, FieldSpec, dtype_from_code, dtype_name
+from shardstream.v1.codec import (
+    RAGGED,
+    TEXT_DTYPES,
+    FieldSpec,
+    dtype_from_code,
+    dtype_name,
+    estimated_record_bytes,
+    is_ragged,
+)
 from shardstream.v1.ragged import Ragged
 
 SERVICE = "shardstream.v1.Worker"
@@ -48,10 +56,19 @@ class DatasetDesc:
     shards: tuple[ShardDesc, ...]
     schema: tuple[FieldSpec, ...]
     fingerprint: str
+    # With ragged fields: a record's mean bytes in chunks, as the worker measured it on a
+    # sample (0: not measured; reads are then sized from a guess)
+    record_bytes: int = 0
 
     @property
     def total_records(self) -> int:
         return sum(s.records for s in self.shards)
+
+    @property
+    def sizing_bytes(self) -> int:
+        """Bytes a record is taken to have in sizing reads: exact for fixed fields; with
+        ragged ones, the measured mean, else `RAGGED_RECORD_GUESS` for each ragged value."""
+        return max(1, self.record_bytes or estimated_record_bytes(self.schema))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,12 +213,22 @@ def _dataset_desc(info: pb.DatasetInfo) -> DatasetDesc:
                 "field has shape [-1, ...] or is a string/bytes field of shape []"
             )
         schema.append(FieldSpec(name=f.name, dtype=name, shape=shape))
+    measured = 0
+    if is_ragged(tuple(schema)) and info.record_bytes:
+        least = sum(f.record_bytes for f in schema)  # a ragged one's: its length
+        if not least <= info.record_bytes <= MAX_RECORD_BYTES:
+            raise bad(
+                f"gives a record {info.record_bytes} bytes on average: no record of its "
+                f"fields takes less than {least} bytes, none more than {MAX_RECORD_BYTES}"
+            )
+        measured = info.record_bytes
     return DatasetDesc(
         name=info.name,
         format=info.format,
         shards=tuple(ShardDesc(s.id, s.records, s.fingerprint) for s in info.shards),
         schema=tuple(schema),
         fingerprint=info.fingerprint,
+        record_bytes=measured,
     )
 
 

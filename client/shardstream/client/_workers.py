@@ -73,4 +73,9 @@ def describe_difference(a: DatasetDesc, b: DatasetDesc) -> str:
             return f"shard {sa.id!r} has {sa.records} vs {sb.records} records"
         if sa.fingerprint != sb.fingerprint:
             return f"shard {sa.id!r} has fingerprint {sa.fingerprint} vs {sb.fingerprint}"
+    if a.fingerprint == b.fingerprint and a.record_bytes != b.record_bytes:
+        return (
+            f"a record's measured mean size, {a.record_bytes} vs {b.record_bytes} bytes (workers "
+            "of other versions, or transforms whose code differs)"
+        )
     return f"fingerprint {a.fingerprint} vs {b.fingerprint}"

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shardstream/v1/shardstream.proto\x12\x0eshardstream.v1\"w\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.shardstream.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0f\n\x07lengths\x18\x05 \x03(\x10\x12\x0b\n\x03pad\x18\x06 \x01(\x0c\"^\n\tFieldSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.shardstream.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06ragged\x18\x04 \x01(\x08\"=\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\")\n\x16\x44\x65scribeDatasetRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"\xad\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12)\n\x06shards\x18\x03 \x03(\x0b\x32\x19.shardstream.v1.ShardInfo\x12)\n\x06schema\x18\x04 \x03(\x0b\x32\x19.shardstream.v1.FieldSpec\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x15\n\rtotal_records\x18\x06 \x01(\x03\"\x15\n\x13ListDatasetsRequest\"E\n\x14ListDatasetsResponse\x12-\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1b.shardstream.v1.DatasetInfo\"\xdd\x01\n\x0bReadRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x03\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x19\n\x11shard_fingerprint\x18\x06 \x01(\t\x12\x19\n\x11max_chunk_records\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04lane\x18\t \x01(\t\x12\x13\n\x0blane_stream\x18\n \x01(\r\x12\x1a\n\x12lane_chunk_records\x18\x0b \x01(\x03\"]\n\x05\x43hunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.shardstream.v1.Tensor\x12\r\n\x05shard\x18\x04 \x01(\t\"F\n\x03\x45nd\x12\x14\n\x0crecords_sent\x18\x01 \x01(\x03\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.shardstream.v1.EndReason\"V\n\x0bSharedChunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\"\x91\x01\n\x0cReadResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.shardstream.v1.ChunkH\x00\x12\"\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.shardstream.v1.EndH\x00\x12-\n\x06shared\x18\x03 \x01(\x0b\x32\x1b.shardstream.v1.SharedChunkH\x00\x42\x06\n\x04kind\"4\n\x0fOpenLaneRequest\x12\r\n\x05slots\x18\x01 \x01(\r\x12\x12\n\nslot_bytes\x18\x02 \x01(\x04\"|\n\x10OpenLaneResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eticket_seconds\x18\x06 \x01(\x01*\x94\x02\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0e\n\nDTYPE_INT8\x10\x02\x12\x0f\n\x0b\x44TYPE_INT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x10\n\x0c\x44TYPE_UINT16\x10\x07\x12\x10\n\x0c\x44TYPE_UINT32\x10\x08\x12\x10\n\x0c\x44TYPE_UINT64\x10\t\x12\x11\n\rDTYPE_FLOAT16\x10\n\x12\x11\n\rDTYPE_FLOAT32\x10\x0b\x12\x11\n\rDTYPE_FLOAT64\x10\x0c\x12\x10\n\x0c\x44TYPE_STRING\x10\r\x12\x0f\n\x0b\x44TYPE_BYTES\x10\x0e*Y\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45ND_REASON_COMPLETE\x10\x01\x12\x17\n\x13\x45ND_REASON_DRAINING\x10\x02\x32\xcf\x02\n\x06Worker\x12Y\n\x0cListDatasets\x12#.shardstream.v1.ListDatasetsRequest\x1a$.shardstream.v1.ListDatasetsResponse\x12V\n\x0f\x44\x65scribeDataset\x12&.shardstream.v1.DescribeDatasetRequest\x1a\x1b.shardstream.v1.DatasetInfo\x12\x43\n\x04Read\x12\x1b.shardstream.v1.ReadRequest\x1a\x1c.shardstream.v1.ReadResponse0\x01\x12M\n\x08OpenLane\x12\x1f.shardstream.v1.OpenLaneRequest\x1a .shardstream.v1.OpenLaneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shardstream/v1/shardstream.proto\x12\x0eshardstream.v1\"w\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.shardstream.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0f\n\x07lengths\x18\x05 \x03(\x10\x12\x0b\n\x03pad\x18\x06 \x01(\x0c\"^\n\tFieldSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.shardstream.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06ragged\x18\x04 \x01(\x08\"=\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\")\n\x16\x44\x65scribeDatasetRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"\xc3\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12)\n\x06shards\x18\x03 \x03(\x0b\x32\x19.shardstream.v1.ShardInfo\x12)\n\x06schema\x18\x04 \x03(\x0b\x32\x19.shardstream.v1.FieldSpec\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x15\n\rtotal_records\x18\x06 \x01(\x03\x12\x14\n\x0crecord_bytes\x18\x07 \x01(\x03\"\x15\n\x13ListDatasetsRequest\"E\n\x14ListDatasetsResponse\x12-\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1b.shardstream.v1.DatasetInfo\"\xdd\x01\n\x0bReadRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x03\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x19\n\x11shard_fingerprint\x18\x06 \x01(\t\x12\x19\n\x11max_chunk_records\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04lane\x18\t \x01(\t\x12\x13\n\x0blane_stream\x18\n \x01(\r\x12\x1a\n\x12lane_chunk_records\x18\x0b \x01(\x03\"]\n\x05\x43hunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.shardstream.v1.Tensor\x12\r\n\x05shard\x18\x04 \x01(\t\"F\n\x03\x45nd\x12\x14\n\x0crecords_sent\x18\x01 \x01(\x03\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.shardstream.v1.EndReason\"V\n\x0bSharedChunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\"\x91\x01\n\x0cReadResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.shardstream.v1.ChunkH\x00\x12\"\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.shardstream.v1.EndH\x00\x12-\n\x06shared\x18\x03 \x01(\x0b\x32\x1b.shardstream.v1.SharedChunkH\x00\x42\x06\n\x04kind\"4\n\x0fOpenLaneRequest\x12\r\n\x05slots\x18\x01 \x01(\r\x12\x12\n\nslot_bytes\x18\x02 \x01(\x04\"|\n\x10OpenLaneResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eticket_seconds\x18\x06 \x01(\x01*\x94\x02\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0e\n\nDTYPE_INT8\x10\x02\x12\x0f\n\x0b\x44TYPE_INT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x10\n\x0c\x44TYPE_UINT16\x10\x07\x12\x10\n\x0c\x44TYPE_UINT32\x10\x08\x12\x10\n\x0c\x44TYPE_UINT64\x10\t\x12\x11\n\rDTYPE_FLOAT16\x10\n\x12\x11\n\rDTYPE_FLOAT32\x10\x0b\x12\x11\n\rDTYPE_FLOAT64\x10\x0c\x12\x10\n\x0c\x44TYPE_STRING\x10\r\x12\x0f\n\x0b\x44TYPE_BYTES\x10\x0e*Y\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45ND_REASON_COMPLETE\x10\x01\x12\x17\n\x13\x45ND_REASON_DRAINING\x10\x02\x32\xcf\x02\n\x06Worker\x12Y\n\x0cListDatasets\x12#.shardstream.v1.ListDatasetsRequest\x1a$.shardstream.v1.ListDatasetsResponse\x12V\n\x0f\x44\x65scribeDataset\x12&.shardstream.v1.DescribeDatasetRequest\x1a\x1b.shardstream.v1.DatasetInfo\x12\x43\n\x04Read\x12\x1b.shardstream.v1.ReadRequest\x1a\x1c.shardstream.v1.ReadResponse0\x01\x12M\n\x08OpenLane\x12\x1f.shardstream.v1.OpenLaneRequest\x1a .shardstream.v1.OpenLaneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardstream.v1.shardstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1453
-  _globals['_DTYPE']._serialized_end=1729
-  _globals['_ENDREASON']._serialized_start=1731
-  _globals['_ENDREASON']._serialized_end=1820
+  _globals['_DTYPE']._serialized_start=1475
+  _globals['_DTYPE']._serialized_end=1751
+  _globals['_ENDREASON']._serialized_start=1753
+  _globals['_ENDREASON']._serialized_end=1842
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=171
   _globals['_FIELDSPEC']._serialized_start=173
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEDATASETREQUEST']._serialized_start=332
   _globals['_DESCRIBEDATASETREQUEST']._serialized_end=373
   _globals['_DATASETINFO']._serialized_start=376
-  _globals['_DATASETINFO']._serialized_end=549
-  _globals['_LISTDATASETSREQUEST']._serialized_start=551
-  _globals['_LISTDATASETSREQUEST']._serialized_end=572
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=574
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=643
-  _globals['_READREQUEST']._serialized_start=646
-  _globals['_READREQUEST']._serialized_end=867
-  _globals['_CHUNK']._serialized_start=869
-  _globals['_CHUNK']._serialized_end=962
-  _globals['_END']._serialized_start=964
-  _globals['_END']._serialized_end=1034
-  _globals['_SHAREDCHUNK']._serialized_start=1036
-  _globals['_SHAREDCHUNK']._serialized_end=1122
-  _globals['_READRESPONSE']._serialized_start=1125
-  _globals['_READRESPONSE']._serialized_end=1270
-  _globals['_OPENLANEREQUEST']._serialized_start=1272
-  _globals['_OPENLANEREQUEST']._serialized_end=1324
-  _globals['_OPENLANERESPONSE']._serialized_start=1326
-  _globals['_OPENLANERESPONSE']._serialized_end=1450
-  _globals['_WORKER']._serialized_start=1823
-  _globals['_WORKER']._serialized_end=2158
+  _globals['_DATASETINFO']._serialized_end=571
+  _globals['_LISTDATASETSREQUEST']._serialized_start=573
+  _globals['_LISTDATASETSREQUEST']._serialized_end=594
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=596
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=665
+  _globals['_READREQUEST']._serialized_start=668
+  _globals['_READREQUEST']._serialized_end=889
+  _globals['_CHUNK']._serialized_start=891
+  _globals['_CHUNK']._serialized_end=984
+  _globals['_END']._serialized_start=986
+  _globals['_END']._serialized_end=1056
+  _globals['_SHAREDCHUNK']._serialized_start=1058
+  _globals['_SHAREDCHUNK']._serialized_end=1144
+  _globals['_READRESPONSE']._serialized_start=1147
+  _globals['_READRESPONSE']._serialized_end=1292
+  _globals['_OPENLANEREQUEST']._serialized_start=1294
+  _globals['_OPENLANEREQUEST']._serialized_end=1346
+  _globals['_OPENLANERESPONSE']._serialized_start=1348
+  _globals['_OPENLANERESPONSE']._serialized_end=1472
+  _globals['_WORKER']._serialized_start=1845
+  _globals['_WORKER']._serialized_end=2180
 # @@protoc_insertion_point(module_scope)

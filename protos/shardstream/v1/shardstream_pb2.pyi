@@ -94,20 +94,22 @@ class DescribeDatasetRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "format", "shards", "schema", "fingerprint", "total_records")
+    __slots__ = ("name", "format", "shards", "schema", "fingerprint", "total_records", "record_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     schema: _containers.RepeatedCompositeFieldContainer[FieldSpec]
     fingerprint: str
     total_records: int
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., total_records: _Optional[int] = ...) -> None: ...
+    record_bytes: int
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., total_records: _Optional[int] = ..., record_bytes: _Optional[int] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

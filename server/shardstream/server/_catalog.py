@@ -32,7 +32,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shardstream.server._config import DatasetSpec, TransformSpec
@@ -49,7 +49,7 @@ from shardstream.server._fingerprint import (
 from shardstream.server._manifest import Manifest, check_dataset, load_manifest
 from shardstream.server._pipelines import Pipeline, pipeline_text, probe_schema
 from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
-from shardstream.v1.codec import RAGGED, FieldSpec, record_bytes
+from shardstream.v1.codec import RAGGED, FieldSpec, is_ragged, record_bytes
 
 __all__ = ["Catalog", "CatalogError", "Dataset", "Shard", "build_catalog", "index_in_threads"]
 
@@ -79,6 +79,9 @@ class Dataset:
     # The transforms and the decoder's schema, when the dataset has transforms
     # (`schema` is then their output); None: the decoder's records as they are.
     pipeline: Pipeline | None = None
+    # With ragged fields: a record's mean bytes in chunks over a sample (`measure_records`);
+    # 0: fixed fields only (`record_bytes` says), or not measured.
+    mean_record_bytes: int = 0
 
     @property
     def total_records(self) -> int:
@@ -107,6 +110,13 @@ ProbeFn = Callable[
     [str, ShardPath, tuple[FieldSpec, ...], tuple[TransformSpec, ...], str],
     Awaitable[tuple[FieldSpec, ...]],
 ]
+# Runs `sample_bytes` (ref, path, stamp, count, schema, shard id, pipeline) in a decoding
+# process.
+MeasureFn = Callable[..., Awaitable[int]]
+# The sample that sizes reads of a dataset with ragged fields: the first records of
+# shards spread over the dataset.
+SAMPLE_SHARDS = 8
+SAMPLE_RECORDS = 32
 
 
 def index_shard(ref: str, path: ShardPath) -> Indexed:
@@ -167,6 +177,7 @@ async def build_dataset(
     digester: Digester,
     manifest: Manifest | None = None,
     probe: ProbeFn | None = None,
+    measure: MeasureFn | None = None,
 ) -> Dataset:
     files = await asyncio.to_thread(resolve_files, root, spec)
     formats = {spec.format or format_for_path(sid) for sid, _ in files}
@@ -252,6 +263,8 @@ async def build_dataset(
         by_id={s.id: s for s in shards},
         pipeline=pipeline,
     )
+    if measure is not None and is_ragged(schema):
+        ds = replace(ds, mean_record_bytes=await measure_records(ds, measure))
     if manifest is not None:
         check_dataset(ds, manifest)
         log.info("dataset %r matches the manifest %s", ds.name, manifest.path)
@@ -281,6 +294,34 @@ async def _probe(
         raise CatalogError(
             f"dataset {spec.name!r}: its transforms fail on record 0 of shard {first.id!r}: {exc}"
         ) from None
+
+
+async def measure_records(ds: Dataset, measure: MeasureFn) -> int:
+    """A record's mean bytes in chunks (data and lengths), over the first
+    `SAMPLE_RECORDS` records of up to `SAMPLE_SHARDS` shards spread over the dataset,
+    decoded as reads decode them (through the transforms, seed 0). A shard whose sample
+    does not decode is left out (its reads say why, or skip it); 0: nothing decoded."""
+    full = [s for s in ds.shards if s.records]
+    picks = {i * len(full) // SAMPLE_SHARDS for i in range(SAMPLE_SHARDS)} if full else set()
+
+    async def one(s: Shard) -> tuple[int, int]:
+        count = min(SAMPLE_RECORDS, s.records)
+        try:
+            size = await measure(ds.decoder, s.path, s.stamp, count, ds.schema, s.id, ds.pipeline)
+        except DecodeError as exc:
+            log.info("dataset %r: shard %r left out of the sample of sizes: %s", ds.name, s.id, exc)
+            return 0, 0
+        except (OSError, ShardChanged) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CatalogError(
+                f"dataset {ds.name!r}: cannot read records 0-{count - 1} of shard {s.id!r}, "
+                f"which size its reads: {why}"
+            ) from None
+        return size, count
+
+    sizes = await asyncio.gather(*(one(full[i]) for i in sorted(picks)))
+    records = sum(n for _, n in sizes)
+    return -(-sum(b for b, _ in sizes) // records) if records else 0
 
 
 def _declared(
@@ -370,6 +411,7 @@ async def build_catalog(
     index: IndexFn,
     max_record_bytes: int,
     probe: ProbeFn | None = None,
+    measure: MeasureFn | None = None,
 ) -> Catalog:
     """Index every dataset: shards, counts, schema, content digests (cached where a spec
     names a cache directory), checked against a manifest where a spec names one."""
@@ -383,7 +425,7 @@ async def build_catalog(
         for spec in specs:
             manifest = None if spec.manifest is None else manifests[spec.manifest]
             datasets[spec.name] = await build_dataset(
-                root, spec, index, max_record_bytes, digester, manifest, probe
+                root, spec, index, max_record_bytes, digester, manifest, probe, measure
             )
     return Catalog(root=root, datasets=datasets)
 

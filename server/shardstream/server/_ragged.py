@@ -24,7 +24,7 @@ from shardstream.server.errors import DecodeError
 from shardstream.v1.codec import LENGTH_BYTES, FieldSpec, chunk_overhead
 from shardstream.v1.ragged import Ragged
 
-__all__ = ["read_ragged_chunks", "record_sizes", "split_sizes"]
+__all__ = ["read_ragged_chunks", "record_sizes", "sample_bytes", "split_sizes"]
 
 
 def read_ragged_chunks(
@@ -48,6 +48,21 @@ def read_ragged_chunks(
         part = {k: v[a:b] for k, v in arrays.items()}
         out.append((b - a, encode_chunk(start + a, part, shard_id, schema)))
     return out
+
+
+def sample_bytes(
+    ref: str,
+    path: ShardPath,
+    stamp: Stamp,
+    count: int,
+    schema: tuple[FieldSpec, ...],
+    shard_id: str,
+    pipeline: Pipeline | None = None,
+) -> int:
+    """Bytes records [0, count) of a shard take in chunks (data and lengths), in all: a
+    sample that sizes a dataset's reads (`DatasetInfo.record_bytes`)."""
+    arrays = decode_checked(ref, path, stamp, 0, count, schema, shard_id, pipeline)
+    return int(record_sizes(arrays, schema, count).sum())
 
 
 def record_sizes(

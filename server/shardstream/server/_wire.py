@@ -372,6 +372,7 @@ def dataset_info(ds: Dataset) -> pb.DatasetInfo:
         ],
         fingerprint=ds.fingerprint,
         total_records=ds.total_records,
+        record_bytes=ds.mean_record_bytes,
     )
 
 

@@ -36,6 +36,7 @@ from shardstream.server._files import ShardPath
 from shardstream.server._lanes import Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
+from shardstream.server._ragged import sample_bytes
 from shardstream.server._security import BearerTokenInterceptor, RequestGuard
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shardcache import ShardDiskCache, open_cache
@@ -325,10 +326,13 @@ class Worker:
                 executor, probe_pipeline, ref, path, schema, transforms, shard_id
             )
 
+        async def measure(*args: Any) -> int:
+            return await loop.run_in_executor(executor, sample_bytes, *args)
+
         t0 = time.perf_counter()
         try:
             catalog = await build_catalog(
-                cfg.data_root, cfg.datasets, index, cfg.max_message_bytes - 1024, probe
+                cfg.data_root, cfg.datasets, index, cfg.max_message_bytes - 1024, probe, measure
             )
         except BaseException:
             await self.aclose()
@@ -338,13 +342,16 @@ class Worker:
             await asyncio.to_thread(self._shard_cache.expect, catalog)
         for ds in catalog.datasets.values():
             log.info(
-                "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s",
+                "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s%s",
                 ds.name,
                 len(ds.shards),
                 ds.total_records,
                 ds.format,
                 ", ".join(map(str, ds.schema)),
                 ds.fingerprint,
+                f", {ds.mean_record_bytes} bytes a record (mean of a sample)"
+                if ds.mean_record_bytes
+                else "",
             )
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
