@@ -83,7 +83,9 @@ class ClientLane:
             )
         with self._lock:
             if not self._mapped:
-                raise RuntimeError(f"a chunk taken from the same-host lane {self.id} after close")
+                raise RuntimeError(
+                    f"a chunk taken from the same-host lane {self.id[:4]} after close"
+                )
             if slot in self._held:  # the worker wrote over records handed out from it
                 raise ValueError(
                     f"a shared chunk in slot {slot}, which this loader had not handed back: "
@@ -141,7 +143,7 @@ class ClientLane:
         if self.alive:
             self.alive = False
             self._sock.close()
-            log.debug("same-host lane %s closed: %s", self.id, why)
+            log.debug("same-host lane %s closed: %s", self.id[:4], why)
 
 
 async def open_lane(
@@ -201,6 +203,6 @@ def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
     except BaseException:
         sock.close()
         raise
-    log.debug("same-host lane %s open: %d slots of %d bytes", offer.lane, offer.slots,
+    log.debug("same-host lane %s open: %d slots of %d bytes", offer.lane[:4], offer.slots,
               offer.slot_bytes)  # fmt: skip
     return ClientLane(offer.lane, memory, offer.slots, offer.slot_bytes, sock)

@@ -102,7 +102,7 @@ class EndedLanes:
             os.close(ended.pidfd)
         os.close(ended.fd)
         if why is not None:
-            log.info("same-host lane %s: %d bytes let go (%s)", ended.lane, ended.nbytes, why)
+            log.info("same-host lane %s: %d bytes let go (%s)", ended.lane[:4], ended.nbytes, why)
 
 
 def peer_pid(conn: socket.socket) -> int:

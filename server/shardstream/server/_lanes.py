@@ -48,6 +48,7 @@ import logging
 import mmap
 import os
 import secrets
+import selectors
 import socket
 import struct
 import threading
@@ -68,7 +69,9 @@ TICKET_SECONDS = 30.0  # a ticket not used within this long is dropped
 HANDSHAKE_SECONDS = 5.0  # a connection that sends no ticket within this long is closed
 DEFAULT_SLOTS = 8  # a lane's slots when the client asks for none in particular
 MAX_SLOT_BYTES = 64 << 20  # the most one slot holds, whatever a client asks for
-HANDSHAKES = 8  # connections presenting a ticket at once
+# Connections waiting to show a ticket: past this many, the oldest is closed (a client
+# shows its ticket as it connects, so idle connections cannot keep one out).
+PENDING_HANDSHAKES = 64
 RELEASE, END = 1, 2  # control records from the client: (kind, value, count), 3 uint32
 _RECORD = struct.Struct("<III")
 _ENDED_KEPT = 4096  # ids of reads the client ended, kept so late requests get no slots
@@ -151,7 +154,7 @@ class Lane:
             log.warning(
                 "same-host lane %s: its client has ended none of %d reads (no END records): "
                 "closing the lane; its reads go on over the socket",
-                self.id,
+                tag(self.id),
                 len(self._sent),
             )
             self.close(f"more than {MAX_OPEN_READS} reads not ended")
@@ -219,7 +222,7 @@ class Lane:
         for callback in self.on_close:
             callback(self)
         self.close_fds()
-        log.info("same-host lane %s closed: %s", self.id, why)
+        log.info("same-host lane %s closed: %s", tag(self.id), why)
 
     def close_fds(self) -> None:
         for name in ("fd", "pidfd"):
@@ -257,7 +260,7 @@ class Lanes:
         self._ended = EndedLanes()  # ended lanes whose clients may still hold their memory
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
-        self._handshakes = threading.BoundedSemaphore(HANDSHAKES)
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes `_accept`
         # Anyone on the host can connect to the socket: a flood of refusals costs a few lines
         self._refusals = LogLimit(log)
         # lane id -> (ticket, deadline, slots, slot bytes)
@@ -280,6 +283,7 @@ class Lanes:
             listener.close()
             raise
         self._listener, self.address = listener, name
+        self._wake = socket.socketpair()
         self._thread = threading.Thread(target=self._accept, name="shardstream-lanes", daemon=True)
         self._thread.start()
 
@@ -331,12 +335,16 @@ class Lanes:
     def close(self) -> None:
         """Stop taking lanes and end every open one (on the event loop)."""
         listener, self._listener = self._listener, None
-        if listener is not None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
             with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
+                wake[1].send(b"\0")
         if self._thread is not None:
             self._thread.join(5)
+        if listener is not None:
+            listener.close()
+        for end in wake or ():
+            end.close()
         for lane in list(self._lanes.values()):
             lane.close("the worker is stopping")
         self._lanes.clear()
@@ -345,40 +353,91 @@ class Lanes:
     # -- the accepting thread ------------------------------------------------------------
 
     def _accept(self) -> None:
-        while True:
-            listener = self._listener
-            if listener is None:
-                return
+        """Accept connections and read their tickets, all in this thread without waiting
+        on any one: a connection has HANDSHAKE_SECONDS to show its ticket, and the oldest
+        is closed to make room past PENDING_HANDSHAKES (idle ones keep no lane out)."""
+        listener, wake = self._listener, self._wake
+        assert listener is not None and wake is not None
+        listener.setblocking(False)
+        pending: OrderedDict[socket.socket, tuple[bytearray, float]] = OrderedDict()
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ, None)
+            sel.register(wake[0], selectors.EVENT_READ, None)
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                return  # closed
-            # Handshakes run side by side, so a connection that sends nothing holds up
-            # no other; at most HANDSHAKES at once (more are closed: they fall back).
-            if not self._handshakes.acquire(blocking=False):
-                conn.close()
-                continue
-            threading.Thread(
-                target=self._handshake_once, args=(conn,), name="shardstream-lane", daemon=True
-            ).start()
+                while self._listener is not None:
+                    now = time.monotonic()
+                    while pending and next(iter(pending.values()))[1] <= now:
+                        self._refuse(sel, pending, next(iter(pending)), "it sent no ticket")
+                    wait = next(iter(pending.values()))[1] - now if pending else None
+                    for key, _ in sel.select(wait):
+                        if key.fileobj is listener:
+                            self._take(sel, pending, listener)
+                        elif key.fileobj is not wake[0]:
+                            self._hear(sel, pending, key.fileobj)  # type: ignore[arg-type]
+            finally:
+                for conn in pending:
+                    conn.close()
 
-    def _handshake_once(self, conn: socket.socket) -> None:
+    def _take(
+        self,
+        sel: selectors.BaseSelector,
+        pending: OrderedDict[socket.socket, tuple[bytearray, float]],
+        listener: socket.socket,
+    ) -> None:
         try:
-            self._handshake(conn)
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # out of descriptors: the next one may be taken
+            self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
+            return
+        if len(pending) >= PENDING_HANDSHAKES:
+            self._refuse(sel, pending, next(iter(pending)), "it sent no ticket (crowded out)")
+        conn.setblocking(False)
+        pending[conn] = (bytearray(), time.monotonic() + HANDSHAKE_SECONDS)
+        sel.register(conn, selectors.EVENT_READ, None)
+
+    def _hear(
+        self,
+        sel: selectors.BaseSelector,
+        pending: OrderedDict[socket.socket, tuple[bytearray, float]],
+        conn: socket.socket,
+    ) -> None:
+        hello = pending[conn][0]
+        try:
+            part = conn.recv(16 + TICKET_BYTES - len(hello))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._refuse(sel, pending, conn, str(exc))
+            return
+        if not part:
+            self._refuse(sel, pending, conn, "the client sent no ticket")
+            return
+        hello += part
+        if len(hello) < 16 + TICKET_BYTES:
+            return
+        sel.unregister(conn)
+        del pending[conn]
+        try:
+            self._handshake(conn, bytes(hello))
         except Exception as exc:  # one client's trouble never stops the others
             self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
             conn.close()
-        finally:
-            self._handshakes.release()
 
-    def _handshake(self, conn: socket.socket) -> None:
-        conn.settimeout(HANDSHAKE_SECONDS)
-        hello = b""
-        while len(hello) < 16 + TICKET_BYTES:
-            part = conn.recv(16 + TICKET_BYTES - len(hello))
-            if not part:
-                raise ConnectionError("the client sent no ticket")
-            hello += part
+    def _refuse(
+        self,
+        sel: selectors.BaseSelector,
+        pending: OrderedDict[socket.socket, tuple[bytearray, float]],
+        conn: socket.socket,
+        why: str,
+    ) -> None:
+        sel.unregister(conn)
+        del pending[conn]
+        conn.close()
+        self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", why)
+
+    def _handshake(self, conn: socket.socket, hello: bytes) -> None:
         lane_id, ticket = hello[:16].decode("ascii", "replace"), hello[16:]
         with self._lock:  # a ticket is used up by the connection that shows it
             expected = self._tickets.get(lane_id)
@@ -390,6 +449,8 @@ class Lanes:
         slots, slot_bytes = expected[2], expected[3]
         pid = peer_pid(conn)
         pidfd = open_pidfd(pid)  # opened now: it names this very process, whatever pids do
+        # named by its id: how `_lanekeep` finds it among a client's mappings (/proc, which
+        # only the client's own user and root can read)
         fd = os.memfd_create(f"shardstream-lane-{lane_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             size = slots * slot_bytes
@@ -400,13 +461,12 @@ class Lanes:
                 fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
             )
             memory = mmap.mmap(fd, size)
-            socket.send_fds(conn, [b"\1"], [fd])
+            socket.send_fds(conn, [b"\1"], [fd])  # one byte into an empty socket buffer
         except BaseException:
             os.close(fd)
             if pidfd >= 0:
                 os.close(pidfd)
             raise
-        conn.setblocking(False)
         # The worker keeps its descriptor: to see and free what is left once the lane ends.
         lane = Lane(lane_id, slots, slot_bytes, memoryview(memory), conn, fd=fd, pid=pid,
                     pidfd=pidfd)  # fmt: skip
@@ -432,8 +492,14 @@ class Lanes:
         self._lanes[lane.id] = lane
         lane.on_close.append(self._forget)
         asyncio.get_running_loop().add_reader(lane.sock.fileno(), lane.on_readable)
-        log.info("same-host lane %s open: %d slots of %d bytes", lane.id, lane.slots,
+        log.info("same-host lane %s open: %d slots of %d bytes", tag(lane.id), lane.slots,
                  lane.slot_bytes)  # fmt: skip
+
+
+def tag(lane_id: str) -> str:
+    """A lane's name in logs: the start of its id. The whole id lets a token holder's
+    reads take the lane's slots, so it is told only to the client that opened the lane."""
+    return lane_id[:4]
 
 
 def _pages(n: int) -> int:
