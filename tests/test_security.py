@@ -336,3 +336,46 @@ def test_watched_files_take_up_changes_and_keep_the_last_good(
     assert "does not exist" in caplog.text
     with raises(str(path), "does not exist"):
         WatchedFiles((path,), lambda: read_token_file(path), what="token file", applied="", log=log)
+
+
+def test_what_weakens_the_security_is_said_at_start(tmp_path: Path, certs: Certs) -> None:
+    """Secrets other users can read, a guessable token and a token sent in clear text to
+    a worker listening beyond loopback are each named, with the fix; a good set-up: none."""
+    from shardstream.server._security import security_warnings
+
+    token = tmp_path / "token"
+    token.write_text("abc\n" + TOKEN + "\n")
+    token.chmod(0o644)
+    key = tmp_path / "server.key"
+    key.write_bytes(certs.server_key.read_bytes())
+    key.chmod(0o640)
+    loose = ServerSecurity(tls_cert=certs.server_cert, tls_key=key, auth_token_file=token)
+    said = security_warnings(loose, ("abc", TOKEN), loopback=False)
+    assert len(said) == 3, said
+    assert f"bearer token file {token} can be read by other users (mode 644)" in said[0]
+    assert f"TLS key {key} can be read by other users (mode 640): chmod 600" in said[1]
+    assert "bearer token 1 of" in said[2] and "fewer than 16 characters" in said[2]
+    clear = ServerSecurity(auth_token_file=token)
+    token.chmod(0o600)
+    assert security_warnings(clear, (TOKEN,), loopback=True) == []
+    (said,) = security_warnings(clear, (TOKEN,), loopback=False)
+    assert "clear text" in said and "--tls-cert" in said
+    key.chmod(0o600)
+    tight = ServerSecurity(tls_cert=certs.server_cert, tls_key=key, auth_token_file=token)
+    assert security_warnings(tight, (TOKEN,), loopback=False) == []
+
+
+async def test_a_worker_logs_what_weakens_its_security(
+    npz_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import running_workers
+
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    token.chmod(0o604)
+    with caplog.at_level(logging.WARNING, logger="shardstream.worker"):
+        async with running_workers(npz_root, 1, security=ServerSecurity(auth_token_file=token)):
+            pass
+    said = [r.getMessage() for r in caplog.records]
+    assert any("can be read by other users (mode 604)" in m for m in said), said
+    assert any("fewer than 16 characters" in m for m in said), said

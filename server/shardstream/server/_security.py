@@ -393,3 +393,39 @@ def _guarded(
     return make(
         guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer
     )
+
+
+SHORT_TOKEN = 16  # a bearer token shorter than this many characters is called guessable
+
+
+def security_warnings(security: ServerSecurity, tokens: Sequence[str], loopback: bool) -> list[str]:
+    """What weakens the configured security, one line each, for the worker to log at
+    start: secrets others on the host can read, guessable tokens, tokens sent in clear."""
+    found = []
+    secrets = [("bearer token file", security.auth_token_file), ("TLS key", security.tls_key)]
+    for what, path in secrets:
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            found.append(
+                f"the {what} {path} can be read by other users (mode {mode & 0o777:o}): "
+                f"chmod 600 {path}"
+            )
+    short = [n for n, t in enumerate(tokens, 1) if len(t) < SHORT_TOKEN]
+    if short:
+        found.append(
+            f"bearer token {', '.join(map(str, short))} of {security.auth_token_file} has fewer "
+            f"than {SHORT_TOKEN} characters and can be guessed: use a random one "
+            "(python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    if tokens and not security.tls and not loopback:
+        found.append(
+            "bearer tokens cross the network in clear text (no TLS) to a worker that listens "
+            "beyond loopback: anyone who sees the traffic can use them; give --tls-cert and "
+            "--tls-key"
+        )
+    return found

@@ -37,7 +37,11 @@ from shardstream.server._lanes import Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
 from shardstream.server._ragged import sample_bytes
-from shardstream.server._security import BearerTokenInterceptor, RequestGuard
+from shardstream.server._security import (
+    BearerTokenInterceptor,
+    RequestGuard,
+    security_warnings,
+)
 from shardstream.server._servicer import WorkerServicer
 from shardstream.server._shardcache import ShardDiskCache, open_cache
 from shardstream.server._shardcache import process_init as cached_process_init
@@ -253,6 +257,8 @@ class Worker:
         cfg = self.config
         assert self._executor is not None
         security = cfg.security.load()  # reads the TLS files and token once
+        for warning in security_warnings(cfg.security, security.tokens or (), _loopback(cfg.host)):
+            log.warning("%s", warning)
         metrics = self._metrics = WorkerMetrics()
         if cfg.metrics_port is not None:
             self.metrics_port = metrics.enable(cfg.host, cfg.metrics_port, self._executor)
