@@ -40,6 +40,7 @@ from shardstream.client._wire import (
 from shardstream.client.errors import (
     DataLossError,
     ProtocolError,
+    ShardChangedError,
     WorkerError,
     WorkersUnavailableError,
 )
@@ -67,6 +68,8 @@ class FetchOptions:
     schema: tuple[FieldSpec, ...] = ()  # every chunk is checked against it
     on_error: str = "raise"  # "skip": a record the worker cannot decode becomes a Hole
     epoch: int = 0  # sent with `seed`: the workers' per-record randomness depends on both
+    # The description's fingerprint the plan was made from: a worker with another refuses
+    fingerprint: str = ""
     journal: Callable[[dict[str, object]], None] | None = None  # resumes and skips, for a ledger
 
 
@@ -163,7 +166,8 @@ class _Progress:
     received: int = 0
     moves: int = 0  # times moved off a straggling worker
     bad: set[int] = field(default_factory=set)  # shard indices
-    violation: ProtocolError | None = None  # the last worker that broke the contract
+    # the last worker that broke the contract, or whose data differs
+    violation: WorkerError | None = None
 
     @property
     def position(self) -> int:
@@ -253,6 +257,15 @@ def _decide(
         pool.exclude(conn, str(outcome.error), outcome.error)
         counters.count(conn.address)
         _journal(options, conn, progress.shard, progress.position, "protocol error")
+    elif isinstance(outcome.error, ShardChangedError):
+        # This worker's data (or transforms) is not what the plan was made from: it was
+        # restarted over other data, or a file changed under it. It gets no more reads,
+        # and the read goes on elsewhere; with no other worker, this is the error.
+        progress.violation = outcome.error
+        attempts[conn.address] = str(outcome.error)
+        pool.exclude(conn, str(outcome.error), outcome.error)
+        counters.count(conn.address)
+        _journal(options, conn, progress.shard, progress.position, "data differs")
     elif not _skip(outcome.error, progress, options, counters):
         raise outcome.error
 
@@ -313,6 +326,7 @@ async def _stream(
         lane="" if lane is None else lane.id,
         lane_stream=stream,
         lane_chunk_records=0 if lane is None else options.lane_chunk_records,
+        dataset_fingerprint=options.fingerprint,
     )
     call = conn.read_stub().read(request)
     sent = 0

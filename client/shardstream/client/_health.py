@@ -57,8 +57,11 @@ async def watch_health(conn: Conn, *, on_serving: Callable[[], None], pause: flo
 
 
 def suspect(conn: Conn) -> None:
-    """No reads for `conn` until its health service answers SERVING again."""
+    """No reads for `conn` until its health service answers SERVING again, and it is
+    described again: a worker that went silent may have been killed and restarted (the
+    watch then sees only the new process SERVING)."""
     conn.serving = False
+    conn.verified = False
     conn.rewatch = True
     if conn.watch_call is not None:
         conn.watch_call.cancel()

@@ -375,6 +375,7 @@ class Loader:
                 schema=self.schema,
                 journal=None if ledger is None else ledger.event,
                 epoch=epoch,
+                fingerprint=self.dataset.fingerprint,
             ),
             options=cfg.pipeline_options(),
             spawn=self._spawn,

@@ -284,6 +284,7 @@ class LoaderConfig:
         lane_chunk_records: int = 0,
         journal: Callable[[dict[str, object]], None] | None = None,
         epoch: int = 0,
+        fingerprint: str = "",
     ) -> FetchOptions:
         """What each read needs: the request's fields, the schema every chunk is checked
         against, timeouts and the error policy."""
@@ -301,6 +302,7 @@ class LoaderConfig:
             on_error=self.on_error,
             journal=journal,
             epoch=epoch,
+            fingerprint=fingerprint,
         )
 
     def pipeline_options(self) -> PipelineOptions:

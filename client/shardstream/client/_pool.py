@@ -32,7 +32,7 @@ from shardstream.client._security import CallMetadata, ClientSecurity, secure_ch
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 from shardstream.client._workers import Conn
-from shardstream.client.errors import ProtocolError, WorkersUnavailableError
+from shardstream.client.errors import WorkerError, WorkersUnavailableError
 
 log = logging.getLogger("shardstream.client")
 
@@ -75,7 +75,8 @@ class WorkerPool:
         self.desc: DatasetDesc | None = None
         self._rng = random.Random()
         self._changed = asyncio.Event()  # a worker became available, or a slot free
-        self.violation: ProtocolError | None = None  # the last worker's that broke the contract
+        # the last worker's that broke the contract, or whose data differs from the plan's
+        self.violation: WorkerError | None = None
         self._scope = TaskScope("worker pool")
 
     # lifecycle -------------------------------------------------------------
@@ -167,7 +168,13 @@ class WorkerPool:
             self._scope.spawn(self._open_lane(conn))
 
     async def _watch(self, conn: Conn) -> None:
-        await watch_health(conn, on_serving=self._changed.set, pause=self.options.backoff_base)
+        def back() -> None:
+            # Serving again (a drained worker restarted, say): the backoff its last
+            # failure set was for the process that failed; it is described again first.
+            conn.down_until = 0.0
+            self._changed.set()
+
+        await watch_health(conn, on_serving=back, pause=self.options.backoff_base)
 
     # choosing ----------------------------------------------------------------
 
@@ -283,7 +290,7 @@ class WorkerPool:
             for c in self.conns
         )
 
-    def exclude(self, conn: Conn, why: str, error: ProtocolError | None = None) -> None:
+    def exclude(self, conn: Conn, why: str, error: WorkerError | None = None) -> None:
         """No more reads for a worker that broke the wire contract (for this loader)."""
         conn.excluded = why
         if error is not None:
@@ -291,7 +298,7 @@ class WorkerPool:
         log.error("worker %s gets no more reads: %s", conn.address, why)
         self._changed.set()  # whoever waits for it should look again
 
-    def unusable_for(self) -> ProtocolError | None:
+    def unusable_for(self) -> WorkerError | None:
         """What left no worker to read from, where every one is excluded and one of them
         broke the contract (else None: they may be down, or disagree on the dataset)."""
         if self.violation is not None and all(c.excluded for c in self.conns):

@@ -245,6 +245,7 @@ def encode_read(
     lane: str = "",
     lane_stream: int = 0,
     lane_chunk_records: int = 0,
+    dataset_fingerprint: str = "",
 ) -> bytes:
     return pb.ReadRequest(
         dataset=dataset,
@@ -258,6 +259,7 @@ def encode_read(
         lane=lane,
         lane_stream=lane_stream,
         lane_chunk_records=lane_chunk_records,
+        dataset_fingerprint=dataset_fingerprint,
     ).SerializeToString()
 
 

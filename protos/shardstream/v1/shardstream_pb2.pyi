@@ -122,7 +122,7 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch", "lane", "lane_stream", "lane_chunk_records")
+    __slots__ = ("dataset", "shard", "start", "count", "seed", "shard_fingerprint", "max_chunk_records", "epoch", "lane", "lane_stream", "lane_chunk_records", "dataset_fingerprint")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class ReadRequest(_message.Message):
     LANE_FIELD_NUMBER: _ClassVar[int]
     LANE_STREAM_FIELD_NUMBER: _ClassVar[int]
     LANE_CHUNK_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     shard: str
     start: int
@@ -145,7 +146,8 @@ class ReadRequest(_message.Message):
     lane: str
     lane_stream: int
     lane_chunk_records: int
-    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ..., lane: _Optional[str] = ..., lane_stream: _Optional[int] = ..., lane_chunk_records: _Optional[int] = ...) -> None: ...
+    dataset_fingerprint: str
+    def __init__(self, dataset: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., shard_fingerprint: _Optional[str] = ..., max_chunk_records: _Optional[int] = ..., epoch: _Optional[int] = ..., lane: _Optional[str] = ..., lane_stream: _Optional[int] = ..., lane_chunk_records: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("start", "count", "tensors", "shard")

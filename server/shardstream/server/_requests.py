@@ -59,6 +59,14 @@ def check_read(catalog: Catalog | None, args: ReadArgs) -> tuple[Dataset, Shard]
             dataset=ds.name,
             shard=shard.id,
         )
+    if args.dataset_fingerprint and args.dataset_fingerprint != ds.fingerprint:
+        raise ShardChangedError(
+            f"dataset {ds.name!r} has fingerprint {ds.fingerprint} here, the client expects "
+            f"{args.dataset_fingerprint}: this worker serves other data or other transforms "
+            "than the workers the client agreed with (restarted with another configuration?)",
+            dataset=ds.name,
+            shard=shard.id,
+        )
     if args.shard_fingerprint and args.shard_fingerprint != shard.fingerprint:
         raise ShardChangedError(
             f"shard {shard.id!r} of dataset {ds.name!r} has fingerprint {shard.fingerprint}, "

@@ -295,6 +295,7 @@ class ReadArgs:
     lane: str = ""  # the client's same-host lane (`_lanes`), if it has one
     lane_stream: int = 0  # the client's id of this read on its lane
     lane_chunk_records: int = 0  # most records per chunk in the lane (0: max_chunk_records)
+    dataset_fingerprint: str = ""  # the description the client planned from; "": any
 
 
 # Requests are decoded by the handlers, not by gRPC: bytes that do not parse become
@@ -338,6 +339,9 @@ def decode_read(data: bytes) -> ReadArgs:
         lane=_bounded("lane id", r.lane, 64),
         lane_stream=r.lane_stream,
         lane_chunk_records=r.lane_chunk_records,
+        dataset_fingerprint=_bounded(
+            "dataset fingerprint", r.dataset_fingerprint, MAX_FINGERPRINT_BYTES
+        ),
     )
 
 

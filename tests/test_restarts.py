@@ -1,0 +1,151 @@
+"""Workers that come back as other workers: restarted over other data or other
+transforms, or the whole fleet drained and restarted on the same ports. A loader must
+never deliver records of another description, nor wait out its retry deadline for
+workers that are serving again."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shardstream.client import Loader
+from shardstream.client._health import suspect
+from shardstream.client._workers import Conn
+from shardstream.client.errors import ShardChangedError
+from shardstream.server import Worker, make_dataset
+from shardstream.server._config import DatasetSpec, TransformSpec
+from shardstream.server._process import WorkerProcess
+
+from conftest import worker_config
+
+RECORDS = 1200
+OPTS: dict[str, Any] = {"dataset": "train", "batch_size": 20, "read_bytes": 16 * 1024,
+                        "backoff_base": 0.05, "backoff_cap": 0.5, "idle_timeout": 2.0,
+                        "retry_deadline": 60.0, "same_host_lane": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("restarts")
+    make_dataset(root, shards=4, records=RECORDS, shape=(8, 8, 3))
+    return root
+
+
+def flipping(data: Path, p: float, port: int = 0) -> Worker:
+    """A worker whose dataset mirrors each image with probability `p`."""
+    flip = TransformSpec(fn="shardstream.server.transforms:horizontal_flip", params={"p": p})
+    spec = DatasetSpec(name="train", pattern="*.npz", transforms=(flip,))
+    return Worker(dataclasses.replace(worker_config(data), datasets=(spec,), port=port))
+
+
+def test_a_suspected_worker_is_described_again() -> None:
+    """A worker whose stream went silent may have been killed and restarted: its health
+    watch then sees only the new process SERVING. Was: `suspect()` kept `verified`, so a
+    worker restarted with other transforms got reads without being described again (in
+    about half the trials of a SIGKILL mid-read)."""
+    conn = Conn("127.0.0.1:1", None, None, None)  # type: ignore[arg-type]
+    conn.verified = conn.serving = True
+    suspect(conn)
+    assert not conn.verified and not conn.serving and conn.rewatch
+
+
+def restarted_as(worker: Worker, other: Worker) -> None:
+    """`worker` serves what `other` serves from now on, on its own port and connections:
+    as if restarted with `other`'s configuration, without the connection coming back
+    (which a loader would notice: here its check before reads could not)."""
+    assert worker._servicer is not None and other._servicer is not None
+    worker._servicer.catalog = other._servicer.catalog
+
+
+async def test_a_worker_restarted_with_other_transforms_serves_no_read(data: Path) -> None:
+    """Each read names the fingerprint of the description the plan was made from (it
+    covers the transforms): a worker with another refuses it, and gets no more reads; the
+    read goes on elsewhere. Was: a worker restarted with other transforms, whose
+    restart the loader missed (a SIGKILL racing its health watch, about half the
+    trials), served mirrored images into the epoch."""
+    async with flipping(data, 0.0) as a, flipping(data, 0.0) as b, flipping(data, 1.0) as c:
+        reference = [x async for x in _images(b.address)]
+        async with Loader([a.address, b.address], **OPTS) as loader:
+            restarted_as(a, c)
+            got = {int(i): img for batch in [b async for b in loader.epoch(0)]
+                   for i, img in zip(batch["id"], batch["image"], strict=True)}  # fmt: skip
+            (excluded,) = [c for c in loader._pool.conns if c.excluded]  # type: ignore[union-attr]
+    assert excluded.address == a.address and "other transforms" in excluded.excluded
+    assert sorted(got) == list(range(RECORDS))
+    assert all(np.array_equal(got[i], img) for i, img in reference)  # nothing mirrored
+
+
+async def _images(address: str) -> Any:
+    async with Loader([address], **OPTS) as loader:
+        async for batch in loader.epoch(0):
+            for i, img in zip(batch["id"], batch["image"], strict=True):
+                yield int(i), img
+
+
+async def test_a_worker_whose_data_changed_is_left_out_and_the_epoch_goes_on(
+    data: Path, tmp_path: Path
+) -> None:
+    """A worker restarted over shards of the same names and sizes but other bytes refuses
+    reads planned from the others' (FAILED_PRECONDITION): it is left out and the read goes
+    on elsewhere. Was: ShardChangedError ended the epoch, though another worker served the
+    agreed data. With no other worker left, that error is what the loader raises."""
+    other = tmp_path / "other"
+    make_dataset(other, shards=4, records=RECORDS, shape=(8, 8, 3), seed=9)
+    async with (
+        Worker(worker_config(data)) as a,
+        Worker(worker_config(data)) as b,
+        Worker(worker_config(other)) as c,
+    ):
+        async with Loader([a.address, b.address], **OPTS) as loader:
+            restarted_as(a, c)
+            ids = [int(i) for batch in [b async for b in loader.epoch(0)] for i in batch["id"]]
+            excluded = [c.address for c in loader._pool.conns if c.excluded]  # type: ignore[union-attr]
+        assert sorted(ids) == list(range(RECORDS))
+        assert excluded == [a.address]
+        async with Loader([b.address], **OPTS) as loader:
+            restarted_as(b, c)
+            with pytest.raises(ShardChangedError, match="other data"):
+                async for _ in loader.epoch(0):
+                    pass
+
+
+async def test_a_fleet_drained_and_restarted_on_its_ports_goes_on_at_once(data: Path) -> None:
+    """`docker compose restart`: every worker gets SIGTERM with reads in flight (they end
+    them at a record boundary), and is back on its port a moment later. Was: a drained
+    stream put its worker in backoff for the whole retry deadline, which its SERVING
+    again did not lift: no batch for 60 s, then WorkersUnavailableError naming
+    'draining' for workers that were serving."""
+    args = ["--data-root", str(data), "--dataset", "train=*.npz", "--processes", "0",
+            "--chunk-bytes", "1024"]  # fmt: skip
+    worker = WorkerProcess.start(args)
+    restarted: list[WorkerProcess] = []
+    try:
+        ids: list[int] = []
+        async with Loader([worker.address], **{**OPTS, "chunk_bytes": 1024}) as loader:
+            async for batch in loader.epoch(0):
+                ids.extend(int(i) for i in batch["id"])
+                if not restarted and loader.statistics().reads_in_flight.get(worker.address):
+                    port = worker.port
+                    worker.signal(signal.SIGTERM)
+                    assert await asyncio.to_thread(worker.proc.wait, 60) == 0
+                    worker.close()
+                    restarted.append(
+                        await asyncio.to_thread(WorkerProcess.start, [*args, "--port", str(port)])
+                    )
+            drained = loader.statistics().resumes
+            (conn,) = loader._pool.conns  # type: ignore[union-attr]
+            backoff = conn.down_until  # lifted when it served again (was: drain + 60 s)
+        assert restarted, "no read was in flight"
+        assert backoff == 0.0
+        assert sorted(ids) == list(range(RECORDS))
+        assert drained >= 1
+    finally:
+        worker.close()
+        for w in restarted:
+            w.close()
