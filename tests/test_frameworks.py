@@ -183,3 +183,73 @@ def test_accelerate_two_processes_exactly_once(data: Path) -> None:
     assert len(firsts) == 4  # each rank starts each epoch elsewhere: a new order
     assert wrong.returncode != 0
     assert "is being re-sharded by DataLoaderDispatcher" in wrong.stderr
+
+
+@_needs("lightning")
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"
+)
+@pytest.mark.timeout(300)
+def test_lightning_epochs_follow_the_trainer_and_resume_from_any_checkpoint(
+    data: Path, tmp_path: Path
+) -> None:
+    """In one process, the usual flows. (1) A crash in epoch 2, resumed from the
+    `save_last` checkpoint of epoch 1's end: epochs 2 and 3 are an uninterrupted run's.
+    Was: the new DataModule started the data at epoch 0, so epochs 2 and 3 got the batches
+    of epochs 0 and 1 again. (2) `limit_train_batches`: each epoch starts that epoch's
+    order. Was: the same 5 batches every epoch (160 of 1200 records ever seen)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from shardstream.client import SyncLoader
+    from shardstream.client.lightning import ShardstreamDataModule
+
+    seen: list[tuple[int, list[int]]] = []
+    crash: list[tuple[int, int] | None] = [None]
+
+    class Model(L.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8 * 8 * 3, 10)
+
+        def training_step(self, batch: dict[str, Any], index: int) -> Any:
+            if (self.current_epoch, index) == crash[0]:
+                raise RuntimeError("crash")
+            seen.append((self.current_epoch, batch["id"].tolist()))
+            x = batch["image"].reshape(len(batch["image"]), -1).float()
+            return torch.nn.functional.cross_entropy(self.layer(x), batch["label"] % 10)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    kw: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False,
+                          "enable_progress_bar": False, "enable_model_summary": False}  # fmt: skip
+
+    def epochs(run: list[tuple[int, list[int]]], e: int) -> list[list[int]]:
+        return [ids for epoch, ids in run if epoch == e]
+
+    with worker_processes(data, 1) as (worker,):
+        with SyncLoader([worker.address], **OPTS) as loader:
+            straight = [[b["id"].tolist() for b in loader.epoch(e)] for e in range(4)]
+        crash[0] = (2, 5)
+        first = ShardstreamDataModule([worker.address], **OPTS)
+        with pytest.raises(RuntimeError, match="crash"):
+            L.Trainer(max_epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+                      **kw).fit(Model(), datamodule=first)  # fmt: skip
+        first.teardown("fit")  # Lightning does not, after an exception
+        crash[0] = None
+        assert epochs(seen, 1) == straight[1] and epochs(seen, 2) == straight[2][:5]
+        seen.clear()
+        again = ShardstreamDataModule([worker.address], **OPTS)
+        L.Trainer(max_epochs=4, enable_checkpointing=False, **kw).fit(
+            Model(), datamodule=again, ckpt_path=tmp_path / "last.ckpt"
+        )
+        assert sorted({e for e, _ in seen}) == [2, 3]
+        assert epochs(seen, 2) == straight[2] and epochs(seen, 3) == straight[3]
+        seen.clear()
+        L.Trainer(max_epochs=3, limit_train_batches=5, enable_checkpointing=False, **kw).fit(
+            Model(), datamodule=ShardstreamDataModule([worker.address], **OPTS)
+        )
+    for e in range(3):
+        assert epochs(seen, e) == straight[e][:5], e

@@ -96,7 +96,7 @@ class SyncLoader:
         self._pid = os.getpid()
         loop = self._loop = new_event_loop()
         self._thread = threading.Thread(
-            target=loop.run_forever, name="shardstream-loader", daemon=True
+            target=_run_loop, args=(loop,), name="shardstream-loader", daemon=True
         )
         self._thread.start()
         _open.add(self)
@@ -322,6 +322,19 @@ class SyncLoader:
 # SyncLoaders open in this process, closed at exit if their users did not: before the
 # interpreter's teardown, while their thread can still run.
 _open: weakref.WeakSet[SyncLoader] = weakref.WeakSet()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's thread: run until stopped, then end the loop's default executor's
+    threads (the lane's set-up runs there) and close the loop, so that a loader dropped
+    without `close()` leaves no thread behind (`close()` closes it too: a no-op then)."""
+    try:
+        loop.run_forever()
+    finally:
+        if not sys.is_finalizing():
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_default_executor())
+                loop.close()
 
 
 def _release_dropped(loop: asyncio.AbstractEventLoop, loader: Loader, pid: int) -> None:

@@ -11,15 +11,17 @@ What it keeps that a plain IterableDataset loses under Lightning:
   torch.distributed, so each process reads its own part (no sampler is added:
   shardstream already splits the data by rank).
 - **A new order every epoch.** Lightning never calls `set_epoch` on an
-  IterableDataset; the data source moves on to the next epoch by itself when one
-  ends (`ShardstreamIterable`).
+  IterableDataset; each epoch's iteration delivers the epoch Lightning is in
+  (`trainer.current_epoch`), also where an epoch stops early (`limit_train_batches`).
 - **Equal steps.** Every rank gets the same number of batches (`len()`), so DDP's
   collectives never wait for a rank that ran out.
-- **Mid-epoch resume.** The dataloader is torchdata's `StatefulDataLoader`, which
-  Lightning saves in its checkpoints (`combined_loader`) and restores, so resuming
-  from a checkpoint taken mid-epoch yields exactly the rest of that epoch. Without
-  torchdata (`pip install shardstream[lightning]` brings it), a plain DataLoader is
-  used and only end-of-epoch checkpoints resume exactly (Lightning warns).
+- **Resume.** The DataModule's own state (in every checkpoint) is the loader's
+  position, restored before the first batch, so a checkpoint taken anywhere (an
+  epoch's end, `max_steps`, `trainer.save_checkpoint`) resumes with exactly the
+  batches that come next. The dataloader is torchdata's `StatefulDataLoader`,
+  which Lightning also saves and restores mid-epoch; without torchdata (`pip
+  install shardstream[lightning]` brings it) a plain DataLoader is used, and
+  Lightning warns.
 
 Needs `lightning` (or `pytorch_lightning`) and torch.
 """
@@ -53,15 +55,45 @@ class ShardstreamDataModule(LightningDataModule):  # type: ignore[misc]
         self._options = options
         self._data: ShardstreamIterable | None = None
         self._loader: Any = None
+        self._restored: dict[str, Any] | None = None  # a checkpoint's position, not yet used
 
     @property
     def data(self) -> ShardstreamIterable:
         """The data source (made on first use, after Lightning set up the processes)."""
         if self._data is None:
-            self._data = ShardstreamIterable(self._addresses, **self._options)
+            data = ShardstreamIterable(self._addresses, **self._options)
+            try:
+                if self._restored is not None:
+                    data.load_state_dict(self._restored)
+            except BaseException:
+                data.close()
+                raise
+            self._restored = None
+            self._data = data
         return self._data
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position, saved in every checkpoint Lightning takes."""
+        if self._data is not None:
+            return {"position": self._data.state_dict()}
+        return {} if self._restored is None else {"position": dict(self._restored)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint's position: the next batches are the ones that came next."""
+        position = state_dict.get("position")
+        if position is None:
+            return
+        if self._data is not None:
+            self._data.load_state_dict(position)
+        else:
+            self._restored = dict(position)
+
+    def _epoch(self) -> int:
+        trainer = self.trainer
+        return self.data.epoch if trainer is None else int(trainer.current_epoch)
+
     def train_dataloader(self) -> Any:
+        self.data.follow_epochs(self._epoch)
         if self._loader is None:  # one loader for the whole fit: one set of connections
             try:
                 from torchdata.stateful_dataloader import StatefulDataLoader

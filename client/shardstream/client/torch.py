@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -114,10 +114,17 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         self._pin = pin_memory
         self._open = False
         self.epoch = 0
+        self._epoch_source: Callable[[], int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration delivers."""
         self.epoch = epoch
+
+    def follow_epochs(self, source: Callable[[], int] | None) -> None:
+        """Each iteration delivers the epoch `source()` says when it starts (a trainer's
+        epoch counter: Lightning's `trainer.current_epoch`), however much of the last one
+        was taken; None: the iterable's own count (`epoch`, `set_epoch`)."""
+        self._epoch_source = source
 
     def __len__(self) -> int:
         self._ensure_open()
@@ -133,6 +140,8 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
             )
         _refuse_resharding(sys._getframe(1))
         self._ensure_open()
+        if self._epoch_source is not None:
+            self.epoch = int(self._epoch_source())
         epoch = self.epoch
         last = self._loader.plan(epoch).batches - 1  # of the rest, after a restored state
         if last < 0 and self.epoch == epoch:
