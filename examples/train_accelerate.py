@@ -2,8 +2,10 @@
 
     shardstream make-dataset /tmp/data --shards 8 --records 4000 --shape 8,8,3
     shardstream worker --data-root /tmp/data --dataset train='*.npz' --port 50051 &
-    accelerate launch --cpu --num_processes 2 examples/train_accelerate.py \\
-        --workers 127.0.0.1:50051
+    torchrun --nproc_per_node 2 examples/train_accelerate.py --workers 127.0.0.1:50051
+
+(`accelerate launch --cpu --num_processes 2` starts one process on a machine without
+GPUs: use torchrun there, as above, or `accelerate launch --multi_gpu` on GPUs.)
 
 shardstream already gives each rank its own part of every epoch, so the data source
 goes to `accelerator.prepare()` as it is (it returns it unchanged), not wrapped in a
