@@ -349,3 +349,28 @@ def test_the_worker_command_reports_a_config_error_in_one_line(tmp_path: Path) -
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown key datasets.train.shardz" in lines[0], proc.stderr
+
+
+def test_another_version_of_a_transform_is_another_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dataset's fingerprint covers each transform's source code, not only its name
+    and parameters: a fleet in a rolling upgrade whose workers run two versions of
+    `brighten` refuses to mix them (and a state saved under one refuses the other).
+    Was: the fleet was accepted, and half of each epoch came from each version."""
+    from shardstream.server import _pipelines
+    from shardstream.server._pipelines import code_text
+
+    module = tmp_path / "rt_version_aug.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = TransformSpec(fn="rt_version_aug:brighten", params={"amount": 5})
+
+    def digest(body: str) -> str:
+        module.write_text(f"def brighten(record, rng, *, amount):\n    {body}\n")
+        monkeypatch.delitem(sys.modules, "rt_version_aug", raising=False)
+        monkeypatch.setattr(_pipelines, "_loaded", {})
+        return code_text((spec,))
+
+    v1 = digest("return record")
+    assert digest("record['image'] = record['image'] + amount; return record") != v1
+    assert digest("return record") == v1  # the same code: the same fingerprint

@@ -370,3 +370,36 @@ async def test_packed_needs_an_eos_id(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="tokens-packed needs `eos_id`"):
         async with running_workers(tmp_path, 1, datasets=("docs=*.bin:tokens-packed",)):
             pass
+
+
+@pytest.mark.parametrize("fmt", ["tokens-packed", "tokens"])
+async def test_other_token_options_are_other_data(tmp_path: Path, fmt: str) -> None:
+    """Byte-identical token files read with another `_tokens.json` are other records:
+    their fingerprints differ, so a fleet mixing the two refuses to start, and a manifest
+    of one refuses the other. Was: one fingerprint for both, and an epoch took half its
+    rows from each (another eos_id; for `tokens`, which ignores eos_id, the options'
+    text differs all the same: another stride can keep the counts)."""
+    from shardstream.client.errors import DatasetMismatchError
+
+    change = {"eos_id": 7}
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        make_token_files(root, shards=2, tokens=4_000, seq_len=8, vocab_size=1000, eos_id=999)
+        doc = json.loads((root / "_tokens.json").read_text())
+        (root / "_tokens.json").write_text(json.dumps({**doc, "stride": 8}))
+    doc = json.loads((roots[1] / "_tokens.json").read_text())
+    (roots[1] / "_tokens.json").write_text(json.dumps({**doc, **change}))
+    assert [p.read_bytes() for p in sorted(roots[0].glob("*.bin"))] == [
+        p.read_bytes() for p in sorted(roots[1].glob("*.bin"))
+    ]
+    datasets = (f"t=*.bin:{fmt}",)
+    async with (
+        running_workers(roots[0], 1, datasets=datasets) as (a,),
+        running_workers(roots[1], 1, datasets=datasets) as (b,),
+    ):
+        ds_a, ds_b = (w._servicer.catalog.datasets["t"] for w in (a, b))  # type: ignore[union-attr]
+        assert [s.records for s in ds_a.shards] == [s.records for s in ds_b.shards]
+        assert ds_a.fingerprint != ds_b.fingerprint
+        with pytest.raises(DatasetMismatchError):
+            async with Loader([a.address, b.address], dataset="t", batch_size=4):
+                pass

@@ -47,7 +47,7 @@ from shardstream.server._fingerprint import (
     shard_fingerprint,
 )
 from shardstream.server._manifest import Manifest, check_dataset, load_manifest
-from shardstream.server._pipelines import Pipeline, pipeline_text, probe_schema
+from shardstream.server._pipelines import Pipeline, code_text, pipeline_text, probe_schema
 from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
 from shardstream.v1.codec import RAGGED, FieldSpec, is_ragged, record_bytes
 
@@ -221,7 +221,8 @@ async def build_dataset(
     shards = tuple(
         Shard(id=sid, path=path, records=ix.meta.records, stamp=ix.stamp, size=dg.size,
               digest=dg.digest,
-              fingerprint=shard_fingerprint(dg.size, ix.meta.records, ix.meta.schema, dg.digest))
+              fingerprint=shard_fingerprint(dg.size, ix.meta.records, ix.meta.schema, dg.digest,
+                                            ix.meta.params))
         for (sid, path), (ix, dg) in zip(files, metas, strict=True)
     )  # fmt: skip
     for (sid, _), (ix, _dg) in zip(files, metas, strict=True):
@@ -258,7 +259,11 @@ async def build_dataset(
         shards=shards,
         schema=schema,
         fingerprint=dataset_fingerprint(
-            shards, schema, "" if pipeline is None else pipeline_text(pipeline.transforms)
+            shards,
+            schema,
+            ""
+            if pipeline is None
+            else pipeline_text(pipeline.transforms) + "\0code\0" + code_text(pipeline.transforms),
         ),
         by_id={s.id: s for s in shards},
         pipeline=pipeline,

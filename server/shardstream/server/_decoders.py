@@ -75,6 +75,9 @@ class ShardMeta:
     # What the shard holds that is not served, one line each (e.g. "column 'when'
     # (timestamp[ms]): no tensor type"): the catalog logs them.
     skipped: tuple[str, ...] = ()
+    # What shapes the records besides the shard's bytes (a sidecar's options, such as
+    # `_tokens.json`'s), as text: part of the shard's fingerprint. "": nothing.
+    params: str = ""
 
 
 @contextlib.contextmanager

@@ -79,10 +79,15 @@ def file_digest(path: ShardPath, progress: Progress | None = None) -> str:
     return h.hexdigest()
 
 
-def shard_fingerprint(size: int, records: int, schema: Sequence[FieldSpec], digest: str) -> str:
-    """A shard's fingerprint: its size, record count, schema and content digest."""
+def shard_fingerprint(
+    size: int, records: int, schema: Sequence[FieldSpec], digest: str, params: str = ""
+) -> str:
+    """A shard's fingerprint: its size, record count, schema and content digest, and the
+    options outside the file that shape its records (`ShardMeta.params`), if any."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{size}:{records}:{';'.join(map(str, schema))}:{ALGORITHM}:{digest}".encode())
+    if params:
+        h.update(b"\0params\0" + params.encode())
     return h.hexdigest()
 
 

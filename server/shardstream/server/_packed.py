@@ -137,6 +137,7 @@ class PackedTokensDecoder(TokenDecoder):
                 FieldSpec(name="tokens", dtype=tf.dtype.name, shape=(width,)),
                 FieldSpec(name="doc_ids", dtype="int32", shape=(width,)),
             ),
+            params=tf.options.text(self.name),
         )
 
     def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:

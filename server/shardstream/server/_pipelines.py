@@ -109,6 +109,20 @@ def pipeline_text(transforms: Sequence[TransformSpec]) -> str:
     return json.dumps([t.describe() for t in transforms], sort_keys=True, default=repr)
 
 
+def code_text(transforms: Sequence[TransformSpec]) -> str:
+    """A digest of each transform's source code: part of the dataset's fingerprint, so
+    that workers running other versions of a transform under one name are told apart
+    (a transform whose source cannot be read counts by its name only)."""
+    digests = []
+    for t in transforms:
+        try:
+            source = inspect.getsource(load_transform(t.fn))
+        except (ImportError, AttributeError, TypeError, OSError):
+            source = ""
+        digests.append(hashlib.blake2b(source.encode(), digest_size=8).hexdigest())
+    return ",".join(digests)
+
+
 def shard_hash(shard_id: str) -> int:
     """A stable 64-bit hash of a shard's id (the same in every process and run)."""
     return int.from_bytes(hashlib.blake2b(shard_id.encode(), digest_size=8).digest(), "little")

@@ -36,6 +36,7 @@ bytes and counts, not the sidecar.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -95,6 +96,11 @@ class TokenOptions:
     def width(self) -> int:
         """Tokens of one record: seq_len inputs plus the last target."""
         return self.seq_len + 1
+
+    def text(self, fmt: str) -> str:
+        """The options as canonical text: part of each shard's fingerprint (`ShardMeta.
+        params`), so shards read with other options are other data."""
+        return json.dumps({"format": fmt, **dataclasses.asdict(self)}, sort_keys=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -416,6 +422,7 @@ class TokensDecoder(TokenDecoder):
         return ShardMeta(
             records=window_count(tf.tokens, o.width, o.stride),
             schema=(FieldSpec(name="tokens", dtype=tf.dtype.name, shape=(o.width,)),),
+            params=o.text(self.name),
         )
 
     def read(self, path: ShardPath, start: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
