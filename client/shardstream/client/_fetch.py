@@ -241,7 +241,7 @@ def _decide(
     if isinstance(outcome, Complete):
         pool.mark_ok(conn)
     elif isinstance(outcome, Drained):
-        pool.mark_down(conn, "draining", delay=options.retry_deadline)
+        pool.mark_down(conn, "draining", delay=options.retry_deadline, drained=True)
         counters.count(conn.address)
         _journal(options, conn, progress.shard, progress.position, "draining")
     elif isinstance(outcome, Broken):

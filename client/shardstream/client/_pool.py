@@ -169,9 +169,13 @@ class WorkerPool:
 
     async def _watch(self, conn: Conn) -> None:
         def back() -> None:
-            # Serving again (a drained worker restarted, say): the backoff its last
-            # failure set was for the process that failed; it is described again first.
-            conn.down_until = 0.0
+            # Serving again after a drain: a new process (a draining one never serves
+            # again), described again first; the drain's hold was for the old one. Other
+            # backoffs stay: a worker that fails while its health says SERVING must not
+            # be retried at once, again and again.
+            if conn.drained:
+                conn.drained = False
+                conn.down_until = 0.0
             self._changed.set()
 
         await watch_health(conn, on_serving=back, pause=self.options.backoff_base)
@@ -267,8 +271,12 @@ class WorkerPool:
     def mark_ok(self, conn: Conn) -> None:
         conn.failures = 0
 
-    def mark_down(self, conn: Conn, error: str, *, delay: float | None = None) -> None:
-        """Give a worker no new reads for a while (capped exponential backoff, jittered)."""
+    def mark_down(
+        self, conn: Conn, error: str, *, delay: float | None = None, drained: bool = False
+    ) -> None:
+        """Give a worker no new reads for a while (capped exponential backoff, jittered);
+        `drained`: until it serves again (a restart), at most `delay` seconds."""
+        conn.drained = drained
         conn.failures += 1
         conn.last_error = error
         if delay is None:

@@ -25,6 +25,7 @@ class Conn:
     outstanding: int = 0  # reads running on it
     failures: int = 0  # consecutive failures, for backoff
     down_until: float = 0.0  # loop time before which it gets no reads
+    drained: bool = False  # `down_until` holds a drained worker until it serves again
     last_error: str = ""
     verified: bool = False  # it described the dataset as the others do
     excluded: str = ""  # why it never gets reads (it disagrees on the dataset)

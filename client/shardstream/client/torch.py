@@ -172,6 +172,7 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
         self._writable = state["writable"]
         self._pin = state["pin_memory"]
         self.epoch = state["epoch"]
+        self._epoch_source = None  # a trainer's counter stays with the trainer
         self._closed_state = state["position"]
         self._loader = SyncLoader(self._addresses, **self._options)
         self._open = False
