@@ -95,6 +95,7 @@ class SyncLoader:
         self._closing = False
         self._pid = os.getpid()
         loop = self._loop = new_event_loop()
+        loop.set_exception_handler(_quiet_grpc_poller)
         self._thread = threading.Thread(
             target=_run_loop, args=(loop,), name="shardstream-loader", daemon=True
         )
@@ -322,6 +323,22 @@ class SyncLoader:
 # SyncLoaders open in this process, closed at exit if their users did not: before the
 # interpreter's teardown, while their thread can still run.
 _open: weakref.WeakSet[SyncLoader] = weakref.WeakSet()
+
+
+def _quiet_grpc_poller(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: grpc's one poller of the process wakes every loop
+    that made calls, and hands each completion to its call's loop. A completion of a
+    loader closed just before (its cancelled calls) finds that loop closed, and a
+    wake-up another loop took first finds nothing to read: both print a traceback from
+    `PollerCompletionQueue._handle_events` though nothing failed (grpc/grpc#25364).
+    Those two are dropped; everything else goes to the default handler."""
+    exc = context.get("exception")
+    if "PollerCompletionQueue._handle_events" in str(context.get("message", "")) and (
+        isinstance(exc, BlockingIOError)
+        or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+    ):
+        return
+    loop.default_exception_handler(context)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
