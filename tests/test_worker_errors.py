@@ -93,3 +93,52 @@ async def test_status_on_error_lets_other_exceptions_through() -> None:
         async with StatusOnError(context, metrics):  # type: ignore[arg-type]
             raise KeyError("a bug")
     assert context.aborted == () and metrics.errors == []
+
+
+@pytest.mark.parametrize("fails", ["every other time", "always"])
+async def test_an_io_error_reading_a_shard_is_retried_not_a_changed_shard(
+    npz_root: Any, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """EIO (a disk, a network store's timeout) while a read checks its shard: the read
+    goes on (UNAVAILABLE), and a shard that keeps failing ends in WorkersUnavailableError
+    naming the I/O error at the retry deadline. Was: "the shard cannot be opened any
+    more", FAILED_PRECONDITION: the worker was left out for good (the epoch ended with
+    ShardChangedError) after one hiccup. A shard that is gone still is a changed shard."""
+    import errno
+
+    from shardstream.client import Loader
+    from shardstream.client.errors import WorkersUnavailableError
+
+    from conftest import RECORDS, running_workers
+
+    real, calls = _decoding.shard_stat, [0]
+
+    def flaky(path: Any) -> Any:
+        calls[0] += 1
+        if fails == "always" or calls[0] % 2 == 0:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    opts: dict[str, Any] = {"dataset": "train", "batch_size": 10, "read_bytes": 4096,
+                            "retry_deadline": 3.0, "backoff_base": 0.02, "backoff_cap": 0.1,
+                            "same_host_lane": False}  # fmt: skip
+    async with running_workers(npz_root, 1, processes=0) as (worker,):
+        monkeypatch.setattr(_decoding, "shard_stat", flaky)
+        async with Loader([worker.address], **opts) as loader:
+            if fails == "always":
+                with pytest.raises(WorkersUnavailableError, match="UNAVAILABLE: cannot read shard"):
+                    async for _ in loader.epoch(0):
+                        pass
+            else:
+                ids = [int(i) for b in [b async for b in loader.epoch(0)] for i in b["id"]]
+                assert sorted(ids) == list(range(RECORDS))
+                assert loader.statistics().resumes >= 1
+            assert not any(c.excluded for c in loader._pool.conns)  # type: ignore[union-attr]
+        monkeypatch.setattr(_decoding, "shard_stat", real)
+
+    def gone(path: Any) -> Any:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    with pytest.raises(errors.ShardChanged, match="cannot be opened any more"):
+        monkeypatch.setattr(_decoding, "shard_stat", gone)
+        _decoding.check_unchanged(npz_root / "x.npz", (0, 0, 0))  # type: ignore[arg-type]

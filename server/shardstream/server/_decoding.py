@@ -158,7 +158,7 @@ def check_unchanged(path: ShardPath, stamp: Stamp) -> None:
     """Refuse a shard that is not the one indexed (size, mtime or checksum differ)."""
     try:
         now = shard_stat(path)
-    except OSError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:  # gone: another I/O error may pass
         why = exc.strerror or str(exc) or type(exc).__name__
         raise ShardChanged(f"the shard cannot be opened any more: {why}") from None
     if now != stamp:

@@ -50,7 +50,13 @@ from shardstream.server._wire import (
     decode_read,
 )
 from shardstream.server._writes import StallWatch, TrimWhenIdle
-from shardstream.server.errors import BusyError, DrainingError, NoLaneError, StalledError
+from shardstream.server.errors import (
+    BusyError,
+    DrainingError,
+    NoLaneError,
+    ShardIOError,
+    StalledError,
+)
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
 
@@ -180,6 +186,14 @@ class WorkerServicer:
                         await watch.write(context.write(message))
                         if watch.stalled():
                             break
+            except OSError as exc:  # reading the shard: the read goes on elsewhere
+                why = exc.strerror or str(exc) or type(exc).__name__
+                raise ShardIOError(
+                    f"cannot read shard {args.shard!r} of dataset {args.dataset!r}: {why}; "
+                    "resume the read (elsewhere, or here later)",
+                    dataset=args.dataset,
+                    shard=args.shard,
+                ) from None
             finally:
                 watch.close()
                 await (chunks.aclose() if closing is None else closing)

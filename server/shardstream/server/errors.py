@@ -9,6 +9,7 @@
           ├── DrainingError          UNAVAILABLE          shutting down; no new streams
           ├── ProcessDiedError       UNAVAILABLE          a decoding process died mid-read
           ├── StalledError           UNAVAILABLE          no reads for --stream-stall-timeout
+          ├── ShardIOError           UNAVAILABLE          an I/O error reading a shard
           ├── BusyError              RESOURCE_EXHAUSTED   --max-streams streams running
           ├── UnknownDatasetError    NOT_FOUND            no such dataset
           ├── UnknownShardError      NOT_FOUND            no such shard in the dataset
@@ -48,6 +49,7 @@ __all__ = [
     "RequestError",
     "ShardChanged",
     "ShardChangedError",
+    "ShardIOError",
     "ShardOutsideRootError",
     "StalledError",
     "UnknownDatasetError",
@@ -104,6 +106,12 @@ class DrainingError(RequestError):
 class StalledError(RequestError):
     """The stream's client read nothing for `--stream-stall-timeout` (UNAVAILABLE): the
     stream is ended so that it holds no slot and no decoded chunks; the client resumes."""
+
+
+class ShardIOError(RequestError):
+    """Reading a shard failed with an I/O error (EIO, a network store's timeout): another
+    worker, or this one later, may read it (UNAVAILABLE). A shard that is gone, or not
+    the one indexed, is `ShardChangedError`."""
 
 
 class ProcessDiedError(RequestError):
