@@ -189,3 +189,34 @@ async def test_chunks_not_in_the_page_cache_are_read_in_threads(
     assert len(cached) == len(evicted) == 10
     for a, b in zip(cached, evicted, strict=True):
         assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+async def test_a_shard_that_cannot_be_opened_for_a_moment_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE (the worker out of descriptors for a moment) when a direct read opens its
+    shard: the chunk is decoded instead (or the read resumed), and the worker stays in use. Was:
+    "the shard cannot be opened any more", FAILED_PRECONDITION, the worker left out for
+    good (or, alone, the epoch ended with ShardChangedError)."""
+    import errno
+
+    from shardstream.server import _direct, make_dataset
+
+    make_dataset(tmp_path, shards=3, records=300, shape=(16, 16, 3))
+    real, calls = os.open, [0]
+
+    def short_of_descriptors(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path).endswith(".npz"):
+            calls[0] += 1
+            if calls[0] % 3 == 0:
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, flags, *args, **kw)
+
+    async with running_workers(tmp_path, 1, processes=1) as (w,):  # direct reads: here
+        monkeypatch.setattr(_direct.os, "open", short_of_descriptors)
+        async with Loader([w.address], dataset="train", batch_size=32, read_bytes=8192,
+                          backoff_base=0.02, backoff_cap=0.1, same_host_lane=False) as loader:  # fmt: skip
+            ids = [int(i) for b in [b async for b in loader.epoch(0)] for i in b["id"]]
+            assert not any(c.excluded for c in loader._pool.conns)  # type: ignore[union-attr]
+    assert sorted(ids) == list(range(300))
+    assert calls[0] >= 3  # refused opens: read again, or decoded instead

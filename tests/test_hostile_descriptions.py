@@ -212,3 +212,22 @@ async def test_workers_that_measured_other_record_sizes_refuse_the_start() -> No
         with pytest.raises(DatasetMismatchError, match="measured mean size, 500 vs 900"):
             async with Loader([a, b], dataset="train", batch_size=4, describe_timeout=5):
                 pass
+
+
+async def test_workers_that_do_not_measure_agree_with_those_that_do() -> None:
+    """A rolling upgrade: workers of the version before measured no record size (0).
+    They serve the same records, so a fleet of both starts, with the size one measured;
+    and a worker back later with another size is used (the reads are planned). Was: the
+    start refused, and each upgraded worker was left out until none was left."""
+    async with describing(ragged_info(0)) as old, describing(ragged_info(900)) as new:
+        async with Loader([old, new], dataset="train", batch_size=4, describe_timeout=5) as ld:
+            assert ld.dataset.record_bytes == 900
+    how = Describing(dataset="train", timeout=5, backoff_base=0.1, backoff_cap=1)
+    async with describing(ragged_info(700)) as address:
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            conn = Conn(address, channel, WorkerStub(channel), HealthWatch(channel))
+            assert await verify(conn, _dataset_desc(ragged_info(900)), how) is None
+        finally:
+            await channel.close()
+    assert conn.verified and not conn.excluded

@@ -712,3 +712,36 @@ async def aenumerate(items: Any) -> Any:
     async for item in items:
         yield step, item
         step += 1
+
+
+async def test_a_worker_out_of_descriptors_does_not_spin_on_its_lane_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accept() failing with EMFILE leaves the connection queued and the socket readable:
+    the lane thread now pauses between tries. Was: ~977,000 failed accepts and a core's
+    worth of CPU a second, fighting the event loop for the GIL."""
+    import errno
+
+    from shardstream.server import _lanes
+
+    tries = [0]
+
+    def out_of_descriptors(self: socket.socket) -> Any:
+        tries[0] += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    lanes = _lanes.Lanes(slots=2, slot_bytes=1 << 20, max_lanes=2)
+    lanes.start()
+    monkeypatch.setattr(socket.socket, "accept", out_of_descriptors)
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        waiting.connect("\0" + lanes.address)
+        await until(lambda: tries[0] >= 3)
+        t0, before = time.monotonic(), tries[0]
+        await asyncio.sleep(0.5)  # a window to count tries in, not a wait for a condition
+        span = time.monotonic() - t0
+    finally:
+        monkeypatch.undo()
+        waiting.close()
+        lanes.close()
+    assert tries[0] - before <= span / 0.05 + 5, tries[0] - before  # a pause of 50 ms

@@ -149,3 +149,62 @@ async def test_a_fleet_drained_and_restarted_on_its_ports_goes_on_at_once(data: 
         worker.close()
         for w in restarted:
             w.close()
+
+
+async def test_a_worker_left_out_and_restarted_with_the_agreed_data_is_used_again(
+    data: Path, tmp_path: Path
+) -> None:
+    """A worker left out because its data differed gets no reads until it goes away;
+    restarted (a new process) with the agreed data, it is described again and used, as
+    its error says ("restart the worker"). Was: left out for good, so the epoch ended
+    with WorkersUnavailableError when the other worker went, though it served the data."""
+    other = tmp_path / "other"
+    make_dataset(other, shards=4, records=RECORDS, shape=(8, 8, 3), seed=9)
+    async with Worker(worker_config(data)) as a, Worker(worker_config(other)) as c:
+        b = Worker(worker_config(data))
+        await b.start()
+        try:
+            async with Loader([a.address, b.address], **OPTS) as loader:
+                restarted_as(a, c)
+                ids = [int(i) for batch in [x async for x in loader.epoch(0)] for i in batch["id"]]
+                (conn,) = [x for x in loader._pool.conns if x.address == a.address]  # type: ignore[union-attr]
+                assert sorted(ids) == list(range(RECORDS)) and conn.excluded
+                port = a.port
+                await a.aclose()
+                async with Worker(worker_config(data, port=port)):
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 30  # bounds a hang only
+                    while conn.excluded or not conn.serving:
+                        assert loop.time() < deadline, "the restarted worker is not back"
+                        await asyncio.sleep(0.02)
+                    await b.aclose()
+                    again = [int(i) for x in [y async for y in loader.epoch(1)] for i in x["id"]]
+            assert sorted(again) == list(range(RECORDS))
+        finally:
+            await b.aclose()
+
+
+@pytest.mark.parametrize("serves", ["renamed shards", "another dataset"])
+async def test_a_worker_serving_other_names_is_left_out_not_the_epoch(
+    data: Path, tmp_path: Path, serves: str
+) -> None:
+    """A worker restarted over the data's next version, whose shards have other names
+    (or under another dataset name): the read's fingerprint is checked before its shard
+    is looked up, so it is a worker with other data (left out, the read goes on), not a
+    NOT_FOUND that ends the epoch, as it was."""
+    other = tmp_path / "other"
+    make_dataset(other, shards=4, records=RECORDS, shape=(8, 8, 3), seed=9)
+    for path in list(other.glob("*.npz")):
+        path.rename(path.with_name("v2-" + path.name))
+    name = "train" if serves == "renamed shards" else "next"
+    async with (
+        Worker(worker_config(data)) as a,
+        Worker(worker_config(data)) as b,
+        Worker(worker_config(other, datasets=(f"{name}=*.npz",))) as c,
+    ):
+        async with Loader([a.address, b.address], **OPTS) as loader:
+            restarted_as(a, c)
+            ids = [int(i) for batch in [x async for x in loader.epoch(0)] for i in batch["id"]]
+            excluded = [x.address for x in loader._pool.conns if x.excluded]  # type: ignore[union-attr]
+    assert sorted(ids) == list(range(RECORDS))
+    assert excluded == [a.address]

@@ -13,6 +13,7 @@ gets no reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
             {**unresolved, **failed},
         )
     ref_conn, ref = answered[0]
+    measured = next((d.record_bytes for _, d in answered if d.record_bytes), 0)
+    if measured and not ref.record_bytes:  # workers of an older version measure nothing
+        ref = dataclasses.replace(ref, record_bytes=measured)
     for conn, desc in answered[1:]:
         if differs(ref, desc):
             raise DatasetMismatchError(
@@ -85,14 +89,16 @@ async def agree(conns: Sequence[Conn], how: Describing, unresolved: dict[str, st
     return ref
 
 
-def differs(a: DatasetDesc, b: DatasetDesc) -> bool:
+def differs(a: DatasetDesc, b: DatasetDesc, *, sizes: bool = True) -> bool:
     """Whether two workers' descriptions are not of the same records: the schema counts
-    too, whatever the fingerprints say (a worker's fingerprint need not cover it)."""
+    too, whatever the fingerprints say (a worker's fingerprint need not cover it). With
+    `sizes`, so do two measured record sizes that differ (they size the reads, hence the
+    plan); a worker that measured none (an older version) agrees with any."""
     return (
         a.fingerprint != b.fingerprint
         or a.shards != b.shards
         or a.schema != b.schema
-        or a.record_bytes != b.record_bytes  # sizes the reads: the plan
+        or (sizes and bool(a.record_bytes and b.record_bytes) and a.record_bytes != b.record_bytes)
     )
 
 
@@ -113,7 +119,7 @@ async def verify(conn: Conn, ref: DatasetDesc, how: Describing) -> str | None:
         conn.excluded = str(_naming(exc, conn, how))
         log.error("%s; it gets no reads", conn.excluded)
         return conn.excluded
-    if differs(ref, desc):
+    if differs(ref, desc, sizes=False):  # the reads are planned: their size is decided
         conn.excluded = describe_difference(ref, desc)
         log.error(
             "worker %s serves a different dataset %r (%s); it gets no reads",

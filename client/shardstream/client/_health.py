@@ -52,6 +52,10 @@ async def watch_health(conn: Conn, *, on_serving: Callable[[], None], pause: flo
         conn.serving = False
         if not conn.rewatch:  # the worker went away: describe it again when back
             conn.verified = False
+            if conn.excluded:  # a new process may serve the agreed data: it is checked
+                log.info("worker %s went away; it is described again when back (it was left "
+                         "out: %s)", conn.address, conn.excluded)  # fmt: skip
+                conn.excluded = ""
             await asyncio.sleep(pause)
         conn.rewatch = False
 

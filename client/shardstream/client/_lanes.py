@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -185,7 +186,15 @@ def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        sock.connect("\0" + offer.address)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect("\0" + offer.address)
+                break
+            except BlockingIOError:  # its queue is full (a flood, or many loaders at once)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)  # the worker accepts (and closes the idle) in the meantime
         sock.sendall(offer.lane.encode("ascii") + offer.ticket)
         message, fds, _, _ = socket.recv_fds(sock, 1, 1)
         if message != b"\1" or len(fds) != 1:

@@ -155,7 +155,7 @@ def _opened(path: os.PathLike[str], stamp: Stamp) -> Iterator[int]:
     """The shard's file, open, and the very file that was indexed (ShardChanged if not)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:  # gone; EMFILE, EIO... may pass
         raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
     try:
         if stat_stamp(os.fstat(fd)) != stamp:
@@ -181,7 +181,7 @@ def _plan(
         ranges = decoder(ref).byte_ranges(
             path if isinstance(path, Path) else Path(path), start, count
         )
-    except OSError as exc:  # it went away after the open: what the decoder opens
+    except (FileNotFoundError, NotADirectoryError) as exc:  # gone after the open
         raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
     if ranges is None or set(ranges) != {f.name for f in schema}:
         return None

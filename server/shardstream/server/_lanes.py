@@ -72,6 +72,7 @@ MAX_SLOT_BYTES = 64 << 20  # the most one slot holds, whatever a client asks for
 # Connections waiting to show a ticket: past this many, the oldest is closed (a client
 # shows its ticket as it connects, so idle connections cannot keep one out).
 PENDING_HANDSHAKES = 64
+ACCEPT_PAUSE = 0.05  # seconds between accepts while the worker is out of descriptors
 RELEASE, END = 1, 2  # control records from the client: (kind, value, count), 3 uint32
 _RECORD = struct.Struct("<III")
 _ENDED_KEPT = 4096  # ids of reads the client ended, kept so late requests get no slots
@@ -278,7 +279,7 @@ class Lanes:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind("\0" + name)
-            listener.listen(64)
+            listener.listen(socket.SOMAXCONN)
         except BaseException:
             listener.close()
             raise
@@ -388,8 +389,9 @@ class Lanes:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        except OSError as exc:  # out of descriptors: the next one may be taken
+        except OSError as exc:  # out of descriptors: the next one may be taken, later
             self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
+            time.sleep(ACCEPT_PAUSE)  # the listener stays readable: no spinning on it
             return
         if len(pending) >= PENDING_HANDSHAKES:
             self._refuse(sel, pending, next(iter(pending)), "it sent no ticket (crowded out)")

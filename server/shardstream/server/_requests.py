@@ -38,8 +38,27 @@ def find_dataset(catalog: Catalog | None, name: str) -> Dataset:
 
 def check_read(catalog: Catalog | None, args: ReadArgs) -> tuple[Dataset, Shard]:
     """The dataset and shard a read names, once the read is found servable."""
-    ds = find_dataset(catalog, args.dataset)
+    try:
+        ds = find_dataset(catalog, args.dataset)
+    except UnknownDatasetError:
+        if not args.dataset_fingerprint:
+            raise
+        raise ShardChangedError(  # the client planned from a description of it, here
+            f"this worker serves no dataset {args.dataset!r} any more, the client expects one "
+            f"of fingerprint {args.dataset_fingerprint} (restarted with another "
+            "configuration?)",
+            dataset=args.dataset,
+            shard=args.shard,
+        ) from None
     sid = args.shard
+    if args.dataset_fingerprint and args.dataset_fingerprint != ds.fingerprint:
+        raise ShardChangedError(
+            f"dataset {ds.name!r} has fingerprint {ds.fingerprint} here, the client expects "
+            f"{args.dataset_fingerprint}: this worker serves other data or other transforms "
+            "than the workers the client agreed with (restarted with another configuration?)",
+            dataset=ds.name,
+            shard=args.shard,
+        )
     if "\0" in sid or sid.startswith(("/", "\\")) or ".." in sid.replace("\\", "/").split("/"):
         raise ShardOutsideRootError(
             f"shard id {sid!r} would leave the data root; shard ids are the relative "
@@ -56,14 +75,6 @@ def check_read(catalog: Catalog | None, args: ReadArgs) -> tuple[Dataset, Shard]
         raise BadRangeError(
             f"records [{args.start}, {args.start + args.count}) are outside shard "
             f"{shard.id!r} of dataset {ds.name!r}, which has {shard.records} records",
-            dataset=ds.name,
-            shard=shard.id,
-        )
-    if args.dataset_fingerprint and args.dataset_fingerprint != ds.fingerprint:
-        raise ShardChangedError(
-            f"dataset {ds.name!r} has fingerprint {ds.fingerprint} here, the client expects "
-            f"{args.dataset_fingerprint}: this worker serves other data or other transforms "
-            "than the workers the client agreed with (restarted with another configuration?)",
             dataset=ds.name,
             shard=shard.id,
         )
