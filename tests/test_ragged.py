@@ -743,3 +743,60 @@ def test_a_record_level_shuffle_window_is_held_at_most_twice(field: str, holes: 
     assert got == len(take) - 256 * holes
     # twice the window, and a few int64 per record (offsets, the order, what they index)
     assert peak < 2.3 * window + 64 * len(take), (peak / window, window)
+
+
+async def test_reads_of_ragged_records_start_while_their_bytes_fit(tmp_path: Path) -> None:
+    """Where the records are larger than the reads were sized for (the sample saw only
+    small ones), a read starts only while the bytes held and in flight fit in
+    reads_ahead x read_bytes (one at a time where one read is larger): the memory bound
+    holds in reads of bytes, not only in reads. A consumer that lets the loader run as
+    far ahead as it may, after each batch: 4 reads of 2.6 MB each were held before."""
+    for k in range(4):
+        write_tokens(tmp_path / f"{k}.jsonl", [2] * 32 + [8192] * 40, first_id=72 * k)
+    read = 32 * (2 * 8 + 16) + 40 * (8192 * 8 + 16)  # a read is a shard: 2.6 MB
+    async with (
+        running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,),
+        Loader(
+            [worker.address],
+            dataset="t",
+            batch_size=8,
+            read_bytes=1 << 18,
+            reads_ahead=4,
+            max_inflight_reads=4,
+            same_host_lane=False,
+        ) as loader,  # fmt: skip
+    ):
+        assert loader.dataset.record_bytes == 2 * 8 + 16  # the sample: small records
+        it = loader.epoch(0)
+        ids: list[int] = []
+        async for batch in it:
+            ids.extend(int(i) for i in batch["id"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30  # bounds a hang only
+            while it._in_flight:  # let it read ahead as far as it may
+                assert loop.time() < deadline
+                await asyncio.sleep(0.005)
+    assert sorted(ids) == list(range(288))
+    budget = 4 * (1 << 18)
+    # the first reads start before any large record is seen: two of them at most after
+    assert it.max_held_bytes <= budget + 2 * read, (it.max_held_bytes, read)
+
+
+async def test_a_bad_record_in_the_sample_leaves_out_that_record_only(tmp_path: Path) -> None:
+    """A record among a shard's first 32 that does not decode: the rest of the sample is
+    measured one by one. Was: the whole shard was left out of the sample, and where
+    every sampled shard had one, reads fell back to the 1 KiB guess."""
+    fields = [{"name": "id", "dtype": "int64", "shape": []},
+              {"name": "tokens", "dtype": "int64", "shape": [-1]}]  # fmt: skip
+    (tmp_path / "_schema.json").write_text(json.dumps({"fields": fields}))
+    for k in range(2):
+        write_tokens(tmp_path / f"{k}.jsonl", [100] * 40, first_id=40 * k)
+        lines = (tmp_path / f"{k}.jsonl").read_text().splitlines()
+        lines[5] = "{not json"
+        (tmp_path / f"{k}.jsonl").write_text("\n".join(lines) + "\n")
+    async with (
+        running_workers(tmp_path, 1, datasets=("t=*.jsonl",)) as (worker,),
+        Loader([worker.address], dataset="t", batch_size=4, on_error="skip") as loader,
+    ):
+        assert loader.dataset.record_bytes == 100 * 8 + 16
+        assert sum([len(b["id"]) async for b in loader.epoch(0)]) == 78

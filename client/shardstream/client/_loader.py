@@ -386,6 +386,10 @@ class Loader:
             sized_for=(per_record, cfg.read_bytes, bool(self.dataset.record_bytes))
             if self._check_sizes and is_ragged(self.schema)
             else (0, 0, False),
+            # ragged records: reads start while their bytes fit (the memory bound)
+            budget=(per_record, cfg.reads_ahead * cfg.read_bytes)
+            if is_ragged(self.schema)
+            else None,
         )
         self._check_sizes = False  # once per loader
         self._live = _Live(iterator, history)

@@ -34,7 +34,7 @@ from shardstream.client._tasks import first_error
 from shardstream.client._wire import Piece, ShardDesc
 from shardstream.client.errors import ProtocolError
 from shardstream.v1.codec import RAGGED_RECORD_GUESS
-from shardstream.v1.ragged import concat
+from shardstream.v1.ragged import Ragged, concat
 
 log = logging.getLogger("shardstream.client")
 
@@ -119,8 +119,18 @@ class EpochIterator:
         ledger: LedgerWriter | None = None,
         formatter: Callable[[Batch], Batch] | None = None,
         sized_for: tuple[int, int, bool] = (0, 0, False),
+        budget: tuple[int, int] | None = None,
     ) -> None:
         self.plan = plan
+        # Reads of ragged records: (bytes a record was planned at, bytes the reads held and
+        # in flight may take): a read starts only while they fit, whatever the records
+        # turn out to weigh (one at a time where one is larger). None: records of a fixed
+        # size, bounded by counting reads.
+        self._budget = budget
+        self._held = 0  # bytes of pieces received and not yet taken by the consumer
+        self._seen = [0, 0]  # bytes and records received this epoch
+        self._in_flight: dict[int, int] = {}  # read seq -> records not yet received
+        self.max_held_bytes = 0
         # (bytes per record the reads were sized for, read_bytes) of a dataset whose sizes
         # the plan could only guess (ragged values): checked once a read's worth arrived.
         self._sized_for = sized_for
@@ -325,6 +335,9 @@ class EpochIterator:
                             self.counters.max_reorder_depth, self._depth
                         )
                     piece = ready.popleft()
+                    if self._budget is not None:
+                        self._held -= _nbytes(piece)
+                        self._progress.set()
                     got += piece.count
                     if window.take is not None:
                         pieces.append(piece)
@@ -339,6 +352,19 @@ class EpochIterator:
             last = rebatcher.flush()
             if last is not None:
                 await self._emit([last])
+
+    def _over_budget(self, read: Read, head: int) -> bool:
+        """Whether `read` (of ragged records) would take the bytes held and in flight past
+        the budget; never for the read the consumer waits for (`head`: the first not yet
+        delivered), so that it always starts. A record weighs what the plan said, or what
+        they weighed so far if more."""
+        if self._budget is None or read.seq <= head:
+            return False
+        planned, limit = self._budget
+        seen_bytes, seen_records = self._seen
+        per_record = max(planned, seen_bytes / seen_records if seen_records else 0)
+        coming = sum(self._in_flight.values()) + read.count
+        return self._held + per_record * coming > limit
 
     async def _emit(self, batches: list[Batch]) -> None:
         for batch in batches:
@@ -357,6 +383,14 @@ class EpochIterator:
 
         def put(seq: int, offset: int, piece: Piece | Hole) -> None:
             buffer.put(seq, offset, piece.count, piece)
+            if self._budget is not None:
+                size = _nbytes(piece)
+                self._held += size
+                self.max_held_bytes = max(self.max_held_bytes, self._held)
+                self._seen[0] += size
+                self._seen[1] += piece.count
+                if seq in self._in_flight:
+                    self._in_flight[seq] -= piece.count
             self._ready.set()
 
         async def one(read: Read, started: asyncio.Event) -> None:
@@ -375,21 +409,40 @@ class EpochIterator:
             finally:
                 started.set()
                 slots.release()
+                if self._in_flight.pop(read.seq, None) is not None:
+                    self._progress.set()  # its bytes are all counted as held now
 
         for window in self.plan.windows:
             if window.take is not None:  # delivered only once all of its reads are in
                 buffer.widen(len(window.reads))
             for read in window.reads:
-                while not buffer.admits(read.seq):
+                while not buffer.admits(read.seq) or (
+                    window.take is None and self._over_budget(read, buffer.head)
+                ):
                     self._progress.clear()
                     await self._progress.wait()
                 await slots.acquire()
                 # Reads start one at a time, in plan order, each on a worker running fewer
                 # than its share of reads: the data needed first is asked for first.
                 buffer.expect(read.seq, read.count)
+                if self._budget is not None:
+                    self._in_flight[read.seq] = read.count
                 started = asyncio.Event()
                 tg.create_task(one(read, started))
                 await started.wait()
+
+
+def _nbytes(piece: Piece | Hole) -> int:
+    """Bytes a received piece holds (its arrays; a Ragged's values and offsets)."""
+    if isinstance(piece, Hole):
+        return 0
+    total = 0
+    for column in piece.arrays.values():
+        if isinstance(column, Ragged):
+            total += column.values.nbytes + column.offsets.nbytes
+        else:
+            total += getattr(column, "nbytes", 0)
+    return total
 
 
 def _shuffled(

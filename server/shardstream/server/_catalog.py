@@ -111,8 +111,8 @@ ProbeFn = Callable[
     Awaitable[tuple[FieldSpec, ...]],
 ]
 # Runs `sample_bytes` (ref, path, stamp, count, schema, shard id, pipeline) in a decoding
-# process.
-MeasureFn = Callable[..., Awaitable[int]]
+# process: (bytes, records) of the records that decode.
+MeasureFn = Callable[..., Awaitable[tuple[int, int]]]
 # The sample that sizes reads of a dataset with ragged fields: the first records of
 # shards spread over the dataset.
 SAMPLE_SHARDS = 8
@@ -304,25 +304,21 @@ async def _probe(
 async def measure_records(ds: Dataset, measure: MeasureFn) -> int:
     """A record's mean bytes in chunks (data and lengths), over the first
     `SAMPLE_RECORDS` records of up to `SAMPLE_SHARDS` shards spread over the dataset,
-    decoded as reads decode them (through the transforms, seed 0). A shard whose sample
-    does not decode is left out (its reads say why, or skip it); 0: nothing decoded."""
+    decoded as reads decode them (through the transforms, seed 0). Records that do not
+    decode are left out (their reads say why, or skip them); 0: nothing decoded."""
     full = [s for s in ds.shards if s.records]
     picks = {i * len(full) // SAMPLE_SHARDS for i in range(SAMPLE_SHARDS)} if full else set()
 
     async def one(s: Shard) -> tuple[int, int]:
         count = min(SAMPLE_RECORDS, s.records)
         try:
-            size = await measure(ds.decoder, s.path, s.stamp, count, ds.schema, s.id, ds.pipeline)
-        except DecodeError as exc:
-            log.info("dataset %r: shard %r left out of the sample of sizes: %s", ds.name, s.id, exc)
-            return 0, 0
+            return await measure(ds.decoder, s.path, s.stamp, count, ds.schema, s.id, ds.pipeline)
         except (OSError, ShardChanged) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise CatalogError(
                 f"dataset {ds.name!r}: cannot read records 0-{count - 1} of shard {s.id!r}, "
                 f"which size its reads: {why}"
             ) from None
-        return size, count
 
     sizes = await asyncio.gather(*(one(full[i]) for i in sorted(picks)))
     records = sum(n for _, n in sizes)

@@ -58,11 +58,24 @@ def sample_bytes(
     schema: tuple[FieldSpec, ...],
     shard_id: str,
     pipeline: Pipeline | None = None,
-) -> int:
-    """Bytes records [0, count) of a shard take in chunks (data and lengths), in all: a
-    sample that sizes a dataset's reads (`DatasetInfo.record_bytes`)."""
-    arrays = decode_checked(ref, path, stamp, 0, count, schema, shard_id, pipeline)
-    return int(record_sizes(arrays, schema, count).sum())
+) -> tuple[int, int]:
+    """(bytes, records) of records [0, count) of a shard in chunks (data and lengths): a
+    sample that sizes a dataset's reads (`DatasetInfo.record_bytes`). Where the range
+    does not decode, its records one by one, leaving out those that do not."""
+    try:
+        arrays = decode_checked(ref, path, stamp, 0, count, schema, shard_id, pipeline)
+        return int(record_sizes(arrays, schema, count).sum()), count
+    except DecodeError:
+        pass
+    total = records = 0
+    for i in range(count):
+        try:
+            arrays = decode_checked(ref, path, stamp, i, 1, schema, shard_id, pipeline)
+        except DecodeError:
+            continue
+        total += int(record_sizes(arrays, schema, 1).sum())
+        records += 1
+    return total, records
 
 
 def record_sizes(

@@ -332,7 +332,7 @@ class Worker:
                 executor, probe_pipeline, ref, path, schema, transforms, shard_id
             )
 
-        async def measure(*args: Any) -> int:
+        async def measure(*args: Any) -> tuple[int, int]:
             return await loop.run_in_executor(executor, sample_bytes, *args)
 
         t0 = time.perf_counter()
