@@ -733,7 +733,7 @@ def test_a_record_level_shuffle_window_is_held_at_most_twice(field: str, holes: 
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
         rebatcher = Rebatcher(64)
-        batches = _shuffled(rebatcher, pieces, take)
+        batches = list(_shuffled(rebatcher, pieces, take))
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()

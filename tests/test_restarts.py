@@ -208,3 +208,47 @@ async def test_a_worker_serving_other_names_is_left_out_not_the_epoch(
             excluded = [x.address for x in loader._pool.conns if x.excluded]  # type: ignore[union-attr]
     assert sorted(ids) == list(range(RECORDS))
     assert excluded == [a.address]
+
+
+async def test_epochs_that_ended_leave_only_their_statistics(data: Path) -> None:
+    """A loader kept every epoch's iterator for `statistics()`, with its plan and its
+    ledger (16 bytes a record): client memory grew by each epoch, +63 MB an epoch over 4M
+    records with a ledger, +1.9 MB an epoch of 20k shards without. An epoch's iterator
+    now goes once the next starts; its statistics stay."""
+    import gc
+    import weakref
+
+    async with Worker(worker_config(data)) as w, Loader([w.address], **OPTS) as loader:
+        first = loader.epoch(0)
+        n = sum([len(b["id"]) async for b in first])
+        gone = weakref.ref(first)
+        del first
+        second = loader.epoch(1)
+        async for _ in second:
+            break
+        gc.collect()
+        assert gone() is None
+        stats = loader.statistics().epochs
+        assert stats[0].records == n == RECORDS and stats[0].completed
+        assert not stats[1].completed
+        await second.aclose()
+
+
+async def test_a_description_larger_than_a_message_refuses_the_start(tmp_path: Path) -> None:
+    """45k shards with long ids: the worker said SERVING, but no DescribeDataset answer
+    could be sent ("Sent message larger than max"), and the loader's error advised
+    raising the loader's limit, which could not help. The worker now refuses to start,
+    naming --max-message-bytes and the size it needs."""
+    from shardstream.server._catalog import CatalogError
+
+    make_dataset(tmp_path, shards=2, records=4, shape=(1,))
+    (first,) = sorted(tmp_path.glob("*.npz"))[:1]
+    for i in range(400):  # 400 shards of ~200-byte ids: ~90 KB of description
+        (tmp_path / f"{'x' * 180}-{i:04d}.npz").write_bytes(first.read_bytes())
+    config = worker_config(tmp_path, max_message_bytes=64 * 1024, chunk_bytes=16 * 1024)
+    with pytest.raises(CatalogError, match=r"raise --max-message-bytes to at least \d+"):
+        async with Worker(config):
+            pass
+    async with Worker(dataclasses.replace(config, max_message_bytes=256 * 1024)) as w:
+        async with Loader([w.address], **OPTS) as loader:
+            assert len(loader.dataset.shards) == 402

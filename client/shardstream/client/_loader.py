@@ -104,7 +104,10 @@ class Loader:
         self._live: _Live | None = None
         self._fetch_counters = FetchCounters()
         self._past = EpochCounters()  # epochs before the current one
-        self._by_epoch: dict[int, EpochIterator] = {}  # the last iterator of each epoch
+        # each epoch's last iterator while it is the loader's current one, then only what
+        # `statistics()` reports of it (an iterator holds its plan and ledger: epochs after
+        # epochs would keep them all)
+        self._by_epoch: dict[int, EpochIterator | _Ended] = {}
         self._epochs_completed = 0
         self._started_at = 0.0
         self._state = "new"
@@ -393,6 +396,9 @@ class Loader:
         )
         self._check_sizes = False  # once per loader
         self._live = _Live(iterator, history)
+        for e, it in self._by_epoch.items():
+            if isinstance(it, EpochIterator):
+                self._by_epoch[e] = _Ended(it.counters, it.completed)
         self._by_epoch[epoch] = iterator
         return iterator
 
@@ -486,3 +492,11 @@ class Loader:
                 counts=tuple(total.wait_counts), seconds=total.batch_wait_seconds
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """What `statistics()` tells of an epoch that is no longer the loader's current one."""
+
+    counters: EpochCounters
+    completed: bool

@@ -16,7 +16,7 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,13 +342,13 @@ class EpochIterator:
                     if window.take is not None:
                         pieces.append(piece)
                     elif isinstance(piece, Hole):
-                        await self._emit(rebatcher.push_holes(piece.count))
+                        await self._emit(rebatcher.feed_holes(piece.count))
                     else:
-                        await self._emit(rebatcher.push(piece.arrays))
+                        await self._emit(rebatcher.feed(piece.arrays))
                 if window.take is not None:
                     shuffled = _shuffled(rebatcher, pieces, window.take)  # clears `pieces`
                     await self._emit(shuffled)
-            await self._emit(rebatcher.push_holes(self.plan.trailing_holes))
+            await self._emit(rebatcher.feed_holes(self.plan.trailing_holes))
             last = rebatcher.flush()
             if last is not None:
                 await self._emit([last])
@@ -366,7 +366,7 @@ class EpochIterator:
         coming = sum(self._in_flight.values()) + read.count
         return self._held + per_record * coming > limit
 
-    async def _emit(self, batches: list[Batch]) -> None:
+    async def _emit(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
             self._emitted += 1
             await self._queue.put(batch)
@@ -447,11 +447,11 @@ def _nbytes(piece: Piece | Hole) -> int:
 
 def _shuffled(
     rebatcher: Rebatcher, pieces: list[Piece | Hole], take: np.ndarray[Any, Any]
-) -> list[Batch]:
+) -> Iterator[Batch]:
     """Push a whole window's records in `take` order; skipped records stay holes."""
     data = [p for p in pieces if isinstance(p, Piece)]
     if not data:
-        return rebatcher.push_holes(len(take))
+        return rebatcher.feed_holes(len(take))
     arrays = {k: concat([p.arrays[k] for p in data]) for k in data[0].arrays}
     mask = None
     if len(data) != len(pieces):
@@ -463,4 +463,4 @@ def _shuffled(
     # its order, so a window is held twice only for that copy, and once while delivered.
     data.clear()
     pieces.clear()
-    return rebatcher.push({k: v[take] for k, v in arrays.items()}, mask)
+    return rebatcher.feed({k: v[take] for k, v in arrays.items()}, mask)

@@ -14,6 +14,7 @@ batches, never move.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,17 +69,29 @@ class Rebatcher:
 
     def push(self, piece: Batch, mask: Mask | None = None) -> list[Batch]:
         """Add a piece (with `mask`: its records fill the True slots); return completed batches."""
+        return list(self.feed(piece, mask))
+
+    def push_holes(self, n: int) -> list[Batch]:
+        """Add `n` slots whose records were skipped."""
+        return list(self.feed_holes(n))
+
+    def feed(self, piece: Batch, mask: Mask | None = None) -> Iterator[Batch]:
+        """`push`, the batches cut one at a time as they are asked for: a chunk of a
+        million 1-byte records at batch_size 1 is not a million batches held at once.
+        The piece is added at once; batches not asked for are cut by the next call."""
         rows = piece_len(piece)
         slots = rows if mask is None else len(mask)
         if mask is not None and int(mask.sum()) != rows:
             raise ValueError(f"mask marks {int(mask.sum())} records, the piece has {rows}")
         if self._empty is None and rows:
             self._empty = {k: v[:0] for k, v in piece.items()}
-        return self._add(_Part(piece if rows else None, mask, slots))
+        self._add(_Part(piece if rows else None, mask, slots))
+        return self._cuts()
 
-    def push_holes(self, n: int) -> list[Batch]:
-        """Add `n` slots whose records were skipped."""
-        return self._add(_Part(None, np.zeros(n, dtype=bool), n))
+    def feed_holes(self, n: int) -> Iterator[Batch]:
+        """`push_holes`, cut as asked for (see `feed`)."""
+        self._add(_Part(None, np.zeros(n, dtype=bool), n))
+        return self._cuts()
 
     def flush(self) -> Batch | None:
         """The last, partial batch, if any slots remain."""
@@ -86,15 +99,15 @@ class Rebatcher:
             return None
         return self._cut(self._buffered)
 
-    def _add(self, part: _Part) -> list[Batch]:
+    def _add(self, part: _Part) -> None:
         if part.slots == 0:
-            return []
+            return
         self._parts.append(part)
         self._buffered += part.slots
-        out = []
+
+    def _cuts(self) -> Iterator[Batch]:
         while self._buffered >= self._batch_size:
-            out.append(self._cut(self._batch_size))
-        return out
+            yield self._cut(self._batch_size)
 
     def _cut(self, size: int) -> Batch:
         taken: list[Batch] = []

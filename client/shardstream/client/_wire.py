@@ -423,7 +423,12 @@ def worker_error(exc: grpc.aio.AioRpcError, *, worker: str, dataset: str = "") -
     record = meta.get("shardstream-record")
     cls = _ERRORS.get(exc.code(), WorkerError)
     message = exc.details() or exc.code().name
-    if cls is MessageTooLargeError:
+    if cls is MessageTooLargeError and "Sent message larger" in message:
+        message += (
+            " (a message over the worker's own limit: raise the workers' "
+            "--max-message-bytes, and the loader's max_message_bytes with it)"
+        )
+    elif cls is MessageTooLargeError:
         message += (
             " (a message over a size limit, not a busy worker: raise the loader's "
             "max_message_bytes, or lower the workers' --chunk-bytes)"

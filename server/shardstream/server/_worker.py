@@ -28,7 +28,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shardstream.server._catalog import Indexed, build_catalog, index_shard, probe_pipeline
+from shardstream.server._catalog import (
+    Catalog,
+    CatalogError,
+    Indexed,
+    build_catalog,
+    index_shard,
+    probe_pipeline,
+)
 from shardstream.server._config import TransformSpec, WorkerConfig
 from shardstream.server._decoders import register_plugins
 from shardstream.server._decoding import process_init
@@ -47,7 +54,7 @@ from shardstream.server._shardcache import ShardDiskCache, open_cache
 from shardstream.server._shardcache import process_init as cached_process_init
 from shardstream.server._shm import ChunkBuffers
 from shardstream.server._watches import WatchGuard
-from shardstream.server._wire import SERVICE, service_handler
+from shardstream.server._wire import SERVICE, dataset_info, service_handler
 from shardstream.v1.codec import FieldSpec
 
 log = logging.getLogger("shardstream.worker")
@@ -134,6 +141,31 @@ def _fit_open_files(connections: int) -> int:
         fit,
     )
     return fit
+
+
+def _check_descriptions(catalog: Catalog, max_message_bytes: int) -> None:
+    """CatalogError for a dataset whose description (DescribeDataset's answer) is larger
+    than a message may carry: no client could learn it, though health says SERVING;
+    a warning where only the list of all of them is (`shardstream inspect` without a
+    dataset name)."""
+    total = 0
+    for ds in catalog.datasets.values():
+        size = dataset_info(ds).ByteSize()
+        total += size
+        if size > max_message_bytes:
+            raise CatalogError(
+                f"dataset {ds.name!r}: its description ({len(ds.shards)} shards and their "
+                f"ids) takes {size} bytes, more than a message may carry "
+                f"(--max-message-bytes {max_message_bytes}): raise --max-message-bytes to "
+                f"at least {size + 1024} (and the loaders' max_message_bytes with it), or "
+                "pack the data into fewer shards"
+            )
+    if total > max_message_bytes:
+        log.warning(
+            "the list of all datasets takes %d bytes, more than a message may carry "
+            "(--max-message-bytes %d): listing them fails; name one to describe it",
+            total, max_message_bytes,
+        )  # fmt: skip
 
 
 def _loopback(host: str) -> bool:
@@ -340,6 +372,7 @@ class Worker:
             catalog = await build_catalog(
                 cfg.data_root, cfg.datasets, index, cfg.max_message_bytes - 1024, probe, measure
             )
+            _check_descriptions(catalog, cfg.max_message_bytes)
         except BaseException:
             await self.aclose()
             raise
