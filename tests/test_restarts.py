@@ -63,6 +63,15 @@ def restarted_as(worker: Worker, other: Worker) -> None:
     worker._servicer.catalog = other._servicer.catalog
 
 
+async def epoch_after_a_restart(a: Worker, b: Worker, c: Worker) -> tuple[list[int], list[str]]:
+    """Epoch 0 from workers `a` and `b`, `a` serving what `c` serves from its start: the
+    ids delivered, and the addresses left out."""
+    async with Loader([a.address, b.address], **OPTS) as loader:
+        restarted_as(a, c)
+        ids = [int(i) for batch in [x async for x in loader.epoch(0)] for i in batch["id"]]
+        return ids, [x.address for x in loader._pool.conns if x.excluded]  # type: ignore[union-attr]
+
+
 async def test_a_worker_restarted_with_other_transforms_serves_no_read(data: Path) -> None:
     """Each read names the fingerprint of the description the plan was made from (it
     covers the transforms): a worker with another refuses it, and gets no more reads; the
@@ -102,10 +111,7 @@ async def test_a_worker_whose_data_changed_is_left_out_and_the_epoch_goes_on(
         Worker(worker_config(data)) as b,
         Worker(worker_config(other)) as c,
     ):
-        async with Loader([a.address, b.address], **OPTS) as loader:
-            restarted_as(a, c)
-            ids = [int(i) for batch in [b async for b in loader.epoch(0)] for i in batch["id"]]
-            excluded = [c.address for c in loader._pool.conns if c.excluded]  # type: ignore[union-attr]
+        ids, excluded = await epoch_after_a_restart(a, b, c)
         assert sorted(ids) == list(range(RECORDS))
         assert excluded == [a.address]
         async with Loader([b.address], **OPTS) as loader:
@@ -202,10 +208,7 @@ async def test_a_worker_serving_other_names_is_left_out_not_the_epoch(
         Worker(worker_config(data)) as b,
         Worker(worker_config(other, datasets=(f"{name}=*.npz",))) as c,
     ):
-        async with Loader([a.address, b.address], **OPTS) as loader:
-            restarted_as(a, c)
-            ids = [int(i) for batch in [x async for x in loader.epoch(0)] for i in batch["id"]]
-            excluded = [x.address for x in loader._pool.conns if x.excluded]  # type: ignore[union-attr]
+        ids, excluded = await epoch_after_a_restart(a, b, c)
     assert sorted(ids) == list(range(RECORDS))
     assert excluded == [a.address]
 
