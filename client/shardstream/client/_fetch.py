@@ -251,21 +251,16 @@ def _decide(
         _journal(options, conn, progress.shard, progress.position, outcome.why)
         if outcome.suspect:
             pool.suspect(conn)
-    elif isinstance(outcome, Violated):
+    elif isinstance(outcome, Violated) or isinstance(outcome.error, ShardChangedError):
+        # It broke the wire contract, or its data (or transforms) is not what the plan was
+        # made from (restarted over other data, a file changed under it): it gets no more
+        # reads, and the read goes on elsewhere; with no other worker, this is the error.
         progress.violation = outcome.error
         attempts[conn.address] = str(outcome.error)
         pool.exclude(conn, str(outcome.error), outcome.error)
         counters.count(conn.address)
-        _journal(options, conn, progress.shard, progress.position, "protocol error")
-    elif isinstance(outcome.error, ShardChangedError):
-        # This worker's data (or transforms) is not what the plan was made from: it was
-        # restarted over other data, or a file changed under it. It gets no more reads,
-        # and the read goes on elsewhere; with no other worker, this is the error.
-        progress.violation = outcome.error
-        attempts[conn.address] = str(outcome.error)
-        pool.exclude(conn, str(outcome.error), outcome.error)
-        counters.count(conn.address)
-        _journal(options, conn, progress.shard, progress.position, "data differs")
+        why = "protocol error" if isinstance(outcome, Violated) else "data differs"
+        _journal(options, conn, progress.shard, progress.position, why)
     elif not _skip(outcome.error, progress, options, counters):
         raise outcome.error
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from shardstream._common.malloc import tune_malloc
 from shardstream.server._decoders import DecodeError, Decoder, check_arrays, load_decoder
-from shardstream.server._files import ShardPath, Stamp, shard_stat
+from shardstream.server._files import GONE, ShardPath, Stamp, shard_stat
 from shardstream.server._pipelines import Pipeline, run_pipeline
 from shardstream.server._shm import BlockHandle, attach, slot
 from shardstream.server._wire import encode_chunk, layout_chunk_into
@@ -158,7 +158,7 @@ def check_unchanged(path: ShardPath, stamp: Stamp) -> None:
     """Refuse a shard that is not the one indexed (size, mtime or checksum differ)."""
     try:
         now = shard_stat(path)
-    except (FileNotFoundError, NotADirectoryError) as exc:  # gone: another I/O error may pass
+    except GONE as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise ShardChanged(f"the shard cannot be opened any more: {why}") from None
     if now != stamp:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstream.server._decoding import decoder
-from shardstream.server._files import ShardPath, Stamp, stat_stamp
+from shardstream.server._files import GONE, ShardPath, Stamp, stat_stamp
 from shardstream.server._wire import Region, fixed_layout, layout_size
 from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
@@ -155,7 +155,7 @@ def _opened(path: os.PathLike[str], stamp: Stamp) -> Iterator[int]:
     """The shard's file, open, and the very file that was indexed (ShardChanged if not)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError) as exc:  # gone; EMFILE, EIO... may pass
+    except GONE as exc:
         raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
     try:
         if stat_stamp(os.fstat(fd)) != stamp:
@@ -181,7 +181,7 @@ def _plan(
         ranges = decoder(ref).byte_ranges(
             path if isinstance(path, Path) else Path(path), start, count
         )
-    except (FileNotFoundError, NotADirectoryError) as exc:  # gone after the open
+    except GONE as exc:  # gone after the open
         raise ShardChanged(f"the shard cannot be opened any more: {_why(exc)}") from None
     if ranges is None or set(ranges) != {f.name for f in schema}:
         return None

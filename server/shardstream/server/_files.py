@@ -32,6 +32,7 @@ from typing import IO, Any, Generic, TypeVar
 
 __all__ = [
     "FSSPEC_HINT",
+    "GONE",
     "ShardCache",
     "ShardPath",
     "Stamp",
@@ -49,6 +50,9 @@ __all__ = [
 ShardPath = Path | str  # Path: a local file; str: the URL of a file under an fsspec data root
 # (size, mtime_ns, ctime_ns, inode) locally; (size, mtime_ns or checksum) for URLs
 Stamp = tuple[int, int, int, int] | tuple[int, int | str]
+# Errors that say a shard file is gone (a changed shard); any other OSError may pass (EIO,
+# EMFILE, a store's timeout): the read is tried again.
+GONE = (FileNotFoundError, NotADirectoryError)
 
 FSSPEC_HINT = "pip install 'shardstream[fsspec]'"
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
