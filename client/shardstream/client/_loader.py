@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import logging
+import os
+import sys
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,6 +120,11 @@ class Loader:
         self._pending_state = state
         self._override = override_state_checks
         self._check_sizes = True  # warn if ragged records are far larger than the plan guessed
+        # Where it was started: its tasks and connections belong to that loop and process.
+        self._home: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._iterators: weakref.WeakSet[EpochIterator] = weakref.WeakSet()
+        self._dropped: weakref.finalize[Any, Loader] | None = None
+        self._closers: list[Callable[[], None]] = []  # `on_close`
 
     # lifecycle -------------------------------------------------------------
 
@@ -129,10 +139,17 @@ class Loader:
         if self._state != "new":
             raise RuntimeError(f"Loader.start() on a loader that is {self._state}")
         self._state = "starting"
+        loop, pid = self._home = asyncio.get_running_loop(), os.getpid()
         cfg = self.config
         if cfg.tune_malloc:
             tune_malloc()  # once per process is enough; repeating it is harmless
         self._pool = WorkerPool(self.addresses, cfg.pool_options())
+        # Dropped without aclose(): its loop closes its tasks and connections (which
+        # reference none of it: the loader itself is what becomes garbage).
+        self._dropped = weakref.finalize(
+            self, _close_dropped, loop, pid, self._tasks, self._pool, self._iterators
+        )
+        self._dropped.atexit = False
         try:
             await self._tasks.__aenter__()
             self._desc = await self._pool.start()
@@ -147,11 +164,25 @@ class Loader:
         self._state = "open"
         self._started_at = time.monotonic()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose()` ran (also after a failed start): a loader opens once."""
+        return self._state == "closed"
+
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Call `close` when the loader closes (what serves its figures, say)."""
+        self._closers.append(close)
+
     async def aclose(self) -> None:
         """Cancel running reads and close connections (idempotent)."""
         if self._state == "closed":
             return
         self._state = "closed"
+        if self._dropped is not None:
+            self._dropped.detach()
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
         try:
             if self._current is not None:
                 old = self._current.plan.epoch
@@ -159,24 +190,11 @@ class Loader:
             await self._tasks.aclose()
         finally:
             if self._pool is not None:
-                try:
-                    await self._pool.aclose()
-                finally:
-                    for conn in self._pool.conns:
-                        conn.release()
-                    self._unmap_lanes()
+                await _close_pool(self._pool)
 
-    def _unmap_lanes(self) -> None:
-        """Unmap the closed lanes that chunks still view only from the cancelled reads'
-        frames (reference cycles): a worker counts a lane's memory against its budget for
-        as long as a client maps it, which would otherwise last until a collection ran.
-        Batches the caller still holds keep theirs mapped."""
-        assert self._pool is not None
-        lanes = [c.lane for c in self._pool.conns if c.lane is not None and c.lane.mapped]
-        if lanes:
-            gc.collect()
-            for lane in lanes:
-                lane.close()
+    def _check_home(self) -> None:
+        if self._home is not None:
+            _check_home(*self._home)
 
     async def __aenter__(self) -> Loader:
         await self.start()
@@ -349,7 +367,8 @@ class Loader:
         the previous one if it is still running."""
         if self._state != "open":
             raise RuntimeError(f"Loader.epoch() on a loader that is {self._state}")
-        assert self._pool is not None
+        assert self._pool is not None and self._home is not None
+        self._check_home()
         self._supersede(
             f"was superseded by loader.epoch({epoch}): an epoch can only be iterated until "
             "the next one starts",
@@ -381,7 +400,8 @@ class Loader:
                 fingerprint=self.dataset.fingerprint,
             ),
             options=cfg.pipeline_options(),
-            spawn=self._spawn,
+            spawn=self._tasks.spawn,  # (nothing the epoch's tasks hold leads to the loader)
+            guard=functools.partial(_check_home, *self._home),
             counters=self._fetch_counters,
             empty=empty_batch(self.schema),
             ledger=ledger,
@@ -400,6 +420,7 @@ class Loader:
             if isinstance(it, EpochIterator):
                 self._by_epoch[e] = _Ended(it.counters, it.completed)
         self._by_epoch[epoch] = iterator
+        self._iterators.add(iterator)
         return iterator
 
     def _ledger_header(self, plan: RankPlan) -> dict[str, Any]:
@@ -500,3 +521,84 @@ class _Ended:
 
     counters: EpochCounters
     completed: bool
+
+
+def _check_home(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """RuntimeError unless called in process `pid` and, if on an event loop, on `loop`:
+    where a loader started, its connections and tasks are (elsewhere its epochs hang)."""
+    if os.getpid() != pid:
+        raise RuntimeError(
+            f"this Loader was started in process {pid}; a forked child ({os.getpid()}) "
+            "cannot use it, as its connections and tasks stay in the parent (nor open "
+            "another: grpc.aio does not survive a fork). Start such processes with the "
+            "spawn method, and open a loader there"
+        )
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:  # a plain call (`epoch()`); iterating it is checked on the loop
+        return
+    if running is not loop:
+        raise RuntimeError(
+            "this Loader was started on another event loop, where its connections and "
+            "tasks run: use it on that loop only (one asyncio.run() around every epoch), "
+            "or use a SyncLoader, which runs its own loop in a thread"
+        )
+
+
+async def _close_pool(pool: WorkerPool) -> None:
+    """Close a loader's connections and lanes."""
+    try:
+        await pool.aclose()
+    finally:
+        for conn in pool.conns:
+            conn.release()
+        # Unmap the closed lanes that chunks still view only from the cancelled reads'
+        # frames (reference cycles): a worker counts a lane's memory against its budget
+        # for as long as a client maps it, which would otherwise last until a collection
+        # ran. Batches the caller still holds keep theirs mapped.
+        lanes = [c.lane for c in pool.conns if c.lane is not None and c.lane.mapped]
+        if lanes:
+            gc.collect()
+            for lane in lanes:
+                lane.close()
+
+
+_closing: set[asyncio.Task[None]] = set()  # dropped loaders being closed (tasks held)
+
+
+def _close_dropped(
+    loop: asyncio.AbstractEventLoop,
+    pid: int,
+    tasks: TaskScope,
+    pool: WorkerPool,
+    iterators: weakref.WeakSet[EpochIterator],
+) -> None:
+    """A Loader that became garbage while open: its loop ends its epochs (an iterator the
+    caller still holds raises RuntimeError), tasks and connections, which otherwise ran
+    for as long as the loop did. Nothing waits here: a finalizer runs on whichever
+    thread collects."""
+    if os.getpid() != pid or loop.is_closed() or sys.is_finalizing():
+        return
+    log.warning(
+        "a Loader was garbage-collected while open: closing its reads and connections; "
+        "close loaders with `async with Loader(...)` or `await loader.aclose()`"
+    )
+
+    async def shut() -> None:
+        for iterator in list(iterators):
+            iterator.abandon(
+                "its Loader was garbage-collected while open: keep a reference to the "
+                "loader for as long as its epochs are iterated"
+            )
+        try:
+            await tasks.aclose()
+        finally:
+            await _close_pool(pool)
+
+    def start() -> None:
+        task = loop.create_task(shut())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(start)

@@ -114,6 +114,7 @@ class EpochIterator:
         fetch_options: FetchOptions,
         options: PipelineOptions,
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        guard: Callable[[], None] | None = None,
         counters: FetchCounters,
         empty: Batch,
         ledger: LedgerWriter | None = None,
@@ -148,7 +149,12 @@ class EpochIterator:
             options.prefetch_batches
         )
         self._spawn = spawn
+        self._guard = guard  # raises where the epoch cannot be iterated (another loop...)
         self._task: asyncio.Task[None] | None = None
+        # The consumer's wait for the next item, kept when the consumer is cancelled while
+        # waiting (`asyncio.wait_for(it.__anext__(), t)`): the item it takes is the next
+        # call's, never lost.
+        self._getter: asyncio.Future[Batch | EndOfEpoch | Failure] | None = None
         self._finished = False
         self.completed = False  # iterated to its end
         self._abandoned: str | None = None  # why it can no longer be iterated
@@ -169,6 +175,8 @@ class EpochIterator:
         return self
 
     async def __anext__(self) -> Batch:
+        if self._guard is not None:
+            self._guard()
         if self._abandoned is not None:
             raise RuntimeError(self._abandoned)
         if self._finished:
@@ -230,25 +238,26 @@ class EpochIterator:
         )  # fmt: skip
 
     async def _next_item(self) -> Batch | EndOfEpoch | Failure:
-        """The next queue item; while none comes, a warning every `lag_warning` seconds."""
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        getter = asyncio.ensure_future(self._queue.get())
+        """The next queue item; while none comes, a warning every `lag_warning` seconds.
+        A caller cancelled while waiting leaves the wait to the next call, with whatever
+        item it has taken meanwhile."""
+        getter = self._getter
+        if getter is None:
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            getter = self._getter = asyncio.ensure_future(self._queue.get())
         waited = 0.0
-        try:
-            while True:
-                if await wait_done(getter, self._lag_warning):
-                    return getter.result()
-                waited += self._lag_warning
-                running = {a: n for a, n in self._pool.in_flight().items() if n}
-                log.warning(
-                    "data input is slow: no batch for %.3g s (epoch %d, after batch %d of %d; "
-                    "reads running %s; %d chunks wait in the reorder buffer; %d resumed so far)",
-                    waited, self.plan.epoch, self.counters.batches, self.plan.batches,
-                    running or "none", self._depth, self._fetch_counters.resumes,
-                )  # fmt: skip
-        finally:
-            getter.cancel()
+        while not await wait_done(getter, self._lag_warning):
+            waited += self._lag_warning
+            running = {a: n for a, n in self._pool.in_flight().items() if n}
+            log.warning(
+                "data input is slow: no batch for %.3g s (epoch %d, after batch %d of %d; "
+                "reads running %s; %d chunks wait in the reorder buffer; %d resumed so far)",
+                waited, self.plan.epoch, self.counters.batches, self.plan.batches,
+                running or "none", self._depth, self._fetch_counters.resumes,
+            )  # fmt: skip
+        self._getter = None
+        return getter.result()
 
     def _close_ledger(self) -> None:
         if self._ledger is not None:
@@ -282,6 +291,7 @@ class EpochIterator:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(END)  # the wake-up; never taken as the epoch's end
+        # (a wait left by a cancelled consumer takes it, and ends)
         return task
 
     async def _run(self) -> None:

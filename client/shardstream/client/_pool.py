@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from shardstream.client._agreement import Describing, agree, verify
 from shardstream.client._health import suspect, watch_health
 from shardstream.client._lanes import open_lane
-from shardstream.client._resolve import DNS_PREFIX, follow_names, resolve_all
+from shardstream.client._resolve import DNS_PREFIX, follow_names, resolve_all, split_host_port
 from shardstream.client._security import CallMetadata, ClientSecurity, secure_channel
 from shardstream.client._tasks import TaskScope
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 from shardstream.client._workers import Conn
-from shardstream.client.errors import WorkerError, WorkersUnavailableError
+from shardstream.client.errors import ConfigError, WorkerError, WorkersUnavailableError
 
 log = logging.getLogger("shardstream.client")
+
+RETIRE_AFTER = 2  # complete resolutions in a row without a worker's address: it is gone
 
 __all__ = ["Conn", "PoolOptions", "WorkerPool"]
 
@@ -78,33 +80,68 @@ class WorkerPool:
         # the last worker's that broke the contract, or whose data differs from the plan's
         self.violation: WorkerError | None = None
         self._scope = TaskScope("worker pool")
+        self._watches: dict[str, asyncio.Task[None]] = {}  # each worker's health watch
+        # Workers whose address the last `n` complete resolutions of the names lacked.
+        self._absent: dict[str, int] = {}
 
     # lifecycle -------------------------------------------------------------
 
     async def start(self) -> DatasetDesc:
         """Describe the dataset on every worker; refuse if those that answer disagree."""
         await self._scope.__aenter__()
-        addresses, unresolved = await resolve_all(self.targets)
+        addresses, unresolved = await self._resolve_first()
         if not addresses:
-            raise WorkersUnavailableError("no worker address could be resolved", unresolved)
+            raise WorkersUnavailableError(
+                f"no worker address could be resolved within {self.options.describe_timeout}s",
+                unresolved,
+            )
         for address in addresses:
             self._add(address)
         self.desc = await agree(self.conns, self._describing, unresolved)
         for conn in self.conns:
             conn.serving = conn.verified
-            self._scope.spawn(self._watch(conn))
+            self._watches[conn.address] = self._scope.spawn(self._watch(conn))
         if self.options.same_host_lane:  # quick either way: a local socket, or none
             await asyncio.gather(*(self._open_lane(c) for c in self.conns if c.verified))
         if any(t.startswith(DNS_PREFIX) for t in self.targets):
             interval = self.options.resolve_interval
-            self._scope.spawn(follow_names(self.targets, interval, self._joined))
+            self._scope.spawn(follow_names(self.targets, interval, self._resolved))
         return self.desc
+
+    async def _resolve_first(self) -> tuple[list[str], dict[str, str]]:
+        """The targets' addresses. While none resolves (a headless service before its
+        first pod is ready has no address: NXDOMAIN), resolve again with backoff, until
+        `describe_timeout`, as for workers that refuse connections."""
+        for target in self.targets:
+            if target.startswith(DNS_PREFIX):
+                try:
+                    split_host_port(target)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.describe_timeout
+        delay, warned = self.options.backoff_base, False
+        while True:
+            addresses, unresolved = await resolve_all(self.targets)
+            left = deadline - loop.time()
+            if addresses or left <= 0:
+                return addresses, unresolved
+            if not warned:
+                warned = True
+                log.warning(
+                    "no worker address resolves yet (%s); resolving again for up to %.3g s",
+                    "; ".join(f"{t}: {e}" for t, e in unresolved.items()),
+                    left,
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, max(self.options.backoff_cap, self.options.backoff_base))
 
     async def aclose(self) -> None:
         """Stop watching and close every channel and lane (idempotent)."""
         try:
             await self._scope.aclose()
         finally:
+            self._watches.clear()  # ended tasks: their tracebacks hold calls and channels
             for conn in self.conns:
                 if conn.lane is not None:
                     conn.lane.close()
@@ -137,6 +174,41 @@ class WorkerPool:
         self.conns.append(conn)
         return conn
 
+    def _resolved(self, addresses: list[str], complete: bool) -> None:
+        """The names resolved again: workers new to them join; one whose address
+        `RETIRE_AFTER` complete resolutions in a row lacked (a replaced pod, a scaled-down
+        replica) is let go once it runs no read: its connections, health watch and lane
+        would otherwise stay for the loader's life, one set per address ever seen."""
+        for address in addresses:
+            self._joined(address)
+        if not complete:  # a name that did not resolve this time says nothing of its workers
+            return
+        found = set(addresses)
+        for conn in list(self.conns):
+            if conn.address in found:
+                self._absent.pop(conn.address, None)
+                continue
+            absent = self._absent[conn.address] = self._absent.get(conn.address, 0) + 1
+            if absent >= RETIRE_AFTER and conn.outstanding == 0:
+                self._retire(conn)
+
+    def _retire(self, conn: Conn) -> None:
+        log.info("worker %s no longer resolves from its name: closing its connection", conn.address)
+        self.conns.remove(conn)
+        self._absent.pop(conn.address, None)
+        watch = self._watches.pop(conn.address, None)
+        if watch is not None:
+            watch.cancel()
+        if conn.lane is not None:
+            conn.lane.close("its worker's address is gone")
+        channels = conn.channels()
+        conn.release()
+
+        async def close() -> None:
+            await asyncio.gather(*(ch.close() for ch in channels))
+
+        self._scope.spawn(close())
+
     def _joined(self, address: str) -> None:
         """A worker that a dns: name resolves to since the start: checked before reads."""
         if any(c.address == address for c in self.conns):
@@ -144,7 +216,7 @@ class WorkerPool:
         log.info("worker %s joined; checking it before it gets reads", address)
         conn = self._add(address)
         conn.serving = False
-        self._scope.spawn(self._watch(conn))
+        self._watches[address] = self._scope.spawn(self._watch(conn))
         if self.options.same_host_lane:
             self._scope.spawn(self._open_lane(conn))
 

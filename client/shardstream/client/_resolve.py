@@ -1,7 +1,8 @@
 """Worker targets: plain `host:port` addresses, or `dns:///name:port` names that
 stand for every address the name resolves to (a compose service with replicas,
 a Kubernetes headless service). Names are resolved at start and again every
-`interval` seconds, so workers that join later get reads too."""
+`interval` seconds, so workers that join later get reads too, and those whose
+address is gone (a replaced pod) are let go."""
 
 from __future__ import annotations
 
@@ -61,14 +62,14 @@ async def resolve_all(targets: Sequence[str]) -> tuple[list[str], dict[str, str]
 
 
 async def follow_names(
-    targets: Sequence[str], interval: float, on_address: Callable[[str], None]
+    targets: Sequence[str], interval: float, on_addresses: Callable[[list[str], bool], None]
 ) -> None:
-    """Every `interval` seconds, resolve `targets` again and call `on_address` with each
-    address found (the caller ignores those it knows); runs until cancelled."""
+    """Every `interval` seconds, resolve `targets` again and call `on_addresses` with the
+    addresses found and whether every target resolved (only then is an address missing
+    from them gone); runs until cancelled."""
     while True:
         await asyncio.sleep(interval)
         addresses, errors = await resolve_all(targets)
         for target, error in errors.items():
             log.warning("%s: %s", target, error)
-        for address in addresses:
-            on_address(address)
+        on_addresses(addresses, not errors)

@@ -81,6 +81,7 @@ class SyncLoader:
                 coro.close()
                 if self._closing:
                     raise _Closed("the SyncLoader is being closed")
+                self._refuse_closed()
                 raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
             fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
@@ -88,10 +89,18 @@ class SyncLoader:
         except CancelledError:  # `close` cancelled it with every task of its loop
             raise _Closed("the SyncLoader was closed") from None
 
+    def _refuse_closed(self) -> None:
+        if self._loader.closed:
+            raise RuntimeError(
+                "this SyncLoader is closed (or failed to open), and cannot be opened again: "
+                "create a new SyncLoader"
+            )
+
     def open(self) -> None:
         if self._loop is not None:
             self._check_process()
             raise RuntimeError("the SyncLoader is already open")
+        self._refuse_closed()
         self._closing = False
         self._pid = os.getpid()
         loop = self._loop = new_event_loop()
@@ -229,6 +238,7 @@ class SyncLoader:
         """
         loop = self._loop
         if loop is None:
+            self._refuse_closed()
             raise RuntimeError("the SyncLoader is not open; use `with SyncLoader(...)`")
         self._check_process()
         handoff = _Handoff(loop, HANDOFF_BATCHES)
