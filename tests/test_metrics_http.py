@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +21,8 @@ import pytest
 
 from shardstream._common.metricshttp import DEFAULT_MAX_CONNECTIONS, MetricsServer
 from shardstream.server._process import WorkerProcess
+
+from conftest import worker_processes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -153,3 +156,90 @@ def test_a_new_connection_takes_the_place_of_the_oldest_idle_one() -> None:
             assert not closed_by_peer(second)
     finally:
         server.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs the IPv6 loopback address")
+def test_a_bracketed_ipv6_host_serves_metrics_there(npz_root: Path) -> None:
+    """`--host [::1]` (the form gRPC addresses and URLs take): the metrics listen on ::1
+    and the log gives their URL with the brackets (before: the worker did not start,
+    "Name or service not known")."""
+    pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
+    args = ["--data-root", str(npz_root), "--dataset", "train=*.npz", "--processes", "0",
+            "--host", "[::1]", "--metrics-port", "0"]  # fmt: skip
+    with WorkerProcess.start(args) as w:
+        line = next(line for line in w.log if "metrics on http://" in line)
+        match = re.search(r"metrics on http://\[::1\]:(\d+)/metrics$", line)
+        assert match is not None, line
+        url = f"http://[::1]:{match.group(1)}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.status == 200 and b"shardstream_decoding_processes" in reply.read()
+        assert w.terminate() == 0
+
+
+def test_a_metrics_port_that_cannot_be_had_names_the_option_and_the_host() -> None:
+    pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
+    from shardstream.server._metrics import WorkerMetrics
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        metrics = WorkerMetrics()
+        with pytest.raises(OSError, match=rf"--host 127\.0\.0\.1 --metrics-port {port}: .*in use"):
+            metrics.enable("127.0.0.1", port)
+        metrics.close()
+    metrics = WorkerMetrics()
+    with pytest.raises(OSError, match=r"--host no-such-host\.invalid --metrics-port 0: "):
+        metrics.enable("no-such-host.invalid", 0)
+    metrics.close()
+
+
+def test_a_host_name_listens_on_its_first_address_and_says_which(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
+    from shardstream.server._metrics import WorkerMetrics
+
+    first = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    expected = str(first[0][4][0])
+    metrics = WorkerMetrics()
+    with caplog.at_level("INFO", logger="shardstream.worker"):
+        port = metrics.enable("localhost", 0)
+    try:
+        shown = f"[{expected}]" if ":" in expected else expected
+        assert f"metrics on http://localhost:{port}/metrics (listening on {shown})" in caplog.text
+        host = shown.strip("[]")
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.0 200 ")
+    finally:
+        metrics.close()
+
+
+def test_a_loaders_metrics_endpoint_closes_with_the_loader(npz_root: Path) -> None:
+    """`serve_metrics` could not be stopped: each call left a thread and its sockets,
+    serving a closed loader's figures for the life of the process."""
+    from shardstream.client import SyncLoader
+    from shardstream.client.metrics import serve_metrics
+
+    with worker_processes(npz_root, 1) as (worker,):
+        threads = 0
+        for n in range(4):
+            if n == 1:  # after the first: what any loader leaves in a process (grpc's own)
+                threads = threading.active_count()
+            with SyncLoader(worker.address, dataset="train", batch_size=64) as loader:
+                port = serve_metrics(loader)
+                status, body = scrape(port)
+                assert status == 200 and b"shardstream_client" in body
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        assert threading.active_count() == threads
+        with pytest.raises(RuntimeError, match="closed"):
+            serve_metrics(loader)

@@ -17,6 +17,7 @@ from typing import Any
 
 from shardstream._common.metricshttp import MetricsServer
 from shardstream.client._loader import Loader
+from shardstream.client._sync import SyncLoader
 
 __all__ = ["serve_metrics"]
 
@@ -75,8 +76,13 @@ class _LoaderCollector:
         yield wait
 
 
-def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> int:
-    """Serve the loader's statistics over HTTP for Prometheus; returns the port."""
+def serve_metrics(loader: Loader | SyncLoader, *, port: int = 0, host: str = "127.0.0.1") -> int:
+    """Serve the loader's statistics over HTTP for Prometheus until the loader closes;
+    returns the port."""
+    if isinstance(loader, SyncLoader):
+        loader = loader._loader  # its figures are the Loader's it runs
+    if loader.closed:
+        raise RuntimeError("serve_metrics() on a loader that is closed: nothing to serve")
     try:
         import prometheus_client as prom
     except ImportError:
@@ -87,8 +93,10 @@ def serve_metrics(loader: Loader, *, port: int = 0, host: str = "127.0.0.1") -> 
     labels = {"dataset": loader.config.dataset, "rank": str(loader.config.rank)}
     registry.register(_LoaderCollector(loader, labels))
     # GET /metrics on one thread, a bounded number of connections, each closed after a
-    # few seconds (`MetricsServer`), for as long as the process runs.
+    # few seconds (`MetricsServer`), for as long as the loader is open.
     server = MetricsServer(
         lambda: (prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST), host=host, port=port
     )
-    return server.start()
+    bound = server.start()
+    loader.on_close(server.close)
+    return bound

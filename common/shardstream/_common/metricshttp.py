@@ -1,7 +1,7 @@
 """A small, bounded HTTP server for Prometheus scrapes: `GET /metrics`, nothing else.
 
     server = MetricsServer(render, host="127.0.0.1", port=0)  # render() -> (body, type)
-    port = server.start()
+    port = server.start()  # OSError if it cannot listen there
     ...
     server.close()
 
@@ -18,6 +18,10 @@ bound. Here one thread serves every connection (non-blocking sockets, `selectors
   per connection (HTTP/1.0 style, `Connection: close`);
 - `GET /metrics` (any query string) gets `render()`'s body; any other path 404,
   any other method 405. `render()` runs on the serving thread, one scrape at a time.
+
+It listens on the first address `host` resolves to (an IPv6 address may come in
+brackets, "[::1]", as in a URL): "localhost" is 127.0.0.1 or ::1, not both; `address`
+says which.
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ class MetricsServer:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         self._render = render
-        self._host, self._port = host, port
+        # "[::1]" (as a URL or a gRPC address writes it) is the address ::1.
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self._host, self._port = bare, port
         self._max = max_connections
         self._timeout = timeout
         self._conns: dict[socket.socket, _Conn] = {}
@@ -76,25 +82,30 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.port = 0
+        self.address = ""  # the address listened on, once started (e.g. "127.0.0.1", "::1")
 
     def start(self) -> int:
-        """Listen and serve; returns the port (the one picked when `port` was 0)."""
-        family, kind, proto, _, address = socket.getaddrinfo(
-            self._host or None, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        listener = socket.socket(family, kind, proto)
+        """Listen and serve; returns the port (the one picked when `port` was 0). OSError
+        (`socket.gaierror` for a host that does not resolve) if it cannot listen there."""
+        listener = None
         try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self._host or None, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            listener = socket.socket(family, kind, proto)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(address)
             listener.listen(64)
             listener.setblocking(False)
         except BaseException:
-            listener.close()
+            if listener is not None:
+                listener.close()
             self._closed = True
             self._release()
             raise
         self._listener = listener
-        self.port = int(listener.getsockname()[1])
+        name = listener.getsockname()
+        self.address, self.port = str(name[0]), int(name[1])
         self._selector.register(listener, selectors.EVENT_READ)
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)

@@ -3,18 +3,31 @@
 shardstream_streams_active{dataset}           read streams running now
 shardstream_streams_stalled                   streams ended for a client that reads nothing,
                                               whose last chunk gRPC still holds
-shardstream_records_sent_total{dataset}       records streamed
-shardstream_bytes_sent_total{dataset}         chunk bytes streamed
-shardstream_chunk_seconds{dataset}            histogram: decode + serialize one chunk,
-                                              including the wait for a decoding process
-shardstream_stream_errors_total{code}         streams refused or failed, by gRPC status
+shardstream_records_sent_total{dataset}       records handed to gRPC to send (or put in a
+                                              client's same-host lane), counted as each chunk
+                                              is: a stalled stream's last chunk counts, though
+                                              its client may never read it
+shardstream_bytes_sent_total{dataset}         the same records' data: their tensors' bytes (and
+                                              ragged fields' lengths, 8 bytes a record each),
+                                              on the socket and through a lane alike; no
+                                              message headers nor padding
+shardstream_chunk_seconds{dataset}            histogram: one decoding job, from its submission
+                                              to its result (decode + serialize, with the wait
+                                              for a decoding process or a slot), not the wait
+                                              for the client to take it; one observation a
+                                              chunk, but a job of a dataset with ragged fields
+                                              is observed once for all the chunks cut from it
+shardstream_stream_errors_total{code}         streams refused or failed, by gRPC status; a
+                                              stalled stream (UNAVAILABLE) counts when it stalls
 shardstream_streams_drained_total             streams ended early by a drain
 shardstream_decoding_processes                decoding processes (0: --processes 0, threads)
 shardstream_decoding_utilization              share of their time the decoding processes were
                                               busy, 0..1, over the last 10 s or more (since
-                                              the newest earlier scrape at least that old):
-                                              the per-worker scaling signal (chunks read
-                                              directly, `_direct`, use no decoding process)
+                                              the newest earlier scrape at least that old, of
+                                              those kept: one a 0.1 s, so that no scrape rate
+                                              shortens the span): the per-worker scaling signal
+                                              (chunks read directly, `_direct`, use no
+                                              decoding process)
 shardstream_decoding_busy_seconds_total       their busy seconds, all added: rate() / processes
                                               is the same share over any PromQL range
 shardstream_shard_cache_hits_total            shard opens served from the shard cache's local
@@ -30,7 +43,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -40,6 +53,9 @@ from shardstream.server._pool import DecodingPool
 log = logging.getLogger("shardstream.worker")
 
 UTILIZATION_WINDOW = 10.0  # seconds: the shortest span `shardstream_decoding_utilization` covers
+# Seconds between the busy readings kept for it: scrapes closer than this to the last kept
+# reading are answered but not kept, so at most WINDOW / RESOLUTION + 2 are, at any rate.
+UTILIZATION_RESOLUTION = 0.1
 
 
 class WorkerMetrics:
@@ -74,16 +90,22 @@ class WorkerMetrics:
             "stalled": prom.Gauge("shardstream_streams_stalled",
                                   "streams whose client reads nothing, not yet left by it",
                                   registry=registry),
-            "records": prom.Counter("shardstream_records_sent", "records streamed",
+            "records": prom.Counter("shardstream_records_sent",
+                                    "records handed to gRPC to send (or put in a lane)",
                                     ["dataset"], registry=registry),
-            "bytes": prom.Counter("shardstream_bytes_sent", "chunk bytes streamed",
+            "bytes": prom.Counter("shardstream_bytes_sent",
+                                  "data bytes of those records (tensor data and ragged lengths, "
+                                  "no message headers nor padding), socket and lane alike",
                                   ["dataset"], registry=registry),
             "seconds": prom.Histogram(
-                "shardstream_chunk_seconds", "decode + serialize one chunk, with queueing",
+                "shardstream_chunk_seconds",
+                "one chunk's decoding job, submitted to done (decode + serialize, with "
+                "queueing; not the wait on the client); ragged: one per job of chunks",
                 ["dataset"], registry=registry,
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             ),
-            "errors": prom.Counter("shardstream_stream_errors", "streams refused or failed",
+            "errors": prom.Counter("shardstream_stream_errors",
+                                   "streams refused or failed (a stall: when it happens)",
                                    ["code"], registry=registry),
             "drained": prom.Counter("shardstream_streams_drained",
                                     "streams ended early by a drain", registry=registry),
@@ -93,9 +115,20 @@ class WorkerMetrics:
         self._server = MetricsServer(
             lambda: (prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST), host=host, port=port
         )
-        bound = self._server.start()
+        shown = url_host(host)
+        try:
+            bound = self._server.start()
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise OSError(
+                f"cannot serve metrics on --host {shown} --metrics-port {port}: {why}; "
+                "pick another --metrics-port (0: any free one) or --host"
+            ) from exc
         self._on = True
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        # It listens on the first address the host resolves to (localhost: 127.0.0.1, say).
+        address = self._server.address
+        listening = "" if address == bare_host(host) else f" (listening on {url_host(address)})"
+        log.info("metrics on http://%s:%d/metrics%s", shown, bound, listening)
         return bound
 
     def stream(self, dataset: str, delta: int) -> None:
@@ -106,10 +139,15 @@ class WorkerMetrics:
         if self._on:
             self._m["stalled"].inc(delta)
 
-    def chunk(self, dataset: str, records: int, nbytes: int, seconds: float) -> None:
+    def chunk(self, dataset: str, records: int, nbytes: int) -> None:
+        """A chunk handed to gRPC (or put in a lane): `nbytes` of its records' data."""
         if self._on:
             self._m["records"].labels(dataset).inc(records)
             self._m["bytes"].labels(dataset).inc(nbytes)
+
+    def job(self, dataset: str, seconds: float) -> None:
+        """A chunk's decoding job took `seconds` from its submission to its result."""
+        if self._on:
             self._m["seconds"].labels(dataset).observe(seconds)
 
     def error(self, code: str) -> None:
@@ -126,27 +164,53 @@ class WorkerMetrics:
             self._registry.register(collector)
 
 
+def bare_host(host: str) -> str:
+    """`host` without the brackets of an IPv6 address ("[::1]" -> "::1")."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL names it: an IPv6 address in brackets ("::1" -> "[::1]")."""
+    bare = bare_host(host)
+    return f"[{bare}]" if ":" in bare else bare
+
+
 class _DecodingCollector:
     """How busy the decoding processes are, read from the pool at each scrape."""
 
-    def __init__(self, pool: DecodingPool | None) -> None:
+    def __init__(
+        self,
+        pool: DecodingPool | None,
+        *,
+        window: float = UTILIZATION_WINDOW,
+        resolution: float = UTILIZATION_RESOLUTION,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pool = pool
-        self._window = UTILIZATION_WINDOW
+        self._window = window
+        self._resolution = resolution
+        self._clock = clock
         self._lock = threading.Lock()  # scrapes run in the HTTP server's thread
-        # (time, busy seconds) readings: the oldest is the newest one at least `window` old.
-        self._readings: deque[tuple[float, float]] = deque(maxlen=1024)
+        # (time, busy seconds) readings, `resolution` apart at least: the oldest is the
+        # newest one at least `window` old, so there are at most window / resolution + 2.
+        self._readings: deque[tuple[float, float]] = deque()
         if pool is not None:
-            self._readings.append((time.monotonic(), pool.busy_seconds()))
+            self._readings.append((clock(), pool.busy_seconds()))
+
+    def readings(self) -> int:
+        """Readings kept now (bounded whatever the scrape rate)."""
+        return len(self._readings)
 
     def utilization(self) -> float:
-        """Busy share of the processes from the newest reading at least `window` old
+        """Busy share of the processes from the newest kept reading at least `window` old
         (or the first one) to now."""
         assert self._pool is not None
-        now, busy = time.monotonic(), self._pool.busy_seconds()
+        now, busy = self._clock(), self._pool.busy_seconds()
         with self._lock:
             readings = self._readings
-            readings.append((now, busy))
-            while len(readings) > 2 and readings[1][0] <= now - self._window:
+            if now - readings[-1][0] >= self._resolution:
+                readings.append((now, busy))
+            while len(readings) > 1 and readings[1][0] <= now - self._window:
                 readings.popleft()
             then, busy_then = readings[0]
         span = (now - then) * self._pool.processes

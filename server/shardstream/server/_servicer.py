@@ -40,7 +40,7 @@ from shardstream.server._lanes import LaneOffer, Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._requests import check_read, find_dataset, ready
 from shardstream.server._shm import ChunkBuffers
-from shardstream.server._status import FinishOnError, LogLimit, StatusOnError, shown
+from shardstream.server._status import STATUS, FinishOnError, LogLimit, StatusOnError, shown
 from shardstream.server._streaming import ChunkStreamer
 from shardstream.server._wire import (
     ReadArgs,
@@ -59,6 +59,8 @@ from shardstream.server.errors import (
 )
 
 TRIM_AFTER_IDLE = 1.0  # seconds without streams before freed heap is handed back
+# Where refusals already counted go to get their status: counted again by no one.
+_COUNTED = WorkerMetrics()
 
 
 def peer_host(peer: str) -> str:
@@ -130,7 +132,7 @@ class WorkerServicer:
                 None if self.lanes is None or self.draining else self.lanes.offer(slots, slot_bytes)
             )
             if offer is None:
-                why = "turned off (--no-lanes)" if self.lanes is None else "all taken"
+                why = "turned off (--lanes off)" if self.lanes is None else "all taken"
                 raise NoLaneError(f"this worker has no same-host lane to give: {why}")
             return offer
 
@@ -138,7 +140,9 @@ class WorkerServicer:
         """The Read handler: a read's chunks, then its End, each write watched for a stall
         (`StallWatch`); a refusal or failure sets the call's status. One coroutine per
         stream: the chunks come from the streamer's generator, closed when the stream
-        stops early (that cancels the chunk decoding ahead)."""
+        stops early (that cancels the chunk decoding ahead). A stall is counted as an
+        error (UNAVAILABLE) when it happens: its client may leave before it is raised."""
+        stalled = False
         async with FinishOnError(context, self.metrics, self.refusals):
             args = decode_read(request)
             if self.draining:
@@ -174,6 +178,7 @@ class WorkerServicer:
                 self.stalled += 1
                 self.stalled_by[host] = self.stalled_by.get(host, 0) + 1
                 self.metrics.stalled(+1)
+                self.metrics.error(STATUS[StalledError].name)
                 self._log_stall(args)
                 self._maybe_idle(stalled=True)
 
@@ -205,7 +210,9 @@ class WorkerServicer:
                         self.stalled_by[host] = held
                     self.metrics.stalled(-1)
                     self._maybe_idle()
-            if watch.stalled():
+            stalled = watch.stalled()
+        if stalled:  # its client read at last: it gets the status (counted at the stall)
+            async with FinishOnError(context, _COUNTED, self.refusals):
                 timeout = self._config.stream_stall_timeout
                 raise StalledError(
                     f"ended the stream of shard {args.shard!r} of dataset {args.dataset!r}: "

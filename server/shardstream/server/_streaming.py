@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -143,25 +143,29 @@ class ChunkStreamer:
         elif lane is not None and args.lane_chunk_records > 0:  # the most a lane chunk holds
             step = min(step, args.lane_chunk_records)
 
-        def submit(s: int) -> tuple[int, int, asyncio.Future[Any]]:
-            """(start, records, future) of the chunk job at `s`."""
-            submitted[0] = loop.time()
+        def submit(s: int) -> _Job:
+            """The chunk job at `s`, timed from now to its result."""
+            now = loop.time()
+            return _Job(loop, now, s, *job_at(s))
+
+        def job_at(s: int) -> tuple[int, asyncio.Future[Any]]:
+            """(records, future) of the chunk job at `s`."""
             n = min(step, end - s)
             direct = self._direct(ds, chain, ragged)
             if n > small and not direct:  # lane-sized chunks only where read straight in
                 n = small
             job = (ds.decoder, shard.path, shard.stamp, s, n, ds.schema, shard.id)
             if ragged:  # chunks cut from actual bytes, returned as bytes (no shared memory)
-                return s, n, asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
+                return n, asyncio.ensure_future(self._decode_ragged((*job, *sizes, chain)))
             buffers = self._buffers
             if buffers is None:
                 decoded = loop.run_in_executor(self._executor, read_chunk, *job, chain)
                 if to is None:
-                    return s, n, decoded
-                return s, n, asyncio.ensure_future(_to_lane(decoded, job, to))
+                    return n, decoded
+                return n, asyncio.ensure_future(_to_lane(decoded, job, to))
             if direct:
-                return s, n, asyncio.ensure_future(self._read_direct(ds, buffers, job, to, small))
-            return s, n, asyncio.ensure_future(self._decode_shared(buffers, (*job, chain), to))
+                return n, asyncio.ensure_future(self._read_direct(ds, buffers, job, to, small))
+            return n, asyncio.ensure_future(self._decode_shared(buffers, (*job, chain), to))
 
         def inline() -> bool:
             """Whether the next chunk is to be read on the event loop when it is due
@@ -170,9 +174,8 @@ class ChunkStreamer:
                 to is None and self._running <= INLINE_STREAMS and self._direct(ds, chain, ragged)
             )
 
-        submitted = [0.0]
         at = args.start  # the next chunk's first record
-        pending = None
+        pending: _Job | None = None
         sent = 0
         self._running += 1
         try:
@@ -188,30 +191,35 @@ class ChunkStreamer:
                         raise _data_error(ds, shard, at, exc) from exc
                     took = loop.time() - began
                 if data is None:  # from a job: decoded, read in a thread, or in a lane
-                    s, count, future = pending or submit(at)
+                    ahead = pending or submit(at)
+                    count = ahead.records
                     try:
-                        data = await future
+                        data = await ahead.future
                     except (DecodeError, ShardChanged) as exc:
-                        raise _data_error(ds, shard, s, exc) from exc
+                        raise _data_error(ds, shard, ahead.start, exc) from exc
                     pending = None
                     if data is None:  # a lane-sized chunk found no slot: the rest as messages
                         step = small
                         continue
-                    took = loop.time() - submitted[0]
+                    # Its own time: done (maybe long) before, while the client took the last.
+                    took = ahead.seconds()
                     if at + count < end and not inline():
                         pending = submit(at + count)
+                self._metrics.job(ds.name, took)  # once a job, however many chunks it makes
                 at += count
-                # (records, message[, bytes of the chunk: in a lane, not in the message])
-                out: list[tuple[Any, ...]]
-                if isinstance(data, list):
-                    out = list(data)
-                else:
-                    out = [(count, *(data if isinstance(data, tuple) else (data,)))]
-                for n, message, *size in out:
+                # (records, message, bytes of the records' data)
+                out: list[tuple[int, bytes, int]]
+                if isinstance(data, list):  # ragged: the data's bytes are in the messages
+                    out = [(n, message, _data_bytes(message)) for n, message in data]
+                else:  # a message, or one in a lane: the records' bytes are fixed
+                    message = data[0] if isinstance(data, tuple) else data
+                    out = [(count, message, count * ds.record_bytes)]
+                for n, message, nbytes in out:
+                    # Counted as handed to gRPC: a stream that stalls is closed at this
+                    # yield, with its last chunk sent once its client reads.
+                    self._metrics.chunk(ds.name, n, nbytes)
                     yield message
                     sent += n
-                    self._metrics.chunk(ds.name, n, size[0] if size else len(message), took)
-                    took = 0.0
                     if self._draining() and sent < args.count:
                         at = args.start + sent
                         log.info("draining: ending a stream of %s at record %d", shard.id, at)
@@ -222,7 +230,7 @@ class ChunkStreamer:
         finally:
             self._running -= 1
             if pending is not None:
-                pending[2].cancel()
+                pending.future.cancel()
 
     def _inline(self, ds: Dataset, job: tuple[Any, ...]) -> bytes | None:
         """A chunk read straight from its file on the event loop (`read_direct_now`); None
@@ -421,6 +429,70 @@ async def _to_lane(
     lane.written(slot, sent=True)
     _, _, _, start, count, _, shard_id = job
     return encode_shared(start, count, shard_id, slot, len(message)), len(message)
+
+
+class _Job:
+    """A chunk job (`records` from `start`) and its time, from submission to its result
+    (a done callback's: a job done ahead waits for no client)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        submitted: float,
+        start: int,
+        records: int,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.start, self.records, self.future = start, records, future
+        self._loop = loop
+        self._submitted = submitted
+        self._done: float | None = None
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, _: object) -> None:
+        self._done = self._loop.time()
+
+    def seconds(self) -> float:
+        """From submission to its result (to now, if its callback has not run yet)."""
+        done = self._loop.time() if self._done is None else self._done
+        return done - self._submitted
+
+
+def _data_bytes(message: bytes) -> int:
+    """Bytes of data in a serialized `ReadResponse{chunk}` (`_wire.encode_chunk`): its
+    tensors' `data` and `lengths` fields, without keys, headers nor padding."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = message[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    def fields(i: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(field, start, end) of each length-delimited field in [i, stop)."""
+        while i < stop:
+            key, i = varint(i)
+            kind = key & 7
+            if kind == 0:
+                _, i = varint(i)
+            elif kind == 1 or kind == 5:
+                i += 8 if kind == 1 else 4
+            else:
+                size, i = varint(i)
+                yield key >> 3, i, i + size
+                i += size
+
+    total = 0
+    for field, start, stop in fields(0, len(message)):
+        if field != 1:  # ReadResponse.chunk
+            continue
+        for part, begin, end in fields(start, stop):
+            if part == 3:  # Chunk.tensors: their data and lengths (Tensor fields 4, 5)
+                total += sum(e - b for f, b, e in fields(begin, end) if f in (4, 5))
+    return total
 
 
 def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> RequestError:
