@@ -309,6 +309,19 @@ def test_load_checks_the_tls_files_as_tls_uses_them(tmp_path: Path, certs: Certs
         tls_server(certs, tls_client_ca=junk_ca).load()
 
 
+async def test_a_client_checks_its_tls_files_as_tls_uses_them(certs: Certs) -> None:
+    """A private key given as the CA bundle, or a client key that is not the client
+    certificate's, read as the worker being unreachable ("Failed to create security
+    handshaker", UNAVAILABLE); now the file is named at once, as on the worker."""
+    with raises(str(certs.server_key), "CA bundle (tls_ca)", "holds no usable certificate"):
+        secure_channel("127.0.0.1:1", [], ClientSecurity(tls_ca=certs.server_key))
+    mismatched = ClientSecurity(
+        tls_ca=certs.ca_cert, tls_cert=certs.client_cert, tls_key=certs.other_client_key
+    )
+    with raises(str(certs.client_cert), str(certs.other_client_key), "do not match"):
+        secure_channel("127.0.0.1:1", [], mismatched)
+
+
 def test_watched_files_take_up_changes_and_keep_the_last_good(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

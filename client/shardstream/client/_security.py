@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 # One reader for PEM and token files on both sides, with the same precise errors.
-from shardstream._common.pem import read_pem, read_token_file
+from shardstream._common.pem import check_ca, check_key_pair, read_pem, read_token_file
 from shardstream._common.watched import WatchedFiles
 
 __all__ = ["CallMetadata", "ClientSecurity", "call_metadata", "secure_channel"]
@@ -99,11 +99,15 @@ def secure_channel(
     opts = list(options)
     if security is None or not security.tls:
         return grpc.aio.insecure_channel(address, options=opts)
-    root = None if security.tls_ca is None else read_pem(security.tls_ca, "CA bundle (tls_ca)")
+    root = None
+    if security.tls_ca is not None:
+        root = read_pem(security.tls_ca, "CA bundle (tls_ca)")
+        check_ca(root, security.tls_ca, "CA bundle (tls_ca)")
     key = chain = None
     if security.tls_cert is not None and security.tls_key is not None:
         chain = read_pem(security.tls_cert, "client certificate (tls_cert)")
         key = read_pem(security.tls_key, "client private key (tls_key)")
+        check_key_pair(security.tls_cert, security.tls_key, "client")
     if security.tls_server_name is not None:
         opts = [o for o in opts if o[0] != "grpc.ssl_target_name_override"]
         opts.append(("grpc.ssl_target_name_override", security.tls_server_name))

@@ -6,6 +6,7 @@ with the same precise message.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 
@@ -15,6 +16,41 @@ def read_pem(path: Path, what: str) -> bytes:
     if b"-----BEGIN " not in data:
         raise ValueError(f"{what} {path} is not PEM: expected a '-----BEGIN ...' block")
     return data
+
+
+def _no_password() -> bytes:
+    raise ValueError("it is encrypted: give an unencrypted key (gRPC needs one)")
+
+
+def check_key_pair(cert: Path, key: Path, side: str) -> None:
+    """ValueError naming both files unless `key` is the private key of `cert`'s
+    certificate, unencrypted, as TLS will use them (`side`: "TLS" for a worker's own,
+    "client" for a client's mTLS pair)."""
+    pair = f"{side} certificate (tls_cert) {cert} and key (tls_key) {key}"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"{pair} do not match: the key is not the certificate's "
+                "(was one replaced without the other?)"
+            ) from None
+        raise ValueError(f"{pair} cannot be loaded ({exc.reason or exc}): check both") from None
+    except ValueError as exc:
+        raise ValueError(f"{pair}: the key cannot be used: {exc}") from None
+    except OSError as exc:  # replaced or removed since it was read
+        raise ValueError(f"{pair} cannot be read ({exc.strerror or exc})") from None
+
+
+def check_ca(data: bytes, path: Path, what: str) -> None:
+    """ValueError naming the file unless `data` (its PEM) holds a usable certificate."""
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"{what} {path} holds no usable certificate ({exc.reason or exc})"
+        ) from None
 
 
 def read_tokens_file(path: Path) -> tuple[str, ...]:

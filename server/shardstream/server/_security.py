@@ -35,7 +35,6 @@ import hashlib
 import hmac
 import inspect
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from shardstream._common.pem import read_pem, read_tokens_file
+from shardstream._common.pem import check_ca, check_key_pair, read_pem, read_tokens_file
 from shardstream._common.watched import WatchedFiles
 from shardstream.server._status import LogLimit
 
@@ -134,10 +133,6 @@ class _Tls(NamedTuple):
     client_ca: bytes | None
 
 
-def _no_password() -> bytes:
-    raise ValueError("it is encrypted: give the worker an unencrypted key (gRPC needs one)")
-
-
 def _read_tls(security: ServerSecurity) -> _Tls:
     """The certificate, key and client CA, checked as TLS would use them: the key is the
     certificate's, the CA bundle holds certificates (ValueError naming the files if not)."""
@@ -147,29 +142,9 @@ def _read_tls(security: ServerSecurity) -> _Tls:
     client_ca = None
     if security.tls_client_ca is not None:
         client_ca = read_pem(security.tls_client_ca, "client CA (tls_client_ca)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    pair = f"TLS certificate (tls_cert) {security.tls_cert} and key (tls_key) {security.tls_key}"
-    try:
-        context.load_cert_chain(security.tls_cert, security.tls_key, password=_no_password)
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ValueError(
-                f"{pair} do not match: the key is not the certificate's "
-                "(was one replaced without the other?)"
-            ) from None
-        raise ValueError(f"{pair} cannot be loaded ({exc.reason or exc}): check both") from None
-    except ValueError as exc:
-        raise ValueError(f"{pair}: the key cannot be used: {exc}") from None
-    except OSError as exc:  # replaced or removed since it was read
-        raise ValueError(f"{pair} cannot be read ({exc.strerror or exc})") from None
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
-        except ssl.SSLError as exc:
-            raise ValueError(
-                f"client CA (tls_client_ca) {security.tls_client_ca} holds no usable "
-                f"certificate ({exc.reason or exc})"
-            ) from None
+    check_key_pair(security.tls_cert, security.tls_key, "TLS")
+    if client_ca is not None and security.tls_client_ca is not None:
+        check_ca(client_ca, security.tls_client_ca, "client CA (tls_client_ca)")
     return _Tls(cert, key, client_ca)
 
 
