@@ -8,6 +8,7 @@ that every record arrived exactly once across ranks, and stops everything.
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -31,6 +32,19 @@ class DemoOptions:
     batch_size: int = 64
     processes: int = 1  # decoding processes per worker
     seed: int = 7
+
+    def __post_init__(self) -> None:
+        # What cannot run, said in the command's flags before anything is started.
+        if self.records < self.shards:
+            raise ValueError(
+                f"--records ({self.records}) must be at least --shards ({self.shards}), so "
+                "that no shard is empty"
+            )
+        if self.records < self.ranks:
+            raise ValueError(
+                f"--records ({self.records}) must be at least --ranks ({self.ranks}), so "
+                "that every rank gets records"
+            )
 
 
 async def _rank(loader: Loader, epoch: int) -> tuple[np.ndarray, int, int]:
@@ -90,7 +104,11 @@ def run_demo(opts: DemoOptions) -> int:
 
     with tempfile.TemporaryDirectory(prefix="shardstream-demo-") as tmp, ExitStack() as stack:
         root = Path(tmp)
-        make_dataset(root, shards=opts.shards, records=opts.records, shape=opts.shape)
+        try:
+            make_dataset(root, shards=opts.shards, records=opts.records, shape=opts.shape)
+        except ValueError as exc:  # e.g. a shard too large to make
+            print(f"shardstream demo: error: {exc}", file=sys.stderr)
+            return 2
         print(
             f"dataset: {opts.records} records of {'x'.join(map(str, opts.shape))} uint8 in "
             f"{opts.shards} npz shards under {root}"

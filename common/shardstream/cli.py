@@ -3,6 +3,9 @@ demo."""
 
 from __future__ import annotations
 
+# First: gRPC's settings (GRPC_VERBOSITY=ERROR, ...) are read when grpc is first imported.
+import shardstream._common.environment  # noqa: F401  # isort: skip
+
 import argparse
 import asyncio
 import sys
@@ -34,9 +37,16 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 def _address(text: str) -> str:
     """A worker address with its port: HOST:PORT, [IPv6]:PORT or dns:///NAME:PORT."""
-    _, port = split_host_port(text.strip())  # ValueError without a port
+    host, port = split_host_port(text.strip())  # ValueError without a port
     if not 0 < port < 65536:
         raise ValueError(text)
+    bare = text.strip().rpartition(":")[0]
+    if ":" in host and not bare.startswith(("[", "dns:", "ipv4:", "ipv6:")):
+        # "::1:50051" would split anywhere: gRPC needs the brackets.
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()!r}: an IPv6 address takes brackets before its port, "
+            f"e.g. [{host}]:{port}"
+        )
     return text.strip()
 
 
@@ -161,8 +171,8 @@ def _consume(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from shardstream._demo import DemoOptions, run_demo
 
-    return run_demo(
-        DemoOptions(
+    try:
+        options = DemoOptions(
             records=args.records,
             shards=args.shards,
             workers=args.workers,
@@ -171,7 +181,10 @@ def _demo(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             processes=args.processes,
         )
-    )
+    except ValueError as exc:  # a combination that cannot run, e.g. more shards than records
+        print(f"shardstream demo: error: {exc}", file=sys.stderr)
+        return 2
+    return run_demo(options)
 
 
 def _audit(args: argparse.Namespace) -> int:

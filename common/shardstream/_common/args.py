@@ -22,6 +22,7 @@ from shardstream._common.sizes import format_size, parse_size
 __all__ = [
     "LOG_LEVEL",
     "LOG_LEVELS",
+    "MIN_TIMEOUT",
     "ON_OFF",
     "PATH",
     "PORT",
@@ -133,9 +134,16 @@ def checked(convert: Callable[[str], T], accepts: str) -> Callable[[str], T]:
     def parse(text: str) -> T:
         if text.strip():
             try:
-                return convert(str(text))
+                value = convert(str(text))
             except ValueError:
                 pass
+            else:
+                if isinstance(text, EnvText) and type(value) is str:
+                    # Still an EnvText: the caller can tell the variable from the flag.
+                    from_env = EnvText(value)
+                    from_env.variable = text.variable
+                    return from_env  # type: ignore[return-value]  # T is str here
+                return value
         if isinstance(text, EnvText):
             got = f"{text.variable} is set but empty" if not text else f"{text.variable}={text!r}"
         else:
@@ -157,18 +165,20 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     )
 
 
-def size_in(low: int) -> Callable[[str], int]:
-    """A byte-size flag type: `16MiB`, `64KiB`, `4096` (see `parse_size`), at least `low`."""
+def size_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A byte-size flag type: `16MiB`, `64KiB`, `4096` (see `parse_size`), at least `low`
+    and at most `high` (if given)."""
 
     def convert(text: str) -> int:
         n = parse_size(text)
-        if n < low:
+        if n < low or (high is not None and n > high):
             raise ValueError(text)
         return n
 
-    return checked(
-        convert, f"a size >= {format_size(low)} (bytes, or with a unit: 4096, 64KiB, 16MiB)"
-    )
+    bounds = f">= {format_size(low)}"
+    if high is not None:
+        bounds += f", at most {format_size(high)}"
+    return checked(convert, f"a size {bounds} (bytes, or with a unit: 4096, 64KiB, 16MiB)")
 
 
 def seconds(text: str) -> float:
@@ -178,16 +188,21 @@ def seconds(text: str) -> float:
     return x
 
 
+# The shortest timeout: gRPC and the worker's timers count whole milliseconds, so a
+# shorter one would be 0 ms (every call or read timing out at once).
+MIN_TIMEOUT = 0.001
+
+
 def timeout(text: str) -> float:
     x = float(text)
-    if not 0 < x < 1e6:  # also refuses NaN
+    if not MIN_TIMEOUT <= x < 1e6:  # also refuses NaN
         raise ValueError(text)
     return x
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PORT = int_in(0, 65535)
-TIMEOUT = checked(timeout, "a number of seconds > 0 (under 1e6)")
+TIMEOUT = checked(timeout, f"a number of seconds > 0, at least {MIN_TIMEOUT}, under 1e6")
 SECONDS = checked(seconds, "a number of seconds >= 0")
 TEXT = checked(str, "a non-empty value")
 PATH = checked(Path, "a file name")

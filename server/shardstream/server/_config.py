@@ -7,11 +7,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shardstream._common.args import MIN_TIMEOUT  # timeouts are whole milliseconds
 from shardstream.server._security import ServerSecurity
 from shardstream.v1.codec import FieldSpec
 
 MiB = 1 << 20
 GiB = 1 << 30
+# gRPC takes message sizes as C ints: more is an OverflowError when the server starts.
+MAX_MESSAGE_BYTES = 2**31 - 1
 
 __all__ = ["DatasetSpec", "TransformSpec", "WorkerConfig"]
 
@@ -191,8 +194,11 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.processes < 0:
             raise ValueError(f"processes must be >= 0, got {self.processes}")
-        if self.max_message_bytes < 64 * 1024:
-            raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
+        if not 64 * 1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"max_message_bytes must be in [65536, {MAX_MESSAGE_BYTES}], "
+                f"got {self.max_message_bytes}"
+            )
         if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
             raise ValueError(
                 f"chunk_bytes must be in (0, max_message_bytes / 2 = "
@@ -208,8 +214,11 @@ class WorkerConfig:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         for name in ("stream_stall_timeout", "idle_connection_timeout", "max_connection_age"):
             seconds = getattr(self, name)
-            if not 0 < seconds < 1e6:  # also refuses NaN
-                raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {seconds}")
+            if not MIN_TIMEOUT <= seconds < 1e6:  # also refuses NaN
+                raise ValueError(
+                    f"{name} must be a number of seconds in (0, 1e6), at least {MIN_TIMEOUT} "
+                    f"(gRPC counts whole milliseconds), got {seconds}"
+                )
         if self.shard_cache_bytes < 1:
             raise ValueError(f"shard_cache_bytes must be positive, got {self.shard_cache_bytes}")
         if self.shard_cache_dir is not None and isinstance(self.data_root, Path):

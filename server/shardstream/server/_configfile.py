@@ -19,12 +19,15 @@
 
 Each transform is a table with `fn` ("module:function") and its parameters; it
 is imported and its parameters checked against its signature here, so a typo
-is a start-up error. A declared schema is checked against what the transforms
-(or the decoder) give when the worker starts, and every record against it when
-read (`_catalog`); dtypes are numpy's names. Every error is one line naming the
-file and the key.
+is a start-up error. The decoders are imported here too, and `check_formats`
+(once --decoder plug-ins are loaded as well) checks each dataset's format. A
+declared schema is checked against what the transforms (or the decoder) give
+when the worker starts, and every record against it when read (`_catalog`);
+dtypes are numpy's names. Every error is one line naming the file and the key.
 Worker settings (port, processes, TLS, ...) stay flags and SHARDSTREAM_*
-variables; datasets given with --dataset are served besides the file's.
+variables; datasets given with --dataset are served besides the file's. What
+the file sets wins over SHARDSTREAM_DATA_ROOT, SHARDSTREAM_DATASETS and
+SHARDSTREAM_DECODERS (a --data-root flag wins over the file; see `cli`).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from typing import Any
 import numpy as np
 
 from shardstream.server._config import DatasetSpec, TransformSpec
+from shardstream.server._decoders import decoder_class, load_decoder, register_decoder
 from shardstream.server._pipelines import check_transform
 from shardstream.v1.codec import TEXT_DTYPES, FieldSpec, dtype_code
 
-__all__ = ["ConfigFile", "load_config_file"]
+__all__ = ["ConfigFile", "check_formats", "load_config_file"]
 
 _TOP = ("data_root", "decoders", "datasets")
 _DATASET = ("shards", "format", "transforms", "schema")
@@ -52,9 +56,10 @@ _FIELD_EXAMPLE = '{dtype = "float32", shape = [3, 224, 224]}'
 class ConfigFile:
     """What a configuration file sets."""
 
+    path: str  # the file, as named on the command line (error messages name it)
     data_root: str | None  # None: not set (--data-root then)
     datasets: tuple[DatasetSpec, ...]
-    decoders: tuple[str, ...]
+    decoders: tuple[str, ...]  # imported and registered (`register_decoder`) when loaded
 
 
 def load_config_file(path: Path) -> ConfigFile:
@@ -65,9 +70,25 @@ def load_config_file(path: Path) -> ConfigFile:
             doc = tomllib.load(f)
     except OSError as exc:
         raise ValueError(f"cannot read the configuration {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (a UTF-16 file from an editor is not)
+        raise ValueError(
+            f"{path} is not valid TOML: not UTF-8 text (byte {exc.start}: "
+            f"{exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
     return _parse(doc, str(path))
+
+
+def check_formats(file: ConfigFile) -> None:
+    """ValueError (naming the file and the key) unless every format the file's datasets
+    name is registered; call it once every plug-in format (--decoder) is loaded."""
+    for spec in file.datasets:
+        if spec.format is not None:
+            try:
+                decoder_class(spec.format)
+            except ValueError as exc:
+                raise ValueError(f"{file.path}: datasets.{spec.name}.format: {exc}") from None
 
 
 def _parse(doc: dict[str, Any], where: str) -> ConfigFile:
@@ -78,11 +99,24 @@ def _parse(doc: dict[str, Any], where: str) -> ConfigFile:
     decoders = doc.get("decoders", [])
     if not isinstance(decoders, list) or not all(isinstance(d, str) for d in decoders):
         raise ValueError(f'{where}: decoders must be a list of "module:Class" strings')
+    for i, ref in enumerate(decoders):
+        _decoder(ref, where, f"decoders[{i}]")
     tables = doc.get("datasets", {})
     if not isinstance(tables, dict):
         raise ValueError(f"{where}: datasets must be tables, e.g. [datasets.train]")
     datasets = tuple(_dataset(name, t, where) for name, t in tables.items())
-    return ConfigFile(data_root=root, datasets=datasets, decoders=tuple(decoders))
+    return ConfigFile(path=where, data_root=root, datasets=datasets, decoders=tuple(decoders))
+
+
+def _decoder(ref: str, where: str, at: str) -> None:
+    """Import and register a plug-in decoder, so a typo is a start-up error naming the key."""
+    module, colon, name = ref.partition(":")
+    if not (module and colon and name):
+        raise ValueError(f'{where}: {at} must be "module:Class", got {ref!r}')
+    try:
+        register_decoder(type(load_decoder(ref)))
+    except Exception as exc:  # its module's import or the class's __init__: the user's code
+        raise ValueError(f"{where}: {at}: cannot load decoder {ref!r}: {exc}") from None
 
 
 def _known(table: dict[str, Any], keys: tuple[str, ...], where: str, at: str, hint: str) -> None:

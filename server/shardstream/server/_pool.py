@@ -29,6 +29,7 @@ runner thread, which lives until shutdown: `PR_SET_PDEATHSIG` (see
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -406,5 +407,7 @@ def _kill_at_exit() -> None:
     for pool in list(_live):
         pool.shutdown(wait=False, cancel_futures=True)  # no process is replaced any more
         for r in pool._runners:
-            if r.proc is not None and r.proc.exitcode is None:
-                r.proc.kill()
+            proc = r.proc  # read once: a runner's thread may set it to None meanwhile
+            if proc is not None and proc.exitcode is None:
+                with contextlib.suppress(OSError, ValueError):  # that thread reaped it
+                    proc.kill()

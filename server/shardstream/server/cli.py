@@ -6,6 +6,11 @@ as the default of its flag, so a malformed one (SHARDSTREAM_PORT=abc, or set but
 empty) is a one-line usage error naming it (exit status 2) when it is used, never
 for --help or another command. Datasets with transforms are configured in a TOML
 file (`--config FILE`, see `_configfile`); flags and variables still work beside it.
+For what both can set: a flag wins over the file, the file over the variable
+(the image sets SHARDSTREAM_DATA_ROOT=/data, and a file's data_root still counts):
+--data-root > data_root > SHARDSTREAM_DATA_ROOT; --dataset adds to the file's
+datasets, SHARDSTREAM_DATASETS counts only when the file names none; likewise
+--decoder and SHARDSTREAM_DECODERS with the file's decoders.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shardstream._common import run_async, tune_malloc
@@ -30,6 +35,7 @@ from shardstream._common.args import (
     PORT,
     TEXT,
     TIMEOUT,
+    EnvText,
     UsageParser,
     add_version_arg,
     checked,
@@ -41,9 +47,9 @@ from shardstream._common.args import (
 )
 from shardstream._common.sizes import format_size
 from shardstream.server._catalog import index_in_threads
-from shardstream.server._config import DatasetSpec, MiB, WorkerConfig
-from shardstream.server._configfile import load_config_file
-from shardstream.server._decoders import register_plugins
+from shardstream.server._config import MAX_MESSAGE_BYTES, DatasetSpec, MiB, WorkerConfig
+from shardstream.server._configfile import ConfigFile, check_formats, load_config_file
+from shardstream.server._decoders import decoder_class, register_plugins
 from shardstream.server._files import is_url
 from shardstream.server._manifest import manifest_of, manifest_text
 from shardstream.server._security import ServerSecurity
@@ -76,8 +82,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
         default=env("CONFIG"),
         metavar="FILE",
         help="TOML file: data_root, decoders and [datasets.NAME] tables (shards, format, "
-        "transforms, schema); --data-root wins over its data_root, --dataset adds datasets "
-        "[SHARDSTREAM_CONFIG]",
+        "transforms, schema); --data-root wins over its data_root, which wins over "
+        "SHARDSTREAM_DATA_ROOT; --dataset adds datasets, SHARDSTREAM_DATASETS is used only "
+        "if it names none [SHARDSTREAM_CONFIG]",
     )
     p.add_argument(
         "--decoder",
@@ -93,7 +100,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
         default=env("CACHE_DIR"),
         metavar="DIR",
         help="where content digests are cached, so a restart does not read every shard "
-        "again; 'off' for no cache (default: $XDG_CACHE_HOME/shardstream, else "
+        "again; 'off' (any case) for no cache (default: $XDG_CACHE_HOME/shardstream, else "
         "~/.cache/shardstream) [SHARDSTREAM_CACHE_DIR]",
     )
     p.add_argument(
@@ -151,17 +158,19 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-message-bytes",
-        type=size_in(64 * 1024),
+        type=size_in(64 * 1024, MAX_MESSAGE_BYTES),
         default=env("MAX_MESSAGE_BYTES", format_size(8 * MiB)),
         metavar="SIZE",
-        help="gRPC max message size, e.g. 16MiB [SHARDSTREAM_MAX_MESSAGE_BYTES]",
+        help="gRPC max message size, e.g. 16MiB (under 2GiB) [SHARDSTREAM_MAX_MESSAGE_BYTES]",
     )
     p.add_argument(
         "--chunk-bytes",
         type=size_in(1),
-        default=env("CHUNK_BYTES", format_size(4 * MiB)),
+        default=env("CHUNK_BYTES"),
         metavar="SIZE",
-        help="target size of one streamed chunk, e.g. 4MiB [SHARDSTREAM_CHUNK_BYTES]",
+        help=f"target size of one streamed chunk, at most half of --max-message-bytes; when "
+        f"not given, {format_size(DEFAULT_CHUNK_BYTES)} or that half if less "
+        "[SHARDSTREAM_CHUNK_BYTES]",
     )
     p.add_argument(
         "--max-streams",
@@ -269,28 +278,106 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _specs(args: argparse.Namespace) -> tuple[DatasetSpec, ...]:
+DEFAULT_CHUNK_BYTES = 4 * MiB  # --chunk-bytes when not given (if under half a message)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Inputs:
+    """What to serve or index: from the flags, the --config file and the variables."""
+
+    data_root: str  # a directory or an fsspec URL
+    datasets: tuple[DatasetSpec, ...]
+    decoders: tuple[str, ...]  # "module:Class", every one imported and registered
+    # Where the data root came from, and the variables the file overrode: logged once
+    # the configuration is known to be good (a usage error stays one line).
+    notes: tuple[str, ...]
+
+    def log(self) -> None:
+        for note in self.notes:
+            log.info("%s", note)
+
+
+def _inputs(args: argparse.Namespace) -> _Inputs:
+    """The data root, datasets and decoders, each a flag's, else the file's, else its
+    variable's (flags add datasets and decoders to the file's); ValueError (one line)
+    for a missing data root, a decoder that does not load, or an unknown format."""
+    file = None if args.config is None else load_config_file(args.config)  # loads decoders
+    notes: list[str] = []
+    data_root = _data_root(args, file, notes)
+    refs = _decoders(args, file, notes)
+    try:
+        register_plugins(refs)  # plug-in formats, before the datasets' formats are checked
+    except ValueError as exc:
+        given = "--decoder" if args.decoders else "SHARDSTREAM_DECODERS"
+        raise ValueError(f"{given}: {exc}") from None
+    if file is not None:
+        check_formats(file)
+    datasets = _specs(args, file, notes)
+    for spec, given in datasets:
+        if spec.format is not None:
+            try:
+                decoder_class(spec.format)
+            except ValueError as exc:
+                raise ValueError(f"{given} {spec.name}: {exc}") from None
+    found = (() if file is None else file.datasets) + tuple(spec for spec, _ in datasets)
+    return _Inputs(
+        data_root=data_root,
+        datasets=found,
+        decoders=(() if file is None else file.decoders) + refs,
+        notes=tuple(notes),
+    )
+
+
+def _specs(
+    args: argparse.Namespace, file: ConfigFile | None, notes: list[str]
+) -> tuple[tuple[DatasetSpec, str], ...]:
+    """The datasets of --dataset (added to the file's), else of SHARDSTREAM_DATASETS
+    unless the file names datasets; each with what gave it."""
     if args.datasets:
-        return tuple(DatasetSpec.parse(t) for t in args.datasets)
+        return tuple((DatasetSpec.parse(t), "--dataset") for t in args.datasets)
+    if not args.env_datasets:
+        return ()
+    if file is not None and file.datasets:
+        notes.append(f"SHARDSTREAM_DATASETS is not used: {file.path} names the datasets")
+        return ()
     specs = []
-    for text in (args.env_datasets or "").split():
+    for text in args.env_datasets.split():
         try:
-            specs.append(DatasetSpec.parse(text))
+            specs.append((DatasetSpec.parse(text), "SHARDSTREAM_DATASETS"))
         except ValueError as exc:
             raise ValueError(f"SHARDSTREAM_DATASETS: {exc}") from None
     return tuple(specs)
 
 
-def _data_root(args: argparse.Namespace, default: str | None = None) -> str:
-    if args.data_root is None and default is None:
-        raise ValueError("--data-root is required (or SHARDSTREAM_DATA_ROOT)")
-    return str(args.data_root if args.data_root is not None else default)
+def _data_root(args: argparse.Namespace, file: ConfigFile | None, notes: list[str]) -> str:
+    """--data-root, else the file's data_root, else SHARDSTREAM_DATA_ROOT (the flag's
+    default, an EnvText); `notes` gets where it came from."""
+    given: str | None = args.data_root
+    from_file = None if file is None else file.data_root
+    in_file = f"data_root in {'' if file is None else file.path}"
+    if given is not None and not isinstance(given, EnvText):
+        root, source = given, "--data-root"
+        if from_file is not None:
+            source += f"; {in_file} is not used"
+    elif from_file is not None:
+        root, source = from_file, in_file
+        if isinstance(given, EnvText):
+            source += f"; {given.variable}={given} is not used"
+    elif given is not None:
+        root, source = given, given.variable
+    else:
+        raise ValueError(
+            "--data-root is required (or data_root in the --config file, or SHARDSTREAM_DATA_ROOT)"
+        )
+    notes.append(f"data root {root} (from {source})")
+    return str(root)
 
 
 def _cache_dir(args: argparse.Namespace) -> Path | None:
     """--cache-dir, 'off', or the user's cache directory (None if there is no home)."""
     if args.cache_dir is not None:
-        return None if args.cache_dir == "off" else Path(args.cache_dir)
+        off = args.cache_dir.strip().lower() == "off"  # as --lanes: any case
+        return None if off else Path(args.cache_dir)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):
         return Path(xdg) / "shardstream"
@@ -300,21 +387,45 @@ def _cache_dir(args: argparse.Namespace) -> Path | None:
         return None
 
 
-def _decoders(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(args.decoders or (env("DECODERS") or "").split())
+def _decoders(
+    args: argparse.Namespace, file: ConfigFile | None, notes: list[str]
+) -> tuple[str, ...]:
+    """--decoder (added to the file's), else SHARDSTREAM_DECODERS unless the file names
+    decoders."""
+    if args.decoders:
+        return tuple(args.decoders)
+    refs = tuple((env("DECODERS") or "").split())
+    if refs and file is not None and file.decoders:
+        notes.append(f"SHARDSTREAM_DECODERS is not used: {file.path} names the decoders")
+        return ()
+    return refs
+
+
+def _chunk_bytes(args: argparse.Namespace) -> int:
+    """--chunk-bytes, at most half of --max-message-bytes; when not given, the default
+    or that half if less (so --max-message-bytes alone is never refused)."""
+    half: int = args.max_message_bytes // 2
+    if args.chunk_bytes is None:
+        return min(DEFAULT_CHUNK_BYTES, half)
+    if args.chunk_bytes > half:
+        raise ValueError(
+            f"--chunk-bytes [SHARDSTREAM_CHUNK_BYTES] must be at most half of "
+            f"--max-message-bytes [SHARDSTREAM_MAX_MESSAGE_BYTES], here {half} bytes, got "
+            f"{args.chunk_bytes} bytes: lower it, or raise --max-message-bytes"
+        )
+    return int(args.chunk_bytes)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    file = None if args.config is None else load_config_file(args.config)
-    data_root = _data_root(args, None if file is None else file.data_root)
-    return WorkerConfig(
-        data_root=data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
-        datasets=(() if file is None else file.datasets) + _specs(args),
-        host=args.host,
+    inputs = _inputs(args)
+    config = WorkerConfig(
+        data_root=inputs.data_root,  # a str: WorkerConfig keeps URLs, makes the rest a Path
+        datasets=inputs.datasets,
+        host=str(args.host),
         port=args.port,
         processes=args.processes,
         max_message_bytes=args.max_message_bytes,
-        chunk_bytes=args.chunk_bytes,
+        chunk_bytes=_chunk_bytes(args),
         max_streams=args.max_streams,
         grace_seconds=args.grace,
         stream_stall_timeout=args.stream_stall_timeout,
@@ -326,7 +437,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         lanes=args.lanes,
         lane_slots=args.lane_slots,
         max_lanes=args.max_lanes,
-        decoders=(() if file is None else file.decoders) + _decoders(args),
+        decoders=inputs.decoders,
         metrics_port=args.metrics_port,
         cache_dir=_cache_dir(args),
         manifest=args.manifest,
@@ -339,6 +450,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             auth_token_file=args.auth_token_file,
         ),
     )
+    inputs.log()  # the data root in use, once the configuration is good
+    return config
 
 
 def setup_logging(level: str) -> None:
@@ -354,8 +467,6 @@ async def serve(config: WorkerConfig, *, parent: int | None = None) -> int:
     with `parent`, until that process is no longer its parent (then it drains too)."""
     tune_malloc()
     loop = asyncio.get_running_loop()
-    if parent is not None:
-        threading.Thread(target=_drain_without, args=(parent,), daemon=True).start()
     worker = Worker(config)
     drains: list[asyncio.Task[None]] = []
 
@@ -368,6 +479,8 @@ async def serve(config: WorkerConfig, *, parent: int | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if parent is not None:  # after the handlers: its SIGTERM drains, never kills
+        threading.Thread(target=_drain_without, args=(parent,), daemon=True).start()
     try:
         async with worker:
             # The one line on stdout: scripts (and WorkerProcess) learn the port here. It
@@ -385,6 +498,16 @@ async def serve(config: WorkerConfig, *, parent: int | None = None) -> int:
 PARENT_POLL_SECONDS = 0.5
 
 
+def _check_parent(parent: int | None) -> None:
+    """ValueError unless `parent` (--exit-with-parent) is this process's parent: any
+    other pid would look gone at once, and the worker drain as it starts."""
+    if parent is not None and parent != os.getppid():
+        raise ValueError(
+            f"--exit-with-parent {parent} is not this worker's parent (its parent is pid "
+            f"{os.getppid()}): give the pid of the process that starts the worker, or drop it"
+        )
+
+
 def _drain_without(parent: int) -> None:
     """Poll for this process being re-parented (its parent died, even by SIGKILL), then
     SIGTERM itself: the drain a signal gives. (Not PR_SET_PDEATHSIG: that fires when the
@@ -398,6 +521,7 @@ def _drain_without(parent: int) -> None:
 def worker_command(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
+        _check_parent(args.exit_with_parent)
         config = config_from_args(args)
     except ValueError as exc:
         print(f"shardstream worker: {exc}", file=sys.stderr)
@@ -427,12 +551,13 @@ def index_command(args: argparse.Namespace) -> int:
     """Index datasets as a worker would and write their manifest (`_manifest`)."""
     setup_logging(args.log_level)
     try:
-        file = None if args.config is None else load_config_file(args.config)
-        data_root = _data_root(args, None if file is None else file.data_root)
+        if args.output is not None and args.output.is_dir():
+            raise ValueError(f"-o/--output names a directory, {args.output}: give a file name")
+        inputs = _inputs(args)
+        data_root = inputs.data_root
         root: Path | str = data_root if is_url(data_root) else Path(data_root)
         cache_dir = _cache_dir(args)
-        found = (() if file is None else file.datasets) + _specs(args)
-        specs = tuple(replace(s, cache_dir=cache_dir) for s in found)
+        specs = tuple(replace(s, cache_dir=cache_dir) for s in inputs.datasets)
         if not specs:
             raise ValueError(
                 "name a dataset: --dataset NAME=GLOB (or SHARDSTREAM_DATASETS), or --config"
@@ -440,7 +565,7 @@ def index_command(args: argparse.Namespace) -> int:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):  # as a worker refuses them: one manifest each
             raise ValueError(f"dataset names must be unique, got {names}")
-        register_plugins((() if file is None else file.decoders) + _decoders(args))
+        inputs.log()
     except ValueError as exc:
         print(f"shardstream index: {exc}", file=sys.stderr)
         return 2
@@ -453,11 +578,12 @@ def index_command(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
     else:
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
         try:
-            tmp = args.output.with_name(f".{args.output.name}.tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(args.output)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)  # no stray temporary file beside it
             log.error("cannot write %s: %s", args.output, exc.strerror or exc)
             return 1
     for ds in catalog.datasets.values():

@@ -60,10 +60,16 @@ def _pil() -> Any:
     return Image
 
 
-def _filter(name: str) -> Any:
+def _check_filter(name: str) -> str:
+    """`name` if it is an interpolation's: checked before any draw or early return, so a
+    typo fails on the first record (the worker's start-up probe), not on some later one."""
     if name not in _FILTERS:
         raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {name!r}")
-    return getattr(_pil().Resampling, name.upper())
+    return name
+
+
+def _filter(name: str) -> Any:
+    return getattr(_pil().Resampling, _check_filter(name).upper())
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -198,6 +204,7 @@ def random_resized_crop(
     sampled log-uniformly), resized to `size` (int: square, or [height, width]):
     torchvision's RandomResizedCrop (10 attempts, then a center crop)."""
     out_h, out_w = _hw(size)
+    _check_filter(interpolation)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {scale!r}")
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
@@ -223,10 +230,11 @@ def resize(
     """Resize: an int makes the shorter side `size`, keeping the aspect ratio (as
     torchvision's Resize(int)); [height, width] resizes to exactly that."""
     del rng
+    _hw(size)
+    _check_filter(interpolation)  # also when this image needs no resizing
     a = _image(record, field)
     height, width = a.shape[:2]
     if isinstance(size, int) and not isinstance(size, bool):
-        _hw(size)
         if height <= width:
             new_h, new_w = size, int(size * width / height)
         else:
@@ -267,12 +275,13 @@ def horizontal_flip(
     record: Record, rng: np.random.Generator, *, p: float = 0.5, field: str = "image"
 ) -> Record:
     """Mirror the image left to right with probability `p` (one draw per record, whatever
-    `p` is, so other transforms' draws do not depend on it)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p!r}")
-    flip = rng.random() < p
-    if flip:
-        record[field] = np.ascontiguousarray(_image(record, field)[:, ::-1])
+    `p` is, so other transforms' draws do not depend on it). The field is checked on
+    every record, flipped or not, so a wrong `field` fails on the first."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+    a = _image(record, field)
+    if rng.random() < p:
+        record[field] = np.ascontiguousarray(a[:, ::-1])
     return record
 
 
