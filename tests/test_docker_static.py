@@ -7,6 +7,8 @@ the `dev` extra; without them these tests fail and say so, they never skip.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import importlib.util
 import json
 import re
@@ -14,7 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ DOCKERIGNORE = DOCKER / "Dockerfile.dockerignore"
 INSTALL_SCRIPT = DOCKER / "install-worker.sh"
 COMPOSE = DOCKER / "compose.yaml"
 K8S = DOCKER / "k8s"
+README = DOCKER / "README.md"
 # What the image promises a worker supports, and what each extra must bring.
 IMAGE_EXTRAS = {
     "metrics": {"prometheus-client"},
@@ -37,14 +40,19 @@ IMAGE_EXTRAS = {
 K8S_VERSION = "1.31.0"
 PORT = 50051
 INSTALL_HINT = "install the dev extras: pip install -e '.[dev]'"
+# `docker stop` (and a plain `docker run`'s container) sends SIGKILL this long after
+# SIGTERM unless told otherwise (`docker stop -t`, `docker run --stop-timeout`).
+DOCKER_STOP_SECONDS = 10.0
+# What a worker needs after its drain grace to stop (cancel the streams left, stop its
+# decoding processes): well under a second; the drain must leave this much before SIGKILL.
+STOP_MARGIN_SECONDS = 2.0
 
 
 def _yaml() -> Any:
     try:
-        import yaml
+        return importlib.import_module("yaml")  # untyped: PyYAML ships no stubs
     except ImportError:
         pytest.fail(f"PyYAML is missing; {INSTALL_HINT}")
-    return yaml
 
 
 def _load_yaml_docs(path: Path) -> list[Any]:
@@ -120,6 +128,19 @@ def _env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
+def image_env() -> dict[str, str]:
+    """The environment the image's ENV instructions give a container (the runtime
+    stage's); tests/test_fleet.py and tests/test_image_install.py start workers with it."""
+    return _env_of(_stages()[-1])
+
+
+def image_health_check() -> list[str]:
+    """The image's HEALTHCHECK command, in exec form."""
+    health = {k: a for k, a in _stages()[-1]}["HEALTHCHECK"]
+    command: list[str] = json.loads(health.split(" CMD ", 1)[1])
+    return command
+
+
 def test_hadolint_reports_nothing(tmp_path: Path) -> None:
     config = tmp_path / "hadolint.yaml"  # ours, so that no user or repo config loosens it
     config.write_text("ignored: []\n")
@@ -158,7 +179,7 @@ def test_dockerfile_structure() -> None:
     for option in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert option in health, f"HEALTHCHECK lacks {option}"
     assert "shardstream health" in health and "127.0.0.1:${SHARDSTREAM_PORT}" in health
-    command = json.loads(health.split(" CMD ", 1)[1])  # exec form through a shell
+    command = image_health_check()  # exec form through a shell
     assert command[:2] == ["/bin/sh", "-c"], command
 
     env = _env_of(runtime)
@@ -185,6 +206,39 @@ def test_dockerfile_structure() -> None:
     for keyword, a in _instructions():
         if keyword == "RUN" and "pip " in a:
             assert "--no-cache-dir" in a, a
+
+
+def test_image_digest_cache_is_a_directory_its_user_owns() -> None:
+    """The worker's user has no home (/nonexistent): SHARDSTREAM_CACHE_DIR must name a
+    directory that the image makes and gives to that user, or every start reads (or
+    downloads) every shard again."""
+    runtime = _stages()[-1]
+    final = {k: a for k, a in runtime}
+    cache = image_env()["SHARDSTREAM_CACHE_DIR"]
+    assert cache != "off" and PurePosixPath(cache).is_absolute(), cache
+    runs = " ".join(" ".join(a.split()) for k, a in runtime if k == "RUN")
+    home = re.search(r"--home-dir (\S+)", runs)
+    assert home, "the worker's user is made with useradd --home-dir"
+    assert not PurePosixPath(cache).is_relative_to(home.group(1)), "the home is not writable"
+    assert not PurePosixPath(cache).is_relative_to("/tmp"), "/tmp is small in Kubernetes"
+    made = {p for m in re.findall(r"mkdir -p ([^&]+)", runs) for p in m.split()}
+    assert cache in made, f"the image must mkdir {cache}"
+    owner = final["USER"]
+    owned = {p for m in re.findall(rf"chown {owner} ([^&]+)", runs) for p in m.split()}
+    assert cache in owned, f"the image must chown {owner} {cache}"
+    private = {p for m in re.findall(r"chmod 0?700 ([^&]+)", runs) for p in m.split()}
+    assert cache in private, f"a digest found there is trusted: chmod 700 {cache}"
+
+
+def test_image_grace_ends_before_docker_stop_kills() -> None:
+    """The worker's own default grace (10 s) would race `docker stop`'s SIGKILL: the
+    image sets a shorter one."""
+    from shardstream.server._config import WorkerConfig
+
+    grace = float(image_env()["SHARDSTREAM_GRACE"])
+    assert 0 < grace <= DOCKER_STOP_SECONDS - STOP_MARGIN_SECONDS, grace
+    [default] = [f.default for f in dataclasses.fields(WorkerConfig) if f.name == "grace_seconds"]
+    assert isinstance(default, float) and default > grace, "the image need not set it"
 
 
 def test_dockerfile_installs_through_the_install_script() -> None:
@@ -296,6 +350,15 @@ def test_compose_properties() -> None:
     assert data["read_only"] is True, "workers mount the data read-only"
     assert data["source"] in doc["volumes"]
 
+    # The digest cache: the image's SHARDSTREAM_CACHE_DIR (or compose's), on a writable
+    # named volume of its own that outlives the containers.
+    cache_dir = {**image_env(), **env}["SHARDSTREAM_CACHE_DIR"]
+    caches = [v for v in worker["volumes"] if v["target"] == cache_dir]
+    assert len(caches) == 1, f"workers need a volume at SHARDSTREAM_CACHE_DIR={cache_dir}"
+    [cache] = caches
+    assert cache["type"] == "volume" and not cache.get("read_only", False), cache
+    assert cache["source"] in doc["volumes"] and cache["source"] != data["source"]
+
     dataset = services["dataset"]
     assert worker["depends_on"]["dataset"]["condition"] == "service_completed_successfully"
     assert "make-dataset /data --shards 16 --records 20000" in " ".join(dataset["command"])
@@ -318,7 +381,9 @@ def test_compose_properties() -> None:
 
 
 def _k8s(kind: str) -> dict[str, Any]:
-    found = [d for p in sorted(K8S.glob("*.yaml")) for d in _load_yaml_docs(p) if d["kind"] == kind]
+    found: list[dict[str, Any]] = [
+        d for p in sorted(K8S.glob("*.yaml")) for d in _load_yaml_docs(p) if d["kind"] == kind
+    ]
     assert len(found) == 1, f"expected one {kind} in docker/k8s, found {len(found)}"
     return found[0]
 
@@ -363,6 +428,16 @@ def test_k8s_worker_deployment() -> None:
     assert mount["readOnly"] is True
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"] == {"claimName": "shardstream-data", "readOnly": True}
+
+    # The root filesystem is read-only: the digest cache needs a writable volume, one
+    # that outlives a container restart (an emptyDir lives as long as the pod).
+    cache_dir = {**image_env(), **env}["SHARDSTREAM_CACHE_DIR"]
+    caches = [m for m in container["volumeMounts"] if m["mountPath"] == cache_dir]
+    assert len(caches) == 1, f"workers need a volume at SHARDSTREAM_CACHE_DIR={cache_dir}"
+    [cache] = caches
+    assert not cache.get("readOnly", False)
+    [volume] = [v for v in pod["volumes"] if v["name"] == cache["name"]]
+    assert volume["emptyDir"].get("sizeLimit"), "bound the node's disk it may take"
 
 
 def test_k8s_headless_service() -> None:
@@ -430,6 +505,10 @@ def test_k8s_indexed_trainer_job() -> None:
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 2
+    # Retries per rank: a Job-wide backoffLimit is used up by one failure of every rank.
+    assert "backoffLimit" not in spec
+    assert spec["backoffLimitPerIndex"] >= 1
+    assert spec["maxFailedIndexes"] == 0, "a rank that cannot finish fails the run"
     [container] = spec["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
@@ -439,6 +518,154 @@ def test_k8s_indexed_trainer_job() -> None:
     workers = env["SHARDSTREAM_WORKERS"]["value"]
     name = service["metadata"]["name"]
     assert re.fullmatch(rf"dns:///{name}\.[a-z0-9-]+\.svc\.cluster\.local:{PORT}", workers)
+
+
+def test_drain_grace_ends_before_sigkill_everywhere() -> None:
+    """Each way of running a worker gives its drain grace time to end before the
+    runtime's SIGKILL, compose and Kubernetes agree, and docker/README.md's table says
+    what the files say."""
+    [compose] = _load_yaml_docs(COMPOSE)
+    worker = compose["services"]["worker"]
+    compose_grace = float({**image_env(), **worker["environment"]}["SHARDSTREAM_GRACE"])
+    compose_kill = _seconds(worker["stop_grace_period"])
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    k8s_env = {**image_env(), **{e["name"]: e["value"] for e in container["env"]}}
+    k8s_grace = float(k8s_env["SHARDSTREAM_GRACE"])
+    k8s_kill = float(pod["terminationGracePeriodSeconds"])
+    image_grace = float(image_env()["SHARDSTREAM_GRACE"])
+    ways = {
+        "`docker run`": (image_grace, DOCKER_STOP_SECONDS),
+        "`compose.yaml`": (compose_grace, compose_kill),
+        "Kubernetes": (k8s_grace, k8s_kill),
+    }
+    for way, (grace, kill) in ways.items():
+        assert grace + STOP_MARGIN_SECONDS <= kill, (way, grace, kill)
+    assert (compose_grace, compose_kill) == (k8s_grace, k8s_kill), "compose and k8s differ"
+
+    section = _readme_section("Health checks and drain")
+    table = {}
+    for row in re.findall(r"^\|(.+)\|$", section, re.MULTILINE):
+        way, grace_text, kill_text = (c.strip() for c in row.split("|"))
+        numbers = [re.search(r"(\d+)\s*s?\b", c) for c in (grace_text, kill_text)]
+        if all(numbers):
+            table[way] = tuple(float(n.group(1)) for n in numbers if n)
+    assert table == ways, f"docker/README.md's drain table: {table}"
+
+    # Its `docker run` example for a longer drain: a stop timeout longer than the grace.
+    [example] = [b for b in _readme_blocks(section, "bash") if "--stop-timeout" in b]
+    words = shlex.split(example.replace("\\\n", " "))
+    timeout = float(words[words.index("--stop-timeout") + 1])
+    [grace] = [float(w.partition("=")[2]) for w in words if w.startswith("SHARDSTREAM_GRACE=")]
+    assert grace + STOP_MARGIN_SECONDS <= timeout, (grace, timeout)
+    assert float(words[words.index("-t") + 1]) == timeout, "docker stop -t: the same timeout"
+
+
+# --- docker/README.md -------------------------------------------------------------
+
+
+def _readme_section(title: str) -> str:
+    """The text of a `## title` section of docker/README.md."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README.read_text(), re.M | re.S)
+    assert match, f"docker/README.md has no section {title!r}"
+    return match.group(1)
+
+
+def _readme_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+
+
+def compose_tls_override() -> dict[str, Any]:
+    """The compose override in docker/README.md that gives the workers TLS and a health
+    check that speaks it; tests/test_fleet.py runs its check against such a worker."""
+    section = _readme_section("Health checks and drain")
+    found = [b for b in _readme_blocks(section, "yaml") if b.startswith("# docker/compose.tls")]
+    assert len(found) == 1, "docker/README.md: one compose TLS override example"
+    doc: dict[str, Any] = _yaml().safe_load(found[0])
+    return doc
+
+
+def _flags(command: str) -> dict[str, str]:
+    words = shlex.split(command)
+    return {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+
+
+def test_readme_tls_health_check_examples(tmp_path: Path) -> None:
+    """The health check docs: change the port with SHARDSTREAM_PORT, not --port; with
+    TLS, replace the check (docker run, compose, Kubernetes) with one that passes the
+    probe's --tls-* flags for the files the worker is given."""
+    section = _readme_section("Health checks and drain")
+    for needed in ("-e SHARDSTREAM_PORT=", "`--port`", "--health-cmd", "`healthcheck.test`"):
+        assert needed in section, f"docker/README.md, health checks: nothing on {needed}"
+
+    # docker run --health-cmd: the container's shell expands the port.
+    [run] = [b for b in _readme_blocks(section, "bash") if "--health-cmd" in b]
+    words = shlex.split(run.replace("\\\n", " "))
+    check = words[words.index("--health-cmd") + 1]
+    assert check.startswith('shardstream health "127.0.0.1:${SHARDSTREAM_PORT}"'), check
+    assert check.endswith(" || exit 1"), check
+    flags = _flags(check)
+    assert {"--tls-ca", "--tls-server-name", "--timeout"} <= set(flags), flags
+    env = dict(words[i + 1].partition("=")[::2] for i, w in enumerate(words) if w == "-e")
+    mounts = [words[i + 1].split(":")[1] for i, w in enumerate(words) if w == "-v"]
+    for name in ("SHARDSTREAM_TLS_CERT", "SHARDSTREAM_TLS_KEY"):
+        assert any(PurePosixPath(env[name]).is_relative_to(m) for m in mounts), name
+    assert any(PurePosixPath(flags["--tls-ca"]).is_relative_to(m) for m in mounts)
+
+    # compose: a valid override file whose test passes the files its environment names.
+    override = compose_tls_override()
+    path = tmp_path / "compose.tls.yaml"
+    path.write_text(_yaml().safe_dump(override))
+    cmd = _python_module("check_jsonschema")
+    result = _run([*cmd, "--builtin-schema", "vendor.compose-spec", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    worker = override["services"]["worker"]
+    [mount] = worker["volumes"]
+    assert mount["type"] == "bind" and mount["read_only"] is True, mount
+    kind, test = worker["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and "127.0.0.1:$${SHARDSTREAM_PORT}" in test, test
+    flags = _flags(test)
+    files = [flags["--tls-ca"], *worker["environment"].values()]
+    if "SHARDSTREAM_TLS_CLIENT_CA" in worker["environment"]:  # mTLS: the probe's own cert
+        files += [flags["--tls-cert"], flags["--tls-key"]]
+    for file in files:
+        assert PurePosixPath(file).is_relative_to(mount["target"]), file
+    assert flags["--tls-ca"] == worker["environment"].get("SHARDSTREAM_TLS_CLIENT_CA", "")
+    assert flags["--tls-server-name"] == "worker", "the name the ranks dial"
+
+    # Kubernetes: an exec probe with time for the command to start.
+    [probe_yaml] = [b for b in _readme_blocks(section, "yaml") if "exec:" in b]
+    [(name, probe)] = _yaml().safe_load(probe_yaml).items()
+    assert name in ("startupProbe", "readinessProbe", "livenessProbe"), name
+    command = probe["exec"]["command"]
+    assert command[:3] == ["shardstream", "health", f"127.0.0.1:{PORT}"], command
+    flags = _flags(shlex.join(command))
+    assert {"--tls-ca", "--tls-server-name"} <= set(flags), flags
+    assert probe["timeoutSeconds"] >= float(flags["--timeout"]) + 1, "the command's start"
+
+
+def test_readme_starts_the_trainers_after_the_workers_are_ready() -> None:
+    """docker/README.md applies the Deployment, waits for its rollout (longer than the
+    startup probe allows for indexing), then the Job."""
+    section = _readme_section("Kubernetes")
+    [steps] = [b for b in _readme_blocks(section, "bash") if "trainer-job.yaml" in b]
+    lines = steps.replace("\\\n", " ").splitlines()
+    deployment = _k8s("Deployment")
+    name = deployment["metadata"]["name"]
+
+    def index(needle: str) -> int:
+        [i] = [i for i, line in enumerate(lines) if needle in line]
+        return i
+
+    applied = index("-f docker/k8s/worker-deployment.yaml")
+    waited = index(f"kubectl rollout status deployment/{name} ")
+    job = index("kubectl apply -f docker/k8s/trainer-job.yaml")
+    assert applied < waited < job, steps
+    timeout = re.search(r"--timeout=(\w+)", lines[waited])
+    assert timeout, "kubectl rollout status without --timeout waits forever"
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    startup = container["startupProbe"]
+    assert _seconds(timeout.group(1)) > startup["periodSeconds"] * startup["failureThreshold"]
 
 
 # --- what the files refer to ------------------------------------------------------

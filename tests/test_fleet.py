@@ -1,31 +1,48 @@
 """The fleet docker/compose.yaml describes, run locally: the same worker command, the
 same environment (read from the compose file and the Dockerfile), the same dataset
-command; then a rolling restart of every worker during an epoch, exactly once."""
+command; then a rolling restart of every worker during an epoch, exactly once. And the
+TLS override of docker/README.md: its health check against a worker it configures."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
+from test_docker_static import compose_tls_override, image_env, image_health_check
 
 from shardstream.client import Loader
+from shardstream.server import make_dataset
 from shardstream.server._process import WorkerProcess
+
+from tls_certs import make_certs
 
 DOCKER = Path(__file__).parent.parent / "docker"
 
 
-def compose_worker_env(data_root: Path) -> dict[str, str]:
-    """The worker environment: the Dockerfile's ENV defaults, then compose's environment."""
-    env = dict(re.findall(r"(SHARDSTREAM_[A-Z_]+)=(\S+)", (DOCKER / "Dockerfile").read_text()))
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    env.update({k: str(v) for k, v in compose["services"]["worker"]["environment"].items()})
-    env["SHARDSTREAM_DATA_ROOT"] = str(data_root)  # the volume's mount point, here
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = importlib.import_module("yaml").safe_load(
+        (DOCKER / "compose.yaml").read_text()
+    )
+    return doc
+
+
+def compose_worker_env(data_root: Path, cache_dir: Path) -> dict[str, str]:
+    """The worker environment: the Dockerfile's ENV, then compose's environment; the
+    volumes' mount points (data, digest cache) are directories of this host here."""
+    env = {k: v for k, v in image_env().items() if k.startswith("SHARDSTREAM_")}
+    env.update({k: str(v) for k, v in _compose()["services"]["worker"]["environment"].items()})
+    env["SHARDSTREAM_DATA_ROOT"] = str(data_root)
+    assert env["SHARDSTREAM_CACHE_DIR"] != "off"
+    env["SHARDSTREAM_CACHE_DIR"] = str(cache_dir)
     env["SHARDSTREAM_HOST"] = "127.0.0.1"  # loopback only in tests
     env["SHARDSTREAM_PORT"] = "0"
     if "SHARDSTREAM_METRICS_PORT" in env:  # a port per container there, one host here
@@ -34,7 +51,7 @@ def compose_worker_env(data_root: Path) -> dict[str, str]:
 
 
 def make_compose_dataset(root: Path) -> int:
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose = _compose()
     command = compose["services"]["dataset"]["command"][0]
     args = re.search(r"shardstream make-dataset /data (.*?);", command)
     assert args, command
@@ -48,10 +65,9 @@ def make_compose_dataset(root: Path) -> int:
 
 
 async def test_rolling_restart_of_the_compose_fleet_is_exactly_once(tmp_path: Path) -> None:
-    records = make_compose_dataset(tmp_path)
-    env = compose_worker_env(tmp_path)
-    replicas = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["worker"]
-    n = replicas["deploy"]["replicas"]
+    records = make_compose_dataset(tmp_path / "data")
+    env = compose_worker_env(tmp_path / "data", tmp_path / "cache")
+    n = _compose()["services"]["worker"]["deploy"]["replicas"]
     assert env["SHARDSTREAM_DATASETS"] == "train=*.npz" and n == 3
 
     def start(port: int = 0) -> WorkerProcess:
@@ -117,3 +133,98 @@ async def test_rolling_restart_of_the_compose_fleet_is_exactly_once(tmp_path: Pa
     for epoch in range(2):
         ids = np.concatenate(seen[epoch])
         assert len(ids) == records and np.array_equal(np.sort(ids), np.arange(records))
+
+
+_SERVER_CERT_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:{name}
+authorityKeyIdentifier = keyid
+"""
+
+
+def _server_cert(ca_cert: Path, ca_key: Path, name: str, directory: Path) -> tuple[Path, Path]:
+    """A server certificate for DNS name `name`, signed by the CA (openssl)."""
+    config = directory / "server.cnf"
+    config.write_text(_SERVER_CERT_CONFIG.format(name=name))
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-new", "-config", str(config), "-extensions", "server",
+         "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
+         "-CA", str(ca_cert), "-CAkey", str(ca_key)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def _health_check(shell_command: str, port: int) -> subprocess.CompletedProcess[str]:
+    """A container health check, as Docker runs it: `/bin/sh -c`, with the container's
+    SHARDSTREAM_PORT and `shardstream` on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "SHARDSTREAM_PORT": str(port)}
+    return subprocess.run(
+        ["/bin/sh", "-c", shell_command], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+async def test_the_readme_tls_override_health_check_passes_against_its_worker(
+    tmp_path: Path,
+) -> None:
+    """docker/README.md's compose TLS override, on the compose worker: its health check
+    finds the worker SERVING over mTLS; the image's plaintext check, and the override's
+    without the probe's client certificate, report it unhealthy."""
+    override = compose_tls_override()["services"]["worker"]
+    [mount] = override["volumes"]
+    target, tls = mount["target"], tmp_path / "tls"  # the bind mount: target -> tls/
+    kind, test = override["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    test = test.replace("$$", "$")  # compose's escape; the container's shell expands
+    flags = dict(re.findall(r"(--tls-[a-z-]+) (\S+)", test))
+
+    def here(path: str) -> Path:
+        local = tls / Path(path).relative_to(target)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        return local
+
+    certs = make_certs(tmp_path / "made")
+    server_cert, server_key = _server_cert(
+        certs.ca_cert, certs.ca_key, flags["--tls-server-name"], tmp_path / "made"
+    )
+    env = override["environment"]
+    for name, made in (
+        ("SHARDSTREAM_TLS_CERT", server_cert),
+        ("SHARDSTREAM_TLS_KEY", server_key),
+        ("SHARDSTREAM_TLS_CLIENT_CA", certs.ca_cert),
+    ):
+        shutil.copy(made, here(env[name]))
+    shutil.copy(certs.ca_cert, here(flags["--tls-ca"]))
+    shutil.copy(certs.client_cert, here(flags["--tls-cert"]))
+    shutil.copy(certs.client_key, here(flags["--tls-key"]))
+
+    make_dataset(tmp_path / "data", shards=2, records=100, shape=(4, 4, 3))
+    worker_env = compose_worker_env(tmp_path / "data", tmp_path / "cache")
+    worker_env.update({k: str(here(v)) for k, v in env.items()})
+    worker_env["SHARDSTREAM_PROCESSES"] = "0"  # decoding in threads: only health matters
+    with await asyncio.to_thread(WorkerProcess.start, [], env=worker_env) as worker:
+        probe = test.replace(target, str(tls))
+        passed = await asyncio.to_thread(_health_check, probe, worker.port)
+        assert passed.returncode == 0 and "SERVING" in passed.stdout, passed
+
+        shell, flag, plain = image_health_check()
+        assert (shell, flag) == ("/bin/sh", "-c")
+        failed = await asyncio.to_thread(_health_check, plain, worker.port)
+        assert failed.returncode == 1 and "UNAVAILABLE" in failed.stderr, failed  # handshake
+
+        client = f"--tls-cert {flags['--tls-cert']} --tls-key {flags['--tls-key']}"
+        without = probe.replace(client.replace(target, str(tls)), "")
+        assert without != probe, "the probe's client certificate flags, together"
+        failed = await asyncio.to_thread(_health_check, without, worker.port)
+        assert failed.returncode == 1 and "UNAVAILABLE" in failed.stderr, failed

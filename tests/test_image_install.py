@@ -2,8 +2,10 @@
 docker/Dockerfile runs it (wheels of this checkout with the image's extras, then only
 those wheels, no index) into a fresh virtualenv; that virtualenv's `shardstream-worker`
 then serves what the image promises: --metrics-port, WebDataset tar and Parquet shards,
-an fsspec (file://) data root. pip reaches the package index here (and keeps its cache:
-the image sets PIP_NO_CACHE_DIR=1, this test does not)."""
+an fsspec (file://) data root; and, started with the image's environment and a home it
+cannot write to (the image's user has none), keeps its digest cache where the image
+says and reuses it. pip reaches the package index here (and keeps its cache: the image
+sets PIP_NO_CACHE_DIR=1, this test does not)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_docker_static import image_env
 
 from shardstream.client import Loader
 from shardstream.server import make_dataset
@@ -48,10 +51,12 @@ def _scrape(port: int) -> str:
         return str(response.read().decode())
 
 
-@pytest.fixture
-def image_venv(tmp_path: Path) -> Iterator[Path]:
-    """A fresh virtualenv that install-worker.sh filled as the image's two stages do
-    (removed afterwards: with the wheels, about half a gigabyte)."""
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh virtualenv that install-worker.sh filled as the image's two stages do,
+    shared by this module's tests (removed afterwards: with the wheels, about half a
+    gigabyte)."""
+    tmp_path = tmp_path_factory.mktemp("image")
     venv = tmp_path / "venv"
     python = str(venv / "bin" / "python")
     _run([sys.executable, "-m", "venv", str(venv)], _env(venv))
@@ -71,7 +76,7 @@ def _env(venv: Path) -> dict[str, str]:
     return {**env, "PYTHON": str(venv / "bin" / "python"), "SHARDSTREAM_WDS_SIZE": str(SIZE)}
 
 
-def _start_worker(venv: Path, args: list[str]) -> WorkerProcess:
+def _start_worker(venv: Path, args: list[str], env: dict[str, str] | None = None) -> WorkerProcess:
     """The venv's `shardstream-worker` (the image's ENTRYPOINT), once it is SERVING."""
     proc = subprocess.Popen(
         [str(venv / "bin" / "shardstream-worker"), *args],
@@ -79,7 +84,7 @@ def _start_worker(venv: Path, args: list[str]) -> WorkerProcess:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(venv),
+        env=_env(venv) if env is None else env,
     )
     worker = WorkerProcess(proc, args)
     try:
@@ -132,3 +137,57 @@ async def test_the_image_install_serves_every_promised_feature(
 def _metrics_port(line: str) -> list[int]:
     match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
     return [int(match.group(1))] if match else []
+
+
+def _indexed(log: list[str]) -> str:
+    """The worker's "dataset ...: indexed N/N shards, K digests from the cache" line,
+    and any digest cache warning before it."""
+    lines = [line for line in log if "indexed" in line or "digest cache" in line]
+    assert lines, "\n".join(log)
+    return "\n".join(lines)
+
+
+async def test_the_image_worker_reuses_its_digest_cache(image_venv: Path, tmp_path: Path) -> None:
+    """Started as the image starts it (its ENV, a home that cannot be written: the
+    image's user has /nonexistent), the worker keeps its digests in SHARDSTREAM_CACHE_DIR
+    and a second start reads no shard; without that variable it has nowhere to keep them."""
+    shards = 4
+    data = tmp_path / "data"
+    make_dataset(data, shards=shards, records=RECORDS, shape=(SIZE, SIZE, 3))
+    image = image_env()
+    assert image["SHARDSTREAM_CACHE_DIR"] not in ("", "off")
+    cache = tmp_path / "cache"  # the image's directory (or the volume mounted there)
+    cache.mkdir()
+    blocked = tmp_path / "a-file"  # a home below a file: not writable, not even by root
+    blocked.write_text("")
+    env = {
+        "PATH": f"{image_venv / 'bin'}{os.pathsep}/usr/bin:/bin",
+        "HOME": str(blocked / "home"),
+        **image,
+        "SHARDSTREAM_CACHE_DIR": str(cache),
+        "SHARDSTREAM_DATA_ROOT": str(data),
+        "SHARDSTREAM_DATASETS": "train=*.npz",
+        "SHARDSTREAM_HOST": "127.0.0.1",  # loopback only in tests
+        "SHARDSTREAM_PORT": "0",
+    }
+
+    def run(env: dict[str, str]) -> str:
+        worker = _start_worker(image_venv, [], env)
+        try:
+            assert worker.terminate(30) == 0  # a drain, as `docker restart` asks
+        finally:
+            worker.close()
+        return _indexed(list(worker.log))
+
+    first = await asyncio.to_thread(run, env)
+    assert f"indexed {shards}/{shards} shards, 0 digests from the cache" in first, first
+    assert "cannot be used" not in first, first
+    assert (cache / "digests.sqlite3").is_file()
+    second = await asyncio.to_thread(run, env)
+    assert f"indexed {shards}/{shards} shards, {shards} digests from the cache" in second, second
+
+    # The same start without the image's SHARDSTREAM_CACHE_DIR: the home is all it has.
+    del env["SHARDSTREAM_CACHE_DIR"]
+    homeless = await asyncio.to_thread(run, env)
+    assert "digest cache" in homeless and "cannot be used" in homeless, homeless
+    assert "0 digests from the cache" in homeless, homeless
