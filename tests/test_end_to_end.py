@@ -248,6 +248,12 @@ async def test_client_statistics_and_prometheus_export(npz_root: Path) -> None:
     assert 'shardstream_client_records_total{dataset="train",rank="0"} 2000.0' in text
     assert 'shardstream_client_epochs_completed_total{dataset="train",rank="0"} 1.0' in text
     assert "shardstream_client_reads_in_flight" in text
+    for worker, n in stats.reads_by_worker.items():  # every counter of the statistics
+        assert (
+            f'shardstream_client_reads_total{{dataset="train",rank="0",worker="{worker}"}} {n}.0'
+            in text
+        )
+    assert 'shardstream_client_stragglers_total{dataset="train",rank="0"} 0.0' in text
 
 
 async def test_a_paused_consumer_bounds_the_reads_started(npz_root: Path) -> None:

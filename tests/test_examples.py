@@ -113,6 +113,8 @@ async def test_to_torch_and_iterable(npz_root: Path) -> None:
                 batches = list(loader)
             finally:
                 data.close()
+            stats = data.statistics()  # its loader's figures, also once closed
+            assert (stats.batches, stats.records) == (len(batches), N // 100 * 100)
             return len(batches), int(sum(int(b["id"].sum()) for b in batches))
 
         n, id_sum = await asyncio.to_thread(run)

@@ -43,18 +43,24 @@ class _LoaderCollector:
             ("shardstream_client_bytes", "bytes delivered", s.bytes),
             ("shardstream_client_wait_seconds", "time the consumer waited", s.wait_seconds),
             ("shardstream_client_records_skipped", "bad records skipped", s.records_skipped),
+            ("shardstream_client_stragglers", "reads moved off a straggling worker",
+             s.stragglers),
             ("shardstream_client_epochs_completed", "epochs iterated to the end",
              s.epochs_completed),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, doc, labels=names)
             counter.add_metric(values, value)
             yield counter
-        resumes = CounterMetricFamily(
-            "shardstream_client_resumes", "reads resumed elsewhere", labels=[*names, "worker"]
-        )
-        for worker, n in s.resumes_by_worker.items():
-            resumes.add_metric([*values, worker], n)
-        yield resumes
+        for name, doc, by_worker in (
+            ("shardstream_client_resumes", "reads resumed elsewhere", s.resumes_by_worker),
+            ("shardstream_client_reads", "read streams started", s.reads_by_worker),
+            ("shardstream_client_lane_bytes", "bytes received through a same-host lane",
+             s.lane_bytes_by_worker),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, doc, labels=[*names, "worker"])
+            for worker, n in by_worker.items():
+                family.add_metric([*values, worker], n)
+            yield family
         running = GaugeMetricFamily(
             "shardstream_client_reads_in_flight", "reads running", labels=[*names, "worker"]
         )

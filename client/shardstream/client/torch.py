@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shardstream.client._options import LoaderStatistics
 from shardstream.client._sync import SyncLoader
 
 __all__ = ["ShardstreamIterable", "to_torch"]
@@ -129,6 +130,11 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
     def __len__(self) -> int:
         self._ensure_open()
         return self._loader.batches_per_epoch()
+
+    def statistics(self) -> LoaderStatistics:
+        """The figures of its loader (`Loader.statistics`); after `close()`, of the last
+        one it opened (iterating again opens another, which counts from zero)."""
+        return self._loader.statistics()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if get_worker_info() is not None:
