@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +127,22 @@ async def collect_epoch(loader: Loader, epoch: int) -> list[dict[str, np.ndarray
 
 def ids_of(batches: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([b["id"] for b in batches]) if batches else np.array([], np.int64)
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host has the IPv6 loopback address."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -26,7 +26,7 @@ from shardstream.client import Loader, SyncLoader
 from shardstream.client import _pool as pool_module
 from shardstream.client.errors import ConfigError, WorkersUnavailableError
 
-from conftest import RECORDS, worker_processes
+from conftest import RECORDS, until, worker_processes
 
 OPTS: dict[str, Any] = {"dataset": "train", "batch_size": 8, "seed": 3, "shuffle": True}
 WAIT = 60  # seconds: a bound that only a hang reaches, never a pacing
@@ -44,16 +44,6 @@ def _tasks() -> set[asyncio.Task[Any]]:
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def _settled(condition: Any) -> bool:
-    """Whether `condition()` holds within WAIT seconds (checked as the loop turns)."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 async def test_a_wait_for_a_batch_cancelled_by_a_timeout_loses_nothing(address: str) -> None:
@@ -186,9 +176,9 @@ async def test_a_loader_dropped_without_aclose_closes_its_reads_and_connections(
             await it.__anext__()
             del it, loader
             gc.collect()
-    assert await _settled(lambda: _tasks() <= tasks), _tasks() - tasks
+    await until(lambda: _tasks() <= tasks, WAIT, "the dropped loaders' tasks end")
     gc.collect()
-    assert await _settled(lambda: _fds() <= fds + 1), (fds, _fds())
+    await until(lambda: _fds() <= fds + 1, WAIT, "their sockets close")
     dropped = [r for r in caplog.records if "garbage-collected while open" in r.getMessage()]
     assert len(dropped) == 3
 
@@ -275,7 +265,7 @@ async def test_workers_whose_address_is_gone_from_the_name_are_let_go(
     monkeypatch.setattr(_resolve, "resolve_all", churn)
     async with Loader(f"dns:///{host}:{port}", **OPTS, resolve_interval=0.01) as loader:
         tasks = len(_tasks())
-        assert await _settled(lambda: passes >= 40)
+        await until(lambda: passes >= 40, WAIT, "40 resolutions")
         assert len(loader.statistics().reads_in_flight) <= 1 + pool_module.RETIRE_AFTER + 1
         assert len(_tasks()) <= tasks + 4 * (pool_module.RETIRE_AFTER + 1)  # not 3 x 40
         assert sum([len(b["id"]) async for b in loader.epoch(0)]) == RECORDS

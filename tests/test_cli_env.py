@@ -18,9 +18,10 @@ MODULES = {"shardstream": "shardstream.cli", "shardstream-worker": "shardstream.
 
 
 def run(
-    script: str, *args: str, env: dict[str, str] | None = None
+    script: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """A console script (`python -m` where it is not installed next to this Python)."""
+    """A console script (`python -m` where it is not installed next to this Python),
+    without SHARDSTREAM_* variables from the calling shell."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDSTREAM_")}
     path = BIN / script
     command = [str(path)] if path.exists() else [sys.executable, "-m", MODULES[script]]
@@ -28,8 +29,9 @@ def run(
         [*command, *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**clean, **(env or {})},
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
 

@@ -14,33 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_cli_env import BIN, run
 
 from shardstream.server import DatasetSpec, WorkerConfig, _pool, make_dataset
 from shardstream.server.cli import build_parser as build_worker_parser
 from shardstream.server.cli import config_from_args
 from shardstream.server.transforms import horizontal_flip, resize
-
-BIN = Path(sys.executable).parent
-MODULES = {"shardstream": "shardstream.cli", "shardstream-worker": "shardstream.server"}
-
-
-def run(
-    script: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """A console script (`python -m` where it is not installed next to this Python),
-    without SHARDSTREAM_* variables from the calling shell."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDSTREAM_")}
-    path = BIN / script
-    command = [str(path)] if path.exists() else [sys.executable, "-m", MODULES[script]]
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**clean, **(env or {})},
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def usage_error(r: subprocess.CompletedProcess[str], *words: str) -> str:

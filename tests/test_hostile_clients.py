@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,7 @@ from shardstream.server._process import WorkerProcess
 from shardstream.server._security import ServerSecurity
 from shardstream.v1 import shardstream_pb2 as pb
 
-from conftest import collect_epoch, ids_of
+from conftest import collect_epoch, ids_of, ipv6_loopback, until
 
 MiB = 1 << 20
 RECORDS = 6_000  # of 3 KiB: 18 MB, so a stream has chunks left to hold
@@ -57,15 +57,6 @@ def status_mb(pid: int) -> dict[str, float]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -205,15 +196,6 @@ def in_process(root: Path, **kw: object) -> WorkerConfig:
     options: dict[str, object] = {"processes": 0, "port": 0, "chunk_bytes": CHUNK}
     options.update(kw)
     return WorkerConfig(data_root=root, datasets=(DatasetSpec.parse("train=*.npz"),), **options)  # type: ignore[arg-type]
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="needs ::1 beside 127.0.0.1: two client hosts")

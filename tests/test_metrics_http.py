@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +22,9 @@ import pytest
 from shardstream._common.metricshttp import DEFAULT_MAX_CONNECTIONS, MetricsServer
 from shardstream.server._process import WorkerProcess
 
-from conftest import worker_processes
+from conftest import ipv6_loopback, until, worker_processes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -156,15 +148,6 @@ def test_a_new_connection_takes_the_place_of_the_oldest_idle_one() -> None:
             assert not closed_by_peer(second)
     finally:
         server.close()
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="needs the IPv6 loopback address")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,7 +20,7 @@ from shardstream.server._metrics import UTILIZATION_RESOLUTION, _DecodingCollect
 from shardstream.server._wire import ReadArgs
 from shardstream.v1 import shardstream_pb2 as pb
 
-from conftest import collect_epoch, worker_config
+from conftest import collect_epoch, until, worker_config
 
 pytest.importorskip("prometheus_client", reason="needs shardstream[metrics]")
 
@@ -39,14 +37,6 @@ def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("big")
     make_dataset(root, shards=1, records=BIG, shape=BIG_SHAPE, format="npz")
     return root
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def scrape(worker: Worker) -> dict[str, float]:
