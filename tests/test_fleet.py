@@ -135,36 +135,6 @@ async def test_rolling_restart_of_the_compose_fleet_is_exactly_once(tmp_path: Pa
         assert len(ids) == records and np.array_equal(np.sort(ids), np.arange(records))
 
 
-_SERVER_CERT_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[server]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:{name}
-authorityKeyIdentifier = keyid
-"""
-
-
-def _server_cert(ca_cert: Path, ca_key: Path, name: str, directory: Path) -> tuple[Path, Path]:
-    """A server certificate for DNS name `name`, signed by the CA (openssl)."""
-    config = directory / "server.cnf"
-    config.write_text(_SERVER_CERT_CONFIG.format(name=name))
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-new", "-config", str(config), "-extensions", "server",
-         "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-         "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
-         "-CA", str(ca_cert), "-CAkey", str(ca_key)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 def _health_check(shell_command: str, port: int) -> subprocess.CompletedProcess[str]:
     """A container health check, as Docker runs it: `/bin/sh -c`, with the container's
     SHARDSTREAM_PORT and `shardstream` on PATH."""
@@ -194,10 +164,8 @@ async def test_the_readme_tls_override_health_check_passes_against_its_worker(
         local.parent.mkdir(parents=True, exist_ok=True)
         return local
 
-    certs = make_certs(tmp_path / "made")
-    server_cert, server_key = _server_cert(
-        certs.ca_cert, certs.ca_key, flags["--tls-server-name"], tmp_path / "made"
-    )
+    certs = make_certs(tmp_path / "made", server_names=(flags["--tls-server-name"],))
+    server_cert, server_key = certs.server_cert, certs.server_key
     env = override["environment"]
     for name, made in (
         ("SHARDSTREAM_TLS_CERT", server_cert),
