@@ -269,3 +269,56 @@ async def test_workers_whose_address_is_gone_from_the_name_are_let_go(
         assert len(loader.statistics().reads_in_flight) <= 1 + pool_module.RETIRE_AFTER + 1
         assert len(_tasks()) <= tasks + 4 * (pool_module.RETIRE_AFTER + 1)  # not 3 x 40
         assert sum([len(b["id"]) async for b in loader.epoch(0)]) == RECORDS
+
+
+async def test_a_worker_let_go_while_it_is_described_gets_no_read(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read chose a worker that joined and was being described when two resolutions
+    without its address let it go: the read got its released connection (no stub)."""
+    options = Loader(address, **OPTS).config.pool_options()
+    async with pool_module.WorkerPool([address], options) as pool:
+        (real,) = pool.conns
+        real.assigned = 1  # the next read tries the new worker first
+        asked, answer = asyncio.Event(), asyncio.Event()
+
+        async def described_late(conn: Any, desc: Any, how: Any) -> None:
+            asked.set()
+            await answer.wait()
+            conn.verified = True
+
+        monkeypatch.setattr(pool_module, "verify", described_late)
+        joined = pool._add("127.0.0.1:9")  # never asked: its description is stood in for
+        joined.serving = True
+        loop = asyncio.get_running_loop()
+        lease = asyncio.ensure_future(pool._acquire(loop.time() + WAIT, {}, None))
+        await asyncio.wait_for(asked.wait(), WAIT)
+        for _ in range(pool_module.RETIRE_AFTER):
+            pool._resolved([address], True)
+        answer.set()
+        conn = await asyncio.wait_for(lease, WAIT)
+        conn.outstanding -= 1
+        assert joined not in pool.conns
+        assert conn is real
+
+
+def test_a_torch_iterable_opens_again_after_its_workers_were_not_up(npz_root: Path) -> None:
+    """A first use before the workers are up fails; the next use, once they are, works
+    (it said to "create a new SyncLoader", which a torch user never made)."""
+    import socket
+
+    from shardstream.client.torch import ShardstreamIterable
+    from shardstream.server._process import WorkerProcess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = ShardstreamIterable(f"127.0.0.1:{port}", **OPTS, describe_timeout=0.2)
+    try:
+        with pytest.raises(WorkersUnavailableError):
+            len(data)
+        args = ["--data-root", str(npz_root), "--dataset", "train=*.npz", "--processes", "0"]
+        with WorkerProcess.start([*args, "--port", str(port)]):
+            assert len(data) == RECORDS // OPTS["batch_size"]
+    finally:
+        data.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import subprocess
@@ -320,6 +321,25 @@ async def test_a_client_checks_its_tls_files_as_tls_uses_them(certs: Certs) -> N
     )
     with raises(str(certs.client_cert), str(certs.other_client_key), "do not match"):
         secure_channel("127.0.0.1:1", [], mismatched)
+
+
+async def test_a_client_takes_every_valid_tls_file(tmp_path: Path, certs: Certs) -> None:
+    """What the checks above must not refuse: a CA bundle with UTF-8 comments between its
+    certificates (certifi's layout; it was a bare TypeError), and a client key that
+    OpenSSL's default security level calls too small (gRPC judges key sizes itself)."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Issuer: CN=Főtanúsítvány\n".encode() + certs.ca_cert.read_bytes() * 2)
+    key, cert = tmp_path / "small.key", tmp_path / "small.crt"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-days", "1",
+         "-subj", "/CN=small", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    channel = secure_channel(
+        "127.0.0.1:1", [], ClientSecurity(tls_ca=bundle, tls_cert=cert, tls_key=key)
+    )
+    await channel.close()
 
 
 def test_watched_files_take_up_changes_and_keep_the_last_good(

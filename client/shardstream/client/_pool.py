@@ -225,13 +225,17 @@ class WorkerPool:
         use it from then on (until then, and without one, chunks come as bytes)."""
         conn.lane_opening = True
         try:
-            conn.lane = await open_lane(
+            lane = await open_lane(
                 conn.stub,
                 slots=self.options.lane_slots,
                 slot_bytes=self.options.lane_slot_bytes,
             )
         finally:
             conn.lane_opening = False
+        if lane is not None and conn not in self.conns:  # let go meanwhile (`_retire`)
+            lane.close("its worker's address is gone")
+            return
+        conn.lane = lane
 
     def lane_lost(self, conn: Conn) -> None:
         """`conn`'s lane ended (its worker restarted, say): ask for a new one."""
@@ -288,7 +292,8 @@ class WorkerPool:
             ready = usable if share is None else self._within_share(usable, share())
             if ready:
                 conn = min(ready, key=lambda c: (c.outstanding, c.assigned))
-                if await self._agrees(conn, attempts):
+                # (a worker let go while it was being described is chosen no more)
+                if await self._agrees(conn, attempts) and conn in self.conns:
                     conn.outstanding += 1
                     conn.assigned += 1
                     return conn

@@ -89,6 +89,11 @@ class SyncLoader:
         except CancelledError:  # `close` cancelled it with every task of its loop
             raise _Closed("the SyncLoader was closed") from None
 
+    @property
+    def closed(self) -> bool:
+        """Whether it was closed (or failed to open): a SyncLoader opens once."""
+        return self._loader.closed
+
     def _refuse_closed(self) -> None:
         if self._loader.closed:
             raise RuntimeError(

@@ -186,7 +186,9 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
     def _ensure_open(self) -> None:
         if self._open:
             return
-        if self._closed_state is not None:  # used again after close(): go on from there
+        if self._closed_state is not None or self._loader.closed:
+            # used again after close() (go on from there), or after a failed open (the
+            # workers were not up yet: try again)
             self._loader = SyncLoader(self._addresses, **self._options)
         self._loader.open()
         self._open = True
