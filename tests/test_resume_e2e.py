@@ -239,3 +239,32 @@ async def test_an_epoch_past_the_wire_is_a_config_error(npz_root: Path) -> None:
         async with Loader([worker.address], dataset="train", batch_size=8) as loader:
             with pytest.raises(ConfigError, match=r"epoch must be an int in \[0, 2\*\*63 - 1\]"):
                 loader.epoch(2**64)
+
+
+@pytest.mark.parametrize("api", ["SyncLoader", "torch"])
+def test_a_ledger_holds_what_the_training_loop_got_not_what_was_fetched_ahead(
+    npz_root: Path, tmp_path: Path, api: str
+) -> None:
+    """A SyncLoader's pump takes batches ahead of the training loop: the ledger wrote
+    them as they were taken, so an epoch stopped (or killed) after K batches audited as
+    having delivered K + the hand-off's batches, and an unfinished epoch could pass."""
+    from shardstream.client import SyncLoader
+    from shardstream.client._ledger import audit
+    from shardstream.client.torch import ShardstreamIterable
+
+    ledger, taken = tmp_path / "ledger", 7
+    options = {"dataset": "train", "batch_size": 16, "ledger_dir": str(ledger)}
+    with worker_processes(npz_root, 1) as (worker,):
+        if api == "SyncLoader":
+            with SyncLoader(worker.address, **options) as loader:
+                got = [b for _, b in zip(range(taken), loader.epoch(0), strict=False)]
+        else:
+            data = ShardstreamIterable(worker.address, **options)
+            try:
+                got = [b for _, b in zip(range(taken), data, strict=False)]
+            finally:
+                data.close()
+    (epoch0,) = list(audit(ledger))
+    assert epoch0.received == sum(len(b["id"]) for b in got) == taken * 16
+    lines = (ledger / "epoch-00000" / "seg0-w1-r00000.jsonl").read_text().splitlines()
+    assert sum('"kind":"batch"' in line for line in lines) == taken

@@ -195,8 +195,9 @@ def _audit(args: argparse.Namespace) -> int:
         for ep in audit(args.directory):
             ok &= ep.ok
             verdict = "exactly once" if ep.ok else "NOT exactly once"
-            print(f"epoch {ep.epoch}: {ep.received} records received of {ep.expected} planned, "
-                  f"{ep.resumes} resumed reads: {verdict}")  # fmt: skip
+            skipped = f", {ep.skipped} skipped as bad" if ep.skipped else ""
+            print(f"epoch {ep.epoch}: {ep.received} records received of {ep.expected} planned"
+                  f"{skipped}, {ep.resumes} resumed reads: {verdict}")  # fmt: skip
             for sid, start, n in ep.missing[: args.limit]:
                 print(f"  missing    {sid} [{start}, {start + n})")
             for sid, start, n, times in ep.duplicated[: args.limit]:

@@ -17,9 +17,9 @@ rest were delivered again after the resume).
 from __future__ import annotations
 
 import json
-from collections import Counter
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -72,10 +72,13 @@ class LedgerWriter:
         self._batch_size = plan.batch_size
         self._index = {sid: i for i, sid in enumerate(header["shard_ids"])}
         self._skipped: set[tuple[int, int]] = set()
+        # Batches may be written from the consumer's thread, events from the loop's.
+        self._lock = threading.Lock()
         # The read size too: with shuffle_reads it cuts the blocks, so the audit needs it.
         self._write({"kind": "header", **header, "read_records": plan.read_records})
 
     def _write(self, obj: dict[str, Any]) -> None:
+        """One line (nothing once closed: an epoch stopped, whose consumer took no more)."""
         if self._file is not None:
             self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
@@ -83,21 +86,24 @@ class LedgerWriter:
         """Batch `index` of the plan reached the consumer."""
         a, b = index * self._batch_size, (index + 1) * self._batch_size
         s, x = self._shards[a:b], self._records[a:b]
-        if self._skipped:
-            keep = [(int(i), int(j)) not in self._skipped for i, j in zip(s, x, strict=True)]
-            s, x = s[np.array(keep, dtype=bool)], x[np.array(keep, dtype=bool)]
-        self._write({"kind": "batch", "index": index, "ranges": to_ranges(s, x)})
+        with self._lock:
+            if self._skipped:
+                keep = [(int(i), int(j)) not in self._skipped for i, j in zip(s, x, strict=True)]
+                s, x = s[np.array(keep, dtype=bool)], x[np.array(keep, dtype=bool)]
+            self._write({"kind": "batch", "index": index, "ranges": to_ranges(s, x)})
 
     def event(self, event: dict[str, Any]) -> None:
         """A resumed read or a skipped record (`kind` "resume" / "skip")."""
-        if event["kind"] == "skip":
-            self._skipped.add((self._index[event["shard"]], int(event["record"])))
-        self._write(event)
+        with self._lock:
+            if event["kind"] == "skip":
+                self._skipped.add((self._index[event["shard"]], int(event["record"])))
+            self._write(event)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Segment:
 
 MAX_LINE_BYTES = 16 << 20  # a ledger line longer than this is no ledger's
 MAX_AUDIT_RECORDS = 50_000_000  # records of one epoch an audit holds in memory
+MAX_AUDIT_WORLD = 1 << 16  # ranks whose plans an audit makes
 _SAME = ("dataset", "fingerprint", "shard_ids", "shard_records", "options", "epoch")
 
 
@@ -155,10 +162,28 @@ def _header(path: Path, header: Any) -> dict[str, Any]:
             raise TypeError("history is not a list of [world size, batches]")
         if header.get("read_records") is not None:
             _int(header["read_records"], 1)
-        PlanOptions(**header["options"])
+        if world > min(MAX_AUDIT_WORLD, sum(counts)):
+            raise ValueError(
+                f"world_size {world}: more ranks than records, or than an audit plans "
+                f"({MAX_AUDIT_WORLD})"
+            )
+        _options(header["options"])
     except (KeyError, TypeError, ValueError) as exc:
         raise LedgerError(f"{path}: not a ledger header ({exc})") from None
     return header
+
+
+def _options(options: dict[str, Any]) -> PlanOptions:
+    """The plan options of a header, each of its field's type (JSON has no other check)."""
+    kinds = {f.name: f.type for f in fields(PlanOptions)}
+    for key, value in options.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise TypeError(f"options has an unknown key {key!r}")
+        want = bool if kind == "bool" else str if kind == "Remainder" else int
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+            raise TypeError(f"options.{key} is not a {want.__name__}: {json.dumps(value)[:40]}")
+    return PlanOptions(**options)
 
 
 def _ranges(path: Path, number: int, line: Any, counts: Sequence[int]) -> list[Range]:
@@ -198,15 +223,19 @@ def _read(path: Path) -> _Segment:
             raise ValueError(f"{path}: empty ledger file")
         try:
             header = _header(path, json.loads(first[1]))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise LedgerError(f"{path}: the header line is not JSON") from None
         seg = _Segment(path, header)
         ids, counts = header["shard_ids"], header["shard_records"]
+        cut = 0  # a line that is not JSON: only the last may be (cut by a crash)
         for number, text in rows:
+            if cut:
+                raise LedgerError(f"{path}, line {cut}: not JSON, and not the file's last line")
             try:
                 line = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break  # a line cut by a crash: the batch was not recorded as received
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                cut = number  # the batch it held was not recorded as received
+                continue
             if not isinstance(line, dict):
                 raise LedgerError(f"{path}, line {number}: not a JSON object")
             kind = line.get("kind")
@@ -216,7 +245,12 @@ def _read(path: Path) -> _Segment:
                 seg.resumes += 1
             elif kind == "skip":
                 shard, record = line.get("shard"), line.get("record")
-                if shard not in ids or isinstance(record, bool) or not isinstance(record, int):
+                if (
+                    shard not in ids
+                    or isinstance(record, bool)
+                    or not isinstance(record, int)
+                    or not 0 <= record < counts[ids.index(shard)]
+                ):
                     raise LedgerError(f"{path}, line {number}: a skip of no record of the dataset")
                 seg.skipped.append((ids.index(shard), record))
             else:
@@ -233,6 +267,7 @@ class EpochAudit:
     duplicated: list[tuple[str, int, int, int]]  # shard id, start, count, times
     resumes: int
     unplanned: list[tuple[str, int, int]] = field(default_factory=list)  # received, not planned
+    skipped: int = 0  # records the loaders left out as bad (on_error="skip")
 
     @property
     def ok(self) -> bool:
@@ -258,7 +293,13 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
     options = PlanOptions(**first["options"])
     epoch = int(first["epoch"])
     read_records = int(first.get("read_records") or 1 << 30)  # older ledgers: any will do
-    received: Counter[tuple[int, int]] = Counter()
+    # Records are counted by their position in the dataset (shard after shard), with
+    # arrays: each range received is one +1 and one -1 in a difference array, so neither
+    # a range's length nor the number of times it is repeated costs more than one step.
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))])
+    total = int(offsets[-1])
+    starts: list[int] = []
+    ends: list[int] = []
     by_history = {_history_key(s.header["history"]) for s in segments}
     for seg in segments:
         h = _history_key(seg.header["history"])
@@ -272,49 +313,65 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
                 limit = min(limit, later[-1][1])
         for batch in seg.batches[:limit]:
             for s, start, n in batch:
-                for x in range(start, start + n):
-                    received[(s, x)] += 1
-    # What the epoch planned, from its first world size.
+                a = int(offsets[s]) + start
+                starts.append(a)
+                ends.append(a + n)
+    received = np.bincount(np.asarray(starts, np.int64), minlength=total + 1)
+    received -= np.bincount(np.asarray(ends, np.int64), minlength=total + 1)
+    np.cumsum(received, out=received)
+    received = received[:total]
+    # What the epoch planned, from its first world size: how many times each record (a
+    # `remainder="pad"` epoch plans some twice).
     roots = [s for s in segments if not s.header["history"]]
     world = int(roots[0].header["world_size"]) if roots else int(first["history"][0][0])
-    expected: set[tuple[int, int]] = set()
+    planned = []
     for r in range(world):
         plan = resume_plan(counts, epoch=epoch, rank=r, world_size=world, options=options,
                            read_records=read_records, history=[])  # fmt: skip
         sh, rec = slot_records(plan)
-        expected.update(zip(sh.tolist(), rec.tolist(), strict=True))
-    skipped = {x for seg in segments for x in seg.skipped}
-    missing = sorted(expected - set(received) - skipped)
-    unplanned = sorted(set(received) - expected)
-    dup = sorted((k, v) for k, v in received.items() if v > 1)
+        planned.append(offsets[sh] + rec)
+    expected = np.bincount(np.concatenate(planned), minlength=total) if planned else received * 0
+    skipped = np.zeros(total, bool)
+    for seg in segments:
+        for s, x in seg.skipped:
+            skipped[offsets[s] + x] = True
+    missing = np.flatnonzero((received < expected) & ~skipped)
+    unplanned = np.flatnonzero((expected == 0) & (received > 0))
+    dup = np.flatnonzero((received > expected) & (expected > 0))
     return EpochAudit(
         epoch=epoch,
-        expected=len(expected),
-        received=sum(received.values()),
-        missing=[(ids[s], a, n) for s, a, n in to_ranges(*_split(missing))],
-        duplicated=_dup_ranges(dup, ids),
+        expected=int(expected.sum()),
+        received=int(received.sum()),
+        missing=[(ids[s], a, n) for s, a, n, _ in _runs(missing, offsets)],
+        duplicated=[(ids[s], a, n, t) for s, a, n, t in _runs(dup, offsets, received[dup])],
         resumes=sum(s.resumes for s in segments),
-        unplanned=[(ids[s], a, n) for s, a, n in to_ranges(*_split(unplanned))],
+        unplanned=[(ids[s], a, n) for s, a, n, _ in _runs(unplanned, offsets)],
+        skipped=int(skipped.sum()),
     )
 
 
-def _split(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    if not pairs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    arr = np.array(pairs, dtype=np.int64)
-    return arr[:, 0], arr[:, 1]
+MAX_REPORTED_RANGES = 100_000  # of each kind, in an audit's lists (a ruined ledger has many)
 
 
-def _dup_ranges(
-    dup: Sequence[tuple[tuple[int, int], int]], ids: Sequence[str]
-) -> list[tuple[str, int, int, int]]:
-    out: list[tuple[str, int, int, int]] = []
-    for (s, x), times in dup:
-        if out and out[-1][0] == ids[s] and out[-1][1] + out[-1][2] == x and out[-1][3] == times:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1, times)
-        else:
-            out.append((ids[s], x, 1, times))
-    return out
+def _runs(
+    positions: np.ndarray[Any, Any],
+    offsets: np.ndarray[Any, Any],
+    times: np.ndarray[Any, Any] | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """(shard, start, count, times) of each run of consecutive dataset positions in one
+    shard (with `times`: of equal times), the first `MAX_REPORTED_RANGES`."""
+    if not len(positions):
+        return []
+    shard = np.searchsorted(offsets, positions, side="right") - 1
+    t = np.zeros(len(positions), np.int64) if times is None else np.asarray(times, np.int64)
+    breaks = (np.diff(positions) != 1) | (np.diff(shard) != 0) | (np.diff(t) != 0)
+    heads = np.concatenate([[0], np.flatnonzero(breaks) + 1])
+    lengths = np.diff(np.concatenate([heads, [len(positions)]]))
+    heads, lengths = heads[:MAX_REPORTED_RANGES], lengths[:MAX_REPORTED_RANGES]
+    return [
+        (int(s), int(p - offsets[s]), int(n), int(k))
+        for s, p, n, k in zip(shard[heads], positions[heads], lengths, t[heads], strict=True)
+    ]
 
 
 def audit(directory: Path) -> Iterator[EpochAudit]:

@@ -166,6 +166,9 @@ class EpochIterator:
         self._progress = asyncio.Event()  # the consumer freed a read slot
         # Set by a consumer that counts its own waiting (SyncLoader's hand-off).
         self.external_wait = False
+        # The ledger's batch lines are the caller's to write as batches reach its consumer
+        # (`delivered`, `finish_ledger`): a SyncLoader's pump takes batches ahead of it.
+        self.ledger_by_caller = False
 
     @property
     def finished(self) -> bool:
@@ -196,14 +199,16 @@ class EpochIterator:
         if isinstance(item, EndOfEpoch):
             self.counters.seconds = time.perf_counter() - self._began
             self._finished = self.completed = True
-            self._close_ledger()
+            if not self.ledger_by_caller:
+                self._close_ledger()
             raise StopAsyncIteration
         if isinstance(item, Failure):
             self._finished = True
-            self._close_ledger()
+            if not self.ledger_by_caller:
+                self._close_ledger()
             raise item.error
         c = self.counters
-        if self._ledger is not None:
+        if self._ledger is not None and not self.ledger_by_caller:
             self._ledger.batch(c.batches)
         c.batches += 1
         if not self.external_wait:
@@ -262,6 +267,15 @@ class EpochIterator:
     def _close_ledger(self) -> None:
         if self._ledger is not None:
             self._ledger.close()
+
+    def delivered(self, index: int) -> None:
+        """Batch `index` reached the consumer (with `ledger_by_caller`; any thread)."""
+        if self._ledger is not None:
+            self._ledger.batch(index)
+
+    def finish_ledger(self) -> None:
+        """The consumer is done with the epoch (with `ledger_by_caller`; any thread)."""
+        self._close_ledger()
 
     async def aclose(self) -> None:
         """Stop the epoch early: cancel its reads (idempotent). A consumer waiting for a

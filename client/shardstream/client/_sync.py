@@ -255,6 +255,7 @@ class SyncLoader:
             with self._lock:
                 position = self._position = _Position(iterator)
             iterator.external_wait = True  # the caller's own waiting is counted below
+            iterator.ledger_by_caller = True  # and what it receives is what it got
             handoff.pump = self._loader._spawn(_pump(iterator, handoff))
             return iterator, position, handoff.pump
 
@@ -295,12 +296,14 @@ class SyncLoader:
                     return
                 if isinstance(item, Failure):
                     raise item.error
+                iterator.delivered(position.batches)
                 position.batches += 1
                 iterator.counters.waited_for_batch(waited)
                 # The epoch's duration as the caller sees it (the loader runs ahead).
                 iterator.counters.seconds = time.perf_counter() - began
                 yield cast(Batch, item)
         finally:
+            iterator.finish_ledger()
             handoff.close()
             with self._lock:
                 self._handoffs.discard(handoff)
