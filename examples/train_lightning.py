@@ -43,6 +43,8 @@ class TinyModel(L.LightningModule):  # type: ignore[misc]
         super().__init__()
         self.layer = torch.nn.Linear(features, 10)
         self.record = record
+        if record is not None:
+            record.mkdir(parents=True, exist_ok=True)  # every rank: whichever comes first
 
     def training_step(self, batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         x = batch["image"].reshape(len(batch["image"]), -1).float() / 255.0

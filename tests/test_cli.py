@@ -142,3 +142,20 @@ def test_consume_names_unreachable_workers() -> None:
         f"shardstream consume: {b}",
     ]
     assert all("Connection refused" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("command", ["inspect", "health"])
+def test_a_reader_that_leaves_early_ends_the_output_quietly(npz_root: Path, command: str) -> None:
+    """`shardstream inspect ... | head` printed a BrokenPipeError traceback."""
+    with worker_processes(npz_root, 1) as (worker,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardstream.cli", command, worker.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone before the first line
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 1

@@ -285,6 +285,11 @@ def test_client_config_validation(tmp_path: Path, certs: Certs) -> None:
     with raises("auth_token", "empty"):
         ClientSecurity(auth_token=" ")
     assert TOKEN not in repr(ClientSecurity(auth_token=TOKEN))
+    # paths as the README writes them, strings: read as paths (were an AttributeError)
+    as_text = ClientSecurity(tls_ca=str(certs.ca_cert), auth_token_file=str(tmp_path / "t"))
+    assert as_text.tls_ca == certs.ca_cert and as_text.auth_token_file == tmp_path / "t"
+    with pytest.raises(TypeError, match="tls_ca must be a path"):
+        ClientSecurity(tls_ca=b"ca.pem")  # type: ignore[arg-type]
     assert not ClientSecurity().tls
     assert ClientSecurity(tls_cert=certs.client_cert, tls_key=certs.client_key).tls
     assert call_metadata(None) == ()

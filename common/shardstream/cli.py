@@ -8,8 +8,9 @@ import shardstream._common.environment  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -356,7 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"shardstream {args.command}: error: {exc}", file=sys.stderr)
             return 2
-    return COMMANDS[args.command](args)
+    return _to_stdout(COMMANDS[args.command], args)
+
+
+def _to_stdout(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command whose output may go to a reader that leaves early (`| head`): a
+    closed pipe ends it quietly, exit status 1, rather than with a traceback."""
+    try:
+        code = command(args)
+        sys.stdout.flush()  # here, not at exit, where its error is a traceback
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 def build_health_parser() -> UsageParser:
@@ -375,7 +388,7 @@ def health_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"shardstream-health: error: {exc}", file=sys.stderr)
         return 2
-    return _health(args)
+    return _to_stdout(_health, args)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ class ClientSecurity:
     auth_token_file: Path | None = None  # file holding the bearer token (instead of auth_token)
 
     def __post_init__(self) -> None:
+        for name in ("tls_ca", "tls_cert", "tls_key", "auth_token_file"):
+            value = getattr(self, name)
+            if isinstance(value, str | os.PathLike):  # "ca.pem" as well as Path("ca.pem")
+                object.__setattr__(self, name, Path(value))
+            elif value is not None:
+                raise TypeError(f"{name} must be a path (str or Path), got {type(value).__name__}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 "a client certificate needs its private key: "
