@@ -153,3 +153,32 @@ def test_a_range_repeated_many_times_is_counted_once_per_range(
     (epoch,) = list(audit(copy))
     # received 5000 times, planned once (twice where the epoch pads: 5001 then)
     assert {times for *_, times in epoch.duplicated} <= {5000, 5001} and not epoch.ok
+
+
+def test_two_runs_from_the_same_point_are_named_not_counted_together(
+    ledger: Path, tmp_path: Path, npz_root: Path
+) -> None:
+    """A run restarted from the epoch's start with another world size wrote beside the
+    abandoned run's files, and the audit counted both: a correct epoch "duplicated"."""
+    copy, _ = _copy(ledger, tmp_path)
+
+    async def abandoned() -> None:  # 2 ranks that took a few batches, then were given up
+        async with running_workers(npz_root, 1) as (worker,):
+            for rank in range(2):
+                async with Loader(
+                    worker.address, dataset="train", batch_size=16, rank=rank, world_size=2,
+                    remainder="pad", ledger_dir=str(copy),
+                ) as loader:  # fmt: skip
+                    it = loader.epoch(0)
+                    for _ in range(3):
+                        await it.__anext__()
+
+    asyncio.run(abandoned())
+    with pytest.raises(LedgerError, match="runs of 2 and of 3 ranks started this epoch"):
+        list(audit(copy))
+
+
+def test_an_empty_file_cannot_be_audited(ledger: Path, tmp_path: Path) -> None:
+    copy, files = _copy(ledger, tmp_path)
+    files[0].write_bytes(b"")  # killed before its header was written
+    assert cli(["audit", str(copy)]) == 1

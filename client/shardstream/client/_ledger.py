@@ -219,8 +219,8 @@ def _read(path: Path) -> _Segment:
 
         rows = lines()
         first = next(rows, None)
-        if first is None:
-            raise ValueError(f"{path}: empty ledger file")
+        if first is None:  # (a kill before the header was written)
+            raise LedgerError(f"{path}: empty ledger file")
         try:
             header = _header(path, json.loads(first[1]))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -288,6 +288,18 @@ def audit_epoch(segments: Sequence[_Segment]) -> EpochAudit:
                     f"({json.dumps(seg.header[key])[:80]} vs {json.dumps(first[key])[:80]}): "
                     "not the ranks of one epoch"
                 )
+    worlds: dict[tuple[tuple[int, int], ...], dict[int, Path]] = {}
+    for seg in segments:  # one run from each point of the epoch, or no telling which
+        at = worlds.setdefault(_history_key(seg.header["history"]), {})
+        at.setdefault(int(seg.header["world_size"]), seg.path)
+        if len(at) > 1:
+            (w1, p1), (w2, p2) = sorted(at.items())[:2]
+            raise LedgerError(
+                f"{p1} and {p2}: runs of {w1} and of {w2} ranks started this epoch "
+                "from the same point (a restart from the same state, or from the epoch's "
+                "start, with another world size): the files of the run that was abandoned "
+                "are stale; move them out of the ledger, or give each run its own ledger"
+            )
     counts = first["shard_records"]
     ids = first["shard_ids"]
     options = PlanOptions(**first["options"])
