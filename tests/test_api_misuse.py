@@ -322,3 +322,18 @@ def test_a_torch_iterable_opens_again_after_its_workers_were_not_up(npz_root: Pa
             assert len(data) == RECORDS // OPTS["batch_size"]
     finally:
         data.close()
+
+
+async def test_workers_are_asked_for_the_whole_describe_timeout() -> None:
+    """A worker refusing connections was given up once the next backoff would pass the
+    deadline (26 s of the default 30), while the error said "within 30.0s"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nothing listens on: connections are refused
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(WorkersUnavailableError, match=r"within 1\.5s"):
+            async with Loader(f"127.0.0.1:{port}", **OPTS, describe_timeout=1.5):
+                pass
+    assert time.monotonic() - t0 >= 1.5

@@ -171,11 +171,12 @@ async def _describe_patiently(conn: Conn, how: Describing) -> DatasetDesc:
                 how.dataset, timeout=max(0.1, remaining), wait_for_ready=False
             )
         except grpc.aio.AioRpcError as exc:
-            if not is_retryable(exc) or loop.time() + delay >= deadline:
+            left = deadline - loop.time()
+            if not is_retryable(exc) or left <= 0:
                 raise
         except ProtocolError as exc:
             raise _naming(exc, conn, how) from None
-        await asyncio.sleep(delay)
+        await asyncio.sleep(min(delay, left))  # the last try at the deadline, not before
         delay = min(delay * 2, how.backoff_cap)
 
 
