@@ -38,15 +38,17 @@ def read_ragged_chunks(
     chunk_bytes: int,
     max_message_bytes: int,
     pipeline: Pipeline | None = None,
-) -> list[tuple[int, bytes]]:
-    """Records [start, start + count) as serialized chunks: (records, message) each."""
+) -> list[tuple[int, bytes, int]]:
+    """Records [start, start + count) as serialized chunks: (records, message, bytes of
+    the records' data and lengths) each."""
     arrays = decode_checked(ref, path, stamp, start, count, schema, shard_id, pipeline)
     room = max_message_bytes - chunk_overhead(schema, len(shard_id.encode()))
     sizes = record_sizes(arrays, schema, count)
     out = []
     for a, b in split_sizes(sizes, min(chunk_bytes, room), room, start, max_message_bytes):
         part = {k: v[a:b] for k, v in arrays.items()}
-        out.append((b - a, encode_chunk(start + a, part, shard_id, schema)))
+        message = encode_chunk(start + a, part, shard_id, schema)
+        out.append((b - a, message, int(sizes[a:b].sum())))
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -181,7 +181,7 @@ class ChunkStreamer:
         try:
             while at < end:
                 count = min(step, end - at)
-                data: Sent | list[tuple[int, bytes]] = None
+                data: Sent | list[tuple[int, bytes, int]] = None
                 if pending is None and inline():
                     began = loop.time()
                     job = (ds.decoder, shard.path, shard.stamp, at, count, ds.schema, shard.id)
@@ -209,8 +209,8 @@ class ChunkStreamer:
                 at += count
                 # (records, message, bytes of the records' data)
                 out: list[tuple[int, bytes, int]]
-                if isinstance(data, list):  # ragged: the data's bytes are in the messages
-                    out = [(n, message, _data_bytes(message)) for n, message in data]
+                if isinstance(data, list):  # ragged: cut by their data's bytes, given with them
+                    out = data
                 else:  # a message, or one in a lane: the records' bytes are fixed
                     message = data[0] if isinstance(data, tuple) else data
                     out = [(count, message, count * ds.record_bytes)]
@@ -248,7 +248,7 @@ class ChunkStreamer:
             return None
         return message
 
-    async def _decode_ragged(self, job: tuple[Any, ...]) -> list[tuple[int, bytes]]:
+    async def _decode_ragged(self, job: tuple[Any, ...]) -> list[tuple[int, bytes, int]]:
         """`read_ragged_chunks` in the executor; a dead decoding process as ProcessDiedError."""
         loop = asyncio.get_running_loop()
         try:
@@ -456,43 +456,6 @@ class _Job:
         """From submission to its result (to now, if its callback has not run yet)."""
         done = self._loop.time() if self._done is None else self._done
         return done - self._submitted
-
-
-def _data_bytes(message: bytes) -> int:
-    """Bytes of data in a serialized `ReadResponse{chunk}` (`_wire.encode_chunk`): its
-    tensors' `data` and `lengths` fields, without keys, headers nor padding."""
-
-    def varint(i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = message[i]
-            value |= (byte & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if byte < 0x80:
-                return value, i
-
-    def fields(i: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """(field, start, end) of each length-delimited field in [i, stop)."""
-        while i < stop:
-            key, i = varint(i)
-            kind = key & 7
-            if kind == 0:
-                _, i = varint(i)
-            elif kind == 1 or kind == 5:
-                i += 8 if kind == 1 else 4
-            else:
-                size, i = varint(i)
-                yield key >> 3, i, i + size
-                i += size
-
-    total = 0
-    for field, start, stop in fields(0, len(message)):
-        if field != 1:  # ReadResponse.chunk
-            continue
-        for part, begin, end in fields(start, stop):
-            if part == 3:  # Chunk.tensors: their data and lengths (Tensor fields 4, 5)
-                total += sum(e - b for f, b, e in fields(begin, end) if f in (4, 5))
-    return total
 
 
 def _data_error(ds: Dataset, shard: Shard, start: int, exc: Exception) -> RequestError:
