@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from shardstream._common.hosts import bare_host
+
 __all__ = ["MAX_REQUEST_BYTES", "MetricsServer"]
 
 log = logging.getLogger("shardstream.metrics")
@@ -71,8 +73,7 @@ class MetricsServer:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         self._render = render
         # "[::1]" (as a URL or a gRPC address writes it) is the address ::1.
-        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        self._host, self._port = bare, port
+        self._host, self._port = bare_host(host), port
         self._max = max_connections
         self._timeout = timeout
         self._conns: dict[socket.socket, _Conn] = {}

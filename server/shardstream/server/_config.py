@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstream._common.args import MIN_TIMEOUT  # timeouts are whole milliseconds
+from shardstream._common.hosts import url_host
 from shardstream.server._security import ServerSecurity
 from shardstream.v1.codec import FieldSpec
 
@@ -247,5 +248,4 @@ class WorkerConfig:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return f"{url_host(self.host)}:{self.port}"

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from shardstream._common.hosts import bare_host, url_host
 from shardstream._common.metricshttp import MetricsServer
 from shardstream.server._pool import DecodingPool
 
@@ -162,17 +163,6 @@ class WorkerMetrics:
         """Serve what `collector.collect()` yields too (e.g. the shard cache's counts)."""
         if self._on:
             self._registry.register(collector)
-
-
-def bare_host(host: str) -> str:
-    """`host` without the brackets of an IPv6 address ("[::1]" -> "::1")."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def url_host(host: str) -> str:
-    """`host` as a URL names it: an IPv6 address in brackets ("::1" -> "[::1]")."""
-    bare = bare_host(host)
-    return f"[{bare}]" if ":" in bare else bare
 
 
 class _DecodingCollector:

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shardstream._common.hosts import url_host
 from shardstream.server._catalog import (
     Catalog,
     CatalogError,
@@ -95,9 +96,7 @@ def grpc_options(config: WorkerConfig) -> list[tuple[str, int]]:
 
 def listen_address(host: str, port: int) -> str:
     """HOST:PORT as a server listens on it ([...] around an IPv6 host)."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    return f"{url_host(host)}:{port}"
 
 
 def _bind_error(address: str, host: str, port: int) -> OSError:
