@@ -7,6 +7,13 @@ Environment:
                        to each, spreads reads over them, and re-resolves NAME every 30 s
   RANK, WORLD_SIZE     this rank and the number of ranks (default 0 and 1)
   DATASET, BATCH_SIZE, EPOCHS, SEED   loader options (default train, 256, 2, 0)
+  SHARDSTREAM_TLS_CA           TLS: the CA that signed the workers' certificate (the
+                               system's roots if unset and another TLS variable is set)
+  SHARDSTREAM_TLS_SERVER_NAME  the name the workers' certificate is checked against
+  SHARDSTREAM_TLS_CLIENT_CERT, SHARDSTREAM_TLS_CLIENT_KEY
+                               mTLS: this rank's certificate and key
+  SHARDSTREAM_AUTH_TOKEN_FILE  a file holding the workers' bearer token (reread when it
+                               changes)
 
 Prints records and batches per epoch and exits 0.
 """
@@ -17,7 +24,26 @@ import os
 import sys
 import time
 
-from shardstream.client import SyncLoader
+from shardstream.client import ClientSecurity, SyncLoader
+
+
+def security() -> ClientSecurity | None:
+    """TLS and the token from the environment; None (plaintext, no token) if none is set.
+    Any TLS variable turns TLS on (ClientSecurity's rule)."""
+    env = {
+        name: os.environ.get(f"SHARDSTREAM_{name}") or None
+        for name in ("TLS_CA", "TLS_SERVER_NAME", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY",
+                     "AUTH_TOKEN_FILE")
+    }  # fmt: skip
+    if not any(env.values()):
+        return None
+    return ClientSecurity(
+        tls_ca=env["TLS_CA"],
+        tls_server_name=env["TLS_SERVER_NAME"],
+        tls_cert=env["TLS_CLIENT_CERT"],
+        tls_key=env["TLS_CLIENT_KEY"],
+        auth_token_file=env["AUTH_TOKEN_FILE"],
+    )
 
 
 def main() -> int:
@@ -36,6 +62,7 @@ def main() -> int:
         world_size=world_size,
         seed=int(os.environ.get("SEED", "0")),
         shuffle=True,
+        security=security(),
     ) as loader:
         for epoch in range(epochs):
             start = time.perf_counter()

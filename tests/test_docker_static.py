@@ -683,7 +683,9 @@ def test_shardstream_variables_are_read_by_the_worker() -> None:
     cli.add_worker_args(parser)
     for action in parser._actions:
         known |= set(re.findall(r"SHARDSTREAM_[A-Z0-9_]+", action.help or ""))
-    known.add("SHARDSTREAM_WORKERS")  # client side: read by docker/train.py
+    train = (DOCKER / "train.py").read_text()  # the ranks' side
+    known |= set(re.findall(r"SHARDSTREAM_[A-Z0-9_]+", train))
+    known |= {f"SHARDSTREAM_{n}" for n in re.findall(r'"((?:TLS|AUTH)_[A-Z_]+)"', train)}
     used: dict[str, set[str]] = {}
     for path in DOCKER.rglob("*"):
         if path.is_file():

@@ -196,3 +196,26 @@ async def test_the_readme_tls_override_health_check_passes_against_its_worker(
         assert without != probe, "the probe's client certificate flags, together"
         failed = await asyncio.to_thread(_health_check, without, worker.port)
         assert failed.returncode == 1 and "UNAVAILABLE" in failed.stderr, failed
+
+        # The override's ranks: docker/train.py with their environment reads the epochs
+        # over mTLS.
+        ranks = compose_tls_override()["services"]
+        assert ranks["trainer-0"] == ranks["trainer-1"], "the same TLS for both ranks"
+        [rank_mount] = ranks["trainer-0"]["volumes"]
+        assert rank_mount["target"] == target
+        rank_env = {k: str(here(v)) if v.startswith(target) else v
+                    for k, v in ranks["trainer-0"]["environment"].items()}  # fmt: skip
+        shutil.copy(certs.client_cert, rank_env["SHARDSTREAM_TLS_CLIENT_CERT"])
+        shutil.copy(certs.client_key, rank_env["SHARDSTREAM_TLS_CLIENT_KEY"])
+        trained = await asyncio.to_thread(_train, worker.address, rank_env)
+        assert trained.returncode == 0, trained.stderr
+        assert trained.stdout.count("2 batches, 100 records") == 2, trained.stdout
+
+
+def _train(address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """docker/train.py as a compose rank runs it (2 epochs of batches of 64; one rank)."""
+    run_env = {**os.environ, **env, "SHARDSTREAM_WORKERS": address, "BATCH_SIZE": "64"}
+    return subprocess.run(
+        [sys.executable, str(DOCKER / "train.py")],
+        env=run_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
