@@ -60,7 +60,9 @@ def options(c: dict) -> PlanOptions:
     )
 
 
-def plans(c: dict, world: int, history: Sequence[Interruption] = ()) -> list[RankPlan]:
+def plans(
+    c: dict, world: int, history: Sequence[Interruption] = (), dropped: bool = False
+) -> list[RankPlan]:
     return [
         resume_plan(
             c["counts"],
@@ -70,9 +72,18 @@ def plans(c: dict, world: int, history: Sequence[Interruption] = ()) -> list[Ran
             options=options(c),
             read_records=c["read_records"],
             history=history,
+            dropped=dropped,
         )
         for r in range(world)
     ]
+
+
+def dropped_ids(c: dict, world: int, history: Sequence[Interruption]) -> list[int]:
+    """What a resumed run leaves out: with drop_last, the records past every rank's whole
+    batches; nothing otherwise."""
+    out = [i for p in plans(c, world, history, dropped=True) for i in delivered_ids(p, c["counts"])]
+    assert c["drop_last"] or not out
+    return out
 
 
 @settings(max_examples=150, deadline=None)
@@ -102,11 +113,17 @@ def test_elastic_resume_is_exactly_once_with_equal_steps(
     before = [i for f in full for batch in batches(f, c["counts"])[:k] for i in batch]
     after_plans = plans(c, new, [Interruption(old, k)])
     after = [i for p in after_plans for i in delivered_ids(p, c["counts"])]
+    left_out = dropped_ids(c, new, [Interruption(old, k)])
     everything = [i for f in full for i in delivered_ids(f, c["counts"])]
-    assert sorted(before + after) == sorted(everything)  # exactly once across the interruption
+    # exactly once across the interruption (drop_last: but for what it leaves out)
+    assert sorted(before + after + left_out) == sorted(everything)
     assert len({p.batches for p in after_plans}) == 1  # equal steps
     sizes = [p.records for p in after_plans]
     assert max(sizes) - min(sizes) <= 1
+    if c["drop_last"]:  # one shape per step: whole batches only, on every rank
+        assert len(set(sizes)) == 1 and sizes[0] % c["batch_size"] == 0
+        assert all(len(b) == c["batch_size"] for p in after_plans for b in batches(p, c["counts"]))
+        assert len(left_out) < new * c["batch_size"] + new  # no more than it must
 
 
 @settings(max_examples=80, deadline=None)
@@ -128,6 +145,7 @@ def test_chained_elastic_resumes(c: dict, sizes: list[int], fracs: list[float]) 
     got += [i for p in second for b in batches(p, c["counts"])[:k1] for i in b]
     third = plans(c, w2, [Interruption(w0, k0), Interruption(w1, k1)])
     got += [i for p in third for i in delivered_ids(p, c["counts"])]
+    got += dropped_ids(c, w2, [Interruption(w0, k0), Interruption(w1, k1)])
     everything = [i for f in first for i in delivered_ids(f, c["counts"])]
     assert sorted(got) == sorted(everything)
 

@@ -3,6 +3,7 @@ its last saved state; elastic world-size changes; refused states."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -128,6 +129,53 @@ async def test_mismatched_state_is_refused_naming_the_difference(npz_root: Path)
         with pytest.raises(StateMismatchError, match="not a shardstream loader state"):
             async with Loader([worker.address], dataset="train", batch_size=8, state={"x": 1}):
                 pass
+
+
+@pytest.mark.parametrize("via", ["Loader", "SyncLoader"])
+async def test_a_drop_last_elastic_resume_keeps_one_batch_shape_and_audits_clean(
+    npz_root: Path, tmp_path: Path, via: str
+) -> None:
+    """drop_last=True promises one batch shape (what a jit-compiled step or a sharded
+    global array needs). Was: after a resume with another world size, the last batch was
+    partial, and of another size on each rank ([11, 11, 10] here), though the epoch
+    never had a partial batch. Now every rank gets whole batches; the records past them
+    are left out as drop_last leaves out a partial batch, and the ledger's audit knows."""
+    from shardstream.cli import main as cli
+    from shardstream.client import SyncLoader
+
+    ledger = tmp_path / "ledger"
+    opts = {"dataset": "train", "batch_size": 32, "seed": 2, "shuffle": True,
+            "drop_last": True, "ledger_dir": str(ledger)}  # fmt: skip
+    k = 5
+    async with running_workers(npz_root, 2) as workers:
+        addresses = [w.address for w in workers]
+        seen: list[np.ndarray] = []
+        states = []
+        for r in range(2):
+            async with Loader(addresses, rank=r, world_size=2, **opts) as loader:
+                epoch = loader.epoch(0)
+                seen += [(await anext(epoch))["id"] for _ in range(k)]
+                states.append(loader.state_dict())
+                await epoch.aclose()
+
+        def sync_rank(r: int) -> list[np.ndarray]:
+            with SyncLoader(addresses, rank=r, world_size=3, state=states[0], **opts) as sync:
+                return [b["id"] for b in sync.epoch(0)]
+
+        sizes = []
+        for r in range(3):
+            if via == "SyncLoader":
+                rest = await asyncio.to_thread(sync_rank, r)
+            else:
+                async with Loader(addresses, rank=r, world_size=3, state=states[0], **opts) as lo:
+                    rest = [b["id"] for b in await collect_epoch(lo, 0)]
+            sizes.append([len(ids) for ids in rest])
+            seen += rest
+    assert sizes == [[32] * 17] * 3, sizes  # whole batches, equal steps
+    ids = np.concatenate(seen)
+    assert len(np.unique(ids)) == len(ids) == 2 * k * 32 + 3 * 17 * 32
+    assert 2 * (RECORDS // 2 // 32 * 32) - len(ids) == 32  # what the resumed split leaves out
+    assert await asyncio.to_thread(cli, ["audit", str(ledger)]) == 0
 
 
 async def test_ledger_audit_passes_through_a_worker_kill_and_flags_a_doctored_ledger(

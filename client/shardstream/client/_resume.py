@@ -94,11 +94,20 @@ def resume_plan(
     options: PlanOptions,
     read_records: int,
     history: Sequence[Interruption],
+    dropped: bool = False,
 ) -> RankPlan:
     """The plan of `rank` in `world_size` for the rest of an epoch interrupted as `history` says
     (oldest first: the epoch started with history[0].world_size ranks).
 
+    With `drop_last`, every rank gets as many whole batches as the shortest part holds
+    (parts may differ by one record, and a partial last batch of another size on each
+    rank would break the one shape per step that drop_last promises): the records past
+    them are left out, as an uninterrupted epoch leaves out each rank's partial batch.
+    `dropped=True` gives the plan of those records instead (for the ledger's audit).
+
     Raises `StateMismatchError` for an interruption after more batches than its job had."""
+    if dropped and not history:
+        raise ValueError("an epoch's own plan leaves out no records of its parts")
     if not history:
         return plan_epoch(
             shard_records, epoch=epoch, rank=rank, world_size=world_size, options=options,
@@ -130,6 +139,14 @@ def resume_plan(
         rests.append(_Rest(length, cut.world_size, min(cut.batches * b, slots)))
         length = rests[-1].size
     first, size, n_slots = split(length, world_size, rank)
+    if options.drop_last:
+        keep = length // world_size // b * b  # whole batches of the shortest part
+        if dropped:
+            first, size = first + keep, size - keep
+        else:
+            size = n_slots = keep
+    elif dropped:
+        size = 0
     runs = [(first, first + size)] if size else []
     for rest in reversed(rests):
         runs = [run for a, z in runs for run in rest.sources(a, z)]
@@ -146,9 +163,9 @@ def resume_plan(
         world_size=world_size,
         batch_size=b,
         records=size,
-        batches=-(-n_slots // b),
+        batches=-(-(size if dropped else n_slots) // b),
         windows=Windows(grid, pieces),
-        trailing_holes=n_slots - size,
+        trailing_holes=0 if dropped else n_slots - size,
         read_records=int(read_records),
     )
 
