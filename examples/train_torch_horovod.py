@@ -62,8 +62,12 @@ def main() -> None:
     if args.checkpoint:
         args.checkpoint.mkdir(parents=True, exist_ok=True)
         ckpt = args.checkpoint / f"rank-{hvd.rank():05d}.pt"
-        if ckpt.exists():
-            saved = torch.load(ckpt)
+        # A rank new to the job (the world size grew) starts from rank 0's state: every rank
+        # saved at the same step, and the loader splits the rest over the new world size.
+        for path in (ckpt, args.checkpoint / "rank-00000.pt"):
+            if path.exists():
+                saved = torch.load(path)
+                break
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
         trace = (args.trace / f"rank-{hvd.rank():05d}.jsonl").open("a")
@@ -80,18 +84,44 @@ def main() -> None:
             torch.optim.SGD(model.parameters(), lr=0.01), named_parameters=model.named_parameters()
         )
         # The counters of the epoch in progress, saved with it: its line stays whole.
+        # `records` and `id_sum` are this rank's since the run started; a checkpoint saves
+        # the job's totals (all-reduced), which rank 0 alone takes back, so they stay right
+        # when the job comes back with another world size.
         progress = {"steps": 0, "records": 0, "id_sum": 0}
         if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            progress = saved["progress"]
+            progress = dict(saved["progress"])
+            if hvd.rank() != 0:
+                progress.update(records=0, id_sum=0)
+        # Every rank must continue from the same step (a kill between two ranks' saves
+        # leaves them apart: unequal steps would hang a collective and repeat records).
+        where = hvd.allgather(
+            torch.tensor([[loader.start_epoch, progress["steps"]]]), name="resume"
+        )
+        if len(set(map(tuple, where.tolist()))) != 1:
+            raise SystemExit(
+                f"checkpoints of the ranks are at different (epoch, step): "
+                f"{where.tolist()}; restore a set saved at one step"
+            )
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-        def checkpoint() -> None:
+        def totals() -> tuple[int, int]:
+            """The job's records and id sum this epoch (a collective: every rank calls it)."""
+            both = hvd.allreduce(
+                torch.tensor([progress["records"], progress["id_sum"]], dtype=torch.int64),
+                op=hvd.Sum,
+                name="totals",
+            )
+            return int(both[0]), int(both[1])
+
+        def checkpoint() -> None:  # every rank at the same step
             if ckpt is not None:
+                records, id_sum = totals()
+                job = {**progress, "records": records, "id_sum": id_sum}
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "loader": loader.state_dict(), "progress": progress}, tmp)  # fmt: skip
+                            "loader": loader.state_dict(), "progress": job}, tmp)  # fmt: skip
                 os.replace(tmp, ckpt)  # a crash while saving leaves the previous one whole
 
         run_steps, stopped = 0, False
@@ -116,24 +146,24 @@ def main() -> None:
                 if run_steps == args.stop_after:
                     stopped = True
                     break
-            if stopped:  # an interruption, in the middle of an epoch
+            # Stopped after the epoch's last batch, the loader's state already points at the
+            # next epoch: finish this one's bookkeeping first, or its line would never come.
+            if stopped and loader.state_dict()["epoch"] == epoch:  # in the middle of an epoch
                 checkpoint()
                 emit({"rank": hvd.rank(), "stopped": epoch, "step": progress["steps"]})
                 break
             # Collectives over every rank: equal steps, and every record exactly once.
             steps_all = hvd.allgather(torch.tensor([progress["steps"]]), name="steps").tolist()
-            totals = hvd.allreduce(
-                torch.tensor([progress["records"], progress["id_sum"]], dtype=torch.int64),
-                op=hvd.Sum,
-                name="totals",
-            )
+            records, id_sum = totals()
             emit({"rank": hvd.rank(), "epoch": epoch, "steps": progress["steps"],
-                  "steps_all": steps_all, "records": int(totals[0]),
-                  "id_sum": int(totals[1])})  # fmt: skip
+                  "steps_all": steps_all, "records": records, "id_sum": id_sum})  # fmt: skip
             if len(set(steps_all)) != 1:
                 raise SystemExit(f"unequal steps in epoch {epoch}: {steps_all}")
             progress = {"steps": 0, "records": 0, "id_sum": 0}
             checkpoint()  # at the end of the epoch: the state says "next epoch, step 0"
+            if stopped:
+                emit({"rank": hvd.rank(), "stopped": epoch + 1, "step": 0})
+                break
         else:
             digest = hashlib.sha256()
             for name, tensor in sorted(model.state_dict().items()):

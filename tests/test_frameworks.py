@@ -154,6 +154,24 @@ def test_lightning_ddp_exactly_once_new_order_and_mid_epoch_resume(
             assert got == want, (rank, epoch)
 
 
+@_needs("lightning")
+@pytest.mark.timeout(300)
+def test_lightning_ddp_with_the_iterable_made_before_torch_distributed_starts(
+    data: Path, tmp_path: Path
+) -> None:
+    """The iterable made at the script's top level, before torch.distributed starts (in
+    rank 1's process Lightning sets WORLD_SIZE and LOCAL_RANK, not RANK). Was: both
+    processes took "rank 0 of 1" when it was made and read every record: each record
+    twice per epoch, silently. The rank is now discovered when the loader opens."""
+    script = Path(__file__).parent / "lightning_toplevel.py"
+    with worker_processes(data, 2) as workers:
+        _run([sys.executable, str(script), ",".join(w.address for w in workers), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["loader"] for r in ranks] == [[0, 2], [1, 2]]
+    assert len(ranks[0]["ids"]) == len(ranks[1]["ids"])
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(RECORDS))
+
+
 @_needs("accelerate")
 @pytest.mark.timeout(600)  # two 2-process launches, ~25 s here: the default 120 s is too near
 def test_accelerate_two_processes_exactly_once(data: Path) -> None:

@@ -58,16 +58,22 @@ pytestmark = [
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_torch_horovod.py"
 
 
-def run_example(workers: list[WorkerProcess], *args: str | Path) -> list[dict[str, Any]]:
+def launch(workers: list[WorkerProcess], *args: str | Path, ranks: int = 2) -> Any:
     run = horovodrun()
     assert run is not None
-    r = subprocess.run(
-        [run, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, str(EXAMPLE),
-         "--workers", ",".join(w.address for w in workers), "--epochs", str(EPOCHS),
-         "--batch-size", str(BATCH), *map(str, args)],
+    return subprocess.run(
+        [run, "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}", sys.executable,
+         str(EXAMPLE), "--workers", ",".join(w.address for w in workers), "--epochs",
+         str(EPOCHS), "--batch-size", str(BATCH), *map(str, args)],
         capture_output=True, text=True, timeout=150,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
+
+
+def run_example(
+    workers: list[WorkerProcess], *args: str | Path, ranks: int = 2
+) -> list[dict[str, Any]]:
+    r = launch(workers, *args, ranks=ranks)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     # horovodrun prefixes each line with "[rank]<stdout>:"
     return [x for x in json_objects(r.stdout) if "rank" in x]
@@ -130,3 +136,68 @@ def test_horovod_example_resumes_mid_epoch_exactly(
     )
     sha = {x["params_sha256"] for x in second + full_lines if x.get("done")}
     assert len(sha) == 1  # the model ends bit for bit as without the interruption
+
+
+def _epoch_lines(lines: list[dict[str, Any]]) -> dict[int, set[tuple[int, int]]]:
+    out: dict[int, set[tuple[int, int]]] = {}
+    for x in lines:
+        if "epoch" in x:
+            out.setdefault(x["epoch"], set()).add((x["records"], x["id_sum"]))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_horovod_example_grows_from_rank_0s_state_exactly_once(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Stopped at step 7 with 2 ranks, started again with 3: the new rank starts from
+    rank 0's state, the rest of the epoch is split over 3, every record once. Was: rank
+    2 started epoch 0 from scratch (428 records twice, 406 never, then a hang); and the
+    epoch lines summed counters saved at the old size (records 4640 of 4000)."""
+    ckpt, trace = tmp_path / "ckpt", tmp_path / "trace"
+    common = ("--checkpoint", ckpt, "--checkpoint-every", "5", "--trace", trace)
+    run_example(workers, *common, "--stop-after", "7")
+    grown = run_example(workers, *common, ranks=3)
+    traces = [read_trace(trace, r) for r in range(3)]
+    for epoch, expected in ((0, RECORDS - 1), (1, RECORDS // 3 * 3)):
+        ids = [i for t in traces for e, _, batch in t if e == epoch for i in batch]
+        assert len(ids) == len(set(ids)) == expected, epoch  # exactly once
+        assert _epoch_lines(grown)[epoch] == {(expected, sum(ids))}  # every rank's line
+    steps = {len([s for e, s, _ in t if e == 1]) for t in traces}
+    assert len(steps) == 1  # equal steps at the new size
+
+
+@pytest.mark.timeout(300)
+def test_horovod_example_refuses_ranks_checkpointed_at_other_steps(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A kill between two ranks' saves leaves their checkpoints a few steps apart. Was:
+    each resumed from its own (one trained steps 6-10 again on the same records), then
+    the job hung in a collective. Now it ends at once, naming the steps."""
+    ckpt = tmp_path / "ckpt"
+    common = ("--checkpoint", ckpt, "--checkpoint-every", "5", "--stop-after", "5")
+    run_example(workers, *common)
+    older = (ckpt / "rank-00001.pt").read_bytes()
+    run_example(workers, *common)
+    (ckpt / "rank-00001.pt").write_bytes(older)  # rank 1's save of step 10 never happened
+    r = launch(workers, "--checkpoint", ckpt)
+    assert r.returncode != 0
+    assert "different (epoch, step): [[0, 10], [0, 5]]" in r.stdout + r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_horovod_example_stopped_at_an_epochs_last_step_reports_both_epochs(
+    workers: list[WorkerProcess], full_run: tuple[list[dict[str, Any]], Path], tmp_path: Path
+) -> None:
+    """Stopped exactly after the epoch's last step. Was: that epoch's line never came and
+    the next epoch's counted both (steps 32, records 2000)."""
+    full_lines, full_trace = full_run
+    ckpt, trace = tmp_path / "ckpt", tmp_path / "trace"
+    common = ("--checkpoint", ckpt, "--trace", trace)
+    first = run_example(workers, *common, "--stop-after", str(STEPS))
+    second = run_example(workers, *common)
+    assert _epoch_lines(first) == {0: _epoch_lines(full_lines)[0]}
+    assert _epoch_lines(second) == {1: _epoch_lines(full_lines)[1]}
+    assert {x["steps"] for x in first + second if "epoch" in x} == {STEPS}
+    for r in range(2):
+        assert read_trace(trace, r) == read_trace(full_trace, r)

@@ -108,6 +108,57 @@ def test_to_jax_refuses_64_bit_values_jax_would_wrap() -> None:
     with pytest.raises(OverflowError, match="'n' holds uint64"):
         to_jax({"n": np.array([2**32], np.uint64)})
     assert to_jax({"id": np.zeros(0, np.int64)})["id"].shape == (0,)
+    # float64 -> float32: past float32's range JAX alone makes values infinite.
+    with np.errstate(over="ignore"):  # numpy's warning is all JAX alone gives
+        assert np.isinf(np.asarray(jax.device_put(np.array([1e39])))).all()
+    with pytest.raises(OverflowError, match=r"'loss' holds float64 values up to 1e\+39"):
+        to_jax({"loss": np.array([1.0, -1e39, np.nan], np.float64)})
+    kept = to_jax({"x": np.array([1.5, -np.inf, np.nan, 3e38], np.float64)})["x"]
+    assert kept.dtype == np.float32 and np.asarray(kept)[0] == 1.5  # inf and nan stay so
+
+
+RAGGED_SHARDING = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    from shardstream.client.jax import to_jax
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+    me = jax.process_index()
+    def batch(width):  # ragged="pad": padded to this process's longest record
+        return {"id": np.arange(4) + 4 * me, "tokens": np.ones((4, width), np.int32),
+                "tokens_lengths": np.full(4, width, np.int64)}
+    same = to_jax(batch(8), sharding=sharding)  # pad_to=8 everywhere: one global shape
+    out = {"same": list(same["tokens"].shape)}
+    try:
+        to_jax(batch(10 + 6 * me), sharding=sharding)
+    except ValueError as exc:
+        out["error"] = str(exc)
+    print(json.dumps(out))
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_to_jax_refuses_ragged_fields_of_other_shapes_in_other_processes() -> None:
+    """Two jax.distributed processes whose ragged batches are padded to their own
+    longest record. Was: each made a global array of another shape ((8, 10) and
+    (8, 16)), and a replicated jit result differed between them, silently."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [start([sys.executable, "-c", RAGGED_SHARDING, address, str(i)]) for i in range(2)]
+    outs = [p.communicate(timeout=90) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    for i, (out, _) in enumerate(outs):
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["same"] == [8, 8]
+        other = (4, 16) if i == 0 else (4, 10)
+        assert f"field 'tokens' has shape ({4}, {10 + 6 * i}) in this process ({i})" in got.get(
+            "error", ""
+        ), got
+        assert f"{other} in process {1 - i}" in got["error"] and "pad_to=" in got["error"]
 
 
 def test_to_jax_places_on_a_device_or_a_sharding() -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from shardstream.client import Loader
 from shardstream.client._ranks import discover
 from shardstream.client.errors import ConfigError
+from shardstream.server import Worker, make_dataset
+
+from conftest import ids_of, worker_config
 
 
 @pytest.mark.parametrize(
@@ -57,8 +61,55 @@ def test_explicit_arguments_win_and_fill_in(monkeypatch: pytest.MonkeyPatch) -> 
     loader = Loader(["127.0.0.1:1"], dataset="train", batch_size=4, rank=0)
     assert (loader.config.rank, loader.config.world_size) == (0, 2)
     monkeypatch.setenv("RANK", "5")
-    with pytest.raises(ConfigError, match=r"rank must be in \[0, world_size=2\), got 5"):
+    with pytest.raises(ConfigError, match=r"RANK='5' / WORLD_SIZE='2' \(torchrun\)"):
         Loader(["127.0.0.1:1"], dataset="train", batch_size=4)
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0661", "+1", "1.0", "-1"])
+def test_launcher_values_are_plain_decimal_integers(value: str) -> None:
+    """Was: `int()`'s grammar, so RANK="1_0" was rank 10 and Arabic-Indic digits passed."""
+    with pytest.raises(ValueError, match="RANK="):
+        discover({"RANK": value, "WORLD_SIZE": "20"})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"},  # Lightning's rank 1
+        {"RANK": "1"},
+        {"SLURM_NTASKS": "4"},
+    ],
+)
+def test_half_a_launcher_pair_is_an_error_when_the_loader_opens(env: dict[str, str]) -> None:
+    """Half a pair may be a launcher that sets the rest later (Lightning sets RANK when
+    it starts torch.distributed): tolerated when a loader is made, an error when it
+    opens. Was: rank 0 of 1, so the process read every record."""
+    assert discover(env)[:2] == (0, 1)
+    with pytest.raises(ValueError, match="cannot tell its rank"):
+        discover(env, strict=True)
+    assert discover({"WORLD_SIZE": "1"}, strict=True)[:2] == (0, 1)
+
+
+async def test_a_loader_whose_discovered_rank_changed_refuses_the_epoch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Opened before the process group (rank 0 of 1 by default), iterated after it
+    started as rank 1 of 2: the epoch is refused, not delivered whole to both ranks."""
+    make_dataset(tmp_path, shards=2, records=40, shape=(2,))
+    async with Worker(worker_config(tmp_path)) as worker:
+        async with Loader([worker.address], dataset="train", batch_size=4) as loader:
+            assert (loader.config.rank, loader.config.world_size) == (0, 1)
+            monkeypatch.setenv("RANK", "1")
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            with pytest.raises(ConfigError, match="now says rank 1 of 2"):
+                loader.epoch(0)
+        monkeypatch.delenv("RANK")  # made with half a pair, opened with the whole one
+        loader = Loader([worker.address], dataset="train", batch_size=4)
+        assert (loader.config.rank, loader.config.world_size) == (0, 1)
+        monkeypatch.setenv("RANK", "1")
+        async with loader:
+            assert (loader.config.rank, loader.config.world_size) == (1, 2)
+            assert len(ids_of([b async for b in loader.epoch(0)])) == 20
 
 
 def fake_jax(

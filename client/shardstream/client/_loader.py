@@ -12,7 +12,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
@@ -89,16 +89,13 @@ class Loader:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
-        if values.get("rank") is None or values.get("world_size") is None:
-            try:
-                rank, world_size, source = discover()
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            if values.get("rank") is None:
-                values["rank"] = rank
-            if values.get("world_size") is None:
-                values["world_size"] = world_size
-            log.info("rank %d of %d (from %s)", values["rank"], values["world_size"], source)
+        # Rank and world size not given are discovered now, to check the options, and
+        # again when the loader starts (a loader made before the process group starts,
+        # at a script's top level say, opens inside the training loop) and at every
+        # epoch (opened too soon, it must not deliver another rank's part).
+        self._discovered = tuple(k for k in ("rank", "world_size") if values.get(k) is None)
+        if self._discovered:
+            self._discover(values, strict=False)
         self.config = LoaderConfig(**values)
         self.addresses = tuple(addresses)
         self._pool: WorkerPool | None = None
@@ -126,6 +123,35 @@ class Loader:
         self._dropped: weakref.finalize[Any, Loader] | None = None
         self._closers: list[Callable[[], None]] = []  # `on_close`
 
+    def _discover(self, values: dict[str, Any], *, strict: bool) -> str:
+        """Fill in the discovered rank and world size; where they came from."""
+        try:
+            rank, world_size, source = discover(strict=strict)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        found = {"rank": rank, "world_size": world_size}
+        values.update({k: found[k] for k in self._discovered})
+        return source
+
+    def _rediscover(self, when: str) -> None:
+        """Discover the rank and world size again (strictly); at start, take them; later,
+        a change is an error: this loader's plan is another rank's."""
+        if not self._discovered:
+            return
+        values = {k: getattr(self.config, k) for k in ("rank", "world_size")}
+        source = self._discover(values, strict=True)
+        if when == "start":
+            self.config = replace(self.config, **values)  # checked again
+            log.info("rank %d of %d (from %s)", values["rank"], values["world_size"], source)
+        elif (values["rank"], values["world_size"]) != (self.config.rank, self.config.world_size):
+            raise ConfigError(
+                f"this loader opened as rank {self.config.rank} of {self.config.world_size} "
+                f"(discovered), but {source} now says rank {values['rank']} of "
+                f"{values['world_size']}: it would deliver another rank's records. Open it "
+                "after the process group is initialised (e.g. not len() or state_dict() at "
+                "the script's top level), or pass rank= and world_size="
+            )
+
     # lifecycle -------------------------------------------------------------
 
     def __reduce__(self) -> Any:
@@ -139,6 +165,11 @@ class Loader:
         if self._state != "new":
             raise RuntimeError(f"Loader.start() on a loader that is {self._state}")
         self._state = "starting"
+        try:
+            self._rediscover("start")
+        except BaseException:
+            self._state = "closed"
+            raise
         loop, pid = self._home = asyncio.get_running_loop(), os.getpid()
         cfg = self.config
         if cfg.tune_malloc:
@@ -369,6 +400,7 @@ class Loader:
             raise RuntimeError(f"Loader.epoch() on a loader that is {self._state}")
         assert self._pool is not None and self._home is not None
         self._check_home()
+        self._rediscover("epoch")
         self._supersede(
             f"was superseded by loader.epoch({epoch}): an epoch can only be iterated until "
             "the next one starts",

@@ -80,8 +80,22 @@ def _jax() -> tuple[int, int] | None:
     return None
 
 
-def discover(env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
-    """(rank, world_size, where they came from)."""
+def _parse(name: str, value: str) -> int:
+    """A launcher's variable as a non-negative decimal integer (not `int()`'s grammar,
+    which takes "1_0" for 10 and non-ASCII digits)."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{name}={value!r} is not a non-negative integer")
+    return int(text)
+
+
+def discover(env: Mapping[str, str] | None = None, *, strict: bool = False) -> tuple[int, int, str]:
+    """(rank, world_size, where they came from). A launcher's variables must be
+    integers with 0 <= rank < world_size. `strict`: a launcher's world size above 1
+    without its rank, or a rank without its world size, is an error (a process that
+    would otherwise take "rank 0 of 1" and read the whole dataset again: Lightning's
+    launcher sets WORLD_SIZE and LOCAL_RANK, and RANK only once it starts
+    torch.distributed)."""
     found = _horovod()
     if found:
         return (*found, "horovod")
@@ -94,10 +108,23 @@ def discover(env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
     env = os.environ if env is None else env
     for rank_var, size_var, launcher in ENV_PAIRS:
         if rank_var in env and size_var in env:
-            try:
-                return int(env[rank_var]), int(env[size_var]), f"{launcher} ({rank_var}/{size_var})"
-            except ValueError:
+            rank, size = _parse(rank_var, env[rank_var]), _parse(size_var, env[size_var])
+            if not 0 <= rank < size:
                 raise ValueError(
-                    f"{rank_var}={env[rank_var]!r} / {size_var}={env[size_var]!r} are not integers"
-                ) from None
+                    f"{rank_var}={env[rank_var]!r} / {size_var}={env[size_var]!r} "
+                    f"({launcher}): the rank must be in [0, {size_var})"
+                )
+            return rank, size, f"{launcher} ({rank_var}/{size_var})"
+    for rank_var, size_var, launcher in ENV_PAIRS if strict else ():
+        if env.get(size_var, "").strip() not in ("", "0", "1"):
+            half = f"{size_var}={env[size_var]!r} is set but {rank_var} is not"
+        elif env.get(rank_var, "").strip() not in ("", "0"):
+            half = f"{rank_var}={env[rank_var]!r} is set but {size_var} is not"
+        else:
+            continue
+        raise ValueError(
+            f"{half} ({launcher}): this process cannot tell its rank. Open the loader "
+            "after the job's process group is initialised (torch.distributed, Horovod, "
+            "jax.distributed), or pass rank= and world_size="
+        )
     return 0, 1, "default (no launcher found)"
