@@ -63,6 +63,17 @@ def start(argv: list[str]) -> subprocess.Popen[str]:
     )
 
 
+def two_processes(code: str) -> list[dict[str, Any]]:
+    """Run `code` in two processes joined by jax.distributed (argv: the coordinator's
+    address, the process id); the last JSON line each printed."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [start([sys.executable, "-c", code, address, str(i)]) for i in range(2)]
+    outs = [p.communicate(timeout=90) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 # ---- to_jax ---------------------------------------------------------------------------
 
 
@@ -146,13 +157,7 @@ def test_to_jax_refuses_ragged_fields_of_other_shapes_in_other_processes() -> No
     """Two jax.distributed processes whose ragged batches are padded to their own
     longest record. Was: each made a global array of another shape ((8, 10) and
     (8, 16)), and a replicated jit result differed between them, silently."""
-    address = f"127.0.0.1:{free_port()}"
-    procs = [start([sys.executable, "-c", RAGGED_SHARDING, address, str(i)]) for i in range(2)]
-    outs = [p.communicate(timeout=90) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    for i, (out, _) in enumerate(outs):
-        got = json.loads(out.strip().splitlines()[-1])
+    for i, got in enumerate(two_processes(RAGGED_SHARDING)):
         assert got["same"] == [8, 8]
         other = (4, 16) if i == 0 else (4, 10)
         assert f"field 'tokens' has shape ({4}, {10 + 6 * i}) in this process ({i})" in got.get(
@@ -222,13 +227,7 @@ PROBE = textwrap.dedent(
 
 
 def test_rank_from_jax_distributed_without_starting_a_backend() -> None:
-    address = f"127.0.0.1:{free_port()}"
-    procs = [start([sys.executable, "-c", PROBE, address, str(i)]) for i in range(2)]
-    outs = [p.communicate(timeout=90) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    for i, (out, _) in enumerate(outs):
-        got = json.loads(out.strip().splitlines()[-1])
+    for i, got in enumerate(two_processes(PROBE)):
         assert got["before"] == [7, 9, "torchrun (RANK/WORLD_SIZE)"]
         assert got["found"] == [i, 2, "jax"]
         assert got["started"] is False
