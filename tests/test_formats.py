@@ -295,16 +295,17 @@ def test_parquet_round_trip_reads_only_the_row_groups_needed(
         "vec:int16[3]", "seq:float64[*]", "img:uint8[2x2x3]",
     ]  # fmt: skip
     groups: list[list[int]] = []
-    read_row_groups = pq.ParquetFile.read_row_groups
+    iter_batches = pq.ParquetFile.iter_batches
 
-    def spy(self: Any, row_groups: Any, *args: Any, **kwargs: Any) -> Any:
-        groups.append(list(row_groups))
-        return read_row_groups(self, row_groups, *args, **kwargs)
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        groups.append(list(kwargs["row_groups"]))
+        return iter_batches(self, *args, **kwargs)
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the whole file was read")
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", refuse)
     monkeypatch.setattr(pq.ParquetFile, "read", refuse)
     monkeypatch.setattr(pq, "read_table", refuse)
     for start, count in [(0, 1), (120, 20), (250, 300), (999, 1), (0, n), (5, 0)]:
@@ -514,13 +515,16 @@ async def test_url_root_without_fsspec_names_the_extra(
             pass
 
 
-def test_url_stamps_prefer_mtime_then_checksum() -> None:
+def test_url_stamps_hold_every_time_and_checksum() -> None:
     import datetime
 
     when = datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC)
-    assert info_stamp({"size": 5, "mtime": 1.5, "ETag": '"x"'}) == (5, 1_500_000_000)
-    assert info_stamp({"size": 5, "LastModified": when}) == (5, int(when.timestamp()) * 10**9)
-    assert info_stamp({"size": 5, "ETag": '"abc"'}) == (5, '"abc"')
+    assert info_stamp({"size": 5, "mtime": 1.5, "ETag": '"x"'}) == (5, 'mtime=1500000000 ETag="x"')
+    assert info_stamp({"size": 5, "LastModified": when}) == (
+        5,
+        f"LastModified={int(when.timestamp()) * 10**9}",
+    )
+    assert info_stamp({"size": 5, "ETag": '"abc"'}) == (5, 'ETag="abc"')
     assert info_stamp({"size": 5}) == (5, "")
 
 

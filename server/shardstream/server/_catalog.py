@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,16 @@ from pathlib import Path
 from shardstream.server._config import DatasetSpec, TransformSpec
 from shardstream.server._decoders import ShardMeta, decoder_class, decoder_ref, format_for_path
 from shardstream.server._decoding import decoder, decoder_errors
-from shardstream.server._files import ShardPath, Stamp, glob_url, is_url, shard_stat, url_root
+from shardstream.server._files import (
+    ShardPath,
+    Stamp,
+    glob_url,
+    is_url,
+    pinned,
+    redact,
+    shard_stat,
+    url_root,
+)
 from shardstream.server._fingerprint import (
     THREADS,
     Digest,
@@ -122,7 +132,7 @@ SAMPLE_RECORDS = 32
 def index_shard(ref: str, path: ShardPath) -> Indexed:
     """Index one shard (runs in a decoding process): its meta and file stamp."""
     stamp = shard_stat(path)
-    with decoder_errors(ref, path):
+    with decoder_errors(ref, path), pinned(path, stamp):  # the meta is of this very file
         meta = decoder(ref).index(path)
     return Indexed(meta, stamp)
 
@@ -146,12 +156,12 @@ def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardP
         try:
             found.extend(glob_url(root, spec.pattern))
         except (ValueError, OSError) as exc:
-            raise CatalogError(f"dataset {spec.name!r}: {exc}") from None
+            raise CatalogError(f"dataset {spec.name!r}: {redact(str(exc))}") from None
         if not found:
             raise CatalogError(
-                f"dataset {spec.name!r}: no file under {root} matches {spec.pattern!r}"
+                f"dataset {spec.name!r}: no file under {redact(root)} matches {spec.pattern!r}"
             )
-        return found
+        return _named(spec, found)
     real_root = root.resolve()
     for path in root.glob(spec.pattern):
         if not path.is_file():
@@ -166,6 +176,23 @@ def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardP
     found.sort()
     if not found:
         raise CatalogError(f"dataset {spec.name!r}: no file under {root} matches {spec.pattern!r}")
+    return _named(spec, found)
+
+
+def _named(spec: DatasetSpec, found: list[tuple[str, ShardPath]]) -> list[tuple[str, ShardPath]]:
+    """`found`, once every shard id is UTF-8 text, as clients are told it (a file name
+    the filesystem holds as other bytes decodes with surrogates). Files the glob does not
+    match never get here."""
+    for sid, _ in found:
+        try:
+            sid.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(sid)
+            raise CatalogError(
+                f"dataset {spec.name!r}: the file {raw!r} under the data root matches "
+                f"{spec.pattern!r}, but its name is not UTF-8, and shard ids are sent to "
+                "clients as UTF-8 text; rename it, or give a glob that leaves it out"
+            ) from None
     return found
 
 
@@ -450,8 +477,8 @@ def _absolute_root(root: Path | str) -> Path | str:
     if is_url(root):
         try:
             return url_root(str(root))
-        except (ImportError, ValueError, OSError) as exc:
-            raise CatalogError(f"data root {root}: {exc}") from None
+        except (ImportError, ValueError, OSError) as exc:  # no password in a log line
+            raise CatalogError(f"data root {redact(str(root))}: {redact(str(exc))}") from None
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"data root {root} is not a directory")

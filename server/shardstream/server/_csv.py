@@ -10,6 +10,11 @@ The fields come from `_schema.json` next to the shard, in column order::
 
 Each field takes prod(shape) consecutive columns (1 for a scalar). Without the
 file, column 0 is `id` (int64) and the others form `features` (float64 vector).
+
+Parsing a line takes ~8 times its bytes, so a line may be at most 1/8 of
+`SHARDSTREAM_READ_BUDGET_BYTES`: a longer one is a `DecodeError` naming it, before it
+is read (line 1: at indexing, which otherwise reads blocks, never whole lines). A read
+parses its lines in parts of at most half the budget.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
 from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat, sibling
+from shardstream.server._limits import READ_BUDGET_ENV, read_budget
 from shardstream.v1.codec import FieldSpec
 
 __all__ = ["SCHEMA_FILE", "CsvDecoder"]
@@ -32,6 +38,10 @@ _STRIDE = 1024  # the sparse index keeps the byte offset of every _STRIDE-th lin
 _MAX_INDEXED = 256  # shards whose index an instance keeps
 _SCHEMA_EXAMPLE = '{"fields": [{"name": "id", "dtype": "int64", "shape": []}, ...]}'
 _INFINITIES = ("inf", "infinity")  # how a csv value may say it is infinite (any case, +/-)
+_PIECE = 1 << 20  # bytes of a line read at a time where the line is not kept
+# Bytes parsing a line takes per byte of it (numpy's loadtxt copies a line as UCS-4, and
+# more): a line may have at most 1/_PARSE_COST of the read budget.
+_PARSE_COST = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,20 +229,53 @@ def _check_floats(
             )
 
 
+def _too_long(path: ShardPath, record: int, budget: int) -> DecodeError:
+    return DecodeError(
+        f"{path}: record {record} (line {record + 1}) is longer than "
+        f"{budget // _PARSE_COST} bytes, what {READ_BUDGET_ENV} ({budget} bytes) lets a line "
+        f"be (parsing a line takes ~{_PARSE_COST} times its bytes); not reading it",
+        record=record,
+    )
+
+
+def _skip_line(f: Any) -> bool:
+    """Read past one line, a piece at a time; False if the file ends first."""
+    while piece := f.readline(_PIECE):
+        if piece.endswith(b"\n"):
+            return True
+    return False
+
+
 def _build_index(path: ShardPath) -> _Index:
     stamp = _stamp(path)
     schema = _fixed_schema(path)
     offsets: list[int] = []
     records = pos = 0
     first: bytes | None = None
+    budget = read_budget()
+    head = b""  # line 1, to check it against the fields
+    last = b"\n"
     with open_shard(path) as f:
-        for line in f:
-            if records % _STRIDE == 0:
-                offsets.append(pos)
-            if first is None:
-                first = line
-            pos += len(line)
+        # In blocks, not lines: a long line (a 1 GiB hole reads as NUL bytes) is never held.
+        while block := f.read(_PIECE):
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (pos + 1)
+            if not records:
+                head += block[: int(ends[0]) - pos] if ends.size else block
+                if len(head) > budget // _PARSE_COST + 2:
+                    raise _too_long(path, 0, budget)
+            begun = np.arange(records + 1, records + 1 + ends.size)  # the lines they begin
+            offsets.extend(ends[begun % _STRIDE == 0].tolist())
+            records += ends.size
+            pos += len(block)
+            last = block[-1:]
+    if pos:
+        offsets.insert(0, 0)
+        if last != b"\n":  # the last line has no line ending
             records += 1
+        elif offsets[-1] == pos:  # no line begins at the end
+            offsets.pop()
+    if head:
+        first = head
     if first is None:
         if schema is None:
             raise DecodeError(
@@ -267,6 +310,7 @@ class CsvDecoder(Decoder):
 
     def __init__(self) -> None:
         self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED, stamp=_stamp)
+        self._budget = read_budget()
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
@@ -283,19 +327,39 @@ class CsvDecoder(Decoder):
                 record=max(start, idx.records),
             )
         raw: list[bytes] = []
+        parts: list[dict[str, np.ndarray[Any, Any]]] = []  # of the lines parsed so far
+        held = 0  # bytes of the lines in `raw`
+        longest = self._budget // _PARSE_COST  # a line's bytes, without its line ending
         if count:
             with open_shard(path) as f:
                 block = start // _STRIDE
                 f.seek(idx.offsets[block])
                 for _ in range(start - block * _STRIDE):
-                    if not f.readline():
+                    if not _skip_line(f):
                         raise DecodeError(f"{path} ends before record {start}", record=start)
-                while len(raw) < count:
-                    line = f.readline()
+                done = 0  # records in `parts`
+                while done + len(raw) < count:
+                    line = f.readline(longest + 3)  # a longer line is refused, not held
+                    record = start + done + len(raw)
                     if not line:
-                        first = start + len(raw)
-                        raise DecodeError(f"{path} ends before record {first}", record=first)
+                        raise DecodeError(f"{path} ends before record {record}", record=record)
+                    if len(line) > longest + 2:
+                        raise _too_long(path, record, self._budget)
+                    if raw and held + len(line) > self._budget // 2:
+                        # Parsed in parts: the lines and their text stay within the budget.
+                        parts.append(self._lines(path, idx, raw, start + done))
+                        done, raw, held = done + len(raw), [], 0
                     raw.append(line)
+                    held += len(line)
+        if parts and raw:
+            parts.append(self._lines(path, idx, raw, start + count - len(raw)))
+        if not parts:
+            return self._lines(path, idx, raw, start)
+        return {f.name: np.concatenate([p[f.name] for p in parts]) for f in idx.schema}
+
+    def _lines(
+        self, path: ShardPath, idx: _Index, raw: list[bytes], start: int
+    ) -> dict[str, np.ndarray[Any, Any]]:
         return _parse(path, _decode_lines(path, raw, start, idx.columns), start, idx.schema)
 
     def _index(self, path: ShardPath) -> _Index:

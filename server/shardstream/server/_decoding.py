@@ -22,7 +22,7 @@ from typing import Any
 
 from shardstream._common.malloc import tune_malloc
 from shardstream.server._decoders import DecodeError, Decoder, check_arrays, load_decoder
-from shardstream.server._files import GONE, ShardPath, Stamp, shard_stat
+from shardstream.server._files import GONE, ShardPath, Stamp, describe_change, pinned, shard_stat
 from shardstream.server._pipelines import Pipeline, run_pipeline
 from shardstream.server._shm import BlockHandle, attach, slot
 from shardstream.server._wire import encode_chunk, layout_chunk_into
@@ -122,7 +122,7 @@ def read_chunk_into(
     size, views = layout_chunk_into(slot(index), start, count, schema, shard_id)
     try:
         if pipeline is None:
-            with decoder_errors(ref, path):
+            with decoder_errors(ref, path), pinned(path, stamp):
                 decoder(ref).read_into(path, start, count, views, schema)
         else:  # the chain writes each record's fields straight into the message
             raw = decode_checked(ref, path, stamp, start, count, pipeline.input_schema)
@@ -145,7 +145,7 @@ def decode_checked(
     """Records [start, start + count) of an unchanged shard, checked against the schema
     (through the pipeline, if any: its output is checked record by record)."""
     check_unchanged(path, stamp)
-    with decoder_errors(ref, path):
+    with decoder_errors(ref, path), pinned(path, stamp):  # every open must find this file
         arrays = decoder(ref).read(path, start, count)
     if pipeline is None:
         check_arrays(arrays, schema, start, count)
@@ -155,18 +155,13 @@ def decode_checked(
 
 
 def check_unchanged(path: ShardPath, stamp: Stamp) -> None:
-    """Refuse a shard that is not the one indexed (size, mtime or checksum differ)."""
+    """Refuse a shard that is not the one indexed (size, mtime or checksum differ). The
+    read that follows pins the shard to `stamp` (`_files.pinned`): a file swapped in after
+    this check is refused when it is opened."""
     try:
         now = shard_stat(path)
     except GONE as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise ShardChanged(f"the shard cannot be opened any more: {why}") from None
     if now != stamp:
-        what = (
-            f"size {stamp[0]} -> {now[0]} bytes"
-            if now[0] != stamp[0]
-            else "same size, but its modification time or checksum differs"
-        )
-        raise ShardChanged(
-            f"the shard changed since it was indexed ({what}); restart the worker to index it again"
-        )
+        raise ShardChanged(describe_change(stamp, now))

@@ -24,7 +24,8 @@ not a JSON object of the declared fields (invalid JSON or UTF-8, a missing
 key, a list where the field is fixed, a number where it is ragged, a value out
 of its dtype's range...) is a `DecodeError` naming the shard and record, and so
 is a line longer than the read budget (`SHARDSTREAM_READ_BUDGET_BYTES`), before
-it is read.
+it is read, and a line that may hold more values than the budget lets a read decode
+(one per comma, `_VALUE_BYTES` each), before it is parsed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ __all__ = ["INFER_LINES", "JsonlDecoder"]
 INFER_LINES = 64  # lines looked at to infer the fields when there is no _schema.json
 _MAX_INDEXED = 256  # shards whose index an instance keeps
 _PIECE = 1 << 20  # bytes of a line indexing reads at a time
+# Bytes decoding one JSON value may take: a list's slot and an int object (8 + 32), then
+# its items in arrays (the parsed list's, the converted one's: 8 + 8).
+_VALUE_BYTES = 56
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +117,21 @@ def _build_index(path: ShardPath) -> _Index:
     )
 
 
-def _parse(path: ShardPath, line: bytes, record: int) -> dict[str, Any]:
+def _parse(path: ShardPath, line: bytes, record: int, budget: int) -> dict[str, Any]:
+    # Refused before it is parsed: a line whose values would take more than the read
+    # budget to decode (a list of 30M zeros is 57 MiB of text, ~0.9 GB decoded). A value
+    # ends at a comma but for the last of each list or object, so a line of L bytes holds
+    # at most L / 2 + 1 of them: only a long line is counted.
+    if (len(line) // 2 + 1) * _VALUE_BYTES > budget:
+        values = line.count(b",") + 1
+        if values * _VALUE_BYTES > budget:
+            raise DecodeError(
+                f"{path}: record {record} holds up to {values} values (lists' items, objects' "
+                f"keys and values: one per comma), which take ~{values * _VALUE_BYTES} bytes "
+                f"to decode ({_VALUE_BYTES} each), more than {READ_BUDGET_ENV} ({budget} "
+                "bytes) lets one read hold besides its records; raise it, or split the record",
+                record=record,
+            )
     try:
         doc = json.loads(line)
     except UnicodeDecodeError as e:
@@ -164,7 +182,8 @@ def _kind(value: Any) -> tuple[str, int] | None:
 
 
 def _infer(path: ShardPath, lines: list[bytes]) -> tuple[tuple[FieldSpec, ...], tuple[str, ...]]:
-    docs = [_parse(path, line, i) for i, line in enumerate(lines)]
+    budget = read_budget()
+    docs = [_parse(path, line, i, budget) for i, line in enumerate(lines)]
     keys: dict[str, None] = {}
     for doc in docs:
         keys.update(dict.fromkeys(doc))
@@ -321,7 +340,7 @@ class JsonlDecoder(Decoder):
         base = int(spans[0, 0]) if count else 0
         for i, (b, e) in enumerate(spans.tolist()):
             record = start + i
-            doc = _parse(path, data[b - base : e - base], record)
+            doc = _parse(path, data[b - base : e - base], record, self._budget)
             for spec in idx.schema:
                 columns[spec.name].append(_value(path, spec, doc, record))
         return {spec.name: _column(spec, columns[spec.name]) for spec in idx.schema}

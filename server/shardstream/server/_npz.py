@@ -38,7 +38,15 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardPath, Stamp, open_shard, shard_stat, stat_stamp
+from shardstream.server._files import (
+    ShardPath,
+    Stamp,
+    check_opened,
+    local_file,
+    open_shard,
+    shard_stat,
+    stat_stamp,
+)
 from shardstream.server._inflate import Deflated, InflateError, Positions, inflate_into
 from shardstream.server._limits import (
     MAX_COMPRESSION_RATIO_ENV,
@@ -403,15 +411,17 @@ class NpzDecoder(Decoder):
         cached = self._shards.get(path)
         if cached is not None:
             if cached.stamp == stamp:
+                check_opened(path, cached.stamp)  # a read pinned to another file: refused
                 self._shards.move_to_end(path)
                 return cached
             del self._shards[path]
             cached.file.close()
-        local = isinstance(path, Path)  # kept open in the cache; local files unbuffered:
-        f = open(path, "rb", buffering=0) if local else open_shard(path)  # noqa: SIM115
+        local = local_file(path)  # kept open in the cache; local files unbuffered:
+        f = open(local, "rb", buffering=0) if local is not None else open_shard(path)  # noqa: SIM115
         try:
-            if local:  # the stamp of the very file opened
+            if local is not None:  # the stamp of the very file opened
                 stamp = stat_stamp(os.fstat(f.fileno()))
+                check_opened(path, stamp)
             records, arrays = _parse(path, f, stamp[0], self._limits)
         except BaseException:
             f.close()

@@ -23,21 +23,32 @@ dictionaries, timestamps, decimals, lists of strings...) are left out with a
 log line naming them. A selected column that is missing or unusable is
 refused at index time naming it. A null is refused at read time naming the
 column and the first record holding it. Indexing reads the footer only; a
-read decodes only the row groups covering its range.
+read decodes only the row groups covering its range, in batches of rows within
+`SHARDSTREAM_READ_BUDGET_BYTES` and only as far as its last record.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import os
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
-from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat, sibling
+from shardstream.server._files import (
+    ShardCache,
+    ShardPath,
+    Stamp,
+    local_file,
+    open_shard,
+    shard_stat,
+    sibling,
+)
+from shardstream.server._limits import read_budget
 from shardstream.v1.codec import RAGGED, FieldSpec
 from shardstream.v1.ragged import Ragged
 
@@ -47,6 +58,8 @@ SHAPE_KEY = b"shardstream.shape"
 SCHEMA_FILE = "_schema.json"
 _SCHEMA_EXAMPLE = '{"columns": ["caption", "tokens"]}'
 _MAX_INDEXED = 256  # shards whose index an instance keeps
+# pyarrow reads a local shard through the checked descriptor's /proc/self/fd entry
+_PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
 _HINT = (
     "fields need numbers, (fixed-size) lists of numbers, strings or binary; drop or convert "
     "the column"
@@ -117,11 +130,13 @@ def _pyarrow() -> tuple[Any, tuple[type[Exception], ...]]:
 
 
 def _open(pq: Any, path: ShardPath, metadata: Any = None) -> tuple[Any, Any]:
-    """A ParquetFile and the file to close after it (None for a local path)."""
-    if isinstance(path, Path):
-        return pq.ParquetFile(str(path), metadata=metadata), None
+    """A ParquetFile and the file to close after it. A local shard is the file
+    `open_shard` opened (and checked against the stamp a read pinned): pyarrow opens
+    that descriptor through /proc/self/fd, natively, where there is one."""
     f = open_shard(path)
     try:
+        if local_file(path) is not None and _PROC_FD:
+            return pq.ParquetFile(f"/proc/self/fd/{f.fileno()}", metadata=metadata), f
         return pq.ParquetFile(f, metadata=metadata), f
     except BaseException:
         f.close()
@@ -336,6 +351,7 @@ class ParquetDecoder(Decoder):
 
     def __init__(self) -> None:
         self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED, stamp=_stamp)
+        self._budget = read_budget()
 
     def index(self, path: ShardPath) -> ShardMeta:
         idx = self._index(path)
@@ -357,11 +373,10 @@ class ParquetDecoder(Decoder):
             return {c.field.name: _empty(c.field) for c in idx.columns}
         first = bisect.bisect_right(idx.starts, start) - 1
         last = bisect.bisect_right(idx.starts, start + count - 1) - 1
-        names = [c.field.name for c in idx.columns]
         pq, errors = _pyarrow()
         pf, f = _open(pq, path, idx.metadata)
         try:
-            table = pf.read_row_groups(range(first, last + 1), columns=names, use_threads=False)
+            table = _rows(path, pf, idx, (first, last), start, count, self._budget)
         except errors as e:
             raise DecodeError(
                 f"{path}: row groups {first}..{last} (records [{idx.starts[first]}, "
@@ -371,7 +386,6 @@ class ParquetDecoder(Decoder):
         finally:
             if f is not None:
                 f.close()
-        table = table.slice(start - idx.starts[first], count)
         return {
             c.field.name: _to_numpy(path, table.column(c.field.name), c, start, count)
             for c in idx.columns
@@ -379,6 +393,54 @@ class ParquetDecoder(Decoder):
 
     def _index(self, path: ShardPath) -> _Index:
         return self._indexes.get(path)
+
+
+def _rows(
+    path: ShardPath,
+    pf: Any,
+    idx: _Index,
+    groups: tuple[int, int],
+    start: int,
+    count: int,
+    budget: int,
+) -> Any:
+    """Records [start, start + count) of row groups first..last as a table, decoded in
+    batches of rows that fit the read budget: memory follows the rows read, not the row
+    groups (a row group of 10^8 zeros takes ~1 MB on disk). The rows of the first group
+    before `start` are decoded a batch at a time and dropped."""
+    import pyarrow as pa
+
+    first, last = groups
+    row = sum(c.field.record_bytes for c in idx.columns)  # bytes of a row's fixed fields
+    for group in range(first, last + 1):  # what the writer says a row takes (ragged fields)
+        meta = idx.metadata.row_group(group)
+        row = max(row, -(-meta.total_byte_size // max(1, meta.num_rows)))
+    skip = start - idx.starts[first]
+    size = max(1, min(budget // max(1, row), skip + count))
+    batches = pf.iter_batches(
+        batch_size=size,
+        row_groups=range(first, last + 1),
+        columns=[c.field.name for c in idx.columns],
+        use_threads=False,
+    )
+    kept: list[Any] = []
+    need = count
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        part = batch.slice(skip, need)
+        skip, need = 0, need - part.num_rows
+        kept.append(part)
+        if not need:
+            break
+    if need:
+        raise DecodeError(
+            f"{path}: row groups {first}..{last} hold fewer rows than its metadata says "
+            f"(record {start + count - need} is missing); did the shard change?",
+            record=start + count - need,
+        )
+    return pa.Table.from_batches(kept)
 
 
 def _empty(field: FieldSpec) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from shardstream.server._files import redact
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server.errors import (
     BadRangeError,
@@ -132,7 +133,7 @@ def _refusal(
     """`exc` as a status: its code, bounded message and metadata; counted and logged."""
     code = status_code(exc)
     metrics.error(code.name)
-    message = str(exc)
+    message = redact(str(exc))  # a shard's URL may hold the data root's password
     for value in (exc.shard, exc.dataset):  # ids a client sent, bounded where echoed
         if len(value) > SHOWN_CHARS:
             message = message.replace(repr(value), repr(shown(value))).replace(value, shown(value))

@@ -41,7 +41,6 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, cast
 
 import numpy as np
@@ -53,6 +52,8 @@ from shardstream.server._files import (
     ShardCache,
     ShardPath,
     Stamp,
+    check_opened,
+    local_file,
     open_shard,
     shard_stat,
     sibling,
@@ -255,12 +256,22 @@ class TokenReader:
 
     def __init__(self, path: ShardPath, tf: TokenFile) -> None:
         self.path, self.tf = path, tf
-        self.local = isinstance(path, Path)
+        local = local_file(path)
+        self.local = local is not None
         # Local files unbuffered: every read is a positioned system call.
-        self.file: IO[bytes] = open(path, "rb", buffering=0) if self.local else open_shard(path)  # noqa: SIM115
-        if self.local and stat_stamp(os.fstat(self.file.fileno())) != tf.stamp[0]:
-            self.file.close()
-            raise ShardChanged("the shard changed while it was being read; restart the worker")
+        self.file: IO[bytes] = (
+            open(local, "rb", buffering=0) if local is not None else open_shard(path)  # noqa: SIM115
+        )
+        if local is not None:
+            opened = stat_stamp(os.fstat(self.file.fileno()))
+            try:
+                check_opened(path, opened)  # the file a read is pinned to, if it is
+            except ShardChanged:
+                self.file.close()
+                raise
+            if opened != tf.stamp[0]:
+                self.file.close()
+                raise ShardChanged("the shard changed while it was being read; restart the worker")
 
     def __enter__(self) -> TokenReader:
         return self

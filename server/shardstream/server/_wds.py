@@ -21,11 +21,13 @@ center-cropped to SIZE x SIZE, where the worker's environment sets SIZE
 `label` int64 and, when the samples have `.id` members, `id` int64; then the
 other members' fields, sorted by name. Images and other members larger than
 `SHARDSTREAM_WDS_MAX_IMAGE_BYTES` (default 64 MiB) are refused before they
-are read, and images of more than `SHARDSTREAM_MAX_IMAGE_PIXELS`
-(width x height, default 2**26 = 8192 x 8192; see `_limits`) from their header,
-before they are decoded. Pillow's own decompression-bomb check stays on, with
-its own limit (`PIL.Image.MAX_IMAGE_PIXELS`, which this module leaves alone:
-Pillow refuses images over twice it, ~179 Mpx by default).
+are read, and so is a sample whose image and other members take more bytes together
+than the larger of that and `SHARDSTREAM_READ_BUDGET_BYTES`, and images of more
+than `SHARDSTREAM_MAX_IMAGE_PIXELS` (width x height, default 2**26 = 8192 x 8192;
+see `_limits`) from their header, before they are decoded. Pillow's own
+decompression-bomb check stays on, with its own limit (`PIL.Image.MAX_IMAGE_PIXELS`,
+which this module leaves alone: Pillow refuses images over twice it, ~179 Mpx by
+default).
 
 The format `wds-encoded` (`WdsEncodedDecoder`; never inferred from a suffix)
 reads the same shards but leaves each image as it is stored: `image` is a
@@ -46,7 +48,13 @@ import numpy as np
 
 from shardstream.server._decoders import DecodeError, Decoder, ShardMeta, register_decoder
 from shardstream.server._files import ShardCache, ShardPath, Stamp, open_shard, shard_stat
-from shardstream.server._limits import MAX_IMAGE_PIXELS_ENV, env_int, max_image_pixels
+from shardstream.server._limits import (
+    MAX_IMAGE_PIXELS_ENV,
+    READ_BUDGET_ENV,
+    env_int,
+    max_image_pixels,
+    read_budget,
+)
 from shardstream.v1.codec import FieldSpec
 from shardstream.v1.ragged import Ragged
 
@@ -257,6 +265,9 @@ class WdsDecoder(Decoder):
         self.size = env_int(SIZE_ENV, 224, 8192)
         self.max_image_bytes = env_int(MAX_IMAGE_BYTES_ENV, 64 << 20, 1 << 31)
         self.max_image_pixels = max_image_pixels()
+        # Most bytes of one sample's image and other members together (each member alone:
+        # `max_image_bytes`): the larger of that and the read budget.
+        self.max_sample_bytes = max(self.max_image_bytes, read_budget())
         self._indexes: ShardCache[_Index] = ShardCache(_build_index, _MAX_INDEXED)
 
     def index(self, path: ShardPath) -> ShardMeta:
@@ -298,6 +309,7 @@ class WdsDecoder(Decoder):
             texts["image"] = []
         if not count:
             return {**out, **{e: Ragged.from_bytes([]) for e in texts}}
+        self._check_samples(path, idx, start, count)
         with open_shard(path) as f:
             for i in range(count):
                 record = start + i
@@ -337,6 +349,25 @@ class WdsDecoder(Decoder):
                     text = _read_at(f, id_at, id_size, where, record)
                     out["id"][i] = _integer(text, f"{where}: its .id member", record)
         return {**out, **{e: Ragged.from_bytes(items) for e, items in texts.items()}}
+
+    def _check_samples(self, path: ShardPath, idx: _Index, start: int, count: int) -> None:
+        """Refuse, before anything is read, a sample whose image and other members take
+        more bytes together than a sample may hold (`max_sample_bytes`): each member is
+        checked alone as it is read, but a sample may have any number of them."""
+        spans = idx.members[start : start + count]
+        sizes = spans[:, 1::2].copy()
+        sizes[:, 1:3] = 0  # .cls and .id: at most _TEXT_MAX bytes each, checked as read
+        totals = sizes.sum(axis=1)
+        over = np.flatnonzero(totals > self.max_sample_bytes)
+        if over.size:
+            record = start + int(over[0])
+            raise DecodeError(
+                f"{path}: sample {idx.keys[record]!r} (record {record}): its image and other "
+                f"members take {int(totals[over[0]])} bytes together, more than a sample may "
+                f"hold ({self.max_sample_bytes}: the larger of {MAX_IMAGE_BYTES_ENV} and "
+                f"{READ_BUDGET_ENV}); not reading them",
+                record=record,
+            )
 
     def _decoded(self, image: Any, data: bytes, where: str, record: int) -> np.ndarray[Any, Any]:
         try:

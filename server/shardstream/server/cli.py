@@ -50,7 +50,7 @@ from shardstream.server._catalog import index_in_threads
 from shardstream.server._config import MAX_MESSAGE_BYTES, DatasetSpec, MiB, WorkerConfig
 from shardstream.server._configfile import ConfigFile, check_formats, load_config_file
 from shardstream.server._decoders import decoder_class, register_plugins
-from shardstream.server._files import is_url
+from shardstream.server._files import is_url, redact
 from shardstream.server._manifest import manifest_of, manifest_text
 from shardstream.server._security import ServerSecurity
 from shardstream.server._synth import FORMATS, make_dataset
@@ -369,7 +369,7 @@ def _data_root(args: argparse.Namespace, file: ConfigFile | None, notes: list[st
         raise ValueError(
             "--data-root is required (or data_root in the --config file, or SHARDSTREAM_DATA_ROOT)"
         )
-    notes.append(f"data root {root} (from {source})")
+    notes.append(f"data root {redact(str(root))} (from {source})")  # no password in the log
     return str(root)
 
 
@@ -455,11 +455,24 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Redacting())
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
+
+
+class _Redacting(logging.Filter):
+    """Hides the password of any URL a log line names (a data root's, a shard's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 async def serve(config: WorkerConfig, *, parent: int | None = None) -> int:
