@@ -264,3 +264,40 @@ async def test_a_description_larger_than_a_message_refuses_the_start(tmp_path: P
     async with Worker(dataclasses.replace(config, max_message_bytes=256 * 1024)) as w:
         async with Loader([w.address], **OPTS) as loader:
             assert len(loader.dataset.shards) == 402
+
+
+def test_a_torch_iterable_keeps_its_position_through_a_refused_reopen(
+    data: Path, tmp_path: Path
+) -> None:
+    """Closed at batch 9, reopened against its worker restarted with other data: the
+    reopen is refused (StateMismatchError), and the position kept at close() stays. Was:
+    the iterable counted as open with the position never applied, so its state said
+    batch 0 and the next iteration delivered the whole epoch again, silently."""
+    torch_data = pytest.importorskip("shardstream.client.torch")
+    from shardstream.client.errors import StateMismatchError
+
+    other = tmp_path / "other"
+    make_dataset(other, shards=3, records=RECORDS // 2, shape=(8, 8, 3), seed=9)
+    args = ["--dataset", "train=*.npz", "--processes", "0"]
+    worker = WorkerProcess.start(["--data-root", str(data), *args])
+    port, ids = worker.port, []
+    try:
+        iterable = torch_data.ShardstreamIterable([worker.address], **OPTS)
+        for i, batch in enumerate(iterable):
+            ids += batch["id"].tolist()
+            if i == 8:
+                break
+        iterable.close()
+        kept = iterable.state_dict()
+        worker.close()
+        worker = WorkerProcess.start(["--data-root", str(other), "--port", str(port), *args])
+        with pytest.raises(StateMismatchError):
+            next(iter(iterable))
+        assert iterable.state_dict() == kept
+        worker.close()
+        worker = WorkerProcess.start(["--data-root", str(data), "--port", str(port), *args])
+        ids += [i for batch in iterable for i in batch["id"].tolist()]  # the rest of epoch 0
+        iterable.close()
+    finally:
+        worker.close()
+    assert kept["batches"] == 9 and sorted(ids) == list(range(RECORDS))

@@ -190,10 +190,14 @@ class ShardstreamIterable(IterableDataset[dict[str, torch.Tensor]]):  # type: ig
             # used again after close() (go on from there), or after a failed open (the
             # workers were not up yet: try again)
             self._loader = SyncLoader(self._addresses, **self._options)
-        self._loader.open()
+        try:
+            self._loader.open()
+            if self._closed_state is not None:
+                self._loader.load_state_dict(self._closed_state)
+        except BaseException:  # a refused position, Ctrl-C: keep it for the next try
+            self._loader.close()
+            raise
         self._open = True
-        if self._closed_state is not None:
-            self._loader.load_state_dict(self._closed_state)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterable has yielded (see
