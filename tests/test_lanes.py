@@ -707,6 +707,38 @@ async def test_a_closed_loader_unmaps_its_lanes(npz_root: Path, api: str, consum
             assert lane_mappings() == []
 
 
+async def test_batches_held_past_close_unmap_when_they_go_though_the_loader_stays(
+    npz_root: Path,
+) -> None:
+    """Batches kept after close() keep the lane mapped, as documented; once they go, the
+    mapping goes, though the closed loader object lives on (a trainer keeping its data
+    loaders). Was: mapped until the loader object itself went, and the worker counted
+    the lane against --max-lanes all that while (later loaders got no lane)."""
+    assert lane_mappings() == []
+    with worker_processes(npz_root, 1) as (w,):
+        loader = Loader([w.address], **OPTIONS)
+        async with loader:
+            kept = [b async for _, b in aenumerate(loader.epoch(0)) if _ < 3]
+        assert not kept[0]["image"].flags.writeable  # views of the lane's memory
+        assert lane_mappings() != []  # held by the batches
+        del kept
+        assert lane_mappings() == [] and loader.closed
+
+
+def test_batches_held_past_a_sync_loaders_close_unmap_when_they_go(npz_root: Path) -> None:
+    """The same through SyncLoader, whose position keeps its last epoch's iterator: a
+    batch that iterator had taken ahead (a cancelled wait's) held the lane too."""
+    assert lane_mappings() == []
+    with worker_processes(npz_root, 1) as (w,):
+        sync = SyncLoader([w.address], **OPTIONS)
+        with sync:
+            kept = [b for _, b in zip(range(3), sync.epoch(0), strict=False)]
+        assert not kept[0]["image"].flags.writeable
+        assert lane_mappings() != []
+        del kept
+        assert lane_mappings() == [] and sync.closed
+
+
 async def aenumerate(items: Any) -> Any:
     step = 0
     async for item in items:

@@ -53,8 +53,9 @@ class ClientLane:
     def __init__(self, lane: str, memory: mmap.mmap, slots: int, slot_bytes: int,
                  sock: socket.socket) -> None:  # fmt: skip
         self.id = lane
-        self._memory = memory
-        self._view = memoryview(memory)
+        self._memory: mmap.mmap | None = memory
+        self._view: memoryview | None = memoryview(memory)
+        self._mapping = weakref.ref(memory)  # gone once nothing here or in arrays holds it
         self._slots = slots
         self._slot_bytes = slot_bytes
         self._sock = sock
@@ -63,7 +64,6 @@ class ClientLane:
         self._held: set[int] = set()  # slots arrays here still view (not handed back)
         self._lock = threading.Lock()
         self.alive = True
-        self._mapped = True
         self._pid = os.getpid()  # a forked child must not hand back the parent's slots
         self.bytes = 0  # chunk bytes that came through the lane
 
@@ -83,7 +83,8 @@ class ClientLane:
                 f"{self._slots} slots of {self._slot_bytes} bytes"
             )
         with self._lock:
-            if not self._mapped:
+            view = self._view
+            if view is None:
                 raise RuntimeError(
                     f"a chunk taken from the same-host lane {self.id[:4]} after close"
                 )
@@ -96,7 +97,7 @@ class ClientLane:
         if stream in self._received:
             self._received[stream] += 1
         start = slot * self._slot_bytes
-        message = np.frombuffer(self._view[start : start + size].toreadonly(), np.uint8)
+        message = np.frombuffer(view[start : start + size].toreadonly(), np.uint8)
         weakref.finalize(message, self._release, slot)
         self.bytes += size
         return message
@@ -124,21 +125,25 @@ class ClientLane:
     @property
     def mapped(self) -> bool:
         """Whether the lane's memory is still mapped in this process."""
-        return self._mapped
+        memory = self._mapping()
+        return memory is not None and not memory.closed
 
     def close(self, why: str = "the loader closed") -> None:
         """End the lane (idempotent): the worker sees the socket close and frees it. The
         mapping goes now if no array views it (the worker counts the lane's memory for as
-        long as this process maps it), else with the last of them."""
+        long as this process maps it), else with the last of them: the lane lets go of
+        it, so that only those arrays hold it, however long the closed loader lives."""
         with self._lock:
             self._close(why)
-            if self._mapped and not self._held and os.getpid() == self._pid:
+            if self._view is None or os.getpid() != self._pid:
+                return
+            if not self._held:
                 try:
                     self._view.release()
-                    self._memory.close()
-                    self._mapped = False
+                    self._memory.close()  # type: ignore[union-attr]
                 except BufferError:  # an array of it the finalizers have not seen go yet
                     pass
+            self._view = self._memory = None
 
     def _close(self, why: str) -> None:
         if self.alive:

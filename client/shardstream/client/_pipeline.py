@@ -304,6 +304,11 @@ class EpochIterator:
             task = None
         while not self._queue.empty():
             self._queue.get_nowait()
+        if self._getter is not None and self._getter.done():
+            # a batch a cancelled wait took and nobody will ask for (it may view a lane's
+            # memory: the iterator, which a SyncLoader keeps for its position, must not
+            # hold it past the epoch)
+            self._getter = None
         self._queue.put_nowait(END)  # the wake-up; never taken as the epoch's end
         # (a wait left by a cancelled consumer takes it, and ends)
         return task
