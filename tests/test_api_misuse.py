@@ -337,3 +337,26 @@ async def test_workers_are_asked_for_the_whole_describe_timeout() -> None:
             async with Loader(f"127.0.0.1:{port}", **OPTS, describe_timeout=1.5):
                 pass
     assert time.monotonic() - t0 >= 1.5
+
+
+def test_a_sync_loader_that_failed_to_open_answers_state_dict_plainly() -> None:
+    """A SyncLoader whose open() failed (or was interrupted: Ctrl-C while the workers are
+    slow) still answers `state_dict()` with the state it was given, for the checkpoint
+    handler that saves it; without one, the error says to create a new loader. Was:
+    "the loader is not started; use `async with Loader(...)`", the async API's advice."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    given = {"epoch": 3, "batches": 7, "note": "the state the job was restarted with"}
+    opts = {"dataset": "train", "batch_size": 4, "describe_timeout": 0.3}
+    with_state = SyncLoader([address], state=given, **opts)
+    with pytest.raises(WorkersUnavailableError):
+        with_state.open()
+    assert with_state.state_dict() == given
+    without = SyncLoader([address], **opts)
+    with pytest.raises(WorkersUnavailableError):
+        without.open()
+    with pytest.raises(RuntimeError, match="closed before it had started.*create a new one"):
+        without.state_dict()

@@ -244,7 +244,15 @@ class Loader:
     @property
     def dataset(self) -> DatasetDesc:
         if self._desc is None:
-            raise RuntimeError("the loader is not started; use `async with Loader(...)`")
+            if self._state == "closed":
+                raise RuntimeError(
+                    "the loader closed before it had started (its start failed or was "
+                    "interrupted), so it knows no dataset: create a new one"
+                )
+            raise RuntimeError(
+                "the loader is not started: `async with Loader(...)`, or `with "
+                "SyncLoader(...)` (or its open())"
+            )
         return self._desc
 
     @property
@@ -293,7 +301,10 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: restoring it (also with another world size, when every rank
-        saved at the same step) yields exactly the rest of the epoch."""
+        saved at the same step) yields exactly the rest of the epoch. Before the loader
+        has started (or after a start that failed), a state it was given is its position."""
+        if self._desc is None and self._pending_state is not None:
+            return dict(self._pending_state)
         live = self._live
         if live is None:
             return self._state_of(None, 0, completed=False)
