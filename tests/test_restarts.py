@@ -301,3 +301,33 @@ def test_a_torch_iterable_keeps_its_position_through_a_refused_reopen(
     finally:
         worker.close()
     assert kept["batches"] == 9 and sorted(ids) == list(range(RECORDS))
+
+
+async def test_the_only_worker_serving_other_data_is_named_not_a_deadline(
+    data: Path, tmp_path: Path
+) -> None:
+    """The only worker, restarted (a new process on its port) over other data, is
+    described again and left out at once: the error says so. Was: "no worker could serve
+    ... before the retry deadline", 0.2 s into a 60 s deadline."""
+    from shardstream.client.errors import ShardChangedError, WorkersUnavailableError
+
+    other = tmp_path / "other"
+    make_dataset(other, shards=4, records=RECORDS, shape=(8, 8, 3), seed=9)
+    args = ["--dataset", "train=*.npz", "--processes", "0"]
+    worker = WorkerProcess.start(["--data-root", str(data), *args])
+    try:
+        async with Loader([worker.address], **OPTS) as loader:
+            port = worker.port
+            worker.close()
+            worker = await asyncio.to_thread(
+                WorkerProcess.start, ["--data-root", str(other), "--port", str(port), *args]
+            )
+            started = asyncio.get_running_loop().time()
+            with pytest.raises((WorkersUnavailableError, ShardChangedError)) as caught:
+                [b async for b in loader.epoch(0)]
+            took = asyncio.get_running_loop().time() - started
+    finally:
+        worker.close()
+    assert took < OPTS["retry_deadline"] / 2
+    assert "retry deadline" not in str(caught.value), caught.value
+    assert "fingerprint" in str(caught.value)

@@ -327,6 +327,12 @@ class WorkerPool:
             return
         for c in self.conns:
             attempts.setdefault(c.address, c.excluded or c.last_error or "not serving")
+        if now < deadline:  # every worker was left out: waiting would not change that
+            raise WorkersUnavailableError(
+                f"every worker of dataset {self.dataset!r} was left out, none serves the "
+                "data this loader's plan was made from (restart them with that data)",
+                attempts,
+            )
         raise WorkersUnavailableError(
             f"no worker could serve dataset {self.dataset!r} before the retry deadline",
             attempts,
