@@ -358,5 +358,5 @@ def test_a_sync_loader_that_failed_to_open_answers_state_dict_plainly() -> None:
     without = SyncLoader([address], **opts)
     with pytest.raises(WorkersUnavailableError):
         without.open()
-    with pytest.raises(RuntimeError, match="closed before it had started.*create a new one"):
+    with pytest.raises(RuntimeError, match=r"closed before it had started.*create a new one"):
         without.state_dict()
