@@ -81,7 +81,9 @@ def options(c: dict[str, Any]) -> PlanOptions:
     )
 
 
-def plans(c: dict[str, Any], world: int, history: Sequence[Interruption] = ()) -> list[RankPlan]:
+def plans(
+    c: dict[str, Any], world: int, history: Sequence[Interruption] = (), dropped: bool = False
+) -> list[RankPlan]:
     return [
         resume_plan(
             c["counts"],
@@ -91,6 +93,7 @@ def plans(c: dict[str, Any], world: int, history: Sequence[Interruption] = ()) -
             options=options(c),
             read_records=c["read_records"],
             history=history,
+            dropped=dropped,
         )
         for r in range(world)
     ]
@@ -214,6 +217,9 @@ def test_elastic_resumes_are_exactly_once_with_equal_steps(
     got += [i for p in second for b in batches(p, c["counts"])[:k1] for i in b]
     third = plans(c, w2, [Interruption(w0, k0), Interruption(w1, k1)])
     got += [i for p in third for i in delivered(p, c["counts"])]
+    # drop_last: whole batches on every resumed rank, the records past them left out
+    cut = [Interruption(w0, k0), Interruption(w1, k1)]
+    got += [i for p in plans(c, w2, cut, dropped=True) for i in delivered(p, c["counts"])]
     assert sorted(got) == sorted(i for p in first for i in delivered(p, c["counts"]))
     assert len({p.batches for p in third}) == 1
 
