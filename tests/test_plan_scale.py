@@ -112,6 +112,9 @@ def ref_resume(counts, *, epoch, rank, world_size, options, read_records, histor
             ranks.append(_slice(remains, pos, pos + size))
             pos += size
         slots = [q + (1 if extra else 0)] * new
+    if options.drop_last:  # the last split: the shortest part's whole batches on every rank
+        keep = q // b * b
+        ranks[rank], slots = _slice(ranks[rank], 0, keep), [keep] * world_size
     records = sum(_delivered(w) for w in ranks[rank])
     return ranks[rank], records, -(-slots[rank] // b), slots[rank] - records
 
