@@ -77,7 +77,7 @@ def test_launcher_values_are_plain_decimal_integers(value: str) -> None:
     [
         {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"},  # Lightning's rank 1
         {"RANK": "1"},
-        {"SLURM_NTASKS": "4"},
+        {"HOROVOD_SIZE": "4"},
     ],
 )
 def test_half_a_launcher_pair_is_an_error_when_the_loader_opens(env: dict[str, str]) -> None:
@@ -88,6 +88,8 @@ def test_half_a_launcher_pair_is_an_error_when_the_loader_opens(env: dict[str, s
     with pytest.raises(ValueError, match="cannot tell its rank"):
         discover(env, strict=True)
     assert discover({"WORLD_SIZE": "1"}, strict=True)[:2] == (0, 1)
+    # SLURM_NTASKS is the allocation's: a shell of it running one process is rank 0 of 1.
+    assert discover({"SLURM_NTASKS": "4"}, strict=True)[:2] == (0, 1)
 
 
 async def test_a_loader_whose_discovered_rank_changed_refuses_the_epoch(

@@ -204,6 +204,19 @@ def test_url_stamps_compare_every_identity_the_filesystem_reports() -> None:
 # --- credentials in a data root's URL -----------------------------------------------------
 
 
+def test_redact_hides_secrets_not_azure_containers() -> None:
+    from shardstream.server._files import redact
+
+    assert redact("root s3://KEY:SECRET@bucket/x failed") == "root s3://KEY:***@bucket/x failed"
+    assert redact("https://TOKEN@host/data") == "https://***@host/data"
+    # `container@account` is no secret: the container stays named in messages
+    assert redact("abfs://train@acct.dfs.core.windows.net/x") == (
+        "abfs://train@acct.dfs.core.windows.net/x"
+    )
+    assert redact("az://c:key@acct/x") == "az://c:***@acct/x"
+    assert redact("mail me at a@b.c") == "mail me at a@b.c"
+
+
 def test_a_data_root_password_is_never_logged() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -115,7 +115,11 @@ def discover(env: Mapping[str, str] | None = None, *, strict: bool = False) -> t
                     f"({launcher}): the rank must be in [0, {size_var})"
                 )
             return rank, size, f"{launcher} ({rank_var}/{size_var})"
+    # (Not SLURM's: SLURM_NTASKS is the allocation's, also in a shell of it that runs
+    # one process, as `salloc -n 4` or a notebook there does.)
     for rank_var, size_var, launcher in ENV_PAIRS if strict else ():
+        if launcher == "SLURM":
+            continue
         if env.get(size_var, "").strip() not in ("", "0", "1"):
             half = f"{size_var}={env[size_var]!r} is set but {rank_var} is not"
         elif env.get(rank_var, "").strip() not in ("", "0"):

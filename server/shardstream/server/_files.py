@@ -116,9 +116,16 @@ def redact(text: str) -> str:
     return _USERINFO.sub(_hide, text) if "@" in text else text
 
 
+# Azure's URLs name a container before the "@" (`abfs://container@account...`), no secret.
+_CONTAINER_SCHEMES = ("abfs://", "abfss://", "az://", "wasb://", "wasbs://", "adl://")
+
+
 def _hide(match: re.Match[str]) -> str:
+    scheme = match["scheme"]
+    if scheme.lower() in _CONTAINER_SCHEMES and ":" not in match["userinfo"]:
+        return match[0]
     user, colon, _ = match["userinfo"].partition(":")
-    return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+    return f"{scheme}{user}:***@" if colon else f"{scheme}***@"
 
 
 def filesystem(url: str) -> tuple[Any, str]:
