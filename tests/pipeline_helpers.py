@@ -32,3 +32,19 @@ def caption(record: dict[str, Any], rng: np.random.Generator, *, at: int) -> dic
     str that has no UTF-8."""
     record["caption"] = "ok \udcff" if int(record["id"]) == at else f"record {int(record['id'])}"
     return record
+
+
+def leave(record: dict[str, Any], rng: np.random.Generator, *, at: int, how: str) -> dict[str, Any]:
+    """On the record whose id is `at`, raise what a script raises to stop (`how`:
+    SystemExit, KeyboardInterrupt or GeneratorExit), or run out of memory (MemoryError)."""
+    if int(record["id"]) == at:
+        raise {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt,
+               "GeneratorExit": GeneratorExit, "MemoryError": MemoryError}[how]()  # fmt: skip
+    return record
+
+
+def global_noise(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Noise from numpy's global generator instead of `rng` (the usual style of older
+    augmentation libraries)."""
+    record["noise"] = np.random.random(2).astype(np.float32)
+    return record

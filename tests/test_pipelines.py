@@ -216,6 +216,36 @@ async def test_a_failing_transform_is_data_loss_naming_it(
         assert 37 not in ids and len(ids) >= RECORDS - 8
 
 
+@pytest.mark.parametrize("processes", [0, 1])
+@pytest.mark.parametrize("how", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+async def test_a_transform_that_exits_is_data_loss_not_a_dead_fleet(
+    root: Path, monkeypatch: pytest.MonkeyPatch, how: str, processes: int
+) -> None:
+    """`sys.exit()` (or KeyboardInterrupt, GeneratorExit) raised by a transform on one
+    record. Was: the worker (or its decoding process) died on it, the read moved to the
+    next worker, which died too: WorkersUnavailableError once the fleet was gone, and
+    on_error="skip" could not help. Now it is that record's DATA_LOSS, like any other
+    exception of a transform."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # for decoding processes
+    leaving = DatasetSpec(
+        name="train",
+        pattern="*.tar",
+        format="wds",
+        transforms=(
+            TransformSpec(fn="pipeline_helpers:leave", params={"at": 37, "how": how}),
+            TransformSpec(fn=f"{T}:decode_image"),
+            TransformSpec(fn=f"{T}:center_crop", params={"size": 16}),
+        ),
+    )
+    async with workers(root, 2, [leaving], processes=processes) as addresses:
+        with pytest.raises(DataLossError, match=f"pipeline_helpers:leave raised {how}"):
+            await epoch_batches(addresses, 0, shuffle=False)
+        skipped = await epoch_batches(addresses, 0, shuffle=False, on_error="skip", drop_last=False)
+        ids = np.concatenate([b["id"] for b in skipped])
+        assert 37 not in ids and len(ids) >= RECORDS - 8  # both workers still serve
+
+
 async def test_a_transform_off_its_schema_is_data_loss_naming_it(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,8 +395,10 @@ def test_another_version_of_a_transform_is_another_dataset(
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = TransformSpec(fn="rt_version_aug:brighten", params={"amount": 5})
 
-    def digest(body: str) -> str:
-        module.write_text(f"def brighten(record, rng, *, amount):\n    {body}\n")
+    def digest(body: str, constant: int = 5) -> str:
+        module.write_text(
+            f"SIGMA = {constant}\n\ndef brighten(record, rng, *, amount):\n    {body}\n"
+        )
         monkeypatch.delitem(sys.modules, "rt_version_aug", raising=False)
         monkeypatch.setattr(_pipelines, "_loaded", {})
         return code_text((spec,))
@@ -374,3 +406,60 @@ def test_another_version_of_a_transform_is_another_dataset(
     v1 = digest("return record")
     assert digest("record['image'] = record['image'] + amount; return record") != v1
     assert digest("return record") == v1  # the same code: the same fingerprint
+    # A constant (or helper) of the module the function reads: another version too. Was:
+    # the function's own source only, so SIGMA 5 and 50 mixed in one fleet.
+    assert digest("return record", constant=50) != v1
+
+
+def test_a_resize_that_would_pass_the_pixel_limit_is_refused_before_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """resize(256) of a 2 x 6000 image (36 KB as PNG, far under the pixel limit) makes
+    256 x 768000: 1.9 GB peak in a decoding process for one record. Now refused first."""
+    from shardstream.server import transforms
+    from shardstream.server.errors import DecodeError
+
+    rng = np.random.default_rng(0)
+    thin = {"image": np.zeros((2, 6000, 3), np.uint8)}
+    with pytest.raises(DecodeError, match=r"to 256 x 768000 would make 196608000 pixels"):
+        transforms.resize(dict(thin), rng, size=256)
+    monkeypatch.setenv("SHARDSTREAM_MAX_IMAGE_PIXELS", str(10**9))  # the limit is the rule
+    wide = {"image": np.zeros((2, 600, 3), np.uint8)}
+    assert transforms.resize(dict(wide), rng, size=8)["image"].shape == (8, 2400, 3)
+
+
+@pytest.mark.parametrize(
+    ("fn", "params"),
+    [
+        ("to_float_chw", {"mean": [float("nan")] * 3}),
+        ("to_float_chw", {"std": [float("inf")] * 3}),
+        ("to_float_chw", {"scale": float("nan")}),
+        ("random_resized_crop", {"size": 8, "scale": [0.5, float("inf")]}),
+        ("random_resized_crop", {"size": 8, "ratio": [float("nan"), 1.0]}),
+    ],
+)
+def test_parameters_that_are_not_finite_are_refused(fn: str, params: dict[str, Any]) -> None:
+    """Was: accepted; a NaN mean made every pixel NaN, an infinite std every pixel 0, an
+    infinite scale an OverflowError on every record."""
+    from shardstream.server import transforms
+
+    record = {"image": np.zeros((16, 16, 3), np.uint8)}
+    with pytest.raises(ValueError, match=r"finite|must be"):
+        getattr(transforms, fn)(record, np.random.default_rng(0), **params)
+
+
+async def test_a_transform_drawing_from_a_global_generator_is_refused_at_start_up(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: served, and two runs with the same seed and epoch differed in 127 of 130
+    records, silently. The chain now runs twice on record 0 at start-up."""
+    from shardstream.server.errors import CatalogError
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    noisy = DatasetSpec(
+        name="train", pattern="*.tar", format="wds",
+        transforms=(TransformSpec(fn="pipeline_helpers:global_noise"),),
+    )  # fmt: skip
+    with pytest.raises(CatalogError, match="global_noise gave field 'noise' of record 0 diff"):
+        async with workers(root, 1, [noisy]):
+            pass

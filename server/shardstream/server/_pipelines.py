@@ -110,13 +110,17 @@ def pipeline_text(transforms: Sequence[TransformSpec]) -> str:
 
 
 def code_text(transforms: Sequence[TransformSpec]) -> str:
-    """A digest of each transform's source code: part of the dataset's fingerprint, so
-    that workers running other versions of a transform under one name are told apart
-    (a transform whose source cannot be read counts by its name only)."""
+    """A digest of each transform's module source: part of the dataset's fingerprint, so
+    that workers running other versions of a transform under one name are told apart.
+    The whole module, not the function alone: its helpers and constants (a `SIGMA` the
+    function reads) change what it does too. A transform whose source cannot be read
+    counts by its name only; libraries' versions (numpy, Pillow) are not in it."""
     digests = []
     for t in transforms:
         try:
-            source = inspect.getsource(load_transform(t.fn))
+            fn = load_transform(t.fn)
+            module = inspect.getmodule(fn)
+            source = inspect.getsource(module if module is not None else fn)
         except (ImportError, AttributeError, TypeError, OSError):
             source = ""
         digests.append(hashlib.blake2b(source.encode(), digest_size=8).hexdigest())
@@ -221,7 +225,13 @@ class _Chain:
                 out = fn(dict(record), rng, **spec.params)
             except DecodeError as exc:
                 raise DecodeError(f"transform {spec.fn}: {exc}", record=index) from None
-            except Exception as exc:  # a bug or bad data: DATA_LOSS naming the transform
+            except MemoryError:
+                raise  # as for decoders: the read is tried again (elsewhere), not lost
+            except BaseException as exc:
+                # A bug or bad data: DATA_LOSS naming the transform. Also SystemExit,
+                # KeyboardInterrupt, GeneratorExit: a transform cannot mean them (SIGINT
+                # never reaches decoding), and let through they ended the worker, one
+                # after another as the read moved on through the fleet.
                 raise DecodeError(
                     f"transform {spec.fn} raised {type(exc).__name__}: {exc}", record=index
                 ) from None
@@ -251,12 +261,25 @@ def probe_schema(
     generator of (seed 0, epoch 0, that record). Raises DecodeError naming the transform."""
     from shardstream.server._decoders import check_arrays
 
-    raw = decoder.read(path, 0, 1)
-    check_arrays(raw, input_schema, 0, 1)
-    (record,) = _records(raw, input_schema, 1)
-    out, made = _Chain(transforms).run(record, record_rng(0, 0, shard_hash(shard_id), 0), 0)
+    runs = []
+    for _ in range(2):  # twice, from a fresh decode: a transform may change its input
+        raw = decoder.read(path, 0, 1)
+        check_arrays(raw, input_schema, 0, 1)
+        (record,) = _records(raw, input_schema, 1)
+        runs.append(_Chain(transforms).run(record, record_rng(0, 0, shard_hash(shard_id), 0), 0))
+    (out, made), (again, _) = runs
     if not out:
         raise DecodeError(f"transform {transforms[-1].fn} returned a record without fields")
+    for name in sorted(out):
+        if not _same(out[name], again.get(name, _MISSING)):
+            raise DecodeError(
+                f"transform {made.get(name, transforms[-1].fn)} gave field {name!r} of record "
+                "0 differently on two runs with the same generator: a transform must draw "
+                "its randomness from its `rng` argument only (not numpy's or Python's global "
+                "generators, the time or the process), or the same seed and epoch would give "
+                "other records on another worker or after a resume",
+                record=0,
+            )
     inputs = {f.name: f for f in input_schema}
     schema = []
     for name in sorted(out):
@@ -270,6 +293,19 @@ def probe_schema(
             )
         schema.append(spec)
     return tuple(schema)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return (
+            isinstance(b, np.ndarray)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+        )
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN
+    return type(a) is type(b) and bool(a == b)
 
 
 def run_pipeline(

@@ -205,9 +205,9 @@ def random_resized_crop(
     torchvision's RandomResizedCrop (10 attempts, then a center crop)."""
     out_h, out_w = _hw(size)
     _check_filter(interpolation)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] or not all(map(math.isfinite, scale)):
         raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {scale!r}")
-    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] or not all(map(math.isfinite, ratio)):
         raise ValueError(f"ratio must be [low, high] with 0 < low <= high, got {ratio!r}")
     a = _image(record, field)
     top, left, h, w = _crop_box(rng, a.shape[0], a.shape[1], scale, ratio)
@@ -241,6 +241,12 @@ def resize(
             new_h, new_w = int(size * height / width), size
     else:
         new_h, new_w = _hw(size)
+    limit = max_image_pixels()
+    if new_h * new_w > limit:  # an image of an odd aspect ratio (2 x 6000 -> 256 x 768000)
+        raise DecodeError(
+            f"resizing the {height} x {width} image to {new_h} x {new_w} would make "
+            f"{new_h * new_w} pixels, more than the limit of {limit} ({MAX_IMAGE_PIXELS_ENV})"
+        )
     if (new_h, new_w) != (height, width):
         out = np.asarray(_to_pil(a).resize((new_w, new_h), _filter(interpolation)))
         record[field] = out if out.ndim == 3 else out[:, :, None]
@@ -326,10 +332,11 @@ def to_float_chw(
     channels = a.shape[2]
     m = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
     s = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32)
-    if m.shape != (channels,) or s.shape != (channels,) or not np.all(s > 0):
+    finite = np.all(np.isfinite(m)) and np.all(np.isfinite(s)) and math.isfinite(scale)
+    if m.shape != (channels,) or s.shape != (channels,) or not np.all(s > 0) or not finite:
         raise ValueError(
-            f"mean and std need one value per channel ({channels}), std positive; got "
-            f"mean={mean!r}, std={std!r}"
+            f"mean and std need one finite value per channel ({channels}), std positive, "
+            f"and scale finite; got mean={mean!r}, std={std!r}, scale={scale!r}"
         )
     out = np.empty((channels, a.shape[0], a.shape[1]), np.float32)
     np.multiply(a.transpose(2, 0, 1), np.float32(scale), out=out, dtype=np.float32)
