@@ -8,9 +8,14 @@ directory or an fsspec URL (see `_files`); a shard's path is a `Path` or its URL
 A dataset with transforms (`DatasetSpec.transforms`) is read with its format's
 `encoded_format` decoder where it has one (wds: images as their encoded bytes);
 its schema is the chain's output, found by running the chain on the first record
-of the first non-empty shard (`_pipelines.probe_schema`, in a decoding process),
-and its fingerprint covers the chain, so workers running other transforms under
-the same name are refused by clients.
+of the first non-empty shard that decodes (`_pipelines.probe_schema`, in a decoding
+process; a record that does not decode is passed over for the next, up to
+`PROBE_RECORDS` records of up to `PROBE_SHARDS` shards: reads then say why it does
+not, or skip it), and its fingerprint covers the chain, so workers running other
+transforms under the same name are refused by clients. The time a sample of its
+records takes through the decoder and the chain (`measure_records`) bounds the
+records in a chunk (`Dataset.seconds_per_record`), so that a slow chain over small
+records still sends a chunk long before a client gives up waiting for one.
 
 A dataset may declare its schema (`DatasetSpec.schema`): the fields its decoder,
 or its transforms on that first record, must give. Start-up refuses any
@@ -31,6 +36,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -58,6 +64,7 @@ from shardstream.server._fingerprint import (
 )
 from shardstream.server._manifest import Manifest, check_dataset, load_manifest
 from shardstream.server._pipelines import Pipeline, code_text, pipeline_text, probe_schema
+from shardstream.server._ragged import sample_bytes
 from shardstream.server.errors import CatalogError, DecodeError, ShardChanged
 from shardstream.v1.codec import RAGGED, FieldSpec, is_ragged, record_bytes
 
@@ -92,6 +99,10 @@ class Dataset:
     # With ragged fields: a record's mean bytes in chunks over a sample (`measure_records`);
     # 0: fixed fields only (`record_bytes` says), or not measured.
     mean_record_bytes: int = 0
+    # With transforms: seconds a record takes through the decoder and the transforms, the
+    # median of a sample's shards (`measure_records`); it caps the records of a chunk
+    # (`_streaming.CHUNK_SECONDS`). 0: no transforms, or not measured.
+    seconds_per_record: float = 0.0
 
     @property
     def total_records(self) -> int:
@@ -115,18 +126,25 @@ class Indexed:
 
 
 IndexFn = Callable[[str, ShardPath], Awaitable[Indexed]]
-# Runs `probe_pipeline` (in a decoding process); None: in a thread.
+# Runs `probe_pipeline` (ref, path, schema, transforms, shard id, record) in a decoding
+# process; None: in a thread.
 ProbeFn = Callable[
-    [str, ShardPath, tuple[FieldSpec, ...], tuple[TransformSpec, ...], str],
+    [str, ShardPath, tuple[FieldSpec, ...], tuple[TransformSpec, ...], str, int],
     Awaitable[tuple[FieldSpec, ...]],
 ]
 # Runs `sample_bytes` (ref, path, stamp, count, schema, shard id, pipeline) in a decoding
-# process: (bytes, records) of the records that decode.
-MeasureFn = Callable[..., Awaitable[tuple[int, int]]]
-# The sample that sizes reads of a dataset with ragged fields: the first records of
-# shards spread over the dataset.
+# process, timed there (`_worker.timed_sample`): (bytes, records, seconds) of the records
+# that decode and the wall time the whole call took in that process.
+MeasureFn = Callable[..., Awaitable[tuple[int, int, float]]]
+# The sample that sizes reads of a dataset with ragged fields, and times those of a
+# dataset with transforms: the first records of shards spread over the dataset.
 SAMPLE_SHARDS = 8
 SAMPLE_RECORDS = 32
+# Where record 0 of the first non-empty shard does not decode through the transforms,
+# the output schema is found on the next that does: up to this many records of that
+# shard, then the first record of up to this many other shards.
+PROBE_RECORDS = 8
+PROBE_SHARDS = 4
 
 
 def index_shard(ref: str, path: ShardPath) -> Indexed:
@@ -143,10 +161,34 @@ def probe_pipeline(
     schema: tuple[FieldSpec, ...],
     transforms: tuple[TransformSpec, ...],
     shard_id: str,
+    record: int = 0,
 ) -> tuple[FieldSpec, ...]:
-    """The output schema of a chain of transforms (runs in a decoding process)."""
+    """The output schema of a chain of transforms, run on one record of a shard (runs in
+    a decoding process)."""
     with decoder_errors(ref, path):
-        return probe_schema(decoder(ref), path, schema, transforms, shard_id)
+        found = decoder(ref)
+        return probe_schema(
+            found if record == 0 else _From(found, record), path, schema, transforms, shard_id
+        )
+
+
+class _From:
+    """A decoder whose records start at `first` (`probe_schema` reads record 0)."""
+
+    def __init__(self, decoder: object, first: int) -> None:
+        self._decoder = decoder
+        self._first = first
+
+    def read(self, path: ShardPath, start: int, count: int) -> object:
+        return self._decoder.read(path, self._first + start, count)  # type: ignore[attr-defined]
+
+
+def timed_sample(*args: object) -> tuple[int, int, float]:
+    """`_ragged.sample_bytes` (runs in a decoding process) and the wall time it took there:
+    (bytes, records, seconds)."""
+    began = time.perf_counter()
+    size, records = sample_bytes(*args)  # type: ignore[arg-type]
+    return size, records, time.perf_counter() - began
 
 
 def resolve_files(root: Path | str, spec: DatasetSpec) -> list[tuple[str, ShardPath]]:
@@ -268,12 +310,13 @@ async def build_dataset(
             "; ".join(skipped),
         )
     pipeline = None
+    probed = ""  # the record the transforms' output schema was found on
     if spec.transforms:
         declared = spec.schema is not None
         pipeline = Pipeline(transforms=spec.transforms, input_schema=schema, declared=declared)
-        schema = await _probe(spec, ref, shards, schema, probe)
+        schema, probed = await _probe(spec, ref, shards, schema, probe)
     if spec.schema is not None:
-        schema = _declared(spec, schema, shards)
+        schema = _declared(spec, schema, probed)
     if record_bytes(schema) > max_record_bytes:
         raise CatalogError(
             f"dataset {spec.name!r}: one record takes {record_bytes(schema)} bytes, more than "
@@ -295,8 +338,13 @@ async def build_dataset(
         by_id={s.id: s for s in shards},
         pipeline=pipeline,
     )
-    if measure is not None and is_ragged(schema):
-        ds = replace(ds, mean_record_bytes=await measure_records(ds, measure))
+    if measure is not None and (is_ragged(schema) or pipeline is not None):
+        mean, seconds = await measure_records(ds, measure)
+        ds = replace(
+            ds,
+            mean_record_bytes=mean if is_ragged(schema) else 0,
+            seconds_per_record=seconds if pipeline is not None else 0.0,
+        )
     if manifest is not None:
         check_dataset(ds, manifest)
         log.info("dataset %r matches the manifest %s", ds.name, manifest.path)
@@ -309,34 +357,64 @@ async def _probe(
     shards: Sequence[Shard],
     schema: tuple[FieldSpec, ...],
     probe: ProbeFn | None,
-) -> tuple[FieldSpec, ...]:
-    """The output schema of the dataset's transforms, from its first record."""
-    first = next((s for s in shards if s.records), None)
-    if first is None:
+) -> tuple[tuple[FieldSpec, ...], str]:
+    """The output schema of the dataset's transforms, from the first record that decodes
+    through them: records 0 to `PROBE_RECORDS` - 1 of the first non-empty shard, then
+    record 0 of up to `PROBE_SHARDS` other shards; and which record that was (for
+    messages). CatalogError naming what was tried where none does."""
+    full = [s for s in shards if s.records]
+    if not full:
         raise CatalogError(
             f"dataset {spec.name!r} has transforms but no records to find their output schema from"
         )
-    try:
-        if probe is None:
-            return await asyncio.to_thread(
-                probe_pipeline, ref, first.path, schema, spec.transforms, first.id
+    first = full[0]
+    tries = [(first, i) for i in range(min(PROBE_RECORDS, first.records))]
+    tries += [(s, 0) for s in full[1 : 1 + PROBE_SHARDS]]
+    failed: list[str] = []
+    for shard, record in tries:
+        args = (ref, shard.path, schema, spec.transforms, shard.id, record)
+        try:
+            if probe is None:
+                found = await asyncio.to_thread(probe_pipeline, *args)
+            else:
+                found = await probe(*args)
+        except DecodeError as exc:
+            failed.append(f"record {record} of shard {shard.id!r}: {exc}")
+            continue
+        if failed:
+            log.warning(
+                "dataset %r: output schema of the transforms found on record %d of shard %r; "
+                "they fail on %s",
+                spec.name,
+                record,
+                shard.id,
+                "; ".join(failed),
             )
-        return await probe(ref, first.path, schema, spec.transforms, first.id)
-    except DecodeError as exc:
-        raise CatalogError(
-            f"dataset {spec.name!r}: its transforms fail on record 0 of shard {first.id!r}: {exc}"
-        ) from None
+        return found, f"record {record} of shard {shard.id!r}"
+    mine = min(PROBE_RECORDS, first.records)
+    records = "record 0" if mine == 1 else f"records 0-{mine - 1}"
+    others = len(tries) - mine
+    raise CatalogError(
+        f"dataset {spec.name!r}: its transforms fail on every record tried to find their "
+        f"output schema ({records} of shard {first.id!r}"
+        + (f" and record 0 of the next {others} shard(s)" if others else "")
+        + f"): {'; '.join(failed)}"
+    )
 
 
-async def measure_records(ds: Dataset, measure: MeasureFn) -> int:
+async def measure_records(ds: Dataset, measure: MeasureFn) -> tuple[int, float]:
     """A record's mean bytes in chunks (data and lengths), over the first
     `SAMPLE_RECORDS` records of up to `SAMPLE_SHARDS` shards spread over the dataset,
-    decoded as reads decode them (through the transforms, seed 0). Records that do not
-    decode are left out (their reads say why, or skip them); 0: nothing decoded."""
+    decoded as reads decode them (through the transforms, seed 0), and the seconds a
+    record took: per shard, the call's wall time in its decoding process (not around
+    the await here, which also counts the wait for a free process) over its records;
+    the median of those shards (a cold process's first imports of the transforms' modules
+    or one cheap shard weigh little). Records that do not decode are left out of the
+    bytes (their reads say why, or skip them), not out of the time; 0: nothing decoded."""
     full = [s for s in ds.shards if s.records]
     picks = {i * len(full) // SAMPLE_SHARDS for i in range(SAMPLE_SHARDS)} if full else set()
 
-    async def one(s: Shard) -> tuple[int, int]:
+    async def one(s: Shard) -> tuple[int, int, float]:
         count = min(SAMPLE_RECORDS, s.records)
         try:
             return await measure(ds.decoder, s.path, s.stamp, count, ds.schema, s.id, ds.pipeline)
@@ -348,15 +426,18 @@ async def measure_records(ds: Dataset, measure: MeasureFn) -> int:
             ) from None
 
     sizes = await asyncio.gather(*(one(full[i]) for i in sorted(picks)))
-    records = sum(n for _, n in sizes)
-    return -(-sum(b for b, _ in sizes) // records) if records else 0
+    records = sum(n for _, n, _ in sizes)
+    mean = -(-sum(b for b, _, _ in sizes) // records) if records else 0
+    per = sorted(t / n for _, n, t in sizes if n)
+    return mean, per[(len(per) - 1) // 2] if per else 0.0
 
 
 def _declared(
-    spec: DatasetSpec, found: tuple[FieldSpec, ...], shards: Sequence[Shard]
+    spec: DatasetSpec, found: tuple[FieldSpec, ...], probed: str = ""
 ) -> tuple[FieldSpec, ...]:
     """The schema served where the dataset declares one: each field of `found` (what its
-    decoder or transforms give) as declared. CatalogError naming every field that differs."""
+    decoder or transforms, on the record `probed`, give) as declared. CatalogError naming
+    every field that differs."""
     declared = {f.name: f for f in spec.schema or ()}
     given = {f.name: f for f in found}
     notes = []
@@ -370,8 +451,7 @@ def _declared(
             notes.append(f"field {name!r} declared {_kind(d)}, found {_kind(g)}")
     if notes:
         if spec.transforms:
-            first = next(s for s in shards if s.records)  # `_probe` ran on it
-            where, fix = f"its transforms give on record 0 of shard {first.id!r}", "transforms"
+            where, fix = f"its transforms give on {probed}", "transforms"
         else:
             where, fix = "its shards have", "shards"
         raise CatalogError(

@@ -5,16 +5,17 @@
         ...  # ReadResponse{chunk} bytes, then one ReadResponse{end}
 
 Chunks are sized to `chunk_bytes` (and to what a message may carry, and to the
-client's `max_chunk_records`). On a same-host lane, chunks read straight from
-their files are sized to the lane's slot instead, up to a whole read: what each
-chunk costs (its messages, parsing, hand-overs) is then paid once a read; where
-one finds no free slot, the rest of the read goes on the socket in message-sized
-chunks. The next chunk is decoding while the current one is sent (a chunk read
-on the event loop, all in the page cache, is read when it is due: `_inline`). With
-decoding processes, chunks come back through shared-memory
-slots (`_shm`); with threads, as bytes. A decoding process that dies fails the
-read of its chunk with `ProcessDiedError` (UNAVAILABLE; the client resumes it).
-A drain ends the stream at the next chunk boundary with an `End` that says so;
+client's `max_chunk_records`); those of a dataset with transforms also to about
+`CHUNK_SECONDS` of decoding and transforms (`Dataset.seconds_per_record`). On a
+same-host lane, chunks read straight from their files are sized to the lane's slot
+instead, up to a whole read: what each chunk costs (its messages, parsing,
+hand-overs) is then paid once a read; where one finds no free slot, the rest of the
+read goes on the socket in message-sized chunks. The next chunk is decoding while
+the current one is sent (a chunk read on the event loop, all in the page cache, is
+read when it is due: `_inline`). With decoding processes, chunks come back through
+shared-memory slots (`_shm`); with threads, as bytes. A decoding process that dies
+fails the read of its chunk with `ProcessDiedError` (UNAVAILABLE; the client resumes
+it). A drain ends the stream at the next chunk boundary with an `End` that says so;
 the client resumes elsewhere.
 """
 
@@ -56,6 +57,15 @@ LaneTo = tuple[Lane, int]  # a client's lane and its id of the read
 # I/O thread and back (measured: ~15% of the server's CPU per GB on the socket path).
 # With more, the I/O threads spread the copies from the page cache over the cores.
 INLINE_STREAMS = 4
+# The most work a chunk (or, with ragged fields, a decoding job) of a dataset with
+# transforms is given, in seconds a record took through the decoder and the transforms at
+# start-up (`Dataset.seconds_per_record`). A client waits `idle_timeout` (30 s by default)
+# for its next chunk before it gives the read up and resumes it elsewhere, so a chunk must
+# be far quicker than that: 0.5 s leaves 60x for records or a busy host slower than the
+# sample, with a chunk's own costs (a decoding job, a message) still well under 1% of it.
+# Without this, chunks were sized by bytes only: 4 MiB of 40-byte records at 2 ms a record
+# is 200 s of work, and no chunk ever arrived.
+CHUNK_SECONDS = 0.5
 # What a chunk job gives: a message, or a SharedChunk message and the chunk's size (in a
 # lane); None: a lane-sized chunk that is to go as messages instead.
 Sent = bytes | tuple[bytes, int] | None
@@ -85,9 +95,10 @@ class ChunkStreamer:
         self._running = 0  # streams running now
 
     def chunk_records(self, ds: Dataset, args: ReadArgs, shard: Shard | None = None) -> int:
-        """Records per chunk: `chunk_bytes`' worth, fitting a message and the client's cap.
-        With ragged fields, records per decoding job, from the shard's average bytes per
-        record (the job then cuts chunks from the records' actual bytes)."""
+        """Records per chunk: `chunk_bytes`' worth, fitting a message and the client's cap,
+        and with transforms about `CHUNK_SECONDS` of their work. With ragged fields, records
+        per decoding job, from the shard's average bytes per record (the job then cuts
+        chunks from the records' actual bytes), and as many seconds of work."""
         per_record = max(1, ds.record_bytes)
         if is_ragged(ds.schema) and shard is not None:
             per_record = estimated_record_bytes(ds.schema, -(-shard.size // max(1, shard.records)))
@@ -96,6 +107,8 @@ class ChunkStreamer:
             1, chunk_limit(ds.schema, len(args.shard.encode()), self._config.max_message_bytes)
         )
         n = min(by_size, by_max)
+        if ds.pipeline is not None and ds.seconds_per_record > 0:
+            n = min(n, max(1, int(CHUNK_SECONDS / ds.seconds_per_record)))
         if args.max_chunk_records > 0:
             n = min(n, args.max_chunk_records)
         return n

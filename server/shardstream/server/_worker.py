@@ -36,6 +36,7 @@ from shardstream.server._catalog import (
     build_catalog,
     index_shard,
     probe_pipeline,
+    timed_sample,
 )
 from shardstream.server._config import TransformSpec, WorkerConfig
 from shardstream.server._decoders import register_plugins
@@ -44,7 +45,6 @@ from shardstream.server._files import ShardPath
 from shardstream.server._lanes import Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._pool import DecodingPool
-from shardstream.server._ragged import sample_bytes
 from shardstream.server._security import (
     BearerTokenInterceptor,
     RequestGuard,
@@ -358,13 +358,14 @@ class Worker:
             schema: tuple[FieldSpec, ...],
             transforms: tuple[TransformSpec, ...],
             shard_id: str,
+            record: int,
         ) -> tuple[FieldSpec, ...]:
             return await loop.run_in_executor(
-                executor, probe_pipeline, ref, path, schema, transforms, shard_id
+                executor, probe_pipeline, ref, path, schema, transforms, shard_id, record
             )
 
-        async def measure(*args: Any) -> tuple[int, int]:
-            return await loop.run_in_executor(executor, sample_bytes, *args)
+        async def measure(*args: Any) -> tuple[int, int, float]:
+            return await loop.run_in_executor(executor, timed_sample, *args)
 
         t0 = time.perf_counter()
         try:
@@ -380,7 +381,7 @@ class Worker:
             await asyncio.to_thread(self._shard_cache.expect, catalog)
         for ds in catalog.datasets.values():
             log.info(
-                "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s%s",
+                "dataset %r: %d shards, %d records, format %s, schema [%s], fingerprint %s%s%s",
                 ds.name,
                 len(ds.shards),
                 ds.total_records,
@@ -389,6 +390,10 @@ class Worker:
                 ds.fingerprint,
                 f", {ds.mean_record_bytes} bytes a record (mean of a sample)"
                 if ds.mean_record_bytes
+                else "",
+                f", {ds.seconds_per_record * 1e3:.3g} ms a record through the transforms "
+                "(median of a sample)"
+                if ds.seconds_per_record
                 else "",
             )
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
