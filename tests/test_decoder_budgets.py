@@ -33,6 +33,21 @@ linux_only = pytest.mark.skipif(
 )
 
 
+async def refused(
+    root: Path,
+    dataset: str,
+    batch_size: int,
+    at: tuple[str, int],
+    env: dict[str, str] | None = None,
+) -> str:
+    """The DataLossError an epoch ends with, which must name shard and record `at`, from
+    a worker process serving `dataset` of `root` within `PEAK_BOUND` of memory."""
+    err, peak = await first_error(root, dataset, batch_size, env)
+    assert peak < PEAK_BOUND, f"worker peak RSS {peak / MiB:.0f} MiB"
+    assert (err.shard, err.record) == at
+    return str(err)
+
+
 async def first_error(
     root: Path, dataset: str, batch_size: int, env: dict[str, str] | None = None
 ) -> tuple[DataLossError, int]:
@@ -102,10 +117,8 @@ async def test_wds_sample_of_many_large_members_is_refused_before_it_is_read(
         "SHARDSTREAM_WDS_MAX_IMAGE_BYTES": str(16 * MiB),
         "SHARDSTREAM_READ_BUDGET_BYTES": str(16 * MiB),
     }
-    err, peak = await first_error(tmp_path, "img=*.tar", 1, env)
-    assert peak < PEAK_BOUND, f"worker peak RSS {peak / MiB:.0f} MiB"
-    assert (err.shard, err.record) == ("a.tar", 5)
-    assert f"take {24 * big + len(image)} bytes together" in str(err)
+    err = await refused(tmp_path, "img=*.tar", 1, ("a.tar", 5), env)
+    assert f"take {24 * big + len(image)} bytes together" in err
     assert "SHARDSTREAM_WDS_MAX_IMAGE_BYTES" in str(err)
 
 
@@ -197,10 +210,8 @@ async def test_jsonl_line_of_small_numbers_is_refused_before_it_is_parsed(
     zeros = '{"tokens": [' + ",".join(["0"] * 10_000_000) + "]}"
     (tmp_path / "a.jsonl").write_text("\n".join([*lines, zeros]) + "\n")
     del zeros
-    err, peak = await first_error(tmp_path, "t=*.jsonl", 4)
-    assert peak < PEAK_BOUND, f"worker peak RSS {peak / MiB:.0f} MiB"
-    assert (err.shard, err.record) == ("a.jsonl", 12)
-    assert "holds up to 10000000 values" in str(err) and "SHARDSTREAM_READ_BUDGET" in str(err)
+    err = await refused(tmp_path, "t=*.jsonl", 4, ("a.jsonl", 12))
+    assert "holds up to 10000000 values" in err and "SHARDSTREAM_READ_BUDGET" in err
 
 
 def test_jsonl_values_are_bounded_by_the_read_budget(
@@ -244,10 +255,8 @@ async def test_csv_line_that_is_a_long_hole_is_refused_before_it_is_read(tmp_pat
         f.seek(len(lines) + 96 * MiB)
         f.write(b"\n31,2.5\n")
     assert (tmp_path / "part-000").stat().st_blocks * 512 < MiB
-    err, peak = await first_error(tmp_path, "t=part-*:csv", 10)
-    assert peak < PEAK_BOUND, f"worker peak RSS {peak / MiB:.0f} MiB"
-    assert (err.shard, err.record) == ("part-000", 30)
-    assert "is longer than" in str(err) and "SHARDSTREAM_READ_BUDGET_BYTES" in str(err)
+    err = await refused(tmp_path, "t=part-*:csv", 10, ("part-000", 30))
+    assert "is longer than" in err and "SHARDSTREAM_READ_BUDGET_BYTES" in err
 
 
 def test_csv_reads_parse_lines_in_parts_within_the_budget(
