@@ -293,23 +293,27 @@ def test_csv_reads_parse_lines_in_parts_within_the_budget(
         decoder.read(tmp_path / "part-000", 2400, 200)
 
 
-def test_indexing_a_jsonl_shard_of_short_lines_takes_16_bytes_a_line(tmp_path: Path) -> None:
-    """The index keeps each line's byte range in an array. Was: a list of tuples, ~120
-    bytes a line: a 100 MB shard of `{"a":1}` lines took ~1.5 GB to index."""
+def indexed(path: Path) -> tuple[Any, int]:
+    """A jsonl shard's index and the peak of Python's allocations while building it."""
     import tracemalloc
 
     from shardstream.server._jsonl import _build_index
 
+    tracemalloc.start()
+    try:
+        return _build_index(path), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_indexing_a_jsonl_shard_of_short_lines_takes_16_bytes_a_line(tmp_path: Path) -> None:
+    """The index keeps each line's byte range in an array. Was: a list of tuples, ~120
+    bytes a line: a 100 MB shard of `{"a":1}` lines took ~1.5 GB to index."""
     fields = [{"name": "a", "dtype": "int64", "shape": []}]
     (tmp_path / "_schema.json").write_text(json.dumps({"fields": fields}))
     lines = 200_000
     (tmp_path / "s.jsonl").write_bytes(b'{"a":1}\n' * lines)
-    tracemalloc.start()
-    try:
-        index = _build_index(tmp_path / "s.jsonl")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    index, peak = indexed(tmp_path / "s.jsonl")
     assert index.spans.shape == (lines, 2) and index.spans[1].tolist() == [8, 15]
     assert peak < 24 * lines + 4 * MiB, peak  # before: ~35 MB here
 
@@ -320,18 +324,9 @@ def test_inferring_jsonl_fields_keeps_lines_within_the_read_budget(
     """Without a _schema.json the fields are inferred from the first lines, kept whole:
     now at most about the read budget of them. Was: 64 lines of up to the budget each
     (4 GiB at the default)."""
-    import tracemalloc
-
-    from shardstream.server._jsonl import _build_index
-
     monkeypatch.setenv("SHARDSTREAM_READ_BUDGET_BYTES", str(MiB))
     line = json.dumps({"a": 1, "text": "x" * (900 * 1024)}).encode() + b"\n"
     (tmp_path / "s.jsonl").write_bytes(line * 40)
-    tracemalloc.start()
-    try:
-        index = _build_index(tmp_path / "s.jsonl")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    index, peak = indexed(tmp_path / "s.jsonl")
     assert [f.name for f in index.schema] == ["a", "text"] and len(index.spans) == 40
     assert peak < 8 * MiB, peak  # before: 36 MiB (40 lines of 0.9 MiB)
