@@ -151,5 +151,6 @@ def test_transforms_failing_on_every_record_tried_are_one_error_naming_them(
     assert said, done.stderr[-2000:]
     assert "records 0-7 of shard 'shard-00000.tar'" in said[0]
     assert "record 0 of the next 1 shard(s)" in said[0]
-    assert "record 7 of shard 'shard-00000.tar'" in said[0]
-    assert "record 0 of shard 'shard-00001.tar'" in said[0]
+    # each reason once, with the first record it came from (at most 3, then a count)
+    assert "record 0 of shard 'shard-00000.tar': " in said[0]
+    assert said[0].count("of shard 'shard-00000.tar': ") <= 3

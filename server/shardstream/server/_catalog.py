@@ -394,11 +394,19 @@ async def _probe(
     mine = min(PROBE_RECORDS, first.records)
     records = "record 0" if mine == 1 else f"records 0-{mine - 1}"
     others = len(tries) - mine
+    # Each reason once (a wrong parameter fails every record alike), with its first record.
+    reasons: dict[str, str] = {}
+    for text in failed:
+        where, _, why = text.partition(": ")
+        reasons.setdefault(why, where)
+    shown = [f"{where}: {why}" for why, where in list(reasons.items())[:3]]
+    if len(reasons) > 3:
+        shown.append(f"... ({len(reasons) - 3} other reasons)")
     raise CatalogError(
         f"dataset {spec.name!r}: its transforms fail on every record tried to find their "
         f"output schema ({records} of shard {first.id!r}"
         + (f" and record 0 of the next {others} shard(s)" if others else "")
-        + f"): {'; '.join(failed)}"
+        + f"): {'; '.join(shown)}"
     )
 
 
