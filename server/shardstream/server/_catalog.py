@@ -166,21 +166,7 @@ def probe_pipeline(
     """The output schema of a chain of transforms, run on one record of a shard (runs in
     a decoding process)."""
     with decoder_errors(ref, path):
-        found = decoder(ref)
-        return probe_schema(
-            found if record == 0 else _From(found, record), path, schema, transforms, shard_id
-        )
-
-
-class _From:
-    """A decoder whose records start at `first` (`probe_schema` reads record 0)."""
-
-    def __init__(self, decoder: object, first: int) -> None:
-        self._decoder = decoder
-        self._first = first
-
-    def read(self, path: ShardPath, start: int, count: int) -> object:
-        return self._decoder.read(path, self._first + start, count)  # type: ignore[attr-defined]
+        return probe_schema(decoder(ref), path, schema, transforms, shard_id, record)
 
 
 def timed_sample(*args: object) -> tuple[int, int, float]:

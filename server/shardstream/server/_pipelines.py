@@ -256,17 +256,19 @@ def probe_schema(
     input_schema: tuple[FieldSpec, ...],
     transforms: tuple[TransformSpec, ...],
     shard_id: str,
+    index: int = 0,
 ) -> tuple[FieldSpec, ...]:
-    """The pipeline's output schema: the chain run on record 0 of a shard, with the
+    """The pipeline's output schema: the chain run on record `index` of a shard, with the
     generator of (seed 0, epoch 0, that record). Raises DecodeError naming the transform."""
     from shardstream.server._decoders import check_arrays
 
     runs = []
+    h = shard_hash(shard_id)
     for _ in range(2):  # twice, from a fresh decode: a transform may change its input
-        raw = decoder.read(path, 0, 1)
-        check_arrays(raw, input_schema, 0, 1)
+        raw = decoder.read(path, index, 1)
+        check_arrays(raw, input_schema, index, 1)
         (record,) = _records(raw, input_schema, 1)
-        runs.append(_Chain(transforms).run(record, record_rng(0, 0, shard_hash(shard_id), 0), 0))
+        runs.append(_Chain(transforms).run(record, record_rng(0, 0, h, index), index))
     (out, made), (again, _) = runs
     if not out:
         raise DecodeError(f"transform {transforms[-1].fn} returned a record without fields")
@@ -274,11 +276,11 @@ def probe_schema(
         if not _same(out[name], again.get(name, _MISSING)):
             raise DecodeError(
                 f"transform {made.get(name, transforms[-1].fn)} gave field {name!r} of record "
-                "0 differently on two runs with the same generator: a transform must draw "
+                f"{index} differently on two runs with the same generator: a transform must draw "
                 "its randomness from its `rng` argument only (not numpy's or Python's global "
                 "generators, the time or the process), or the same seed and epoch would give "
                 "other records on another worker or after a resume",
-                record=0,
+                record=index,
             )
     inputs = {f.name: f for f in input_schema}
     schema = []
@@ -289,7 +291,7 @@ def probe_schema(
                 f"transform {made.get(name, transforms[-1].fn)} gave field {name!r} as "
                 f"{_describe(out[name])}, which no tensor holds; give a numpy array of a "
                 "numeric or bool dtype, bytes or str",
-                record=0,
+                record=index,
             )
         schema.append(spec)
     return tuple(schema)
