@@ -133,7 +133,7 @@ ProbeFn = Callable[
     Awaitable[tuple[FieldSpec, ...]],
 ]
 # Runs `sample_bytes` (ref, path, stamp, count, schema, shard id, pipeline) in a decoding
-# process, timed there (`_worker.timed_sample`): (bytes, records, seconds) of the records
+# process, timed there (`timed_sample`): (bytes, records, seconds) of the records
 # that decode and the wall time the whole call took in that process.
 MeasureFn = Callable[..., Awaitable[tuple[int, int, float]]]
 # The sample that sizes reads of a dataset with ragged fields, and times those of a
