@@ -179,7 +179,7 @@ async def test_chunks_not_in_the_page_cache_are_read_in_threads(
     make_dataset(tmp_path, shards=3, records=300, shape=(16, 16, 3))
     async with running_workers(tmp_path, 1, processes=1) as (w,):
         async with Loader([w.address], dataset="train", batch_size=32,
-                          same_host_lane=lane) as loader:  # fmt: skip
+                          same_host_lane=lane, network_lane=lane) as loader:  # fmt: skip
             cached = [b async for b in loader.epoch(0)]
             uncached = _Uncached(monkeypatch)
             evicted = [b async for b in loader.epoch(0)]
@@ -215,7 +215,7 @@ async def test_a_shard_that_cannot_be_opened_for_a_moment_is_read_again(
     async with running_workers(tmp_path, 1, processes=1) as (w,):  # direct reads: here
         monkeypatch.setattr(_direct.os, "open", short_of_descriptors)
         async with Loader([w.address], dataset="train", batch_size=32, read_bytes=8192,
-                          backoff_base=0.02, backoff_cap=0.1, same_host_lane=False) as loader:  # fmt: skip
+                          backoff_base=0.02, backoff_cap=0.1, same_host_lane=False, network_lane=False) as loader:  # fmt: skip
             ids = [int(i) for b in [b async for b in loader.epoch(0)] for i in b["id"]]
             assert not any(c.excluded for c in loader._pool.conns)  # type: ignore[union-attr]
     assert sorted(ids) == list(range(300))

@@ -340,7 +340,7 @@ async def test_network_faults_through_a_proxy(root: Path) -> None:
         async with FaultProxy(workers[0].address) as proxy:
             addresses = [proxy.address, workers[1].address]
             # The chunks' bytes must cross the proxy: no same-host lane beside it.
-            socket_only = {"same_host_lane": False}
+            socket_only = {"same_host_lane": False, "network_lane": False}
             expected, _ = await run_epochs(addresses, [0], **socket_only)
             for mode in (ResetAfter(150_000, repeat=True), BlackHole(), Trickle(200_000)):
                 proxy.set_mode(Pass())

@@ -246,7 +246,9 @@ async def test_clients_that_stall_streams_on_many_connections_keep_no_other_host
             await until(lambda: servicer.stalled >= limit, 30, f"{limit} stalled streams")
             seen = refused[0]
             await until(lambda: refused[0] > seen, 30, "the attacker refused while they stall")
-            ids = await one_epoch(f"[::1]:{w.port}", retry_deadline=15.0, same_host_lane=False)
+            ids = await one_epoch(
+                f"[::1]:{w.port}", retry_deadline=15.0, same_host_lane=False, network_lane=False
+            )
             assert sorted(ids.tolist()) == list(range(RECORDS))
             assert list(servicer.stalled_by) == ["127.0.0.1"]  # the attacker's, none of ::1
         finally:
@@ -280,7 +282,7 @@ async def test_a_stream_whose_client_never_reads_ends_with_its_connections_age(
 PAUSED_CLIENT = """
 import sys
 from shardstream.client import SyncLoader
-with SyncLoader([sys.argv[1]], dataset="train", batch_size=500, same_host_lane=False,
+with SyncLoader([sys.argv[1]], dataset="train", batch_size=500, same_host_lane=False, network_lane=False,
                 retry_deadline=60.0, tune_malloc=False) as loader:
     for batch in loader.epoch(0):
         print(" ".join(map(str, batch["id"].tolist())), flush=True)
@@ -299,7 +301,7 @@ async def test_a_paused_client_loses_its_stalled_stream_to_the_connection_age_an
     async with Worker(config) as w:
         servicer = w._servicer
         assert servicer is not None
-        async with Loader([w.address], dataset="train", batch_size=500, same_host_lane=False,
+        async with Loader([w.address], dataset="train", batch_size=500, same_host_lane=False, network_lane=False,
                           tune_malloc=False) as loader:  # fmt: skip
             reference = [b["id"].tolist() for b in await collect_epoch(loader, 0)]
         proc = await asyncio.create_subprocess_exec(

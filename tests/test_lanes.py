@@ -45,6 +45,13 @@ def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
             assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
 
 
+def closed_port() -> int:
+    """A loopback TCP port nothing listens on (bound and closed here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def lane_bytes(loader: Loader) -> int:
     return sum(loader.statistics().lane_bytes_by_worker.values())
 
@@ -63,7 +70,9 @@ async def test_a_local_worker_hands_chunks_over_in_shared_memory(
     chunk through the lane; one that keeps every batch keeps their slots, and the chunks
     that find none come on the socket, the same bytes. A SyncLoader likewise."""
     with worker_processes(npz_root, 1, "--processes", processes) as (w,):
-        async with Loader([w.address], **OPTIONS, same_host_lane=False) as loader:
+        async with Loader(
+            [w.address], **OPTIONS, same_host_lane=False, network_lane=False
+        ) as loader:
             socket_epochs = [await epoch_batches(loader, e) for e in (0, 1)]
             assert lane_bytes(loader) == 0
         async with Loader([w.address], **OPTIONS) as loader:
@@ -97,7 +106,7 @@ async def test_decoding_processes_fill_the_lane_too(tmp_path: Path) -> None:
 
 
 async def test_a_worker_with_lanes_off_serves_on_the_socket(npz_root: Path) -> None:
-    with worker_processes(npz_root, 1, "--lanes", "off") as (w,):
+    with worker_processes(npz_root, 1, "--lanes", "off", "--network-lanes", "off") as (w,):
         async with Loader([w.address], **OPTIONS) as loader:
             ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
             assert loader.statistics().lane_bytes_by_worker == {}
@@ -112,9 +121,18 @@ async def test_a_lane_that_cannot_be_reached_leaves_the_socket(
     real = WorkerStub.open_lane
 
     async def elsewhere(
-        self: WorkerStub, *, timeout: float, slots: int = 0, slot_bytes: int = 0
+        self: WorkerStub,
+        *,
+        timeout: float,
+        slots: int = 0,
+        slot_bytes: int = 0,
+        network: bool = False,
     ) -> LaneOffer:
-        offer = await real(self, timeout=timeout, slots=slots, slot_bytes=slot_bytes)
+        offer = await real(self, timeout=timeout, slots=slots, slot_bytes=slot_bytes,
+                           network=network)  # fmt: skip
+        if network:  # a network lane's port that nothing listens on
+            return LaneOffer("", offer.ticket, offer.lane, offer.slots, offer.slot_bytes,
+                             closed_port())  # fmt: skip
         return LaneOffer("shardstream-lane-on-another-host", offer.ticket, offer.lane,
                          offer.slots, offer.slot_bytes)  # fmt: skip
 
@@ -220,7 +238,9 @@ async def test_a_lane_short_of_slots_sends_the_rest_on_the_socket(npz_root: Path
     """One slot, several reads at once: chunks that find it taken go as bytes; the epoch
     is the same either way."""
     async with running_workers(npz_root, 1, processes=1, lane_slots=1) as (w,):
-        async with Loader([w.address], **OPTIONS, same_host_lane=False) as loader:
+        async with Loader(
+            [w.address], **OPTIONS, same_host_lane=False, network_lane=False
+        ) as loader:
             reference = await epoch_batches(loader, 0)
         async with Loader([w.address], **OPTIONS, max_inflight_reads=8) as loader:
             assert_same(await epoch_batches(loader, 0), reference)
@@ -247,7 +267,7 @@ async def test_a_read_is_one_chunk_in_a_lane(large_root: Path) -> None:
     (one SharedChunk and one parse per read, not one per message's worth), the epoch
     byte-identical to the socket's, whose chunks keep to the loader's message size."""
     async with running_workers(large_root, 1, processes=1) as (w,):
-        async with Loader([w.address], **LARGE, same_host_lane=False) as loader:
+        async with Loader([w.address], **LARGE, same_host_lane=False, network_lane=False) as loader:
             reference = await epoch_batches(loader, 0)
         async with Loader([w.address], **LARGE) as loader:
             assert_same(await epoch_batches(loader, 0), reference)
@@ -266,7 +286,7 @@ async def test_a_read_short_of_slots_goes_on_in_messages(large_root: Path) -> No
     sent on the socket instead, in chunks the loader's message size holds (a message
     over it would fail the read: RESOURCE_EXHAUSTED); the epoch is the same."""
     async with running_workers(large_root, 1, processes=1, lane_slots=1) as (w,):
-        async with Loader([w.address], **LARGE, same_host_lane=False) as loader:
+        async with Loader([w.address], **LARGE, same_host_lane=False, network_lane=False) as loader:
             reference = await epoch_batches(loader, 0)
         async with Loader([w.address], **LARGE, max_inflight_reads=8) as loader:
             kept = await epoch_batches(loader, 0)  # every batch kept: slots stay taken

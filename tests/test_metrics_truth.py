@@ -209,7 +209,7 @@ async def test_bytes_sent_are_the_records_data_on_the_socket_and_in_a_lane(
         sent = []
         for lane in (True, False):
             async with Loader(
-                [w.address], dataset="train", batch_size=100, same_host_lane=lane
+                [w.address], dataset="train", batch_size=100, same_host_lane=lane, network_lane=lane
             ) as loader:
                 batches = await collect_epoch(loader, 0)
                 stats = loader.statistics()

@@ -764,6 +764,7 @@ async def test_reads_of_ragged_records_start_while_their_bytes_fit(tmp_path: Pat
             reads_ahead=4,
             max_inflight_reads=4,
             same_host_lane=False,
+            network_lane=False,
         ) as loader,  # fmt: skip
     ):
         assert loader.dataset.record_bytes == 2 * 8 + 16  # the sample: small records

@@ -27,7 +27,7 @@ from conftest import worker_config
 RECORDS = 1200
 OPTS: dict[str, Any] = {"dataset": "train", "batch_size": 20, "read_bytes": 16 * 1024,
                         "backoff_base": 0.05, "backoff_cap": 0.5, "idle_timeout": 2.0,
-                        "retry_deadline": 60.0, "same_host_lane": False}  # fmt: skip
+                        "retry_deadline": 60.0, "same_host_lane": False, "network_lane": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ async def test_an_io_error_reading_a_shard_is_retried_not_a_changed_shard(
 
     opts: dict[str, Any] = {"dataset": "train", "batch_size": 10, "read_bytes": 4096,
                             "retry_deadline": 3.0, "backoff_base": 0.02, "backoff_cap": 0.1,
-                            "same_host_lane": False}  # fmt: skip
+                            "same_host_lane": False, "network_lane": False}  # fmt: skip
     async with running_workers(npz_root, 1, processes=0) as (worker,):
         monkeypatch.setattr(_decoding, "shard_stat", flaky)
         async with Loader([worker.address], **opts) as loader:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from shardstream._common.loops import TIMER_SLACK
-from shardstream.client._lanes import ClientLane
+from shardstream.client._lanes import ClientLane, LaneClosedError, NetworkLane
 from shardstream.client._planner import Read
 from shardstream.client._pool import Conn, WorkerPool
 from shardstream.client._wire import (
@@ -333,7 +333,15 @@ async def _stream(
                 return msg
             if msg is grpc.aio.EOF:
                 return Broken("the stream ended without its end message")
-            item = _checked(msg, progress.position, limit, options, progress.shard, lane, stream)
+            item = decode_response(msg)
+            if isinstance(item, SharedRef) and isinstance(lane, NetworkLane):
+                try:  # its frame comes on the lane's own connection
+                    waited = await patience.wait(lane.arrival(item.slot, stream))
+                except LaneClosedError as exc:
+                    return Broken(f"its network lane closed: {exc}")
+                if isinstance(waited, Broken):
+                    return waited
+            item = _checked(item, progress.position, limit, options, progress.shard, lane, stream)
             if isinstance(item, StreamEnd):
                 return _ending(item, sent, wanted)
             deliver(item)
@@ -389,13 +397,19 @@ class _Patience:
 
     async def read(self, call: grpc.aio.UnaryStreamCall) -> Any:
         """The stream's next message (or EOF), or the Broken outcome that gives it up."""
+        return await self.wait(call.read(), pace=True)
+
+    async def wait(self, awaitable: Awaitable[Any], *, pace: bool = False) -> Any:
+        """What `awaitable` gives (the stream's next message, or its bytes in a network
+        lane), or the Broken outcome that gives the stream up. `pace`: the wait counts in
+        the fleet's pace (the gap between messages)."""
         loop = self._loop
         self._task = asyncio.current_task()  # the task to cancel with a verdict
         began = self._began = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(began + self._patience(0.0), self._look)
         try:
-            msg = await call.read()
+            msg = await awaitable
         except asyncio.CancelledError:
             verdict, self._verdict = self._verdict, None
             if verdict is not None and self._task is not None and self._task.uncancel() == 0:
@@ -403,7 +417,8 @@ class _Patience:
             raise
         finally:
             self._began = None
-        self._counters.pace.observe(loop.time() - began)
+        if pace:
+            self._counters.pace.observe(loop.time() - began)
         return msg
 
     def close(self) -> None:
@@ -456,21 +471,20 @@ def _ending(end: StreamEnd, sent: int, wanted: int) -> Outcome:
 
 
 def _checked(
-    msg: bytes,
+    item: Piece | StreamEnd | SharedRef,
     expected: int,
     limit: int,
     options: FetchOptions,
     shard: ShardDesc,
-    lane: ClientLane | None = None,
+    lane: ClientLane | NetworkLane | None = None,
     stream: int = 0,
 ) -> Piece | StreamEnd:
-    """A streamed message, checked to continue the read at `expected`, not past `limit`,
-    and (a chunk) to hold records of `shard` as the schema describes them. A chunk in the
-    same-host lane is copied out of it, and must be the chunk its reference says."""
-    item = decode_response(msg)
+    """A streamed message (decoded), checked to continue the read at `expected`, not
+    past `limit`, and (a chunk) to hold records of `shard` as the schema describes them.
+    A chunk in a lane is taken where it lies, and must be the chunk its reference says."""
     if isinstance(item, SharedRef):
         if lane is None:
-            raise ProtocolError("a chunk in a same-host lane, on a read that named none")
+            raise ProtocolError("a chunk in a lane, on a read that named none")
         ref = item
         try:
             item = decode_response(lane.take(ref.slot, ref.size, stream))
@@ -481,7 +495,7 @@ def _checked(
             ref.count,
             ref.shard,
         ):
-            raise ProtocolError("a same-host lane's slot does not hold the chunk named")
+            raise ProtocolError("a lane's slot does not hold the chunk named")
     if isinstance(item, Piece):
         if item.start != expected or item.count < 1 or item.start + item.count > limit:
             raise ProtocolError(

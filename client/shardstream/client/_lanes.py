@@ -50,6 +50,8 @@ MAX_LANE_BYTES = 1 << 40  # a lane offered larger than this is refused (a broken
 class ClientLane:
     """An open lane: the worker's slots mapped here and the control socket."""
 
+    network = False
+
     def __init__(self, lane: str, memory: mmap.mmap, slots: int, slot_bytes: int,
                  sock: socket.socket) -> None:  # fmt: skip
         self.id = lane
@@ -220,3 +222,300 @@ def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
     log.debug("same-host lane %s open: %d slots of %d bytes", offer.lane[:4], offer.slots,
               offer.slot_bytes)  # fmt: skip
     return ClientLane(offer.lane, memory, offer.slots, offer.slot_bytes, sock)
+
+
+# -- network lanes ---------------------------------------------------------------------
+
+_FRAME = struct.Struct("<IIQQ")  # slot, read (lane stream), its place in the read, size
+PIECE = 256 << 10  # bytes received at a time (the socket is the kernel's while it copies)
+
+
+class LaneClosedError(ConnectionError):
+    """A network lane ended while a read waited for a chunk in it."""
+
+
+class NetworkLane:
+    """A network lane: the slots are this process's own memory, which the worker fills
+    over a plain TCP connection beside the gRPC one (the server's `_lanes` says how).
+
+    A thread receives each frame straight into its slot (one `recv`, no copy besides the
+    kernel's), and the read's task, given the SharedChunk naming it, waits for that frame
+    (`arrival`), then takes it in place as on a same-host lane (`take`): arrays view the
+    slot, and it is handed back to the worker when the last of them is gone. A frame for a
+    slot that arrays still view, or outside the lane, ends the lane (a broken worker); so
+    does either side closing the connection, and the reads waiting for a chunk in it go on
+    as bytes."""
+
+    network = True
+
+    def __init__(self, lane: str, slots: int, slot_bytes: int, sock: socket.socket) -> None:
+        self.id = lane
+        size = slots * slot_bytes
+        # private and anonymous: pages are taken as frames are written, nothing is shared
+        self._memory: mmap.mmap | None = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        self._view: memoryview | None = memoryview(self._memory)
+        self._mapping = weakref.ref(self._memory)
+        self._slots = slots
+        self._slot_bytes = slot_bytes
+        self._sock = sock
+        self._streams = 0
+        self._received: dict[int, int] = {}  # per read running: its chunks taken
+        self._held: set[int] = set()  # slots arrays here still view (not handed back)
+        self._filled: dict[int, tuple[int, int, int]] = {}  # slot: (read, place, size)
+        self._waiters: dict[tuple[int, int, int], asyncio.Future[None]] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+        self.alive = True
+        self.why = ""
+        self._pid = os.getpid()
+        self.bytes = 0  # chunk bytes that came through the lane
+        self._thread = threading.Thread(
+            target=self._receive, name=f"shardstream-lane-{lane[:4]}", daemon=True
+        )
+        self._thread.start()
+
+    def new_stream(self) -> int:
+        self._streams = (self._streams + 1) % (1 << 32)
+        self._received[self._streams] = 0
+        return self._streams
+
+    async def arrival(self, slot: int, stream: int) -> None:
+        """Wait until the frame of read `stream`'s next chunk is in `slot`;
+        LaneClosedError if the lane ends first."""
+        key = (slot, stream, self._received.get(stream, 0))
+        with self._lock:
+            if self._filled.get(slot, (-1, -1, 0))[:2] == key[1:]:
+                return
+            if not self.alive:
+                raise LaneClosedError(self.why)
+            future = self._waiters[key] = self._loop.create_future()
+        try:
+            await future
+        finally:
+            self._waiters.pop(key, None)
+
+    def take(self, slot: int, size: int, stream: int) -> np.ndarray[Any, Any]:
+        """The message of `size` bytes in `slot`, read `stream`'s next chunk (`arrival`
+        has seen its frame), in place, as `ClientLane.take`. ValueError where the slot
+        does not hold that frame (a broken worker)."""
+        place = self._received.get(stream, 0)
+        with self._lock:
+            view = self._view
+            if view is None:
+                raise RuntimeError(f"a chunk taken from the network lane {self.id[:4]} after close")
+            if self._filled.get(slot) != (stream, place, size):
+                raise ValueError(
+                    f"a network lane chunk in slot {slot} of {size} bytes, which does not "
+                    "hold the frame the worker sent for it"
+                )
+            del self._filled[slot]
+            self._held.add(slot)
+        if stream in self._received:
+            self._received[stream] += 1
+        start = slot * self._slot_bytes
+        message = np.frombuffer(view[start : start + size].toreadonly(), np.uint8)
+        weakref.finalize(message, self._release, slot)
+        self.bytes += size
+        return message
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._held.discard(slot)  # before the worker can hear of it
+        self._send(_RELEASE, slot)
+
+    def end(self, stream: int) -> None:
+        """The read `stream` is over: the worker frees the slots it sent that were never
+        taken here (those that were are handed back as their arrays go)."""
+        with self._lock:
+            for slot in [s for s, (read, _, _) in self._filled.items() if read == stream]:
+                del self._filled[slot]
+        self._send(_END, stream, self._received.pop(stream, 0))
+
+    def _send(self, kind: int, value: int, count: int = 0) -> None:
+        with self._lock:
+            if not self.alive or os.getpid() != self._pid:
+                return
+            try:
+                self._sock.send(_RECORD.pack(kind, value, count), socket.MSG_DONTWAIT)
+            except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
+                self._end(f"its connection failed: {exc}")
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the lane's memory is still mapped in this process."""
+        memory = self._mapping()
+        return memory is not None and not memory.closed
+
+    def close(self, why: str = "the loader closed") -> None:
+        """End the lane (idempotent): the receiving thread stops, the worker sees the
+        connection close. The memory goes now if no array views it, else with the last."""
+        with self._lock:
+            self._end(why)
+        if os.getpid() != self._pid:
+            return
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        with self._lock:
+            if self._view is None:
+                return
+            if not self._held:
+                try:
+                    self._view.release()
+                    self._memory.close()  # type: ignore[union-attr]
+                except BufferError:  # an array of it the finalizers have not seen go yet
+                    pass
+            self._view = self._memory = None
+
+    def _end(self, why: str) -> None:
+        """(`_lock` held.) The lane is over: its waiters learn why; the thread stops."""
+        if not self.alive:
+            return
+        self.alive = False
+        self.why = why
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread out of its recv
+        waiters = list(self._waiters.values())
+        if waiters and os.getpid() == self._pid:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed
+                self._loop.call_soon_threadsafe(_fail, waiters, why)
+        log.debug("network lane %s closed: %s", self.id[:4], why)
+
+    def _receive(self) -> None:
+        """The thread: each frame into its slot, then its waiter woken."""
+        header = memoryview(bytearray(_FRAME.size))
+        why = "the worker closed it"
+        try:
+            while self._recv_exact(header):
+                slot, stream, place, size = _FRAME.unpack(header)
+                with self._lock:
+                    if not self.alive or self._view is None:
+                        return
+                    if not 0 <= slot < self._slots or not 0 < size <= self._slot_bytes:
+                        why = (
+                            f"the worker broke the protocol: a frame for slot {slot} of {size} "
+                            f"bytes, outside the lane's {self._slots} slots of "
+                            f"{self._slot_bytes} bytes"
+                        )
+                        break
+                    if slot in self._held:
+                        why = (
+                            f"the worker broke the protocol: a frame for slot {slot}, which "
+                            "batches this loader delivered still view"
+                        )
+                        break
+                    self._filled.pop(slot, None)
+                    start = slot * self._slot_bytes
+                    room = self._view[start : start + size]
+                try:
+                    if not self._recv_exact(room):
+                        break
+                finally:
+                    room.release()
+                with self._lock:
+                    if not self._mapped_here():  # closed meanwhile
+                        return
+                    self._filled[slot] = (stream, place, size)
+                    waiter = self._waiters.get((slot, stream, place))
+                if waiter is not None:
+                    self._loop.call_soon_threadsafe(_wake, waiter)
+        except OSError as exc:
+            why = f"its connection failed: {exc}"
+        except RuntimeError:  # the event loop closed under a loader that did not close
+            return
+        with self._lock:
+            self._end(why)
+
+    def _mapped_here(self) -> bool:
+        return self._view is not None
+
+    def _recv_exact(self, room: memoryview) -> bool:
+        """Fill `room` from the connection; False at its end. In pieces: the kernel holds
+        the socket while it copies, and control records wait for it meanwhile."""
+        got, size = 0, len(room)
+        while got < size:
+            n = self._sock.recv_into(room[got:], min(PIECE, size - got), socket.MSG_WAITALL)
+            if n == 0:
+                return False
+            got += n
+        return True
+
+
+def _pages(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _fail(waiters: list[asyncio.Future[None]], why: str) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(LaneClosedError(why))
+
+
+async def open_network_lane(
+    stub: WorkerStub,
+    host: str,
+    *,
+    slots: int,
+    slot_bytes: int,
+    most_slot_bytes: int,
+    timeout: float = CONNECT_SECONDS,
+) -> NetworkLane | None:
+    """A network lane of up to `slots` slots of `slot_bytes` (a whole read; the worker
+    may give more, up to `most_slot_bytes`: its message size) to the worker behind `stub`
+    (reached at `host`), or None where it offers none or its port cannot be reached (a
+    firewall: the reads then go as bytes, as they always can)."""
+    try:
+        offer = await stub.open_lane(
+            timeout=timeout, slots=slots, slot_bytes=slot_bytes, network=True
+        )
+    except grpc.aio.AioRpcError as exc:
+        log.debug("no network lane: %s %s", exc.code().name, exc.details())
+        return None
+    if not 0 < offer.port < 65536 or len(offer.lane) != 16 or offer.slots < 1:
+        log.debug("no network lane: the worker's offer is incomplete")
+        return None
+    if offer.slots > slots or not 0 < offer.slot_bytes <= _pages(most_slot_bytes):
+        log.warning(
+            "no network lane: the worker offered %d slots of %d bytes, more than the %d of "
+            "at most %d bytes this loader holds (its max_message_bytes is below the "
+            "worker's?)",
+            offer.slots, offer.slot_bytes, slots, most_slot_bytes,
+        )  # fmt: skip
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await loop.run_in_executor(None, _connect_network, host, offer, timeout)
+    except (OSError, ValueError) as exc:
+        log.info(
+            "no network lane to %s port %d (%s): chunks come on the gRPC stream; open the "
+            "port, or turn lanes off (--network-lanes off on the worker, network_lane=False "
+            "here)",
+            host, offer.port, exc,
+        )  # fmt: skip
+        return None
+    try:
+        lane = NetworkLane(offer.lane, offer.slots, offer.slot_bytes, sock)
+    except BaseException:
+        sock.close()
+        raise
+    log.debug("network lane %s open: %d slots of %d bytes", offer.lane[:4], offer.slots,
+              offer.slot_bytes)  # fmt: skip
+    return lane
+
+
+def _connect_network(host: str, offer: LaneOffer, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, offer.port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(offer.lane.encode("ascii") + offer.ticket)
+        if sock.recv(1) != b"\1":
+            raise ValueError("the worker refused the ticket")
+        sock.settimeout(None)  # the receiving thread blocks; control records never do
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -75,6 +75,10 @@ class LoaderConfig:
     # A worker on this host (a sidecar, spare cores of this node) hands chunks over in
     # shared memory instead of the socket, where it offers a lane (`_lanes`); False: bytes.
     same_host_lane: bool = True
+    # A worker on another host sends chunks over a plain TCP connection beside the gRPC
+    # one, into this process's memory (one copy fewer on each side, no gRPC framing),
+    # where it offers a network lane; never with TLS. False: bytes on the gRPC stream.
+    network_lane: bool = True
     # Reads started but not consumed: bounds memory (reads_ahead x read_bytes). 0: 8, or
     # max_inflight_reads, or 2 x shuffle_reads (with shuffle), whichever is largest.
     reads_ahead: int = 0
@@ -149,7 +153,7 @@ class LoaderConfig:
         for name in _SECONDS:  # finite; gRPC takes some in milliseconds, as a C int
             ms = name in ("keepalive_seconds", "backoff_cap")
             seconds(name, MAX_MESSAGE_BYTES // 1000 if ms else None)
-        for name in ("shuffle", "drop_last", "tune_malloc", "same_host_lane"):
+        for name in ("shuffle", "drop_last", "tune_malloc", "same_host_lane", "network_lane"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.remainder not in ("drop", "pad"):
@@ -266,6 +270,8 @@ class LoaderConfig:
             same_host_lane=self.same_host_lane,
             lane_slots=self.lane_slots(),
             lane_slot_bytes=self.read_bytes + LANE_SLOT_MARGIN,
+            network_lane=self.network_lane,
+            max_message_bytes=self.max_message_bytes,
         )
 
     def lane_slots(self) -> int:
@@ -357,6 +363,7 @@ class LoaderOptions(TypedDict, total=False):
     reads_per_worker: int
     connections_per_worker: int
     same_host_lane: bool
+    network_lane: bool
     reads_ahead: int
     prefetch_batches: int
     chunk_bytes: int

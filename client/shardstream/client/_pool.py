@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from shardstream.client._agreement import Describing, agree, verify
 from shardstream.client._health import suspect, watch_health
-from shardstream.client._lanes import open_lane
+from shardstream.client._lanes import ClientLane, NetworkLane, open_lane, open_network_lane
 from shardstream.client._resolve import DNS_PREFIX, follow_names, resolve_all, split_host_port
 from shardstream.client._security import CallMetadata, ClientSecurity, secure_channel
 from shardstream.client._tasks import TaskScope
@@ -57,6 +57,10 @@ class PoolOptions:
     same_host_lane: bool = True
     lane_slots: int = 0  # chunks the loader may hold at once: the slots its lanes ask for
     lane_slot_bytes: int = 0  # its largest chunk, a whole read: what a slot should hold
+    # A worker on another host fills slots of this process's memory over a plain TCP
+    # connection (`_lanes.NetworkLane`), where it offers one; never with TLS.
+    network_lane: bool = True
+    max_message_bytes: int = 0  # a network lane's slots may be this large, or lane_slot_bytes
 
 
 class WorkerPool:
@@ -101,7 +105,7 @@ class WorkerPool:
         for conn in self.conns:
             conn.serving = conn.verified
             self._watches[conn.address] = self._scope.spawn(self._watch(conn))
-        if self.options.same_host_lane:  # quick either way: a local socket, or none
+        if self._lanes_wanted():  # quick either way: a socket, or none
             await asyncio.gather(*(self._open_lane(c) for c in self.conns if c.verified))
         if any(t.startswith(DNS_PREFIX) for t in self.targets):
             interval = self.options.resolve_interval
@@ -217,19 +221,45 @@ class WorkerPool:
         conn = self._add(address)
         conn.serving = False
         self._watches[address] = self._scope.spawn(self._watch(conn))
-        if self.options.same_host_lane:
+        if self._lanes_wanted():
             self._scope.spawn(self._open_lane(conn))
 
+    def _network_lanes(self) -> bool:
+        """Whether to ask for network lanes: wanted, and no TLS (their bytes are plain)."""
+        security = self.options.security
+        return self.options.network_lane and (security is None or not security.tls)
+
+    def _lanes_wanted(self) -> bool:
+        return self.options.same_host_lane or self._network_lanes()
+
     async def _open_lane(self, conn: Conn) -> None:
-        """A same-host lane to `conn`'s worker, where it offers one on this host; its reads
-        use it from then on (until then, and without one, chunks come as bytes)."""
+        """A same-host lane to `conn`'s worker, where it offers one on this host, else a
+        network lane; its reads use it from then on (until then, and without one, chunks
+        come as bytes)."""
         conn.lane_opening = True
         try:
-            lane = await open_lane(
-                conn.stub,
-                slots=self.options.lane_slots,
-                slot_bytes=self.options.lane_slot_bytes,
-            )
+            lane: ClientLane | NetworkLane | None = None
+            if self.options.same_host_lane:
+                lane = await open_lane(
+                    conn.stub,
+                    slots=self.options.lane_slots,
+                    slot_bytes=self.options.lane_slot_bytes,
+                )
+            if lane is None and self._network_lanes():
+                try:
+                    host, _ = split_host_port(conn.address)
+                except ValueError:  # not host:port (a unix: socket, say): no network lane
+                    host = ""
+                if host:
+                    lane = await open_network_lane(
+                        conn.stub,
+                        host,
+                        slots=self.options.lane_slots,
+                        slot_bytes=self.options.lane_slot_bytes,
+                        most_slot_bytes=max(
+                            self.options.lane_slot_bytes, self.options.max_message_bytes
+                        ),
+                    )
         finally:
             conn.lane_opening = False
         if lane is not None and conn not in self.conns:  # let go meanwhile (`_retire`)

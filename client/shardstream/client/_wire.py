@@ -276,13 +276,14 @@ class SharedRef:
 
 @dataclass(frozen=True, slots=True)
 class LaneOffer:
-    """A worker's same-host lane offer (`OpenLaneResponse`)."""
+    """A worker's same-host or network lane offer (`OpenLaneResponse`)."""
 
     address: str
     ticket: bytes
     lane: str
     slots: int
     slot_bytes: int
+    port: int = 0  # a network lane's
 
 
 def decode_response(data: bytes | np.ndarray[Any, Any]) -> Piece | StreamEnd | SharedRef:
@@ -336,14 +337,18 @@ class WorkerStub:
             response_deserializer=pb.ListDatasetsResponse.FromString,
         )
 
-    async def open_lane(self, *, timeout: float, slots: int = 0, slot_bytes: int = 0) -> LaneOffer:
-        """Ask for a same-host lane (AioRpcError where the worker gives none)."""
+    async def open_lane(
+        self, *, timeout: float, slots: int = 0, slot_bytes: int = 0, network: bool = False
+    ) -> LaneOffer:
+        """Ask for a same-host (or network) lane (AioRpcError where the worker gives none)."""
         reply = await self._open_lane(
-            pb.OpenLaneRequest(slots=slots, slot_bytes=slot_bytes),
+            pb.OpenLaneRequest(slots=slots, slot_bytes=slot_bytes, network=network),
             timeout=timeout,
             metadata=self._metadata(),
         )
-        return LaneOffer(reply.address, reply.ticket, reply.lane, reply.slots, reply.slot_bytes)
+        return LaneOffer(
+            reply.address, reply.ticket, reply.lane, reply.slots, reply.slot_bytes, reply.port
+        )
 
     def read(self, request: bytes) -> grpc.aio.UnaryStreamCall:
         """Start a Read stream (`request` from `encode_read`)."""

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import grpc
 
-from shardstream.client._lanes import ClientLane
+from shardstream.client._lanes import ClientLane, NetworkLane
 from shardstream.client._wire import DatasetDesc, HealthWatch, WorkerStub
 
 
@@ -33,7 +33,7 @@ class Conn:
     # Further connections for reads (`connections_per_worker` > 1): reads take `stub` and
     # these in turn, so their messages arrive on several TCP connections at once.
     extra: list[tuple[grpc.aio.Channel, WorkerStub]] = field(default_factory=list)
-    lane: ClientLane | None = None  # a same-host lane to it (`_lanes`), once open
+    lane: ClientLane | NetworkLane | None = None  # a same-host or network lane, once open
     lane_opening: bool = False
 
     def read_stub(self) -> WorkerStub:

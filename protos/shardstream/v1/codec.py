@@ -7,6 +7,7 @@ code outside the two `_wire` modules never touches generated classes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -180,7 +181,13 @@ def chunk_limit(schema: tuple[FieldSpec, ...], shard_id_bytes: int, max_message_
 
 
 def record_bytes(schema: tuple[FieldSpec, ...]) -> int:
-    """Bytes one record takes over all fields of a schema (at least, if ragged)."""
+    """Bytes one record takes over all fields of a schema (at least, if ragged).
+    Remembered per schema: workers ask it for every chunk."""
+    return _record_bytes(tuple(schema))
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_bytes(schema: tuple[FieldSpec, ...]) -> int:
     return sum(f.record_bytes for f in schema)
 
 

@@ -194,25 +194,29 @@ class ReadResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., shared: _Optional[_Union[SharedChunk, _Mapping]] = ...) -> None: ...
 
 class OpenLaneRequest(_message.Message):
-    __slots__ = ("slots", "slot_bytes")
+    __slots__ = ("slots", "slot_bytes", "network")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     slots: int
     slot_bytes: int
-    def __init__(self, slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ...) -> None: ...
+    network: bool
+    def __init__(self, slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class OpenLaneResponse(_message.Message):
-    __slots__ = ("address", "ticket", "lane", "slots", "slot_bytes", "ticket_seconds")
+    __slots__ = ("address", "ticket", "lane", "slots", "slot_bytes", "ticket_seconds", "port")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     TICKET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
     address: str
     ticket: bytes
     lane: str
     slots: int
     slot_bytes: int
     ticket_seconds: float
-    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., lane: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., ticket_seconds: _Optional[float] = ...) -> None: ...
+    port: int
+    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., lane: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., ticket_seconds: _Optional[float] = ..., port: _Optional[int] = ...) -> None: ...

@@ -122,6 +122,12 @@ class WorkerConfig:
     lanes: bool = True
     lane_slots: int = 64
     max_lanes: int = 16
+    # Network lanes (`_lanes`): a client on another host gets chunks over a plain TCP
+    # connection beside its gRPC one, into slots of its own memory (at most lane_slots of
+    # them, max_lanes clients at once, as above). Never with TLS: that connection is not
+    # encrypted. The port: 0 picks a free one (told to clients in OpenLane).
+    network_lanes: bool = True
+    network_lane_port: int = 0
     max_message_bytes: int = 8 * MiB  # gRPC max send/receive message size
     chunk_bytes: int = 4 * MiB  # target size of one streamed chunk (<= max message / 2)
     max_streams: int = 64  # concurrent Read streams; more get RESOURCE_EXHAUSTED
@@ -209,6 +215,9 @@ class WorkerConfig:
             raise ValueError(f"max_streams must be positive, got {self.max_streams}")
         if not 1 <= self.lane_slots <= 1024:
             raise ValueError(f"lane_slots must be in [1, 1024], got {self.lane_slots}")
+        if not 0 <= self.network_lane_port <= 65535:
+            port = self.network_lane_port
+            raise ValueError(f"network_lane_port must be in [0, 65535], got {port}")
         if not 1 <= self.max_lanes <= 4096:
             raise ValueError(f"max_lanes must be in [1, 4096], got {self.max_lanes}")
         if self.grace_seconds < 0:

@@ -23,6 +23,8 @@ import ctypes
 import errno
 import os
 import platform
+import select
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,15 @@ __all__ = [
     "LATER",
     "message_for",
     "new_message",
+    "open_direct",
     "read_direct",
     "read_direct_into",
     "read_direct_now",
+    "send_direct",
 ]
 
 LATER = -1  # `read_direct_now`: some of the chunk is not in the page cache; read it in a thread
+PIECE = 256 << 10  # bytes `send_direct` sends at a time (the socket is the kernel's meanwhile)
 
 
 def _bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None:
@@ -187,6 +192,60 @@ def _plan(
         return None
     pieces = fixed_layout(start, count, schema, shard_id)
     return pieces, [ranges[f.name] for f in schema], layout_size(pieces)
+
+
+def open_direct(
+    job: tuple[Any, ...],
+) -> tuple[int, list[bytes | Region], list[tuple[int, int]], int] | None:
+    """For a chunk sent straight from its file (a network lane, `send_direct`): its file
+    open (the very file indexed, else ShardChanged), the chunk's layout, its fields' file
+    ranges and its size; None where the chunk needs decoding. The caller closes the file."""
+    ref, path, stamp, start, count, schema, shard_id = job
+    if not isinstance(path, os.PathLike):
+        return None
+    with _opened(path, stamp) as fd:
+        planned = _plan(ref, path, start, count, schema, shard_id)
+        if planned is None:
+            return None
+        return os.dup(fd), *planned
+
+
+def send_direct(
+    fd: int,
+    pieces: list[bytes | Region],
+    ranges: list[tuple[int, int]],
+    sock: socket.socket,
+) -> None:
+    """(A sending thread.) The chunk's message onto `sock` (blocking, with a timeout): its
+    headers as bytes, each field's records from the file by `sendfile`, which copies them
+    from the page cache into the socket with no copy in this process. In pieces: the
+    kernel holds the socket while it copies. ShardChanged where the file is shorter
+    than it was (the frame is then cut short: the lane must end)."""
+    regions = iter(ranges)
+    out = sock.fileno()
+    timeout = sock.gettimeout()
+    headers = bytearray()
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            headers += piece
+            continue
+        if headers:
+            sock.sendall(headers)
+            headers.clear()
+        offset, nbytes = next(regions)
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.sendfile(out, fd, offset + done, min(PIECE, nbytes - done))
+            except BlockingIOError:  # the socket's buffer is full: wait for room
+                if not select.select([], [out], [], timeout)[1]:
+                    raise TimeoutError("no room on the socket") from None
+                continue
+            if n <= 0:
+                raise ShardChanged("the shard is shorter than when it was indexed")
+            done += n
+    if headers:
+        sock.sendall(headers)
 
 
 def _why(exc: OSError) -> str:

@@ -36,6 +36,18 @@ most bytes, `max_lanes` ended lanes at most) until the client is gone
 clients on its host (they read on the socket), never more memory than the
 budget. A client's records of reads it has not ended are bounded too
 (`MAX_OPEN_READS`): one that never ends its reads loses its lane.
+
+Network lanes (`Lanes(network=True)`): the same slots and control records for a
+client on another host, where the slots are the client's own memory and the
+worker fills them over a plain TCP connection beside the gRPC one. Each chunk
+goes as a 24-byte frame header (slot, read, the chunk's place in the read, size)
+and its message, then the SharedChunk naming it goes on the read's stream. That
+skips gRPC's copy of every message on both sides and its framing: the client
+receives a chunk with one `recv` into the slot. The connection is not encrypted,
+so a worker serving TLS offers none, and a client using TLS asks for none; the
+ticket, got over the authenticated OpenLane call, is what admits a connection.
+A frame that cannot be sent within the stall timeout (a client that stopped
+reading) ends the lane; its reads go on as bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hmac
 import logging
 import mmap
@@ -55,6 +68,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from shardstream.server._lanekeep import EndedLanes, open_pidfd, peer_pid
@@ -81,6 +95,11 @@ _ENDED_KEPT = 4096  # ids of reads the client ended, kept so late requests get n
 # ends them, and its lane is closed rather than its records growing.
 MAX_OPEN_READS = 1024
 RECLAIM_SECONDS = 1.0  # ended lanes are looked for in /proc at most this often
+# A network lane's frame header: slot, read (lane_stream), the chunk's place among the
+# read's lane chunks, the message's size; little-endian.
+FRAME = struct.Struct("<IIQQ")
+PIECE = 256 << 10  # bytes sent at a time (the socket is the kernel's while it copies)
+SENDING_THREADS = 4  # network lanes sending at once (each one frame at a time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +111,7 @@ class LaneOffer:
     lane: str
     slots: int
     slot_bytes: int
+    port: int = 0  # a network lane's TCP port (address is then empty)
 
 
 @dataclass(slots=True)
@@ -121,9 +141,90 @@ class Lane:
     fd: int = -1  # the worker's descriptor of the memfd (-1: none); closed with the lane
     pid: int = 0  # the client's process (SO_PEERCRED; 0: unknown)
     pidfd: int = -1  # a pidfd of it (-1: none), to learn when it is gone
+    network: bool = False  # slots in the client's memory, filled over `sock` (TCP)
+    sender: Executor | None = None  # a network lane's sending threads
+    _sending: asyncio.Lock | None = None  # one frame at a time on a network lane
+    _writer: socket.socket | None = None  # `sock` duplicated, for the sending thread
+    _in_flight: int = 0  # frames a sending thread sends now
 
     def __post_init__(self) -> None:
         self._free = list(range(self.slots - 1, -1, -1))
+
+    async def send(self, stream: int, message: bytes, timeout: float) -> int | None:
+        """A network lane's chunk: `message` sent into a free slot of the client's, for
+        read `stream`; the slot, to name in the SharedChunk streamed in its place, or None
+        (no free slot, too large, or the lane ended: send it as bytes)."""
+        if not self.network or len(message) > self.slot_bytes:
+            return None
+        slot = self.acquire(stream)
+        if slot is None:
+            return None
+        write = functools.partial(send_bytes, message)
+        return slot if await self.send_into(slot, stream, len(message), write, timeout) else None
+
+    async def send_into(
+        self,
+        slot: int,
+        stream: int,
+        size: int,
+        write: Callable[[socket.socket], None],
+        timeout: float,
+    ) -> bool:
+        """Send a message of `size` bytes into `slot` (acquired for read `stream`) of a
+        network lane's client, `write` sending it (in a sending thread, on a blocking
+        socket with `timeout` per piece), and mark the slot written: whether it was sent.
+        A frame that is not sent within `timeout` (the client does not read) ends the
+        lane, as does one `write` fails (raised here). Cancelled, the frame is still sent
+        whole (the connection stays in step) and the slot freed."""
+        header = FRAME.pack(slot, stream, self._sent.get(stream, 0), size)
+        task = asyncio.ensure_future(self._send_frame(header, write, timeout))
+        try:
+            sent = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda _: self.written(slot, sent=False))
+            raise
+        except BaseException:
+            self.written(slot, sent=False)
+            raise
+        self.written(slot, sent=sent)
+        return sent
+
+    async def _send_frame(
+        self, header: bytes, write: Callable[[socket.socket], None], timeout: float
+    ) -> bool:
+        """Send one frame whole, in a sending thread (the event loop goes on meanwhile);
+        False (and the lane ended) where it could not be sent within `timeout`."""
+        loop = asyncio.get_running_loop()
+        if self._sending is None:
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            if not self.alive or self.sender is None:
+                return False
+            if self._writer is None:  # the same connection, blocking with a timeout
+                self._writer = self.sock.dup()
+                self._writer.settimeout(timeout)
+            self._in_flight += 1
+            try:
+                await loop.run_in_executor(self.sender, _frame, self._writer, header, write)
+            except TimeoutError:
+                self.close(f"a chunk was not taken within {timeout:g}s")
+                return False
+            except OSError as exc:
+                self.close(f"its connection failed: {exc}")
+                return False
+            except BaseException as exc:  # the message could not be made: a frame cut short
+                self.close(f"a chunk could not be sent whole: {exc}")
+                raise
+            finally:
+                self._in_flight -= 1
+                self._close_writer()
+            return self.alive
+
+    def _close_writer(self) -> None:
+        """Close the sending thread's socket once the lane ended and no frame is sent."""
+        if not self.alive and self._writer is not None and self._in_flight == 0:
+            self._writer.close()
+            self._writer = None
 
     def slot(self, index: int) -> memoryview:
         start = index * self.slot_bytes
@@ -216,6 +317,10 @@ class Lane:
         self.alive = False
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        if self.network:  # a sending thread's frame ends now (its writer closes after)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self._close_writer()
         self.sock.close()
         self._hand_back([i for i in range(self.slots) if i not in self._held])
         self._held.clear()
@@ -223,7 +328,7 @@ class Lane:
         for callback in self.on_close:
             callback(self)
         self.close_fds()
-        log.info("same-host lane %s closed: %s", tag(self.id), why)
+        log.info("%s lane %s closed: %s", _kind(self), tag(self.id), why)
 
     def close_fds(self) -> None:
         for name in ("fd", "pidfd"):
@@ -250,9 +355,30 @@ class Lanes:
     each one that shows a valid ticket its lane's memory; the lane then lives on the
     event loop (`get`)."""
 
-    def __init__(self, *, slots: int, slot_bytes: int, max_lanes: int) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        slot_bytes: int,
+        max_lanes: int,
+        network: bool = False,
+        host: str = "",
+        port: int = 0,
+        stall: float = 30.0,
+    ) -> None:
         """At most `max_lanes` lanes of at most `slots` slots, and `slots` x `slot_bytes`
-        bytes, each; a slot holds at least `slot_bytes` (a whole message)."""
+        bytes, each; a slot holds at least `slot_bytes` (a whole message). `network`:
+        network lanes, listening on TCP `host`:`port` (0: a free port)."""
+        self.network = network
+        self._host, self._port = host, port
+        self.stall = stall  # seconds a network lane's frame may take to be sent
+        # network lanes send in these threads (the GIL is let go while the kernel copies)
+        self._sender = (
+            ThreadPoolExecutor(min(max_lanes, SENDING_THREADS), "shardstream-lane-send")
+            if network
+            else None
+        )
+        self.port = 0  # a network lane's listening port, once started
         self._slots = slots
         self._slot_bytes = _pages(slot_bytes)
         self._budget = slots * self._slot_bytes  # the most bytes of one lane
@@ -273,12 +399,23 @@ class Lanes:
         self.address = ""
 
     def start(self) -> None:
-        """Listen on a fresh abstract Unix socket; OSError where there is none (not Linux)."""
+        """Listen on a fresh abstract Unix socket (OSError where there is none: not
+        Linux), or for network lanes on the TCP port (OSError where it is taken)."""
         self._loop = asyncio.get_running_loop()
-        name = f"shardstream-lane-{os.getpid()}-{secrets.token_hex(8)}"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.network:
+            host = self._host.strip("[]") or "0.0.0.0"
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            name = ""
+        else:
+            name = f"shardstream-lane-{os.getpid()}-{secrets.token_hex(8)}"
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind("\0" + name)
+            if self.network:
+                listener.bind((host, self._port))
+                self.port = listener.getsockname()[1]
+            else:
+                listener.bind("\0" + name)
             listener.listen(socket.SOMAXCONN)
         except BaseException:
             listener.close()
@@ -307,7 +444,7 @@ class Lanes:
                 return None
             lane_id, ticket = secrets.token_hex(8), secrets.token_bytes(TICKET_BYTES)
             self._tickets[lane_id] = (ticket, now + TICKET_SECONDS, slots, size)
-        return LaneOffer(self.address, ticket, lane_id, slots, size)
+        return LaneOffer(self.address, ticket, lane_id, slots, size, self.port)
 
     def _room(self, nbytes: int, now: float) -> bool:
         """Whether a lane of `nbytes` fits (`_lock` held): fewer than `max_lanes` lanes
@@ -321,6 +458,10 @@ class Lanes:
         taken += self._ended.nbytes()
         ended = len(self._ended)
         return count < self._max and ended < self._max and taken + nbytes <= self._total
+
+    @property
+    def kind(self) -> str:
+        return "network" if self.network else "same-host"
 
     def kept_bytes(self) -> int:
         """Bytes of ended lanes that their clients may still hold (counted in the budget)."""
@@ -350,6 +491,8 @@ class Lanes:
             lane.close("the worker is stopping")
         self._lanes.clear()
         self._ended.close()
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)  # their frames end: the lanes were shut down
 
     # -- the accepting thread ------------------------------------------------------------
 
@@ -390,7 +533,7 @@ class Lanes:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:  # out of descriptors: the next one may be taken, later
-            self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
+            self._refusals.log(logging.WARNING, "lane", "%s lane refused: %s", self.kind, exc)
             time.sleep(ACCEPT_PAUSE)  # the listener stays readable: no spinning on it
             return
         if len(pending) >= PENDING_HANDSHAKES:
@@ -424,7 +567,7 @@ class Lanes:
         try:
             self._handshake(conn, bytes(hello))
         except Exception as exc:  # one client's trouble never stops the others
-            self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", exc)
+            self._refusals.log(logging.WARNING, "lane", "%s lane refused: %s", self.kind, exc)
             conn.close()
 
     def _refuse(
@@ -437,7 +580,7 @@ class Lanes:
         sel.unregister(conn)
         del pending[conn]
         conn.close()
-        self._refusals.log(logging.WARNING, "lane", "same-host lane refused: %s", why)
+        self._refusals.log(logging.WARNING, "lane", "%s lane refused: %s", self.kind, why)
 
     def _handshake(self, conn: socket.socket, hello: bytes) -> None:
         lane_id, ticket = hello[:16].decode("ascii", "replace"), hello[16:]
@@ -449,6 +592,14 @@ class Lanes:
         if expected[1] < time.monotonic():
             raise PermissionError("an expired ticket")
         slots, slot_bytes = expected[2], expected[3]
+        if self.network:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"\1")  # into an empty socket buffer
+            lane = Lane(lane_id, slots, slot_bytes, memoryview(b""), conn, network=True,
+                        sender=self._sender)  # fmt: skip
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._attach, lane)
+            return
         pid = peer_pid(conn)
         pidfd = open_pidfd(pid)  # opened now: it names this very process, whatever pids do
         # named by its id: how `_lanekeep` finds it among a client's mappings (/proc, which
@@ -494,8 +645,26 @@ class Lanes:
         self._lanes[lane.id] = lane
         lane.on_close.append(self._forget)
         asyncio.get_running_loop().add_reader(lane.sock.fileno(), lane.on_readable)
-        log.info("same-host lane %s open: %d slots of %d bytes", tag(lane.id), lane.slots,
-                 lane.slot_bytes)  # fmt: skip
+        log.info("%s lane %s open: %d slots of %d bytes", _kind(lane), tag(lane.id),
+                 lane.slots, lane.slot_bytes)  # fmt: skip
+
+
+def _frame(sock: socket.socket, header: bytes, write: Callable[[socket.socket], None]) -> None:
+    """(A sending thread.) One frame: its header, then its message."""
+    sock.sendall(header)
+    write(sock)
+
+
+def send_bytes(message: bytes, sock: socket.socket) -> None:
+    """Send `message` in pieces: the kernel holds the socket while it copies, and the
+    event loop's reads of control records wait for it meanwhile."""
+    with memoryview(message) as view:
+        for at in range(0, len(view), PIECE):
+            sock.sendall(view[at : at + PIECE])
+
+
+def _kind(lane: Lane) -> str:
+    return "network" if lane.network else "same-host"
 
 
 def tag(lane_id: str) -> str:

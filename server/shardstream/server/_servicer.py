@@ -89,12 +89,20 @@ class WorkerServicer:
         metrics: WorkerMetrics | None = None,
         buffers: ChunkBuffers | None = None,
         lanes: Lanes | None = None,
+        network_lanes: Lanes | None = None,
     ) -> None:
         self._config = config
         self.metrics = metrics or WorkerMetrics()
         self.lanes = lanes  # same-host lanes (`_lanes`); None: off
+        self.network_lanes = network_lanes  # network lanes; None: off (or TLS)
         self._streamer = ChunkStreamer(
-            config, executor, self.metrics, buffers, draining=self.is_draining, lanes=lanes
+            config,
+            executor,
+            self.metrics,
+            buffers,
+            draining=self.is_draining,
+            lanes=lanes,
+            network_lanes=network_lanes,
         )
         self.catalog: Catalog | None = None  # set by the Worker once indexing is done
         self.draining = False  # set by the Worker's drain: refuse streams, end running ones
@@ -125,15 +133,18 @@ class WorkerServicer:
             return list(ready(self.catalog).datasets.values())
 
     async def open_lane(self, request: bytes, context: grpc.aio.ServicerContext) -> LaneOffer:
-        """A ticket for a same-host lane (`_lanes`), or NoLaneError."""
+        """A ticket for a same-host or network lane (`_lanes`), or NoLaneError."""
         async with StatusOnError(context, self.metrics, self.refusals):
-            slots, slot_bytes = decode_open_lane(request)
-            offer = (
-                None if self.lanes is None or self.draining else self.lanes.offer(slots, slot_bytes)
-            )
+            slots, slot_bytes, network = decode_open_lane(request)
+            lanes = self.network_lanes if network else self.lanes
+            offer = None if lanes is None or self.draining else lanes.offer(slots, slot_bytes)
             if offer is None:
-                why = "turned off (--lanes off)" if self.lanes is None else "all taken"
-                raise NoLaneError(f"this worker has no same-host lane to give: {why}")
+                kind = "network" if network else "same-host"
+                off = "--network-lanes off, or TLS" if network else "--lanes off"
+                why = f"turned off ({off})" if lanes is None else "all taken"
+                if self.draining:
+                    why = "it is draining"
+                raise NoLaneError(f"this worker has no {kind} lane to give: {why}")
             return offer
 
     async def serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> None:

@@ -22,7 +22,9 @@ the client resumes elsewhere.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +35,14 @@ from shardstream._common.loops import wait_done
 from shardstream.server._catalog import Dataset, Shard
 from shardstream.server._config import WorkerConfig
 from shardstream.server._decoding import read_chunk, read_chunk_into
-from shardstream.server._direct import LATER, message_for, read_direct_into, read_direct_now
+from shardstream.server._direct import (
+    LATER,
+    message_for,
+    open_direct,
+    read_direct_into,
+    read_direct_now,
+    send_direct,
+)
 from shardstream.server._lanes import Lane, Lanes
 from shardstream.server._metrics import WorkerMetrics
 from shardstream.server._ragged import read_ragged_chunks
@@ -83,12 +92,14 @@ class ChunkStreamer:
         *,
         draining: Callable[[], bool],
         lanes: Lanes | None = None,
+        network_lanes: Lanes | None = None,
     ) -> None:
         self._config = config
         self._executor = executor
         self._metrics = metrics
         self._buffers = buffers  # shared memory to decoding processes; None: threads
         self._lanes = lanes  # same-host lanes of clients (`_lanes`); None: off
+        self._network_lanes = network_lanes  # network lanes of clients; None: off
         # Datasets whose chunks need decoding (no direct reads: `_direct`), by name.
         self._decoded: set[str] = set()
         self._draining = draining
@@ -150,8 +161,14 @@ class ChunkStreamer:
 
         lane = None if self._lanes is None or not args.lane else self._lanes.get(args.lane)
         to = None if lane is None else (lane, args.lane_stream)
+        # A network lane: each chunk, made as for the socket, is sent into the client's slot
+        net = self._network_lanes
+        net_lane = None if net is None or lane is not None or not args.lane else net.get(args.lane)
         small = step  # a message's worth: what a chunk that goes on the socket holds
-        if lane is not None and self._direct(ds, chain, ragged):
+        if net_lane is not None and self._direct(ds, chain, ragged):  # whole reads, sent
+            to = (net_lane, args.lane_stream)  # into the client's slots from the file
+            step = self.lane_chunk_records(ds, args, net_lane)
+        elif lane is not None and self._direct(ds, chain, ragged):
             step = self.lane_chunk_records(ds, args, lane)
         elif lane is not None and args.lane_chunk_records > 0:  # the most a lane chunk holds
             step = min(step, args.lane_chunk_records)
@@ -219,19 +236,27 @@ class ChunkStreamer:
                     if at + count < end and not inline():
                         pending = submit(at + count)
                 self._metrics.job(ds.name, took)  # once a job, however many chunks it makes
+                first = at  # the next message's first record
                 at += count
                 # (records, message, bytes of the records' data)
                 out: list[tuple[int, bytes, int]]
+                in_lane = False  # a SharedChunk of a chunk already in a lane's slot
                 if isinstance(data, list):  # ragged: cut by their data's bytes, given with them
                     out = data
                 else:  # a message, or one in a lane: the records' bytes are fixed
+                    in_lane = isinstance(data, tuple)
                     message = data[0] if isinstance(data, tuple) else data
                     out = [(count, message, count * ds.record_bytes)]
                 for n, message, nbytes in out:
                     # Counted as handed to gRPC: a stream that stalls is closed at this
                     # yield, with its last chunk sent once its client reads.
                     self._metrics.chunk(ds.name, n, nbytes)
+                    if net_lane is not None and net is not None and not in_lane:
+                        slot = await net_lane.send(args.lane_stream, message, net.stall)
+                        if slot is not None:
+                            message = encode_shared(first, n, shard.id, slot, len(message))
                     yield message
+                    first += n
                     sent += n
                     if self._draining() and sent < args.count:
                         at = args.start + sent
@@ -349,6 +374,8 @@ class ChunkStreamer:
     ) -> tuple[bytes, int] | None:
         """`read_direct` into a free slot of `lane`: the SharedChunk message and the chunk's
         size; None if no slot is free or the chunk needs decoding."""
+        if lane.network:
+            return await self._read_direct_to_network(job, lane, stream)
         slot = lane.acquire(stream)
         if slot is None:
             return None
@@ -376,6 +403,34 @@ class ChunkStreamer:
             lane.written(slot, sent=False)
             return None
         lane.written(slot, sent=True)
+        _, _, _, start, count, _, shard_id = job
+        return encode_shared(start, count, shard_id, slot, size), size
+
+    async def _read_direct_to_network(
+        self, job: tuple[Any, ...], lane: Lane, stream: int
+    ) -> tuple[bytes, int] | None:
+        """A chunk of file bytes sent from its file into a free slot of a network lane's
+        client (`send_direct`: no copy in this process): the SharedChunk message and the
+        chunk's size; None if no slot is free, the chunk needs decoding, or the lane ended
+        (the caller reads it again as messages)."""
+        slot = lane.acquire(stream)
+        if slot is None:
+            return None
+        try:
+            opened = open_direct(job)
+        except BaseException:
+            lane.written(slot, sent=False)
+            raise
+        if opened is None:
+            lane.written(slot, sent=False)
+            return None
+        fd, pieces, ranges, size = opened
+        write = functools.partial(send_direct, fd, pieces, ranges)
+        timeout = self._config.stream_stall_timeout
+        sending = asyncio.ensure_future(lane.send_into(slot, stream, size, write, timeout))
+        sending.add_done_callback(lambda _: os.close(fd))  # the thread is done with it
+        if not await asyncio.shield(sending):
+            return None
         _, _, _, start, count, _, shard_id = job
         return encode_shared(start, count, shard_id, slot, size), size
 
@@ -413,7 +468,7 @@ class ChunkStreamer:
             buffers.release(index)
             raise
         try:
-            if to is not None:  # into a free slot of the client's lane: one copy, no socket
+            if to is not None and not to[0].network:  # into the client's lane: one copy
                 lane, stream = to
                 slot = lane.acquire(stream)
                 if slot is not None:
@@ -432,7 +487,7 @@ async def _to_lane(
     """A chunk decoded in a thread, put into a free slot of the client's lane (else as is)."""
     message = await decoded
     lane, stream = to
-    slot = lane.acquire(stream)
+    slot = None if lane.network else lane.acquire(stream)
     if slot is None:
         return message
     if len(message) > lane.slot_bytes:

@@ -350,10 +350,11 @@ def decode_describe(data: bytes) -> str:
     return _bounded("dataset name", _parse(pb.DescribeDatasetRequest, data).dataset)
 
 
-def decode_open_lane(data: bytes) -> tuple[int, int]:
-    """The slots, and bytes per slot, an OpenLaneRequest asks for, or MalformedRequestError."""
+def decode_open_lane(data: bytes) -> tuple[int, int, bool]:
+    """The slots, bytes per slot and kind (network or same-host) an OpenLaneRequest asks
+    for, or MalformedRequestError."""
     request = _parse(pb.OpenLaneRequest, data)
-    return int(request.slots), int(request.slot_bytes)
+    return int(request.slots), int(request.slot_bytes), bool(request.network)
 
 
 def decode_list(data: bytes) -> None:
@@ -388,6 +389,7 @@ def _encode_offer(offer: LaneOffer) -> bytes:
         slots=offer.slots,
         slot_bytes=offer.slot_bytes,
         ticket_seconds=TICKET_SECONDS,
+        port=offer.port,
     ).SerializeToString()
 
 

@@ -200,6 +200,7 @@ class Worker:
         self._servicer: WorkerServicer | None = None
         self._buffers: ChunkBuffers | None = None
         self._lanes: Lanes | None = None
+        self._network_lanes: Lanes | None = None
         self._failure: BaseException | None = None  # decoding processes cannot be replaced
         self._failing: asyncio.Task[None] | None = None  # the drain that failure started
         self._port = 0
@@ -283,6 +284,32 @@ class Worker:
             return None
         return lanes
 
+    def _open_network_lanes(self) -> Lanes | None:
+        """Network lanes (`_lanes`), where they are on and the worker serves without TLS
+        (their connection is not encrypted); None otherwise, or where the port is taken."""
+        cfg = self.config
+        if not cfg.network_lanes:
+            return None
+        if cfg.security.tls:
+            log.info("network lanes are off: this worker serves TLS (clients get bytes)")
+            return None
+        lanes = Lanes(
+            slots=cfg.lane_slots,
+            slot_bytes=cfg.max_message_bytes,
+            max_lanes=cfg.max_lanes,
+            network=True,
+            host=cfg.host,
+            port=cfg.network_lane_port,
+            stall=cfg.stream_stall_timeout,
+        )
+        try:
+            lanes.start()
+        except OSError as exc:
+            log.warning("network lanes are off: port %d: %s", cfg.network_lane_port, exc)
+            return None
+        log.info("network lanes on port %d", lanes.port)
+        return lanes
+
     async def _start_server(self) -> None:
         """The gRPC server on its port, health NOT_SERVING until indexing is done."""
         cfg = self.config
@@ -304,7 +331,10 @@ class Worker:
             if self._shard_cache is not None:
                 metrics.add_collector(self._shard_cache.collector())
         self._lanes = self._open_lanes()
-        self._servicer = WorkerServicer(cfg, self._executor, metrics, self._buffers, self._lanes)
+        self._network_lanes = self._open_network_lanes()
+        self._servicer = WorkerServicer(
+            cfg, self._executor, metrics, self._buffers, self._lanes, self._network_lanes
+        )
         fitted = replace(cfg, max_connections=_fit_open_files(cfg.max_connections))
         token = security.interceptors()  # the token first: nothing reads a refused call
         accepts = next((t.accepts for t in token if isinstance(t, BearerTokenInterceptor)), None)
@@ -436,6 +466,9 @@ class Worker:
         if self._lanes is not None:
             self._lanes.close()
             self._lanes = None
+        if self._network_lanes is not None:
+            self._network_lanes.close()
+            self._network_lanes = None
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.get_running_loop().run_in_executor(

@@ -223,6 +223,23 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         "instead of the socket [SHARDSTREAM_LANES]",
     )
     p.add_argument(
+        "--network-lanes",
+        type=checked(on_off, "on or off"),
+        default=env("NETWORK_LANES", "on"),
+        metavar="on|off",
+        help="network lanes: clients on other hosts get chunks over a plain TCP connection "
+        "beside the gRPC one (about half the CPU of gRPC's bytes); never with TLS, whose "
+        "clients get bytes on the socket [SHARDSTREAM_NETWORK_LANES]",
+    )
+    p.add_argument(
+        "--network-lane-port",
+        type=int_in(0, 65535),
+        default=env("NETWORK_LANE_PORT", "0"),
+        help="TCP port of the network lanes, on --host; 0 picks a free one (clients learn "
+        "it from the worker; open it where a firewall stands between them) "
+        "[SHARDSTREAM_NETWORK_LANE_PORT]",
+    )
+    p.add_argument(
         "--lane-slots",
         type=int_in(1, 1024),
         default=env("LANE_SLOTS", "64"),
@@ -435,6 +452,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_connection_age=args.max_connection_age,
         max_health_watches=args.max_health_watches,
         lanes=args.lanes,
+        network_lanes=args.network_lanes,
+        network_lane_port=args.network_lane_port,
         lane_slots=args.lane_slots,
         max_lanes=args.max_lanes,
         decoders=inputs.decoders,
