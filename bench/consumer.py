@@ -400,6 +400,7 @@ def run_ss_raw(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
     opts = dict(
         dataset="bench", batch_size=spec["batch_size"], rank=spec["rank"],
         world_size=spec["world"], **spec.get("loader_opts", {}), same_host_lane=False,
+        network_lane=False,
     )  # fmt: skip
     chunk = spec["message_bytes"] // spec["record_bytes"]
     record_bytes = spec["record_bytes"]

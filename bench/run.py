@@ -82,7 +82,8 @@ class Config:
     torch_workers: tuple[int, ...] = (0, 2)
     zmq_procs: tuple[int, ...] = (2,)
     ss_api: str = "sync"  # shardstream client: "sync" (SyncLoader) or "async" (Loader)
-    lanes: tuple[str, ...] = ("local", "tcp")  # shardstream: with the same-host lane, without
+    # shardstream: the same-host lane, the network lane (the remote path's default), gRPC bytes
+    lanes: tuple[str, ...] = ("local", "net", "tcp")
     loader_opts: tuple[tuple[str, Any], ...] = ()  # `--config "opt.KEY=VALUE"`: Loader options
 
     def data(self) -> DataSpec:
@@ -118,11 +119,13 @@ class Instance:
     system: str
     workers: int = 0  # shardstream workers / torch num_workers / zmq processes
     ranks: int = 1
-    lane: bool = True  # shardstream: the same-host lane where it applies ("local"), or not
+    # shardstream: "local" (the same-host lane, where it applies), "net" (the network lane,
+    # as to a worker on another host), "tcp" (no lane: every byte on the gRPC stream)
+    lane: str = "local"
 
     def label(self) -> str:
         if self.system == "shardstream":
-            return f"shardstream {'local' if self.lane else 'tcp'} w{self.workers} r{self.ranks}"
+            return f"shardstream {self.lane} w{self.workers} r{self.ranks}"
         if self.system == "torch":
             return f"torch nw{self.workers}"
         if self.system == "zmq":
@@ -138,7 +141,7 @@ def instances(cfg: Config, available: dict[str, str | None]) -> list[Instance]:
         if available.get(system):
             continue
         if system == "shardstream":
-            out += [Instance(system, w, r, lane == "local")
+            out += [Instance(system, w, r, lane)
                     for lane in cfg.lanes for w in cfg.workers for r in cfg.ranks]  # fmt: skip
         elif system == "torch":
             out += [Instance(system, n) for n in cfg.torch_workers]
@@ -371,8 +374,9 @@ def run_one(ctx: Context, cfg: Config, inst: Instance, round_no: int) -> dict[st
     tag = f"run{ctx.run_index:03d}"
     logs = ctx.logs
     loader_opts = {**dict(args.loader_opt), **dict(cfg.loader_opts)}
-    if inst.system == "shardstream" and not inst.lane:
+    if inst.system == "shardstream" and inst.lane != "local":
         loader_opts["same_host_lane"] = False
+        loader_opts["network_lane"] = inst.lane == "net"
     chunk_bytes = int(loader_opts.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     chunk = chunk_records(data.record_bytes, cfg.batch_size, chunk_bytes)
     result: dict[str, Any] = {
@@ -581,9 +585,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--ranks", type=_ints, default=[1, 2], help="shardstream ranks (1,2)")
     s.add_argument("--processes", type=int, default=1, help="decoding processes per worker")
     s.add_argument(
-        "--lanes", default="local,tcp",
+        "--lanes", default="local,net,tcp",
         help="shardstream rows: 'local' (the same-host lane, the default where it applies), "
-        "'tcp' (same_host_lane=False: every byte over the socket); default both",
+        "'net' (same_host_lane=False: the network lane, a remote worker's default), 'tcp' "
+        "(same_host_lane=False, network_lane=False: every byte on the gRPC stream); "
+        "default all three",
     )  # fmt: skip
     s.add_argument("--torch-workers", type=_ints, default=[0, 2], help="num_workers (0,2)")
     s.add_argument("--zmq-procs", type=_ints, default=[2], help="ZeroMQ producers (2)")

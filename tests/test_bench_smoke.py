@@ -46,7 +46,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     stdout_rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert rows == stdout_rows
     expected = {"plain", "grpc_wire", "grpc_file", "grpc_reads", "ss_raw w1", "tcp_wire"} | {
-        f"shardstream {lane} w1 r{ranks}" for lane in ("local", "tcp") for ranks in (1, 2)
+        f"shardstream {lane} w1 r{ranks}" for lane in ("local", "net", "tcp") for ranks in (1, 2)
     }
     for system, row in (("torch", "torch nw0"), ("zmq", "zmq p1")):  # optional packages
         if f"note: {system}: skipped" not in proc.stderr:
@@ -72,6 +72,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     table = (out / "results.md").read_text()
     assert "| shardstream local w1 r2 | yes 1/1 |" in table
     assert "| shardstream tcp w1 r2 | yes 1/1 |" in table
+    assert "| shardstream net w1 r2 | yes 1/1 |" in table
     assert "server CPU s/GB" in table
     assert "MB/s ÷ raw TCP" in table
     assert "client CPU ÷ bare client of the reads" in table  # the loader against ss_raw

@@ -39,6 +39,7 @@ IMAGE_EXTRAS = {
 }
 K8S_VERSION = "1.31.0"
 PORT = 50051
+LANE_PORT = 50052  # network lanes: the image fixes their port, so policies can name it
 INSTALL_HINT = "install the dev extras: pip install -e '.[dev]'"
 # `docker stop` (and a plain `docker run`'s container) sends SIGKILL this long after
 # SIGTERM unless told otherwise (`docker stop -t`, `docker run --stop-timeout`).
@@ -190,6 +191,7 @@ def test_dockerfile_structure() -> None:
     assert env["MALLOC_TRIM_THRESHOLD_"] == str(TRIM_THRESHOLD)
     assert env["SHARDSTREAM_HOST"] == "0.0.0.0"
     assert env["SHARDSTREAM_PORT"] == str(PORT)
+    assert env["SHARDSTREAM_NETWORK_LANE_PORT"] == str(LANE_PORT)
     assert env["SHARDSTREAM_DATA_ROOT"] == "/data"
 
     labels = " ".join(a for k, a in runtime if k == "LABEL")
@@ -405,7 +407,8 @@ def test_k8s_worker_deployment() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SHARDSTREAM_DATASETS"] == "train=*.npz"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": PORT, "metrics": int(env["SHARDSTREAM_METRICS_PORT"])}
+    metrics = int(env["SHARDSTREAM_METRICS_PORT"])
+    assert ports == {"grpc": PORT, "lanes": LANE_PORT, "metrics": metrics}
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == env["SHARDSTREAM_METRICS_PORT"]
     assert pod["terminationGracePeriodSeconds"] > float(env["SHARDSTREAM_GRACE"])
@@ -451,7 +454,8 @@ def test_k8s_headless_service() -> None:
             "targetPort": "grpc",
             "protocol": "TCP",
             "appProtocol": "grpc",
-        }
+        },
+        {"name": "lanes", "port": LANE_PORT, "targetPort": "lanes", "protocol": "TCP"},
     ]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()

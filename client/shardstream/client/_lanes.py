@@ -421,9 +421,11 @@ class NetworkLane:
         except OSError as exc:
             why = f"its connection failed: {exc}"
         except RuntimeError:  # the event loop closed under a loader that did not close
-            return
-        with self._lock:
-            self._end(why)
+            pass
+        finally:
+            with self._lock:  # the last user of the connection (`_send` needs `alive`)
+                self._end(why)
+                self._sock.close()
 
     def _mapped_here(self) -> bool:
         return self._view is not None

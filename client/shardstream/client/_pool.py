@@ -270,6 +270,7 @@ class WorkerPool:
     def lane_lost(self, conn: Conn) -> None:
         """`conn`'s lane ended (its worker restarted, say): ask for a new one."""
         if conn.lane is not None and not conn.lane.alive and not conn.lane_opening:
+            conn.lane.close("it ended")  # (its memory goes with the last array viewing it)
             conn.lane = None
             self._scope.spawn(self._open_lane(conn))
 

@@ -411,7 +411,8 @@ class Lanes:
             name = f"shardstream-lane-{os.getpid()}-{secrets.token_hex(8)}"
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self.network:
+            if self.network:  # a fixed port is bound again at once by a restarted worker
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 listener.bind((host, self._port))
                 self.port = listener.getsockname()[1]
             else:
@@ -592,9 +593,8 @@ class Lanes:
         if expected[1] < time.monotonic():
             raise PermissionError("an expired ticket")
         slots, slot_bytes = expected[2], expected[3]
-        if self.network:
+        if self.network:  # the byte that tells the client is sent once it is attached
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(b"\1")  # into an empty socket buffer
             lane = Lane(lane_id, slots, slot_bytes, memoryview(b""), conn, network=True,
                         sender=self._sender)  # fmt: skip
             assert self._loop is not None
@@ -645,6 +645,12 @@ class Lanes:
         self._lanes[lane.id] = lane
         lane.on_close.append(self._forget)
         asyncio.get_running_loop().add_reader(lane.sock.fileno(), lane.on_readable)
+        if lane.network:  # its reads find it from now on: the client may name it
+            try:
+                lane.sock.send(b"\1")  # into an empty socket buffer
+            except OSError as exc:
+                lane.close(f"its connection failed: {exc}")
+                return
         log.info("%s lane %s open: %d slots of %d bytes", _kind(lane), tag(lane.id),
                  lane.slots, lane.slot_bytes)  # fmt: skip
 

@@ -1,0 +1,392 @@
+"""Network lanes: chunks from a worker on another host over a plain TCP connection beside
+the gRPC one, into slots of the client's own memory (`_lanes`). Loaders here turn the
+same-host lane off, so they take the path a remote worker's loader takes; what they get
+must be byte-identical to the gRPC stream's bytes, through `Loader`, `SyncLoader` and the
+torch iterable, and survive kills, a client that stops reading, and a lying worker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from shardstream.client import Loader, SyncLoader
+from shardstream.client._lanes import LaneClosedError, NetworkLane
+from shardstream.client._wire import Piece, StreamEnd, WorkerStub, decode_response, encode_read
+from shardstream.server import Worker
+
+from conftest import RECORDS, running_workers, until, worker_processes
+
+OPTIONS: dict[str, Any] = {"dataset": "train", "batch_size": 64, "read_bytes": 4096}
+REMOTE: dict[str, Any] = {**OPTIONS, "same_host_lane": False}  # as from another host
+BYTES: dict[str, Any] = {**REMOTE, "network_lane": False}  # every byte on the gRPC stream
+FRAME = struct.Struct("<IIQQ")
+
+
+async def epoch_batches(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
+    return [b async for b in loader.epoch(epoch)]
+
+
+def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+def lane_bytes(loader: Loader | SyncLoader) -> int:
+    return sum(loader.statistics().lane_bytes_by_worker.values())
+
+
+def network_lanes(w: Worker) -> list[Any]:
+    assert w._network_lanes is not None
+    return [lane for lane in w._network_lanes._lanes.values() if lane.alive]
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_a_remote_loader_gets_chunks_through_its_network_lane(
+    npz_root: Path, processes: int
+) -> None:
+    """Same-host lane off (a worker on another host): chunks come through the network
+    lane, each read one frame, and the epochs are those of the gRPC stream, shuffled
+    ones included."""
+    async with running_workers(npz_root, 1, processes=processes) as (w,):
+        async with Loader([w.address], **BYTES, shuffle=True, seed=3) as loader:
+            reference = [await epoch_batches(loader, e) for e in (0, 1)]
+            assert lane_bytes(loader) == 0 and network_lanes(w) == []
+        async with Loader([w.address], **REMOTE, shuffle=True, seed=3) as loader:
+            for e in (0, 1):
+                assert_same(await epoch_batches(loader, e), reference[e])
+            assert lane_bytes(loader) > 0
+            (lane,) = network_lanes(w)
+            conn = loader._pool.conns[0]
+            assert isinstance(conn.lane, NetworkLane) and conn.lane.alive
+            assert lane.chunks > 0
+            if processes:  # stored npz read straight from the file: a frame per read
+                before = lane.chunks  # (batches kept above keep their slots: not here)
+                ids = [b["id"].copy() async for b in loader.epoch(2)]
+                assert lane.chunks - before == loader.plan(2).read_count
+                assert sorted(np.concatenate(ids).tolist()) == list(range(RECORDS))
+        await until(lambda: network_lanes(w) == [], 10, "the lane ends with the loader")
+
+
+def test_a_sync_loader_and_the_torch_iterable_take_the_network_lane(npz_root: Path) -> None:
+    """The user's other paths, `SyncLoader` and the torch iterable, through the network
+    lane of a worker process: every record once, as over the gRPC stream."""
+    with worker_processes(npz_root, 1, "--processes", "1", "--lanes", "off") as (w,):
+        with SyncLoader([w.address], **BYTES) as loader:
+            reference = list(loader.epoch(0))
+        with SyncLoader([w.address], **OPTIONS) as loader:  # (its lane: a network one)
+            assert_same(list(loader.epoch(0)), reference)
+            assert lane_bytes(loader) > 0
+        torch = pytest.importorskip("torch")
+        from shardstream.client.torch import ShardstreamIterable
+
+        data = ShardstreamIterable([w.address], **OPTIONS)
+        try:
+            ids = torch.cat([b["id"] for b in data]).tolist()
+        finally:
+            data.close()
+        assert sorted(ids) == list(range(RECORDS))
+
+
+async def test_decoded_chunks_go_through_the_network_lane(csv_root: Path) -> None:
+    """Chunks a worker decodes (csv, here in its threads) go through the lane one
+    message at a time, the same bytes as on the stream."""
+    options = {"dataset": "t", "batch_size": 50, "same_host_lane": False}
+    async with running_workers(csv_root, 1, datasets=("t=part-*:csv",)) as (w,):
+        async with Loader([w.address], **options, network_lane=False) as loader:
+            reference = await epoch_batches(loader, 0)
+        async with Loader([w.address], **options) as loader:
+            assert_same(await epoch_batches(loader, 0), reference)
+            assert lane_bytes(loader) > 0
+
+
+async def test_a_network_lane_short_of_slots_sends_the_rest_as_bytes(npz_root: Path) -> None:
+    """One slot, eight reads at once: a whole-read chunk that finds the slot taken goes on
+    the stream in messages; the epoch is the same."""
+    async with running_workers(npz_root, 1, processes=1, lane_slots=1) as (w,):
+        async with Loader([w.address], **BYTES) as loader:
+            reference = await epoch_batches(loader, 0)
+        async with Loader([w.address], **REMOTE, max_inflight_reads=8) as loader:
+            assert_same(await epoch_batches(loader, 0), reference)
+            (lane,) = network_lanes(w)
+            assert 0 < lane.chunks < loader.plan(0).read_count
+
+
+async def test_no_network_lane_where_it_is_turned_off(npz_root: Path) -> None:
+    """`network_lane=False` on the loader, or `--network-lanes off` on the worker: every
+    chunk on the gRPC stream, exactly once. `--lanes off` leaves network lanes on."""
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        async with Loader([w.address], **BYTES) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) == 0 and loader._pool.conns[0].lane is None
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+    async with running_workers(npz_root, 1, processes=1, network_lanes=False) as (w,):
+        assert w._network_lanes is None
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError, match="--network-lanes off") as refused:
+                await WorkerStub(channel).open_lane(timeout=5, network=True)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        async with Loader([w.address], **REMOTE) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) == 0
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+    async with running_workers(npz_root, 1, processes=1, lanes=False) as (w,):
+        async with Loader([w.address], **OPTIONS) as loader:
+            await epoch_batches(loader, 0)
+            assert isinstance(loader._pool.conns[0].lane, NetworkLane)
+
+
+async def test_a_fixed_port_and_a_taken_one(npz_root: Path) -> None:
+    """`--network-lane-port` is the port OpenLane offers; a port already taken leaves the
+    worker serving without network lanes (a warning), not failing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with running_workers(npz_root, 1, network_lane_port=port) as (w,):
+            assert w._network_lanes is None
+            async with Loader([w.address], **REMOTE) as loader:
+                await epoch_batches(loader, 0)
+                assert lane_bytes(loader) == 0
+    async with running_workers(npz_root, 1, network_lane_port=port) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            offer = await WorkerStub(channel).open_lane(timeout=5, network=True)
+        assert offer.port == port and offer.address == ""
+
+
+async def test_tickets_on_the_network_port_are_single_use(npz_root: Path) -> None:
+    """The lane's port admits only a connection showing the ticket OpenLane gave, once:
+    a wrong ticket, or the right one again, gets the connection closed."""
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            offer = await WorkerStub(channel).open_lane(timeout=5, network=True)
+
+        def attempt(ticket: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", offer.port), timeout=10) as s:
+                s.sendall(offer.lane.encode() + ticket)
+                return s.recv(1)
+
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, attempt, bytes(32)) == b""
+        assert await loop.run_in_executor(None, attempt, offer.ticket) == b"\1"
+        assert await loop.run_in_executor(None, attempt, offer.ticket) == b""
+
+
+async def test_tls_has_no_network_lane(npz_root: Path, tmp_path: Path) -> None:
+    """A worker serving TLS offers no network lane (its bytes would go unencrypted), and
+    a loader using TLS asks for none: every chunk comes on the encrypted stream."""
+    from shardstream.client._security import ClientSecurity
+    from shardstream.server._security import ServerSecurity
+
+    from tls_certs import make_certs
+
+    certs = make_certs(tmp_path / "tls")
+    security = ServerSecurity(tls_cert=certs.server_cert, tls_key=certs.server_key)
+    async with running_workers(npz_root, 1, processes=1, security=security, lanes=False) as (w,):
+        assert w._network_lanes is None
+        client = ClientSecurity(tls_ca=certs.ca_cert, tls_server_name="localhost")
+        async with Loader([w.address], **OPTIONS, security=client) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert loader._pool.conns[0].lane is None and lane_bytes(loader) == 0
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+# -- faults ------------------------------------------------------------------------------
+
+CLIENT = """
+import sys
+from shardstream.client import SyncLoader
+with SyncLoader([sys.argv[1]], dataset="train", batch_size=8, read_bytes=4096,
+                same_host_lane=False) as loader:
+    it = loader.epoch(0)
+    next(it)
+    assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
+    print("reading", flush=True)
+    for _ in it:
+        sys.stdin.readline()  # one batch per line: held mid-epoch until killed
+"""
+
+
+async def test_a_client_killed_mid_epoch_frees_its_network_lane(npz_root: Path) -> None:
+    """SIGKILL of a loader's process mid-epoch: the worker sees the lane's connection
+    close, ends the lane, and serves the next loader through a new one."""
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, w.address,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert await proc.stdout.readline() == b"reading\n"
+            assert len(network_lanes(w)) == 1
+            proc.kill()
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await until(lambda: network_lanes(w) == [], 10, "the killed client's lane ends")
+        async with Loader([w.address], **REMOTE) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) > 0
+        assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+@pytest.mark.parametrize("api", ["Loader", "SyncLoader"])
+async def test_a_worker_killed_mid_epoch_is_resumed_elsewhere(npz_root: Path, api: str) -> None:
+    """SIGKILL of a worker whose network lane a loader reads through (frames and
+    SharedChunks in flight): its reads resume on the other worker; the epoch is exactly
+    once and identical to one without kills."""
+    with worker_processes(npz_root, 2, "--processes", "1", "--lanes", "off") as (a, b):
+        if api == "SyncLoader":
+            with SyncLoader([a.address, b.address], **OPTIONS) as sync:
+                reference = list(sync.epoch(0))
+                got = []
+                for batch in sync.epoch(0):
+                    got.append(batch)
+                    if len(got) == 3:
+                        a.proc.kill()
+                assert lane_bytes(sync) > 0
+        else:
+            async with Loader([a.address, b.address], **OPTIONS) as loader:
+                reference = await epoch_batches(loader, 0)
+                got = []
+                async for batch in loader.epoch(0):
+                    got.append(batch)
+                    if len(got) == 3:
+                        a.proc.kill()
+                assert lane_bytes(loader) > 0
+        assert a.proc.wait(10) == -9
+    assert_same(got, reference)
+
+
+async def test_a_client_that_stops_reading_its_lane_loses_it(big_root: Path) -> None:
+    """A client that opens a network lane, names it in its reads and never reads the
+    lane's connection: the worker's frame (6.5 MB: more than the sockets' buffers hold)
+    waits at most the stall timeout, then the lane ends and the read goes on in messages
+    on the stream, whole."""
+    async with running_workers(big_root, 1, processes=1, stream_stall_timeout=1.0) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            stub = WorkerStub(channel)
+            info = await stub.describe("train", timeout=5)
+            offer = await stub.open_lane(timeout=5, slots=4, slot_bytes=1 << 20, network=True)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+
+            def handshake() -> bytes:  # (in a thread: the worker runs on this loop)
+                sock.connect(("127.0.0.1", offer.port))
+                sock.sendall(offer.lane.encode() + offer.ticket)
+                return sock.recv(1)
+
+            try:
+                loop = asyncio.get_running_loop()
+                assert await loop.run_in_executor(None, handshake) == b"\1"
+                shard = info.shards[0]
+                request = encode_read(
+                    dataset="train", shard=shard.id, start=0, count=shard.records, seed=0,
+                    fingerprint=shard.fingerprint, max_chunk_records=16, epoch=0,
+                    lane=offer.lane, lane_stream=1, lane_chunk_records=shard.records,
+                    dataset_fingerprint=info.fingerprint,
+                )  # fmt: skip
+                messages = [m async for m in stub.read(request)]
+            finally:
+                sock.close()
+        assert network_lanes(w) == []
+        counted = 0
+        for m in messages:
+            item = decode_response(m)
+            if isinstance(item, Piece):
+                counted += item.count
+            else:
+                assert isinstance(item, StreamEnd) and not item.draining
+        assert counted == shard.records
+
+
+@pytest.fixture(scope="module")
+def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two shards of 200 records of 32 KiB: a read of a shard is 6.5 MB."""
+    from shardstream.server import make_dataset
+
+    root = tmp_path_factory.mktemp("big")
+    make_dataset(root, shards=2, records=400, shape=(128, 128, 2), format="npz")
+    return root
+
+
+# -- a lying worker ----------------------------------------------------------------------
+
+
+async def test_a_frame_outside_the_lane_or_into_a_held_slot_ends_it() -> None:
+    """The client's side against a worker that lies: a frame for a slot outside the lane,
+    or for one that delivered arrays still view, ends the lane (its waiters learn why)
+    and leaves what was delivered as it was."""
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        a.sendall(FRAME.pack(0, 1, 0, 8) + b"A" * 8)
+        await asyncio.wait_for(lane.arrival(0, 1), 10)
+        held = lane.take(0, 8, 1)
+        assert bytes(held) == b"A" * 8
+        waiting = asyncio.ensure_future(lane.arrival(1, 1))
+        a.sendall(FRAME.pack(0, 1, 1, 8) + b"B" * 8)  # slot 0: `held` still views it
+        with pytest.raises(LaneClosedError, match="still view"):
+            await asyncio.wait_for(waiting, 10)
+        assert not lane.alive and bytes(held) == b"A" * 8
+    finally:
+        lane.close()
+        a.close()
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        waiting = asyncio.ensure_future(lane.arrival(0, 1))
+        a.sendall(FRAME.pack(5, 1, 0, 8) + b"C" * 8)
+        with pytest.raises(LaneClosedError, match="outside the lane"):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        lane.close()
+        a.close()
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        waiting = asyncio.ensure_future(lane.arrival(0, 1))
+        a.sendall(FRAME.pack(0, 1, 0, 65) + b"D" * 65)  # larger than a slot
+        with pytest.raises(LaneClosedError, match="outside the lane"):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        lane.close()
+        a.close()
+
+
+async def test_a_frame_is_taken_only_as_the_chunk_it_was_sent_for() -> None:
+    """A stale frame in a slot (of a read that ended, or an earlier chunk) is never taken
+    as another: `take` refuses a slot that does not hold the frame named, and a frame
+    cut short by the worker's end wakes the read's wait with the lane's end."""
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        stream = lane.new_stream()
+        a.sendall(FRAME.pack(1, stream + 7, 0, 4) + b"old!")  # another read's
+        a.sendall(FRAME.pack(0, stream, 0, 4) + b"new!")
+        await asyncio.wait_for(lane.arrival(0, stream), 10)
+        with pytest.raises(ValueError, match="does not hold the frame"):
+            lane.take(1, 4, stream)
+        assert bytes(lane.take(0, 4, stream)) == b"new!"
+        waiting = asyncio.ensure_future(lane.arrival(1, stream))
+        a.sendall(FRAME.pack(1, stream, 1, 16) + b"cut")  # then the worker is gone
+        a.close()
+        with pytest.raises(LaneClosedError, match="the worker closed it"):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        lane.close()
+        a.close()
+    assert not lane.mapped
