@@ -390,3 +390,28 @@ async def test_a_frame_is_taken_only_as_the_chunk_it_was_sent_for() -> None:
         lane.close()
         a.close()
     assert not lane.mapped
+
+
+async def test_a_forked_child_leaves_the_parents_lane_alone() -> None:
+    """A child forked while a loader holds a network lane (a DataLoader worker, say) that
+    closes it closes only its own descriptor: the parent's lane still receives frames
+    (a shutdown of the shared connection would end it)."""
+    import os
+
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                lane.close("a forked child")
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        a.sendall(FRAME.pack(0, 1, 0, 5) + b"alive")
+        await asyncio.wait_for(lane.arrival(0, 1), 10)
+        assert lane.alive and bytes(lane.take(0, 5, 1)) == b"alive"
+    finally:
+        lane.close()
+        a.close()

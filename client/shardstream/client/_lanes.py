@@ -372,10 +372,13 @@ class NetworkLane:
             return
         self.alive = False
         self.why = why
+        if os.getpid() != self._pid:  # a forked child: the connection is the parent's
+            self._sock.close()  # (this process's descriptor only; no thread here)
+            return
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread out of its recv
         waiters = list(self._waiters.values())
-        if waiters and os.getpid() == self._pid:
+        if waiters:
             with contextlib.suppress(RuntimeError):  # the event loop is closed
                 self._loop.call_soon_threadsafe(_fail, waiters, why)
         log.debug("network lane %s closed: %s", self.id[:4], why)

@@ -40,6 +40,10 @@ RETIRE_AFTER = 2  # complete resolutions in a row without a worker's address: it
 
 __all__ = ["Conn", "PoolOptions", "WorkerPool"]
 
+# Seconds a loader's start waits for its lanes: a network lane whose port a firewall drops
+# opens (or fails) in the background after that, its reads on the gRPC stream meanwhile.
+LANE_START_WAIT = 1.0
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PoolOptions:
@@ -105,8 +109,10 @@ class WorkerPool:
         for conn in self.conns:
             conn.serving = conn.verified
             self._watches[conn.address] = self._scope.spawn(self._watch(conn))
-        if self._lanes_wanted():  # quick either way: a socket, or none
-            await asyncio.gather(*(self._open_lane(c) for c in self.conns if c.verified))
+        if self._lanes_wanted():  # quick either way (a socket, or none), but for a firewall
+            opening = [self._scope.spawn(self._open_lane(c)) for c in self.conns if c.verified]
+            if opening:  # that drops a network lane's connect: it goes on in the background
+                await asyncio.wait(opening, timeout=LANE_START_WAIT)
         if any(t.startswith(DNS_PREFIX) for t in self.targets):
             interval = self.options.resolve_interval
             self._scope.spawn(follow_names(self.targets, interval, self._resolved))
