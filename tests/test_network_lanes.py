@@ -407,7 +407,7 @@ async def test_a_forked_child_leaves_the_parents_lane_alone() -> None:
                 lane.close("a forked child")
             finally:
                 os._exit(0)
-        _, status = os.waitpid(pid, 0)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         a.sendall(FRAME.pack(0, 1, 0, 5) + b"alive")
         await asyncio.wait_for(lane.arrival(0, 1), 10)
@@ -415,3 +415,36 @@ async def test_a_forked_child_leaves_the_parents_lane_alone() -> None:
     finally:
         lane.close()
         a.close()
+
+
+async def test_a_lane_port_that_hangs_does_not_hold_the_loader_up(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A firewall that drops the lane port's packets leaves the lane's connect hanging (up
+    to its timeout): the loader starts without waiting for it and reads on the gRPC
+    stream; the lane is taken once it opens."""
+    import threading
+
+    from shardstream.client import _lanes
+
+    real = _lanes._connect_network
+    release = threading.Event()
+
+    def dropped(host: str, offer: Any, timeout: float) -> socket.socket:
+        assert release.wait(60)  # the SYNs get no answer until the test lets them
+        return real(host, offer, timeout)
+
+    monkeypatch.setattr(_lanes, "_connect_network", dropped)
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        try:
+            async with Loader([w.address], **REMOTE) as loader:
+                conn = loader._pool.conns[0]
+                ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+                assert conn.lane is None and lane_bytes(loader) == 0
+                release.set()
+                await until(lambda: isinstance(conn.lane, NetworkLane), 10, "the lane opens")
+                await epoch_batches(loader, 1)
+                assert lane_bytes(loader) > 0
+        finally:
+            release.set()
+    assert sorted(ids.tolist()) == list(range(RECORDS))
