@@ -7,6 +7,7 @@ torch iterable, and survive kills, a client that stops reading, and a lying work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import subprocess
@@ -392,6 +393,7 @@ async def test_a_frame_is_taken_only_as_the_chunk_it_was_sent_for() -> None:
     assert not lane.mapped
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # (JAX's, if imported before)
 async def test_a_forked_child_leaves_the_parents_lane_alone() -> None:
     """A child forked while a loader holds a network lane (a DataLoader worker, say) that
     closes it closes only its own descriptor: the parent's lane still receives frames
@@ -448,3 +450,146 @@ async def test_a_lane_port_that_hangs_does_not_hold_the_loader_up(
         finally:
             release.set()
     assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+# -- attacks from the red-team ----------------------------------------------------------
+
+
+async def test_a_flood_on_the_lane_port_leaves_it_accepting(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that send a byte and no ticket, opened as fast as two threads can:
+    each is refused (the oldest crowded out), the accepting thread lives on, and an
+    honest client's handshake then succeeds. (A connection crowded out while its own
+    readable event was in the same batch killed the thread: no lane ever again.)"""
+    import threading
+
+    from shardstream.server import _lanes
+
+    monkeypatch.setattr(_lanes, "PENDING_HANDSHAKES", 2)  # crowding out at every accept
+    async with running_workers(npz_root, 1) as (w,):
+        lanes = w._network_lanes
+        assert lanes is not None and lanes._thread is not None
+        stop = threading.Event()
+
+        def flood() -> None:
+            socks: list[socket.socket] = []
+            try:
+                while not stop.is_set():
+                    with contextlib.suppress(OSError):
+                        s = socket.create_connection(("127.0.0.1", lanes.port), timeout=1)
+                        socks.append(s)
+                        s.send(b"x")
+                    if len(socks) > 200:
+                        for s in socks:
+                            s.close()
+                        socks.clear()
+            finally:
+                for s in socks:
+                    s.close()
+
+        threads = [threading.Thread(target=flood) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            await asyncio.sleep(2)  # the attack's length
+        finally:
+            stop.set()
+            await asyncio.to_thread(lambda: [t.join() for t in threads])
+        assert lanes._thread.is_alive()
+        async with Loader([w.address], **REMOTE) as loader:
+            await until(lambda: loader._pool.conns[0].lane is not None, 10, "a lane opens")
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert lane_bytes(loader) > 0
+    assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+async def test_clients_that_stop_reading_do_not_stall_another_clients_lane(
+    big_root: Path,
+) -> None:
+    """Six clients with network lanes whose reads name them and who never read the lanes'
+    connections (frames blocked for the whole stall timeout, a minute here): an honest
+    loader's frames do not wait behind theirs (each lane sends in its own thread)."""
+    async with running_workers(big_root, 1, processes=1, stream_stall_timeout=60.0) as (w,):
+        async with grpc.aio.insecure_channel(w.address) as channel:
+            stub = WorkerStub(channel)
+            info = await stub.describe("train", timeout=5)
+            socks, stuck = [], []
+            loop = asyncio.get_running_loop()
+            try:
+                for _ in range(6):
+                    offer = await stub.open_lane(
+                        timeout=5, slots=4, slot_bytes=1 << 20, network=True
+                    )
+                    sock = socket.socket()
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+                    def handshake(s: socket.socket = sock, o: Any = offer) -> bytes:
+                        s.connect(("127.0.0.1", o.port))
+                        s.sendall(o.lane.encode() + o.ticket)
+                        return s.recv(1)
+
+                    assert await loop.run_in_executor(None, handshake) == b"\1"
+                    shard = info.shards[0]
+                    request = encode_read(
+                        dataset="train", shard=shard.id, start=0, count=shard.records, seed=0,
+                        fingerprint=shard.fingerprint, max_chunk_records=16, epoch=0,
+                        lane=offer.lane, lane_stream=1, lane_chunk_records=shard.records,
+                        dataset_fingerprint=info.fingerprint,
+                    )  # fmt: skip
+                    call = stub.read(request)
+                    stuck.append(call)
+                    stuck_read = asyncio.ensure_future(call.read())  # its first frame blocks
+                    stuck.append(stuck_read)
+                await until(
+                    lambda: sum(lane._in_flight for lane in network_lanes(w)) == 6,
+                    10,
+                    "six frames blocked",
+                )
+                options = {"dataset": "train", "batch_size": 20, "same_host_lane": False}
+                async with Loader([w.address], **options) as loader:
+                    ids = await asyncio.wait_for(
+                        _ids_of_epoch(loader), 30
+                    )  # (the stuck frames' stall timeout is 60 s)
+                    assert lane_bytes(loader) > 0
+            finally:
+                for item in stuck:
+                    item.cancel()
+                for sock in socks:
+                    sock.close()
+    assert sorted(ids) == list(range(400))
+
+
+async def _ids_of_epoch(loader: Loader, epoch: int = 0) -> list[int]:
+    return sorted([int(i) async for b in loader.epoch(epoch) for i in b["id"]])
+
+
+async def test_a_restarted_worker_gives_its_loader_a_lane_again(npz_root: Path) -> None:
+    """A worker killed and restarted on its ports while its loader reads: the loader's
+    try at a new lane while the worker was down fails, and it asks again once the worker
+    serves, so later epochs come through a network lane again."""
+    from shardstream.server._process import WorkerProcess
+
+    args = ["--data-root", str(npz_root), "--dataset", "train=*.npz", "--processes", "1",
+            "--chunk-bytes", "16384", "--lanes", "off"]  # fmt: skip
+    with WorkerProcess.start(args) as first:
+        port = first.port
+        async with Loader([first.address], **OPTIONS, backoff_cap=0.2) as loader:
+            conn = loader._pool.conns[0]
+            await until(lambda: isinstance(conn.lane, NetworkLane), 10, "a lane")
+            first.proc.kill()
+            first.proc.wait(10)
+            epoch = asyncio.ensure_future(_ids_of_epoch(loader))  # (ids: no batch kept)
+            await until(lambda: conn.lane is None or not conn.lane.alive, 10, "the lane ends")
+            with WorkerProcess.start([*args, "--port", str(port)]):
+                ids = await asyncio.wait_for(epoch, 60)
+                await until(
+                    lambda: isinstance(conn.lane, NetworkLane) and conn.lane.alive,
+                    10,
+                    "a lane from the restarted worker",
+                )
+                before = lane_bytes(loader)
+                await _ids_of_epoch(loader, 1)
+                assert lane_bytes(loader) > before
+    assert ids == list(range(RECORDS))

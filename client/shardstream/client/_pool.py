@@ -289,6 +289,14 @@ class WorkerPool:
             if conn.drained:
                 conn.drained = False
                 conn.down_until = 0.0
+            # A restarted worker: its lane (or the last try at one, made while it was
+            # down) is gone with the old process; ask the new one.
+            lost = conn.lane is None or not conn.lane.alive
+            if lost and self._lanes_wanted() and not conn.lane_opening:
+                if conn.lane is not None:
+                    conn.lane.close("its worker restarted")
+                conn.lane = None
+                self._scope.spawn(self._open_lane(conn))
             self._changed.set()
 
         await watch_health(conn, on_serving=back, pause=self.options.backoff_base)

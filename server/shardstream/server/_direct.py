@@ -25,12 +25,14 @@ import os
 import platform
 import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from shardstream.server._decoding import decoder
 from shardstream.server._files import GONE, ShardPath, Stamp, stat_stamp
+from shardstream.server._lanes import send_by
 from shardstream.server._wire import Region, fixed_layout, layout_size
 from shardstream.server.errors import ShardChanged
 from shardstream.v1.codec import FieldSpec
@@ -196,7 +198,7 @@ def _plan(
 
 def open_direct(
     job: tuple[Any, ...],
-) -> tuple[int, list[bytes | Region], list[tuple[int, int]], int] | None:
+) -> tuple[int, Stamp, list[bytes | Region], list[tuple[int, int]], int] | None:
     """For a chunk sent straight from its file (a network lane, `send_direct`): its file
     open (the very file indexed, else ShardChanged), the chunk's layout, its fields' file
     ranges and its size; None where the chunk needs decoding. The caller closes the file."""
@@ -207,30 +209,32 @@ def open_direct(
         planned = _plan(ref, path, start, count, schema, shard_id)
         if planned is None:
             return None
-        return os.dup(fd), *planned
+        return os.dup(fd), stamp, *planned
 
 
 def send_direct(
     fd: int,
+    stamp: Stamp,
     pieces: list[bytes | Region],
     ranges: list[tuple[int, int]],
     sock: socket.socket,
+    deadline: float,
 ) -> None:
-    """(A sending thread.) The chunk's message onto `sock` (blocking, with a timeout): its
-    headers as bytes, each field's records from the file by `sendfile`, which copies them
-    from the page cache into the socket with no copy in this process. In pieces: the
-    kernel holds the socket while it copies. ShardChanged where the file is shorter
-    than it was (the frame is then cut short: the lane must end)."""
+    """(A sending thread.) The chunk's message onto `sock` (blocking), all of it by
+    `deadline` (monotonic; TimeoutError past it): its headers as bytes, each field's
+    records from the file by `sendfile`, which copies them from the page cache into the
+    socket with no copy in this process. In pieces: the kernel holds the socket while it
+    copies. ShardChanged where the file is shorter than it was, or changed (its stamp)
+    while it was sent: the frame is then cut short or wrong, and the lane must end."""
     regions = iter(ranges)
     out = sock.fileno()
-    timeout = sock.gettimeout()
     headers = bytearray()
     for piece in pieces:
         if isinstance(piece, bytes):
             headers += piece
             continue
         if headers:
-            sock.sendall(headers)
+            send_by(sock, headers, deadline)
             headers.clear()
         offset, nbytes = next(regions)
         done = 0
@@ -238,14 +242,19 @@ def send_direct(
             try:
                 n = os.sendfile(out, fd, offset + done, min(PIECE, nbytes - done))
             except BlockingIOError:  # the socket's buffer is full: wait for room
-                if not select.select([], [out], [], timeout)[1]:
-                    raise TimeoutError("no room on the socket") from None
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [out], [], left)[1]:
+                    raise TimeoutError("the frame was not taken in time") from None
                 continue
             if n <= 0:
                 raise ShardChanged("the shard is shorter than when it was indexed")
             done += n
     if headers:
-        sock.sendall(headers)
+        send_by(sock, headers, deadline)
+    if stat_stamp(os.fstat(fd)) != stamp:  # rewritten in place while it was sent
+        raise ShardChanged(
+            "the shard changed while a chunk of it was sent; restart the worker to index it"
+        )
 
 
 def _why(exc: OSError) -> str:

@@ -99,7 +99,6 @@ RECLAIM_SECONDS = 1.0  # ended lanes are looked for in /proc at most this often
 # read's lane chunks, the message's size; little-endian.
 FRAME = struct.Struct("<IIQQ")
 PIECE = 256 << 10  # bytes sent at a time (the socket is the kernel's while it copies)
-SENDING_THREADS = 4  # network lanes sending at once (each one frame at a time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +166,7 @@ class Lane:
         slot: int,
         stream: int,
         size: int,
-        write: Callable[[socket.socket], None],
+        write: Callable[[socket.socket, float], None],
         timeout: float,
     ) -> bool:
         """Send a message of `size` bytes into `slot` (acquired for read `stream`) of a
@@ -190,7 +189,7 @@ class Lane:
         return sent
 
     async def _send_frame(
-        self, header: bytes, write: Callable[[socket.socket], None], timeout: float
+        self, header: bytes, write: Callable[[socket.socket, float], None], timeout: float
     ) -> bool:
         """Send one frame whole, in a sending thread (the event loop goes on meanwhile);
         False (and the lane ended) where it could not be sent within `timeout`."""
@@ -202,10 +201,12 @@ class Lane:
                 return False
             if self._writer is None:  # the same connection, blocking with a timeout
                 self._writer = self.sock.dup()
-                self._writer.settimeout(timeout)
             self._in_flight += 1
             try:
-                await loop.run_in_executor(self.sender, _frame, self._writer, header, write)
+                deadline = time.monotonic() + timeout  # for the whole frame
+                await loop.run_in_executor(
+                    self.sender, _frame, self._writer, header, write, deadline
+                )
             except TimeoutError:
                 self.close(f"a chunk was not taken within {timeout:g}s")
                 return False
@@ -373,11 +374,8 @@ class Lanes:
         self._host, self._port = host, port
         self.stall = stall  # seconds a network lane's frame may take to be sent
         # network lanes send in these threads (the GIL is let go while the kernel copies)
-        self._sender = (
-            ThreadPoolExecutor(min(max_lanes, SENDING_THREADS), "shardstream-lane-send")
-            if network
-            else None
-        )
+        # (one frame at a time per lane, so no lane's frame ever waits for another's)
+        self._sender = ThreadPoolExecutor(max_lanes, "shardstream-lane-send") if network else None
         self.port = 0  # a network lane's listening port, once started
         self._slots = slots
         self._slot_bytes = _pages(slot_bytes)
@@ -517,7 +515,7 @@ class Lanes:
                     for key, _ in sel.select(wait):
                         if key.fileobj is listener:
                             self._take(sel, pending, listener)
-                        elif key.fileobj is not wake[0]:
+                        elif key.fileobj in pending:  # (not one crowded out meanwhile)
                             self._hear(sel, pending, key.fileobj)  # type: ignore[arg-type]
             finally:
                 for conn in pending:
@@ -655,18 +653,34 @@ class Lanes:
                  lane.slots, lane.slot_bytes)  # fmt: skip
 
 
-def _frame(sock: socket.socket, header: bytes, write: Callable[[socket.socket], None]) -> None:
-    """(A sending thread.) One frame: its header, then its message."""
-    sock.sendall(header)
-    write(sock)
+def _frame(
+    sock: socket.socket,
+    header: bytes,
+    write: Callable[[socket.socket, float], None],
+    deadline: float,
+) -> None:
+    """(A sending thread.) One frame: its header, then its message, all of it by
+    `deadline` (monotonic; TimeoutError past it)."""
+    send_by(sock, header, deadline)
+    write(sock, deadline)
 
 
-def send_bytes(message: bytes, sock: socket.socket) -> None:
-    """Send `message` in pieces: the kernel holds the socket while it copies, and the
-    event loop's reads of control records wait for it meanwhile."""
-    with memoryview(message) as view:
+def send_by(sock: socket.socket, data: bytes | bytearray | memoryview, deadline: float) -> None:
+    """`sendall` on a socket with a timeout, all of it by `deadline` (monotonic), in
+    pieces: the kernel holds the socket while it copies, and the event loop's reads of
+    control records wait for it meanwhile."""
+    with memoryview(data) as view:
         for at in range(0, len(view), PIECE):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame was not taken in time")
+            sock.settimeout(left)
             sock.sendall(view[at : at + PIECE])
+
+
+def send_bytes(message: bytes, sock: socket.socket, deadline: float) -> None:
+    """(A sending thread.) A message that is bytes, by `deadline`."""
+    send_by(sock, message, deadline)
 
 
 def _kind(lane: Lane) -> str:

@@ -240,18 +240,18 @@ class ChunkStreamer:
                 at += count
                 # (records, message, bytes of the records' data)
                 out: list[tuple[int, bytes, int]]
-                in_lane = False  # a SharedChunk of a chunk already in a lane's slot
                 if isinstance(data, list):  # ragged: cut by their data's bytes, given with them
                     out = data
                 else:  # a message, or one in a lane: the records' bytes are fixed
-                    in_lane = isinstance(data, tuple)
                     message = data[0] if isinstance(data, tuple) else data
                     out = [(count, message, count * ds.record_bytes)]
                 for n, message, nbytes in out:
                     # Counted as handed to gRPC: a stream that stalls is closed at this
                     # yield, with its last chunk sent once its client reads.
                     self._metrics.chunk(ds.name, n, nbytes)
-                    if net_lane is not None and net is not None and not in_lane:
+                    # (a read whose chunks go into the lane in their jobs sends none
+                    # here: its frames go one after the other, in its chunks' order)
+                    if net_lane is not None and net is not None and to is None:
                         slot = await net_lane.send(args.lane_stream, message, net.stall)
                         if slot is not None:
                             message = encode_shared(first, n, shard.id, slot, len(message))
@@ -424,8 +424,8 @@ class ChunkStreamer:
         if opened is None:
             lane.written(slot, sent=False)
             return None
-        fd, pieces, ranges, size = opened
-        write = functools.partial(send_direct, fd, pieces, ranges)
+        fd, stamp, pieces, ranges, size = opened
+        write = functools.partial(send_direct, fd, stamp, pieces, ranges)
         timeout = self._config.stream_stall_timeout
         sending = asyncio.ensure_future(lane.send_into(slot, stream, size, write, timeout))
         sending.add_done_callback(lambda _: os.close(fd))  # the thread is done with it
