@@ -593,3 +593,76 @@ async def test_a_restarted_worker_gives_its_loader_a_lane_again(npz_root: Path) 
                 await _ids_of_epoch(loader, 1)
                 assert lane_bytes(loader) > before
     assert ids == list(range(RECORDS))
+
+
+# -- review findings ---------------------------------------------------------------------
+
+
+async def test_a_closed_lane_refuses_its_chunks_as_a_closed_lane() -> None:
+    """A lane closed under a read (another read found it dead and let it go) whose frame
+    had arrived: waiting for, or taking, that chunk is a LaneClosedError (the read then
+    resumes), not a RuntimeError that fails the loader."""
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        a.sendall(FRAME.pack(0, 1, 0, 4) + b"data")
+        await asyncio.wait_for(lane.arrival(0, 1), 10)
+        lane.close("another read let it go")
+        with pytest.raises(LaneClosedError):
+            await lane.arrival(0, 1)
+        with pytest.raises(LaneClosedError):
+            lane.take(0, 4, 1)
+    finally:
+        lane.close()
+        a.close()
+
+
+async def test_a_batch_freed_inside_the_lanes_own_lock_hands_its_slot_back_later() -> None:
+    """The garbage collector can free a batch (its finalizer) while the lane's own thread
+    holds the lane's lock: the slot is queued, not a deadlock, and goes back to the
+    worker (a RELEASE record) at the lane's next take or end."""
+    import threading
+
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 2, 64, b)
+    try:
+        stream = lane.new_stream()
+        a.sendall(FRAME.pack(1, stream, 0, 4) + b"held")
+        await asyncio.wait_for(lane.arrival(1, stream), 10)
+        held = [lane.take(1, 4, stream)]
+
+        def free_while_locked() -> None:
+            with lane._lock:
+                held.clear()  # the finalizer runs here, in this locked section
+
+        t = threading.Thread(target=free_while_locked)
+        t.start()
+        await asyncio.to_thread(t.join, 10)
+        assert not t.is_alive(), "the finalizer deadlocked on the lane's lock"
+        lane.end(stream)
+        a.settimeout(10)
+        records = a.recv(24)
+        assert struct.unpack("<IIIIII", records) == (1, 1, 0, 2, stream, 1)  # RELEASE, END
+    finally:
+        lane.close()
+        a.close()
+
+
+async def test_a_lane_that_cannot_be_made_leaves_the_stream(
+    npz_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No memory for a network lane's slots (ENOMEM under an address-space limit): the
+    loader reads on the gRPC stream, exactly once, instead of failing."""
+    import errno
+
+    from shardstream.client import _lanes
+
+    def no_memory(*_: Any) -> NetworkLane:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(_lanes, "NetworkLane", no_memory)
+    async with running_workers(npz_root, 1, processes=1) as (w,):
+        async with Loader([w.address], **REMOTE) as loader:
+            ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
+            assert loader._pool.conns[0].lane is None and lane_bytes(loader) == 0
+    assert sorted(ids.tolist()) == list(range(RECORDS))

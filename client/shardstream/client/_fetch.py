@@ -346,6 +346,8 @@ async def _stream(
                 return _ending(item, sent, wanted)
             deliver(item)
             sent += item.count
+    except LaneClosedError as exc:  # closed under it (its worker restarted, say)
+        return Broken(f"its lane closed: {exc}")
     except ProtocolError as exc:
         return Violated(
             ProtocolError(

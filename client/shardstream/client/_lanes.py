@@ -20,6 +20,7 @@ that keeps batches keeps slots, and the chunks that find none go as bytes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
@@ -47,7 +48,40 @@ CONNECT_SECONDS = 5.0
 MAX_LANE_BYTES = 1 << 40  # a lane offered larger than this is refused (a broken worker)
 
 
-class ClientLane:
+class LaneClosedError(ConnectionError):
+    """A lane ended while a read waited for, or took, a chunk in it."""
+
+
+class _Releases:
+    """Slots handed back from finalizers, which run wherever the garbage collector does,
+    also inside this lane's own locked sections: a finalizer only queues its slot (no
+    lock), and the queue is drained, under the lock, by the finalizer itself when the
+    lock is free, else by the next take or end."""
+
+    _lock: threading.Lock
+    _held: set[int]
+    _released: collections.deque[int]
+
+    def _release(self, slot: int) -> None:
+        self._released.append(slot)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """(`_lock` held.) Hand back every queued slot: RELEASE records to the worker."""
+        while self._released:
+            slot = self._released.popleft()
+            self._held.discard(slot)  # before the worker can hear of it
+            self._send_locked(_RELEASE, slot)
+
+    def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
+        raise NotImplementedError
+
+
+class ClientLane(_Releases):
     """An open lane: the worker's slots mapped here and the control socket."""
 
     network = False
@@ -64,6 +98,7 @@ class ClientLane:
         self._streams = 0
         self._received: dict[int, int] = {}  # per read running: its chunks that arrived
         self._held: set[int] = set()  # slots arrays here still view (not handed back)
+        self._released: collections.deque[int] = collections.deque()  # to hand back
         self._lock = threading.Lock()
         self.alive = True
         self._pid = os.getpid()  # a forked child must not hand back the parent's slots
@@ -85,11 +120,10 @@ class ClientLane:
                 f"{self._slots} slots of {self._slot_bytes} bytes"
             )
         with self._lock:
+            self._drain()
             view = self._view
             if view is None:
-                raise RuntimeError(
-                    f"a chunk taken from the same-host lane {self.id[:4]} after close"
-                )
+                raise LaneClosedError(f"the same-host lane {self.id[:4]} was closed")
             if slot in self._held:  # the worker wrote over records handed out from it
                 raise ValueError(
                     f"a shared chunk in slot {slot}, which this loader had not handed back: "
@@ -104,25 +138,25 @@ class ClientLane:
         self.bytes += size
         return message
 
-    def _release(self, slot: int) -> None:
-        with self._lock:
-            self._held.discard(slot)  # before the worker can hear of it
-        self._send(_RELEASE, slot)
-
     def end(self, stream: int) -> None:
         """The read `stream` is over: the worker frees the slots it sent that never
         arrived (those that did are handed back as their arrays go)."""
-        self._send(_END, stream, self._received.pop(stream, 0))
-
-    def _send(self, kind: int, value: int, count: int = 0) -> None:
-        # From any thread: the last reference to a batch may go in the training loop's.
         with self._lock:
-            if not self.alive or os.getpid() != self._pid:
-                return
-            try:
-                self._sock.send(_RECORD.pack(kind, value, count))
-            except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
-                self._close(f"its socket failed: {exc}")
+            self._drain()
+            self._send_locked(_END, stream, self._received.pop(stream, 0))
+
+    def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
+        # (`_lock` held; from any thread: the last reference to a batch may go in the
+        # training loop's.)
+        if not self.alive or os.getpid() != self._pid:
+            return
+        try:
+            sent = self._sock.send(_RECORD.pack(kind, value, count))
+        except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
+            self._close(f"its socket failed: {exc}")
+            return
+        if sent != _RECORD.size:  # a record cut short would misalign every later one
+            self._close("its socket took part of a control record")
 
     @property
     def mapped(self) -> bool:
@@ -230,11 +264,7 @@ _FRAME = struct.Struct("<IIQQ")  # slot, read (lane stream), its place in the re
 PIECE = 256 << 10  # bytes received at a time (the socket is the kernel's while it copies)
 
 
-class LaneClosedError(ConnectionError):
-    """A network lane ended while a read waited for a chunk in it."""
-
-
-class NetworkLane:
+class NetworkLane(_Releases):
     """A network lane: the slots are this process's own memory, which the worker fills
     over a plain TCP connection beside the gRPC one (the server's `_lanes` says how).
 
@@ -261,6 +291,7 @@ class NetworkLane:
         self._streams = 0
         self._received: dict[int, int] = {}  # per read running: its chunks taken
         self._held: set[int] = set()  # slots arrays here still view (not handed back)
+        self._released: collections.deque[int] = collections.deque()  # to hand back
         self._filled: dict[int, tuple[int, int, int]] = {}  # slot: (read, place, size)
         self._waiters: dict[tuple[int, int, int], asyncio.Future[None]] = {}
         self._lock = threading.Lock()
@@ -284,6 +315,8 @@ class NetworkLane:
         LaneClosedError if the lane ends first."""
         key = (slot, stream, self._received.get(stream, 0))
         with self._lock:
+            if self._view is None:
+                raise LaneClosedError(self.why or "the lane was closed")
             if self._filled.get(slot, (-1, -1, 0))[:2] == key[1:]:
                 return
             if not self.alive:
@@ -300,9 +333,10 @@ class NetworkLane:
         does not hold that frame (a broken worker)."""
         place = self._received.get(stream, 0)
         with self._lock:
+            self._drain()
             view = self._view
             if view is None:
-                raise RuntimeError(f"a chunk taken from the network lane {self.id[:4]} after close")
+                raise LaneClosedError(f"the network lane {self.id[:4]} was closed")
             if self._filled.get(slot) != (stream, place, size):
                 raise ValueError(
                     f"a network lane chunk in slot {slot} of {size} bytes, which does not "
@@ -318,27 +352,26 @@ class NetworkLane:
         self.bytes += size
         return message
 
-    def _release(self, slot: int) -> None:
-        with self._lock:
-            self._held.discard(slot)  # before the worker can hear of it
-        self._send(_RELEASE, slot)
-
     def end(self, stream: int) -> None:
         """The read `stream` is over: the worker frees the slots it sent that were never
         taken here (those that were are handed back as their arrays go)."""
         with self._lock:
+            self._drain()
             for slot in [s for s, (read, _, _) in self._filled.items() if read == stream]:
                 del self._filled[slot]
-        self._send(_END, stream, self._received.pop(stream, 0))
+            self._send_locked(_END, stream, self._received.pop(stream, 0))
 
-    def _send(self, kind: int, value: int, count: int = 0) -> None:
-        with self._lock:
-            if not self.alive or os.getpid() != self._pid:
-                return
-            try:
-                self._sock.send(_RECORD.pack(kind, value, count), socket.MSG_DONTWAIT)
-            except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
-                self._end(f"its connection failed: {exc}")
+    def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
+        # (`_lock` held.)
+        if not self.alive or os.getpid() != self._pid:
+            return
+        try:
+            sent = self._sock.send(_RECORD.pack(kind, value, count), socket.MSG_DONTWAIT)
+        except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
+            self._end(f"its connection failed: {exc}")
+            return
+        if sent != _RECORD.size:  # a record cut short would misalign every later one
+            self._end("its connection took part of a control record")
 
     @property
     def mapped(self) -> bool:
@@ -504,6 +537,10 @@ async def open_network_lane(
         return None
     try:
         lane = NetworkLane(offer.lane, offer.slots, offer.slot_bytes, sock)
+    except (OSError, RuntimeError) as exc:  # no memory for its slots, no thread
+        sock.close()
+        log.warning("no network lane to %s: %s; chunks come on the gRPC stream", host, exc)
+        return None
     except BaseException:
         sock.close()
         raise

@@ -271,6 +271,7 @@ class LoaderConfig:
             lane_slots=self.lane_slots(),
             lane_slot_bytes=self.read_bytes + LANE_SLOT_MARGIN,
             network_lane=self.network_lane,
+            network_lane_slots=self.network_lane_slots(),
             max_message_bytes=self.max_message_bytes,
         )
 
@@ -281,6 +282,14 @@ class LoaderConfig:
         reads = self.reads_ahead + self.shuffle_reads
         chunks = reads * -(-self.read_bytes // self.chunk_bytes) + self.prefetch_batches + 4
         return min(chunks, 1024)
+
+    def network_lane_slots(self) -> int:
+        """Whole reads this loader may hold at once, from one worker (the reads ahead,
+        the shuffle's reads, the prefetched batches and a few in flight): what its network
+        lanes ask for. The slots are this process's memory, taken as frames arrive, so
+        they are counted in reads (a lane chunk of stored records is a whole read): a
+        chunk that finds none comes on the stream."""
+        return min(self.reads_ahead + self.shuffle_reads + self.prefetch_batches + 4, 1024)
 
     def fetch_options(
         self,

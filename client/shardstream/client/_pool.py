@@ -64,6 +64,7 @@ class PoolOptions:
     # A worker on another host fills slots of this process's memory over a plain TCP
     # connection (`_lanes.NetworkLane`), where it offers one; never with TLS.
     network_lane: bool = True
+    network_lane_slots: int = 0  # whole reads the loader may hold at once (its memory)
     max_message_bytes: int = 0  # a network lane's slots may be this large, or lane_slot_bytes
 
 
@@ -260,7 +261,7 @@ class WorkerPool:
                     lane = await open_network_lane(
                         conn.stub,
                         host,
-                        slots=self.options.lane_slots,
+                        slots=self.options.network_lane_slots,
                         slot_bytes=self.options.lane_slot_bytes,
                         most_slot_bytes=max(
                             self.options.lane_slot_bytes, self.options.max_message_bytes

@@ -255,8 +255,9 @@ class Lane:
         self.chunks += 1
         if len(self._sent) > MAX_OPEN_READS:
             log.warning(
-                "same-host lane %s: its client has ended none of %d reads (no END records): "
+                "%s lane %s: its client has ended none of %d reads (no END records): "
                 "closing the lane; its reads go on over the socket",
+                _kind(self),
                 tag(self.id),
                 len(self._sent),
             )
