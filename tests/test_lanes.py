@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lane_helpers import OPTIONS, assert_same, epoch_batches, lane_bytes
 
 from shardstream.client import Loader, SyncLoader
 from shardstream.client._wire import LaneOffer, WorkerStub
@@ -30,30 +31,12 @@ from shardstream.server._lanes import END, RELEASE, Lane
 
 from conftest import RECORDS, running_workers, worker_processes
 
-OPTIONS: dict[str, Any] = {"dataset": "train", "batch_size": 64, "read_bytes": 4096}
-
-
-async def epoch_batches(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
-    return [b async for b in loader.epoch(epoch)]
-
-
-def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b) > 1
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
-
 
 def closed_port() -> int:
     """A loopback TCP port nothing listens on (bound and closed here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def lane_bytes(loader: Loader) -> int:
-    return sum(loader.statistics().lane_bytes_by_worker.values())
 
 
 def digest(batch: dict[str, np.ndarray]) -> list[bytes]:

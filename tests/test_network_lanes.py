@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from lane_helpers import OPTIONS, assert_same, epoch_batches, lane_bytes
 
 from shardstream.client import Loader, SyncLoader
 from shardstream.client._lanes import LaneClosedError, NetworkLane
@@ -26,26 +27,9 @@ from shardstream.server import Worker
 
 from conftest import RECORDS, running_workers, until, worker_processes
 
-OPTIONS: dict[str, Any] = {"dataset": "train", "batch_size": 64, "read_bytes": 4096}
 REMOTE: dict[str, Any] = {**OPTIONS, "same_host_lane": False}  # as from another host
 BYTES: dict[str, Any] = {**REMOTE, "network_lane": False}  # every byte on the gRPC stream
 FRAME = struct.Struct("<IIQQ")
-
-
-async def epoch_batches(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
-    return [b async for b in loader.epoch(epoch)]
-
-
-def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b) > 1
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
-
-
-def lane_bytes(loader: Loader | SyncLoader) -> int:
-    return sum(loader.statistics().lane_bytes_by_worker.values())
 
 
 def network_lanes(w: Worker) -> list[Any]:
@@ -283,23 +267,8 @@ async def test_a_client_that_stops_reading_its_lane_loses_it(big_root: Path) -> 
             info = await stub.describe("train", timeout=5)
             offer = await stub.open_lane(timeout=5, slots=4, slot_bytes=1 << 20, network=True)
             sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
-
-            def handshake() -> bytes:  # (in a thread: the worker runs on this loop)
-                sock.connect(("127.0.0.1", offer.port))
-                sock.sendall(offer.lane.encode() + offer.ticket)
-                return sock.recv(1)
-
             try:
-                loop = asyncio.get_running_loop()
-                assert await loop.run_in_executor(None, handshake) == b"\1"
-                shard = info.shards[0]
-                request = encode_read(
-                    dataset="train", shard=shard.id, start=0, count=shard.records, seed=0,
-                    fingerprint=shard.fingerprint, max_chunk_records=16, epoch=0,
-                    lane=offer.lane, lane_stream=1, lane_chunk_records=shard.records,
-                    dataset_fingerprint=info.fingerprint,
-                )  # fmt: skip
+                request = await read_naming_a_lane(stub, info, offer, sock)
                 messages = [m async for m in stub.read(request)]
             finally:
                 sock.close()
@@ -311,7 +280,7 @@ async def test_a_client_that_stops_reading_its_lane_loses_it(big_root: Path) -> 
                 counted += item.count
             else:
                 assert isinstance(item, StreamEnd) and not item.draining
-        assert counted == shard.records
+        assert counted == info.shards[0].records
 
 
 @pytest.fixture(scope="module")
@@ -346,26 +315,17 @@ async def test_a_frame_outside_the_lane_or_into_a_held_slot_ends_it() -> None:
     finally:
         lane.close()
         a.close()
-    a, b = socket.socketpair()
-    lane = NetworkLane("0" * 16, 2, 64, b)
-    try:
-        waiting = asyncio.ensure_future(lane.arrival(0, 1))
-        a.sendall(FRAME.pack(5, 1, 0, 8) + b"C" * 8)
-        with pytest.raises(LaneClosedError, match="outside the lane"):
-            await asyncio.wait_for(waiting, 10)
-    finally:
-        lane.close()
-        a.close()
-    a, b = socket.socketpair()
-    lane = NetworkLane("0" * 16, 2, 64, b)
-    try:
-        waiting = asyncio.ensure_future(lane.arrival(0, 1))
-        a.sendall(FRAME.pack(0, 1, 0, 65) + b"D" * 65)  # larger than a slot
-        with pytest.raises(LaneClosedError, match="outside the lane"):
-            await asyncio.wait_for(waiting, 10)
-    finally:
-        lane.close()
-        a.close()
+    for frame in (FRAME.pack(5, 1, 0, 8) + b"C" * 8, FRAME.pack(0, 1, 0, 65) + b"D" * 65):
+        a, b = socket.socketpair()  # a slot past the lane's two; more than a slot holds
+        lane = NetworkLane("0" * 16, 2, 64, b)
+        try:
+            waiting = asyncio.ensure_future(lane.arrival(0, 1))
+            a.sendall(frame)
+            with pytest.raises(LaneClosedError, match="outside the lane"):
+                await asyncio.wait_for(waiting, 10)
+        finally:
+            lane.close()
+            a.close()
 
 
 async def test_a_frame_is_taken_only_as_the_chunk_it_was_sent_for() -> None:
@@ -515,7 +475,6 @@ async def test_clients_that_stop_reading_do_not_stall_another_clients_lane(
             stub = WorkerStub(channel)
             info = await stub.describe("train", timeout=5)
             socks, stuck = [], []
-            loop = asyncio.get_running_loop()
             try:
                 for _ in range(6):
                     offer = await stub.open_lane(
@@ -523,21 +482,7 @@ async def test_clients_that_stop_reading_do_not_stall_another_clients_lane(
                     )
                     sock = socket.socket()
                     socks.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-
-                    def handshake(s: socket.socket = sock, o: Any = offer) -> bytes:
-                        s.connect(("127.0.0.1", o.port))
-                        s.sendall(o.lane.encode() + o.ticket)
-                        return s.recv(1)
-
-                    assert await loop.run_in_executor(None, handshake) == b"\1"
-                    shard = info.shards[0]
-                    request = encode_read(
-                        dataset="train", shard=shard.id, start=0, count=shard.records, seed=0,
-                        fingerprint=shard.fingerprint, max_chunk_records=16, epoch=0,
-                        lane=offer.lane, lane_stream=1, lane_chunk_records=shard.records,
-                        dataset_fingerprint=info.fingerprint,
-                    )  # fmt: skip
+                    request = await read_naming_a_lane(stub, info, offer, sock)
                     call = stub.read(request)
                     stuck.append(call)
                     stuck_read = asyncio.ensure_future(call.read())  # its first frame blocks
@@ -559,6 +504,27 @@ async def test_clients_that_stop_reading_do_not_stall_another_clients_lane(
                 for sock in socks:
                     sock.close()
     assert sorted(ids) == list(range(400))
+
+
+async def read_naming_a_lane(stub: WorkerStub, info: Any, offer: Any, sock: socket.socket) -> bytes:
+    """Open the network lane `offer` on `sock` as a client that will never read it (its
+    receive buffer as small as can be, so frames block at once), and a ReadRequest of
+    the whole first shard naming it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def handshake() -> bytes:  # (in a thread: the worker may run on this loop)
+        sock.connect(("127.0.0.1", offer.port))
+        sock.sendall(offer.lane.encode() + offer.ticket)
+        return sock.recv(1)
+
+    assert await asyncio.get_running_loop().run_in_executor(None, handshake) == b"\1"
+    shard = info.shards[0]
+    return encode_read(
+        dataset="train", shard=shard.id, start=0, count=shard.records, seed=0,
+        fingerprint=shard.fingerprint, max_chunk_records=16, epoch=0,
+        lane=offer.lane, lane_stream=1, lane_chunk_records=shard.records,
+        dataset_fingerprint=info.fingerprint,
+    )  # fmt: skip
 
 
 async def _ids_of_epoch(loader: Loader, epoch: int = 0) -> list[int]:

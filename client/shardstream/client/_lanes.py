@@ -77,8 +77,51 @@ class _Releases:
             self._held.discard(slot)  # before the worker can hear of it
             self._send_locked(_RELEASE, slot)
 
+    _sock: socket.socket
+    _pid: int
+    _mapping: weakref.ref[mmap.mmap]
+    _send_flags = 0  # of a control record's `send`
+    alive: bool
+
     def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
+        """(`_lock` held; from any thread: the last reference to a batch may go in the
+        training loop's.) One control record to the worker."""
+        if not self.alive or os.getpid() != self._pid:
+            return
+        try:
+            sent = self._sock.send(_RECORD.pack(kind, value, count), self._send_flags)
+        except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
+            self._lost(f"its connection failed: {exc}")
+            return
+        if sent != _RECORD.size:  # a record cut short would misalign every later one
+            self._lost("its connection took part of a control record")
+
+    def _lost(self, why: str) -> None:
+        """(`_lock` held.) End the lane: its connection failed."""
         raise NotImplementedError
+
+    _received: dict[int, int]
+    _slot_bytes: int
+    bytes: int
+
+    def _hand_out(
+        self, view: memoryview, slot: int, size: int, stream: int
+    ) -> np.ndarray[Any, Any]:
+        """The first `size` bytes of `slot` as a read-only array, a chunk of read `stream`;
+        the slot is handed back once that array and every array viewing it are gone."""
+        if stream in self._received:
+            self._received[stream] += 1
+        start = slot * self._slot_bytes
+        message = np.frombuffer(view[start : start + size].toreadonly(), np.uint8)
+        weakref.finalize(message, self._release, slot)
+        self.bytes += size
+        return message
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the lane's memory is still mapped in this process."""
+        memory = self._mapping()
+        return memory is not None and not memory.closed
 
 
 class ClientLane(_Releases):
@@ -130,13 +173,7 @@ class ClientLane(_Releases):
                     "the worker wrote a slot that batches already delivered still view"
                 )
             self._held.add(slot)
-        if stream in self._received:
-            self._received[stream] += 1
-        start = slot * self._slot_bytes
-        message = np.frombuffer(view[start : start + size].toreadonly(), np.uint8)
-        weakref.finalize(message, self._release, slot)
-        self.bytes += size
-        return message
+        return self._hand_out(view, slot, size, stream)
 
     def end(self, stream: int) -> None:
         """The read `stream` is over: the worker frees the slots it sent that never
@@ -145,24 +182,8 @@ class ClientLane(_Releases):
             self._drain()
             self._send_locked(_END, stream, self._received.pop(stream, 0))
 
-    def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
-        # (`_lock` held; from any thread: the last reference to a batch may go in the
-        # training loop's.)
-        if not self.alive or os.getpid() != self._pid:
-            return
-        try:
-            sent = self._sock.send(_RECORD.pack(kind, value, count))
-        except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
-            self._close(f"its socket failed: {exc}")
-            return
-        if sent != _RECORD.size:  # a record cut short would misalign every later one
-            self._close("its socket took part of a control record")
-
-    @property
-    def mapped(self) -> bool:
-        """Whether the lane's memory is still mapped in this process."""
-        memory = self._mapping()
-        return memory is not None and not memory.closed
+    def _lost(self, why: str) -> None:
+        self._close(why)
 
     def close(self, why: str = "the loader closed") -> None:
         """End the lane (idempotent): the worker sees the socket close and frees it. The
@@ -277,6 +298,7 @@ class NetworkLane(_Releases):
     as bytes."""
 
     network = True
+    _send_flags = socket.MSG_DONTWAIT  # (the socket blocks, for the receiving thread)
 
     def __init__(self, lane: str, slots: int, slot_bytes: int, sock: socket.socket) -> None:
         self.id = lane
@@ -344,13 +366,7 @@ class NetworkLane(_Releases):
                 )
             del self._filled[slot]
             self._held.add(slot)
-        if stream in self._received:
-            self._received[stream] += 1
-        start = slot * self._slot_bytes
-        message = np.frombuffer(view[start : start + size].toreadonly(), np.uint8)
-        weakref.finalize(message, self._release, slot)
-        self.bytes += size
-        return message
+        return self._hand_out(view, slot, size, stream)
 
     def end(self, stream: int) -> None:
         """The read `stream` is over: the worker frees the slots it sent that were never
@@ -361,23 +377,8 @@ class NetworkLane(_Releases):
                 del self._filled[slot]
             self._send_locked(_END, stream, self._received.pop(stream, 0))
 
-    def _send_locked(self, kind: int, value: int, count: int = 0) -> None:
-        # (`_lock` held.)
-        if not self.alive or os.getpid() != self._pid:
-            return
-        try:
-            sent = self._sock.send(_RECORD.pack(kind, value, count), socket.MSG_DONTWAIT)
-        except OSError as exc:  # gone, or not reading: the lane ends, reads go as bytes
-            self._end(f"its connection failed: {exc}")
-            return
-        if sent != _RECORD.size:  # a record cut short would misalign every later one
-            self._end("its connection took part of a control record")
-
-    @property
-    def mapped(self) -> bool:
-        """Whether the lane's memory is still mapped in this process."""
-        memory = self._mapping()
-        return memory is not None and not memory.closed
+    def _lost(self, why: str) -> None:
+        self._end(why)
 
     def close(self, why: str = "the loader closed") -> None:
         """End the lane (idempotent): the receiving thread stops, the worker sees the

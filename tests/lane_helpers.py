@@ -1,0 +1,28 @@
+"""What the lane tests share: a loader's epoch as a list, byte-identical epochs, the
+bytes that came through a loader's lanes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shardstream.client import Loader, SyncLoader
+
+OPTIONS: dict[str, Any] = {"dataset": "train", "batch_size": 64, "read_bytes": 4096}
+
+
+async def epoch_batches(loader: Loader, epoch: int) -> list[dict[str, np.ndarray]]:
+    return [b async for b in loader.epoch(epoch)]
+
+
+def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+def lane_bytes(loader: Loader | SyncLoader) -> int:
+    return sum(loader.statistics().lane_bytes_by_worker.values())
