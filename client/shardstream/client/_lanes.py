@@ -102,7 +102,22 @@ class _Releases:
 
     _received: dict[int, int]
     _slot_bytes: int
+    _view: memoryview | None
+    _memory: mmap.mmap | None
     bytes: int
+
+    def _let_go(self) -> None:
+        """(`_lock` held, the lane ended.) Unmap the lane's memory now if no array views
+        it, else leave it to the last of them: the lane lets go of it either way."""
+        if self._view is None:
+            return
+        if not self._held:
+            try:
+                self._view.release()
+                self._memory.close()  # type: ignore[union-attr]
+            except BufferError:  # an array of it the finalizers have not seen go yet
+                pass
+        self._view = self._memory = None
 
     def _hand_out(
         self, view: memoryview, slot: int, size: int, stream: int
@@ -192,15 +207,8 @@ class ClientLane(_Releases):
         it, so that only those arrays hold it, however long the closed loader lives."""
         with self._lock:
             self._close(why)
-            if self._view is None or os.getpid() != self._pid:
-                return
-            if not self._held:
-                try:
-                    self._view.release()
-                    self._memory.close()  # type: ignore[union-attr]
-                except BufferError:  # an array of it the finalizers have not seen go yet
-                    pass
-            self._view = self._memory = None
+            if os.getpid() == self._pid:
+                self._let_go()
 
     def _close(self, why: str) -> None:
         if self.alive:
@@ -390,15 +398,7 @@ class NetworkLane(_Releases):
         if threading.current_thread() is not self._thread:
             self._thread.join()
         with self._lock:
-            if self._view is None:
-                return
-            if not self._held:
-                try:
-                    self._view.release()
-                    self._memory.close()  # type: ignore[union-attr]
-                except BufferError:  # an array of it the finalizers have not seen go yet
-                    pass
-            self._view = self._memory = None
+            self._let_go()
 
     def _end(self, why: str) -> None:
         """(`_lock` held.) The lane is over: its waiters learn why; the thread stops."""
