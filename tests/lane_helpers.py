@@ -26,3 +26,20 @@ def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 
 def lane_bytes(loader: Loader | SyncLoader) -> int:
     return sum(loader.statistics().lane_bytes_by_worker.values())
+
+
+def killable_client(options: str = "") -> str:
+    """A loader's script (argv[1]: the worker) that reads one batch through its lane,
+    prints "reading", then takes a batch per line of stdin: held mid-epoch until killed.
+    `options`: more SyncLoader keyword arguments, e.g. "same_host_lane=False"."""
+    return f"""
+import sys
+from shardstream.client import SyncLoader
+with SyncLoader([sys.argv[1]], dataset="train", batch_size=8, read_bytes=4096, {options}) as loader:
+    it = loader.epoch(0)
+    next(it)
+    assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
+    print("reading", flush=True)
+    for _ in it:
+        sys.stdin.readline()  # one batch per line: held mid-epoch until killed
+"""

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lane_helpers import OPTIONS, assert_same, epoch_batches, lane_bytes
+from lane_helpers import OPTIONS, assert_same, epoch_batches, killable_client, lane_bytes
 
 from shardstream.client import Loader, SyncLoader
 from shardstream.client._wire import LaneOffer, WorkerStub
@@ -327,17 +327,7 @@ def test_a_client_breaking_the_protocol_loses_its_lane() -> None:
 
 # -- kills -------------------------------------------------------------------------------
 
-CLIENT = """
-import sys
-from shardstream.client import SyncLoader
-with SyncLoader([sys.argv[1]], dataset="train", batch_size=8, read_bytes=4096) as loader:
-    it = loader.epoch(0)
-    next(it)
-    assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
-    print("reading", flush=True)
-    for _ in it:
-        sys.stdin.readline()  # one batch per line: held mid-epoch until killed
-"""
+CLIENT = killable_client("")
 
 
 async def test_a_client_killed_mid_epoch_frees_its_lane(npz_root: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from lane_helpers import OPTIONS, assert_same, epoch_batches, lane_bytes
+from lane_helpers import OPTIONS, assert_same, epoch_batches, killable_client, lane_bytes
 
 from shardstream.client import Loader, SyncLoader
 from shardstream.client._lanes import LaneClosedError, NetworkLane
@@ -189,18 +189,7 @@ async def test_tls_has_no_network_lane(npz_root: Path, tmp_path: Path) -> None:
 
 # -- faults ------------------------------------------------------------------------------
 
-CLIENT = """
-import sys
-from shardstream.client import SyncLoader
-with SyncLoader([sys.argv[1]], dataset="train", batch_size=8, read_bytes=4096,
-                same_host_lane=False) as loader:
-    it = loader.epoch(0)
-    next(it)
-    assert sum(loader.statistics().lane_bytes_by_worker.values()) > 0
-    print("reading", flush=True)
-    for _ in it:
-        sys.stdin.readline()  # one batch per line: held mid-epoch until killed
-"""
+CLIENT = killable_client("same_host_lane=False")
 
 
 async def test_a_client_killed_mid_epoch_frees_its_network_lane(npz_root: Path) -> None:
