@@ -621,3 +621,78 @@ async def test_a_lane_that_cannot_be_made_leaves_the_stream(
             ids = np.concatenate([b["id"] for b in await epoch_batches(loader, 0)])
             assert loader._pool.conns[0].lane is None and lane_bytes(loader) == 0
     assert sorted(ids.tolist()) == list(range(RECORDS))
+
+
+def resident_slots(lane: NetworkLane, slots: int, slot_bytes: int) -> list[bool]:
+    """Per slot: whether all its pages are in memory (mincore on the lane's mapping)."""
+    import ctypes
+
+    from shardstream.client._lanes import _address
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    assert lane._memory is not None
+    pages = slots * slot_bytes // 4096
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(_address(lane._memory), slots * slot_bytes, vector) == 0
+    per_slot = slot_bytes // 4096
+    return [all(b & 1 for b in vector.raw[s * per_slot : (s + 1) * per_slot]) for s in range(slots)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+async def test_a_lanes_slots_are_made_ready_just_ahead_of_its_frames() -> None:
+    """A second thread takes the pages of the slots the worker writes next (two beyond
+    the highest written), so frames do not land in fresh memory; no further (memory the
+    loader does not use stays untaken), and none once the lane is closed."""
+    from shardstream.client._lanes import PREPARE_AHEAD
+
+    slots, size = 8, 64 << 10
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, slots, size, b)
+    try:
+        await until(lambda: lane._ready == PREPARE_AHEAD, 10, "the first slots made ready")
+        assert resident_slots(lane, slots, size) == [True] * 2 + [False] * 6
+        stream = lane.new_stream()
+        a.sendall(FRAME.pack(2, stream, 0, 8) + b"A" * 8)  # slot 2 written: up to 4 ready
+        await asyncio.wait_for(lane.arrival(2, stream), 10)
+        assert bytes(lane.take(2, 8, stream)) == b"A" * 8
+        await until(lambda: lane._ready == 3 + PREPARE_AHEAD, 10, "slots 3 and 4 ready")
+        assert resident_slots(lane, slots, size) == [True] * 5 + [False] * 3
+        a.sendall(FRAME.pack(7, stream, 1, 8) + b"B" * 8)  # the last slot: all of them
+        await asyncio.wait_for(lane.arrival(7, stream), 10)
+        await until(lambda: lane._ready == slots, 10, "every slot ready")
+    finally:
+        lane.close()
+        a.close()
+    assert lane._preparer is not None and not lane._preparer.is_alive() and not lane.mapped
+
+
+async def test_a_lane_whose_pages_cannot_be_prepared_still_takes_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the kernel refuses to take pages ahead (before Linux 5.14: EINVAL), the
+    preparing thread stops and frames land as they would without it."""
+    from shardstream.client import _lanes
+
+    calls: list[int] = []
+
+    def refuse(address: int, length: int, advice: int) -> int:
+        calls.append(advice)
+        return -1
+
+    monkeypatch.setattr(_lanes, "_madvise", refuse)
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 4, 64 << 10, b)
+    try:
+        assert lane._preparer is not None
+        await asyncio.to_thread(lane._preparer.join, 10)
+        assert not lane._preparer.is_alive() and calls == [_lanes._MADV_POPULATE_WRITE]
+        stream = lane.new_stream()
+        for place, slot in enumerate((0, 1, 2, 3)):
+            a.sendall(FRAME.pack(slot, stream, place, 4) + b"data")
+            await asyncio.wait_for(lane.arrival(slot, stream), 10)
+            assert bytes(lane.take(slot, 4, stream)) == b"data"
+        assert lane.alive and lane._ready == 0
+    finally:
+        lane.close()
+        a.close()

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import fcntl
 import logging
 import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -291,6 +293,36 @@ def _connect(offer: LaneOffer, timeout: float) -> ClientLane:
 
 _FRAME = struct.Struct("<IIQQ")  # slot, read (lane stream), its place in the read, size
 PIECE = 256 << 10  # bytes received at a time (the socket is the kernel's while it copies)
+# Slots whose pages are made ready (MADV_POPULATE_WRITE, by a second thread) beyond the
+# highest the worker has written: a frame into fresh memory otherwise takes its page
+# faults inside the receiving thread's copy, where they cost 1.5x as much and are on the
+# path of every byte (38% of that thread's time in a 300 MB epoch, measured).
+PREPARE_AHEAD = 2
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
+
+
+def _madvise_function() -> Any:
+    if sys.platform != "linux":
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_madvise = _madvise_function()  # a ctypes call: the GIL is let go while the kernel works
+
+
+def _address(memory: mmap.mmap) -> int:
+    """Where `memory` is mapped (its buffer exported only for this call)."""
+    window = ctypes.c_char.from_buffer(memory)
+    try:
+        return ctypes.addressof(window)
+    finally:
+        del window
 
 
 class NetworkLane(_Releases):
@@ -330,9 +362,18 @@ class NetworkLane(_Releases):
         self.why = ""
         self._pid = os.getpid()
         self.bytes = 0  # chunk bytes that came through the lane
+        self._ready = 0  # slots whose pages are in, from slot 0 (the worker's first pick)
+        self._ready_to = min(slots, PREPARE_AHEAD)  # ... wanted in up to here
+        self._preparing = threading.Condition(self._lock)
         self._thread = threading.Thread(
             target=self._receive, name=f"shardstream-lane-{lane[:4]}", daemon=True
         )
+        self._preparer: threading.Thread | None = None
+        if _madvise is not None:
+            self._preparer = threading.Thread(
+                target=self._prepare, name=f"shardstream-lane-{lane[:4]}-pages", daemon=True
+            )
+            self._preparer.start()
         self._thread.start()
 
     def new_stream(self) -> int:
@@ -397,6 +438,8 @@ class NetworkLane(_Releases):
             return
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        if self._preparer is not None:  # (it never closes the lane)
+            self._preparer.join()  # the memory stays mapped while it works in it
         with self._lock:
             self._let_go()
 
@@ -406,6 +449,7 @@ class NetworkLane(_Releases):
             return
         self.alive = False
         self.why = why
+        self._preparing.notify_all()
         if os.getpid() != self._pid:  # a forked child: the connection is the parent's
             self._sock.close()  # (this process's descriptor only; no thread here)
             return
@@ -441,6 +485,9 @@ class NetworkLane(_Releases):
                         )
                         break
                     self._filled.pop(slot, None)
+                    if slot + 1 + PREPARE_AHEAD > self._ready_to:
+                        self._ready_to = min(self._slots, slot + 1 + PREPARE_AHEAD)
+                        self._preparing.notify()
                     start = slot * self._slot_bytes
                     room = self._view[start : start + size]
                 try:
@@ -463,6 +510,30 @@ class NetworkLane(_Releases):
             with self._lock:  # the last user of the connection (`_send` needs `alive`)
                 self._end(why)
                 self._sock.close()
+
+    def _prepare(self) -> None:
+        """The second thread: the pages of the slots the worker will write next, taken
+        ahead of its frames (it picks the lowest free slot, so slots are first written in
+        order), which then land in memory already in. It stops at the lane's end, or at
+        the first failure (a kernel before 5.14, no memory): frames take their pages then,
+        as they would without it."""
+        memory = self._memory  # (mapped until `close`, which waits for this thread)
+        if memory is None:
+            return
+        base = _address(memory)
+        while True:
+            with self._lock:
+                while self.alive and self._ready >= self._ready_to:
+                    self._preparing.wait()
+                if not self.alive:
+                    return
+                slot = self._ready
+            start = base + slot * self._slot_bytes
+            if _madvise(start, self._slot_bytes, _MADV_POPULATE_WRITE) != 0:
+                log.debug("lane pages not prepared: %s", os.strerror(ctypes.get_errno()))
+                return
+            with self._lock:
+                self._ready = slot + 1
 
     def _mapped_here(self) -> bool:
         return self._view is not None
