@@ -696,3 +696,99 @@ async def test_a_lane_whose_pages_cannot_be_prepared_still_takes_frames(
     finally:
         lane.close()
         a.close()
+
+
+def sending_lane(slots: int = 4) -> tuple[Any, socket.socket, Any]:
+    """A worker's network lane over a socket pair, with its own sending thread; the
+    client's end of the connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardstream.server._lanes import Lane
+
+    a, b = socket.socketpair()
+    sender = ThreadPoolExecutor(1, "test-lane-send")
+    lane = Lane("0" * 16, slots, 4096, memoryview(b""), a, network=True, sender=sender)
+    return lane, b, sender
+
+
+def received(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while part := sock.recv(1 << 16):
+        data += part
+    return data
+
+
+async def test_a_network_lanes_frames_go_back_to_back_in_the_order_queued() -> None:
+    """Frames of several reads queued at once go out whole, one after another, in the
+    order they were queued, all by the lane's one sending thread."""
+    from shardstream.server._lanes import send_bytes
+
+    lane, client, sender = sending_lane()
+    try:
+        threads: set[str] = set()
+
+        def write(message: bytes) -> Any:
+            def send(sock: socket.socket, deadline: float) -> None:
+                import threading
+
+                threads.add(threading.current_thread().name)
+                send_bytes(message, sock, deadline)
+
+            return send
+
+        reading = asyncio.ensure_future(asyncio.to_thread(received, client))
+        sends = []
+        for stream in (1, 2, 3):
+            slot = lane.acquire(stream)
+            assert slot is not None
+            message = bytes([stream]) * (100_000 * stream)
+            sends.append(lane.send_into(slot, stream, len(message), write(message), 10))
+        assert await asyncio.gather(*sends) == [True, True, True]
+        lane.close("done")
+        data = await reading
+        at = 0
+        for stream in (1, 2, 3):
+            slot, read, place, size = FRAME.unpack_from(data, at)
+            assert (read, place, size) == (stream, 0, 100_000 * stream)
+            at += FRAME.size
+            assert data[at : at + size] == bytes([stream]) * size
+            at += size
+        assert at == len(data) and len(threads) == 1
+    finally:
+        lane.close("done")
+        client.close()
+        sender.shutdown()
+
+
+async def test_no_frame_follows_one_cut_short() -> None:
+    """A frame whose message fails half sent leaves the connection out of step: the lane
+    ends (the failure raised to its read), and the frames queued behind it are never
+    sent: the client sees the cut frame, then the connection's end."""
+    from shardstream.server._lanes import send_bytes
+
+    lane, client, sender = sending_lane()
+    try:
+
+        def half_then_fail(sock: socket.socket, deadline: float) -> None:
+            send_bytes(b"x" * 500, sock, deadline)
+            raise ValueError("the message could not be made")
+
+        def whole(sock: socket.socket, deadline: float) -> None:
+            send_bytes(b"y" * 1000, sock, deadline)
+
+        slots = [lane.acquire(s) for s in (1, 2, 3)]
+        sends = [
+            lane.send_into(slots[0], 1, 1000, half_then_fail, 10),
+            lane.send_into(slots[1], 2, 1000, whole, 10),
+            lane.send_into(slots[2], 3, 1000, whole, 10),
+        ]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        assert isinstance(outcomes[0], ValueError) and outcomes[1:] == [False, False]
+        assert not lane.alive
+        data = await asyncio.to_thread(received, client)
+        assert data == FRAME.pack(slots[0], 1, 0, 1000) + b"x" * 500
+    finally:
+        lane.close("done")
+        client.close()
+        sender.shutdown()

@@ -296,7 +296,10 @@ PIECE = 256 << 10  # bytes received at a time (the socket is the kernel's while 
 # Slots whose pages are made ready (MADV_POPULATE_WRITE, by a second thread) beyond the
 # highest the worker has written: a frame into fresh memory otherwise takes its page
 # faults inside the receiving thread's copy, where they cost 1.5x as much and are on the
-# path of every byte (38% of that thread's time in a 300 MB epoch, measured).
+# path of every byte (38% of that thread's time in a 300 MB epoch, measured). The cost:
+# while the kernel takes a slot's pages (about 5 ms for 16 MiB here) it holds this
+# process's memory-map lock, and a thread that maps memory meanwhile (a heap growing, a
+# thread starting) waits for it; that happens only as the lane's first slots are used.
 PREPARE_AHEAD = 2
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
 

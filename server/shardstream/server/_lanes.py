@@ -66,7 +66,7 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,9 +142,14 @@ class Lane:
     pidfd: int = -1  # a pidfd of it (-1: none), to learn when it is gone
     network: bool = False  # slots in the client's memory, filled over `sock` (TCP)
     sender: Executor | None = None  # a network lane's sending threads
-    _sending: asyncio.Lock | None = None  # one frame at a time on a network lane
     _writer: socket.socket | None = None  # `sock` duplicated, for the sending thread
-    _in_flight: int = 0  # frames a sending thread sends now
+    _in_flight: int = 0  # frames queued or being sent
+    # A network lane's frames wait here, in order, for the one sending thread that
+    # drains them back to back (no trip through the event loop between two frames).
+    _frames: deque[_Frame] = field(default_factory=deque)
+    _frames_lock: threading.Lock = field(default_factory=threading.Lock)
+    _draining: bool = False  # a sending thread drains `_frames` now
+    _broken: BaseException | None = None  # a frame failed: none is sent after it
 
     def __post_init__(self) -> None:
         self._free = list(range(self.slots - 1, -1, -1))
@@ -191,35 +196,67 @@ class Lane:
     async def _send_frame(
         self, header: bytes, write: Callable[[socket.socket, float], None], timeout: float
     ) -> bool:
-        """Send one frame whole, in a sending thread (the event loop goes on meanwhile);
-        False (and the lane ended) where it could not be sent within `timeout`."""
+        """Send one frame whole, in the lane's sending thread (the event loop goes on
+        meanwhile), after the frames queued before it; False (and the lane ended) where
+        it could not be sent within `timeout`."""
+        if not self.alive or self.sender is None:
+            return False
         loop = asyncio.get_running_loop()
-        if self._sending is None:
-            self._sending = asyncio.Lock()
-        async with self._sending:
-            if not self.alive or self.sender is None:
-                return False
-            if self._writer is None:  # the same connection, blocking with a timeout
-                self._writer = self.sock.dup()
-            self._in_flight += 1
-            try:
-                deadline = time.monotonic() + timeout  # for the whole frame
-                await loop.run_in_executor(
-                    self.sender, _frame, self._writer, header, write, deadline
-                )
-            except TimeoutError:
-                self.close(f"a chunk was not taken within {timeout:g}s")
-                return False
-            except OSError as exc:
-                self.close(f"its connection failed: {exc}")
-                return False
-            except BaseException as exc:  # the message could not be made: a frame cut short
-                self.close(f"a chunk could not be sent whole: {exc}")
-                raise
-            finally:
-                self._in_flight -= 1
-                self._close_writer()
+        if self._writer is None:  # the same connection, blocking with a timeout
+            self._writer = self.sock.dup()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        frame = _Frame(header, write, timeout, loop, done)
+        self._in_flight += 1
+        try:
+            with self._frames_lock:
+                self._frames.append(frame)
+                start, self._draining = not self._draining, True
+            if start:
+                try:
+                    self.sender.submit(self._drain, self._writer)
+                except RuntimeError:  # the lanes are shutting down: no thread will come
+                    with self._frames_lock:
+                        self._frames.clear()
+                        self._draining = False
+                    return False
+            error = await done
+        finally:
+            self._in_flight -= 1
+            self._close_writer()
+        if error is None:
             return self.alive
+        if isinstance(error, _Unsent):
+            return False
+        if isinstance(error, TimeoutError):
+            self.close(f"a chunk was not taken within {timeout:g}s")
+            return False
+        if isinstance(error, OSError):
+            self.close(f"its connection failed: {error}")
+            return False
+        self.close(f"a chunk could not be sent whole: {error}")  # a frame cut short
+        raise error
+
+    def _drain(self, writer: socket.socket) -> None:
+        """(The lane's sending thread.) Send the queued frames, one after another, until
+        none is left; each one's outcome goes to its waiting task. After a frame that
+        failed (the connection is out of step, or gone) no other is sent."""
+        while True:
+            with self._frames_lock:
+                if not self._frames:
+                    self._draining = False
+                    return
+                frame = self._frames.popleft()
+            error: BaseException | None = None
+            if self._broken is not None or not self.alive:
+                error = _Unsent()
+            else:
+                try:
+                    deadline = time.monotonic() + frame.timeout  # for the whole frame
+                    _frame(writer, frame.header, frame.write, deadline)
+                except BaseException as exc:
+                    error = self._broken = exc
+            with contextlib.suppress(RuntimeError):  # the event loop closed
+                frame.loop.call_soon_threadsafe(_settle, frame.done, error)
 
     def _close_writer(self) -> None:
         """Close the sending thread's socket once the lane ended and no frame is sent."""
@@ -652,6 +689,26 @@ class Lanes:
                 return
         log.info("%s lane %s open: %d slots of %d bytes", _kind(lane), tag(lane.id),
                  lane.slots, lane.slot_bytes)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """A network lane's frame waiting for its sending thread."""
+
+    header: bytes
+    write: Callable[[socket.socket, float], None]
+    timeout: float
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[BaseException | None]  # its outcome: None, or why it failed
+
+
+class _Unsent(Exception):
+    """A frame not sent: an earlier one failed, or the lane ended."""
+
+
+def _settle(done: asyncio.Future[BaseException | None], error: BaseException | None) -> None:
+    if not done.done():
+        done.set_result(error)
 
 
 def _frame(
