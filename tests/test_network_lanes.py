@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import socket
 import struct
 import subprocess
@@ -641,30 +643,76 @@ def resident_slots(lane: NetworkLane, slots: int, slot_bytes: int) -> list[bool]
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 async def test_a_lanes_slots_are_made_ready_just_ahead_of_its_frames() -> None:
-    """A second thread takes the pages of the slots the worker writes next (two beyond
-    the highest written), so frames do not land in fresh memory; no further (memory the
-    loader does not use stays untaken), and none once the lane is closed."""
-    from shardstream.client._lanes import PREPARE_AHEAD
+    """A second thread takes the pages of the slot the worker writes next (one beyond
+    the highest written; several pieces a slot), so frames do not land in fresh
+    memory; nothing before the first frame and no further (memory the loader does not
+    use stays untaken), and none once the lane is closed."""
+    from shardstream.client._lanes import PREPARE_AHEAD, PREPARE_PIECE
 
-    slots, size = 8, 64 << 10
+    assert PREPARE_AHEAD == 1
+    slots, size = 8, 2 * PREPARE_PIECE + (64 << 10)  # three pieces a slot
     a, b = socket.socketpair()
     lane = NetworkLane("0" * 16, slots, size, b)
     try:
-        await until(lambda: lane._ready == PREPARE_AHEAD, 10, "the first slots made ready")
-        assert resident_slots(lane, slots, size) == [True] * 2 + [False] * 6
         stream = lane.new_stream()
-        a.sendall(FRAME.pack(2, stream, 0, 8) + b"A" * 8)  # slot 2 written: up to 4 ready
+        assert resident_slots(lane, slots, size) == [False] * slots
+        a.sendall(FRAME.pack(0, stream, 0, 8) + b"A" * 8)  # slot 0 written: 1 ready
+        await asyncio.wait_for(lane.arrival(0, stream), 10)
+        assert bytes(lane.take(0, 8, stream)) == b"A" * 8
+        await until(lambda: lane._ready == 2, 10, "slot 1 made ready")
+        assert resident_slots(lane, slots, size)[1:] == [True] + [False] * 6
+        a.sendall(FRAME.pack(2, stream, 1, 8) + b"B" * 8)  # slot 2 written: 3 ready
         await asyncio.wait_for(lane.arrival(2, stream), 10)
-        assert bytes(lane.take(2, 8, stream)) == b"A" * 8
-        await until(lambda: lane._ready == 3 + PREPARE_AHEAD, 10, "slots 3 and 4 ready")
-        assert resident_slots(lane, slots, size) == [True] * 5 + [False] * 3
-        a.sendall(FRAME.pack(7, stream, 1, 8) + b"B" * 8)  # the last slot: all of them
+        assert bytes(lane.take(2, 8, stream)) == b"B" * 8
+        await until(lambda: lane._ready == 4, 10, "slot 3 made ready")
+        assert resident_slots(lane, slots, size)[3:] == [True] + [False] * 4
+        a.sendall(FRAME.pack(7, stream, 2, 8) + b"C" * 8)  # the last slot: none after
         await asyncio.wait_for(lane.arrival(7, stream), 10)
-        await until(lambda: lane._ready == slots, 10, "every slot ready")
+        assert lane._ready == slots
+        assert resident_slots(lane, slots, size)[4:7] == [False] * 3
     finally:
         lane.close()
         a.close()
     assert lane._preparer is not None and not lane._preparer.is_alive() and not lane.mapped
+
+
+async def test_a_lane_without_threads_leaves_none_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread for the pages (the process at its thread limit): the lane works without
+    it. No thread to receive: no lane, and no thread of it left."""
+    import threading
+
+    from shardstream.client import _lanes
+
+    refuse: list[str] = []
+    start = threading.Thread.start
+
+    def start_or_refuse(thread: threading.Thread) -> None:
+        if any(thread.name.endswith(suffix) for suffix in refuse):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(_lanes.threading.Thread, "start", start_or_refuse)
+    refuse.append("-pages")
+    a, b = socket.socketpair()
+    lane = NetworkLane("0" * 16, 4, 64 << 10, b)
+    try:
+        assert lane._preparer is None
+        stream = lane.new_stream()
+        a.sendall(FRAME.pack(0, stream, 0, 4) + b"data")
+        await asyncio.wait_for(lane.arrival(0, stream), 10)
+        assert bytes(lane.take(0, 4, stream)) == b"data"
+    finally:
+        lane.close()
+        a.close()
+    refuse.append("-0000")
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(RuntimeError):
+            NetworkLane("0" * 16, 4, 64 << 10, b)
+        assert not [t for t in threading.enumerate() if t.name.startswith("shardstream-lane-0000")]
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_a_lane_whose_pages_cannot_be_prepared_still_takes_frames(
@@ -685,14 +733,16 @@ async def test_a_lane_whose_pages_cannot_be_prepared_still_takes_frames(
     lane = NetworkLane("0" * 16, 4, 64 << 10, b)
     try:
         assert lane._preparer is not None
-        await asyncio.to_thread(lane._preparer.join, 10)
-        assert not lane._preparer.is_alive() and calls == [_lanes._MADV_POPULATE_WRITE]
         stream = lane.new_stream()
         for place, slot in enumerate((0, 1, 2, 3)):
             a.sendall(FRAME.pack(slot, stream, place, 4) + b"data")
             await asyncio.wait_for(lane.arrival(slot, stream), 10)
             assert bytes(lane.take(slot, 4, stream)) == b"data"
-        assert lane.alive and lane._ready == 0
+            if place == 0:  # asked for slot 1, refused: the thread is gone
+                await asyncio.to_thread(lane._preparer.join, 10)
+                assert not lane._preparer.is_alive()
+                assert calls == [_lanes._MADV_POPULATE_WRITE]
+        assert lane.alive and len(calls) == 1
     finally:
         lane.close()
         a.close()
@@ -791,4 +841,97 @@ async def test_no_frame_follows_one_cut_short() -> None:
     finally:
         lane.close("done")
         client.close()
+        sender.shutdown()
+
+
+async def test_a_sending_thread_that_cannot_start_ends_the_lane(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An executor that queues the drain job, then fails to start a thread for it (as
+    `ThreadPoolExecutor` does at the process's thread limit; a busy thread may still run
+    the job, at once or later): the lane ends, so that job never sends beside another,
+    and nothing follows what it may have sent."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from shardstream.server._lanes import Lane, send_bytes
+
+    class Flaky(ThreadPoolExecutor):
+        refused = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            future = super().submit(fn, *args, **kwargs)  # queued (and run, later)
+            if not self.refused:
+                self.refused += 1
+                raise RuntimeError("can't start new thread")
+            return future
+
+    caplog.set_level(logging.INFO, logger="shardstream")
+    a, client = socket.socketpair()
+    sender = Flaky(1, "test-lane-send")
+    lane = Lane("0" * 16, 4, 4096, memoryview(b""), a, network=True, sender=sender)
+    try:
+        frame = functools.partial(send_bytes, b"z" * 100)
+        slot = lane.acquire(1)
+        assert slot is not None
+        assert await lane.send_into(slot, 1, 100, frame, 10) is False
+        assert not lane.alive and "no sending thread: can't start new thread" in caplog.text
+        slot = lane.acquire(2)
+        assert slot is None or await lane.send_into(slot, 2, 100, frame, 10) is False
+        sender.shutdown(wait=True)  # the queued job has run
+        first = FRAME.pack(0, 1, 0, 100) + b"z" * 100  # (sent, or cut, if it ran at once)
+        assert first.startswith(await asyncio.to_thread(received, client))
+    finally:
+        lane.close("done")
+        client.close()
+        sender.shutdown()
+
+
+async def test_lanes_sharing_a_sending_thread_take_turns() -> None:
+    """More lanes than sending threads: a lane with many frames queued hands its thread
+    back after a few, so another lane's frame goes out then, not after all of them (its
+    stall timeout runs from when it queued)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardstream.server._lanes import FRAMES_PER_TURN, Lane, send_bytes
+
+    sender = ThreadPoolExecutor(1, "test-lane-send")
+    pairs = [socket.socketpair() for _ in range(2)]
+    readers = [asyncio.ensure_future(asyncio.to_thread(received, c)) for _, c in pairs]
+    lanes = [
+        Lane(name * 16, 16, 4096, memoryview(b""), w, network=True, sender=sender)
+        for name, (w, _) in zip("ab", pairs, strict=True)
+    ]
+    order: list[str] = []
+    go = threading.Event()
+
+    def frame(name: str) -> Any:
+        def send(sock: socket.socket, deadline: float) -> None:
+            if not order:
+                assert go.wait(10)  # until the other lane's frame is queued too
+            order.append(name)
+            send_bytes(b"x" * 10, sock, deadline)
+
+        return send
+
+    try:
+        first = [
+            asyncio.ensure_future(
+                lanes[0].send_into(lanes[0].acquire(s) or 0, s, 10, frame("a"), 10)
+            )
+            for s in range(1, 11)
+        ]
+        other = asyncio.ensure_future(
+            lanes[1].send_into(lanes[1].acquire(1) or 0, 1, 10, frame("b"), 10)
+        )
+        await asyncio.sleep(0)  # (the frames queue as their tasks start)
+        go.set()
+        assert await asyncio.gather(*first, other) == [True] * 11
+        assert order.index("b") == FRAMES_PER_TURN
+    finally:
+        for lane in lanes:
+            lane.close("done")
+        await asyncio.gather(*readers)
+        for _, c in pairs:
+            c.close()
         sender.shutdown()

@@ -296,11 +296,15 @@ PIECE = 256 << 10  # bytes received at a time (the socket is the kernel's while 
 # Slots whose pages are made ready (MADV_POPULATE_WRITE, by a second thread) beyond the
 # highest the worker has written: a frame into fresh memory otherwise takes its page
 # faults inside the receiving thread's copy, where they cost 1.5x as much and are on the
-# path of every byte (38% of that thread's time in a 300 MB epoch, measured). The cost:
-# while the kernel takes a slot's pages (about 5 ms for 16 MiB here) it holds this
-# process's memory-map lock, and a thread that maps memory meanwhile (a heap growing, a
-# thread starting) waits for it; that happens only as the lane's first slots are used.
-PREPARE_AHEAD = 2
+# path of every byte (38% of that thread's time in a 300 MB epoch, measured). Nothing
+# is taken before the first frame; then at most this many slots more than are used.
+PREPARE_AHEAD = 1
+# The kernel holds this process's memory-map lock while it takes pages, and a thread
+# that maps memory meanwhile (a heap growing, a thread starting) waits for it: pages
+# are taken a piece at a time, with a pause that lets such a thread in (its wait: at
+# most about a millisecond, against 5-20 ms for a whole slot in one call, measured).
+PREPARE_PIECE = 2 << 20
+PREPARE_PAUSE = 50e-6  # seconds
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
 
 
@@ -365,19 +369,21 @@ class NetworkLane(_Releases):
         self.why = ""
         self._pid = os.getpid()
         self.bytes = 0  # chunk bytes that came through the lane
-        self._ready = 0  # slots whose pages are in, from slot 0 (the worker's first pick)
-        self._ready_to = min(slots, PREPARE_AHEAD)  # ... wanted in up to here
+        self._ready = 0  # slots whose pages are in (or written), from slot 0 (the
+        self._ready_to = 0  # worker's first pick) ... wanted in up to here
         self._preparing = threading.Condition(self._lock)
         self._thread = threading.Thread(
             target=self._receive, name=f"shardstream-lane-{lane[:4]}", daemon=True
         )
+        self._thread.start()  # (first: a lane without it is never made)
         self._preparer: threading.Thread | None = None
         if _madvise is not None:
-            self._preparer = threading.Thread(
+            preparer = threading.Thread(
                 target=self._prepare, name=f"shardstream-lane-{lane[:4]}-pages", daemon=True
             )
-            self._preparer.start()
-        self._thread.start()
+            with contextlib.suppress(RuntimeError):  # no thread: frames take their pages
+                preparer.start()
+                self._preparer = preparer
 
     def new_stream(self) -> int:
         self._streams = (self._streams + 1) % (1 << 32)
@@ -488,7 +494,8 @@ class NetworkLane(_Releases):
                         )
                         break
                     self._filled.pop(slot, None)
-                    if slot + 1 + PREPARE_AHEAD > self._ready_to:
+                    if slot >= self._ready:  # a fresh slot: the next ones, ready ahead
+                        self._ready = slot + 1  # (this one this thread's copy takes in)
                         self._ready_to = min(self._slots, slot + 1 + PREPARE_AHEAD)
                         self._preparing.notify()
                     start = slot * self._slot_bytes
@@ -531,12 +538,20 @@ class NetworkLane(_Releases):
                 if not self.alive:
                     return
                 slot = self._ready
-            start = base + slot * self._slot_bytes
-            if _madvise(start, self._slot_bytes, _MADV_POPULATE_WRITE) != 0:
-                log.debug("lane pages not prepared: %s", os.strerror(ctypes.get_errno()))
-                return
+            start = _page_up(base + slot * self._slot_bytes)
+            end = _page_down(base + (slot + 1) * self._slot_bytes)
+            for at in range(start, end, PREPARE_PIECE):
+                if self._ended():
+                    return
+                if _madvise(at, min(PREPARE_PIECE, end - at), _MADV_POPULATE_WRITE) != 0:
+                    log.debug("lane pages not prepared: %s", os.strerror(ctypes.get_errno()))
+                    return
+                time.sleep(PREPARE_PAUSE)
             with self._lock:
-                self._ready = slot + 1
+                self._ready = max(self._ready, slot + 1)
+
+    def _ended(self) -> bool:
+        return not self.alive  # (read anew: another thread ends the lane)
 
     def _mapped_here(self) -> bool:
         return self._view is not None
@@ -555,6 +570,14 @@ class NetworkLane(_Releases):
 
 def _pages(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _page_up(address: int) -> int:
+    return -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _page_down(address: int) -> int:
+    return address // mmap.PAGESIZE * mmap.PAGESIZE
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

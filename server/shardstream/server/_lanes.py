@@ -99,6 +99,7 @@ RECLAIM_SECONDS = 1.0  # ended lanes are looked for in /proc at most this often
 # read's lane chunks, the message's size; little-endian.
 FRAME = struct.Struct("<IIQQ")
 PIECE = 256 << 10  # bytes sent at a time (the socket is the kernel's while it copies)
+FRAMES_PER_TURN = 4  # frames a lane's sending thread sends before it queues the rest again
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +149,9 @@ class Lane:
     # drains them back to back (no trip through the event loop between two frames).
     _frames: deque[_Frame] = field(default_factory=deque)
     _frames_lock: threading.Lock = field(default_factory=threading.Lock)
-    _draining: bool = False  # a sending thread drains `_frames` now
-    _broken: BaseException | None = None  # a frame failed: none is sent after it
+    _draining: bool = False  # a sending thread drains `_frames` now (or is asked to)
+    _broken: bool = False  # a frame failed: none is sent after it
+    _last_sent: float = 0.0  # (monotonic) when the sending thread last ended a frame
 
     def __post_init__(self) -> None:
         self._free = list(range(self.slots - 1, -1, -1))
@@ -198,27 +200,22 @@ class Lane:
     ) -> bool:
         """Send one frame whole, in the lane's sending thread (the event loop goes on
         meanwhile), after the frames queued before it; False (and the lane ended) where
-        it could not be sent within `timeout`."""
+        it could not be sent within `timeout` of its turn (the frame before it sent, or
+        it queued, whichever is later: waiting for a thread counts)."""
         if not self.alive or self.sender is None:
             return False
         loop = asyncio.get_running_loop()
         if self._writer is None:  # the same connection, blocking with a timeout
             self._writer = self.sock.dup()
         done: asyncio.Future[BaseException | None] = loop.create_future()
-        frame = _Frame(header, write, timeout, loop, done)
+        frame = _Frame(header, write, timeout, time.monotonic(), loop, done)
         self._in_flight += 1
         try:
             with self._frames_lock:
                 self._frames.append(frame)
                 start, self._draining = not self._draining, True
-            if start:
-                try:
-                    self.sender.submit(self._drain, self._writer)
-                except RuntimeError:  # the lanes are shutting down: no thread will come
-                    with self._frames_lock:
-                        self._frames.clear()
-                        self._draining = False
-                    return False
+            if start and not self._start_drain(self._writer):
+                return False
             error = await done
         finally:
             self._in_flight -= 1
@@ -236,27 +233,75 @@ class Lane:
         self.close(f"a chunk could not be sent whole: {error}")  # a frame cut short
         raise error
 
-    def _drain(self, writer: socket.socket) -> None:
-        """(The lane's sending thread.) Send the queued frames, one after another, until
-        none is left; each one's outcome goes to its waiting task. After a frame that
-        failed (the connection is out of step, or gone) no other is sent."""
-        while True:
+    def _start_drain(self, writer: socket.socket) -> bool:
+        """(`_draining` just set.) Have a sending thread drain the frames; False, and the
+        lane ended, where none can be had (the lanes shutting down, no thread left): a
+        job the executor queued before failing to start a thread must find the lane
+        ended, so that it never sends beside another."""
+        assert self.sender is not None
+        try:
+            self.sender.submit(self._drain, writer)
+        except RuntimeError as exc:
+            self.close(f"no sending thread: {exc}")
             with self._frames_lock:
-                if not self._frames:
-                    self._draining = False
-                    return
-                frame = self._frames.popleft()
-            error: BaseException | None = None
-            if self._broken is not None or not self.alive:
-                error = _Unsent()
-            else:
-                try:
-                    deadline = time.monotonic() + frame.timeout  # for the whole frame
-                    _frame(writer, frame.header, frame.write, deadline)
-                except BaseException as exc:
-                    error = self._broken = exc
-            with contextlib.suppress(RuntimeError):  # the event loop closed
-                frame.loop.call_soon_threadsafe(_settle, frame.done, error)
+                frames = list(self._frames)
+                self._frames.clear()
+            for frame in frames:
+                _settle(frame.done, _Unsent())
+            return False
+        return True
+
+    def _drain(self, writer: socket.socket) -> None:
+        """(A sending thread.) Send the queued frames, one after another, until none is
+        left; each one's outcome goes to its waiting task. After a frame that failed
+        (the connection is out of step, or gone) no other is sent. After a few frames
+        the thread is handed back and the rest queued again, after other lanes' work."""
+        sent = 0
+        try:
+            while True:
+                with self._frames_lock:
+                    if not self._frames:
+                        self._draining = False
+                        return
+                    if sent == FRAMES_PER_TURN:
+                        break
+                    frame = self._frames.popleft()
+                error: BaseException | None = None
+                if self._broken or not self.alive:
+                    error = _Unsent()
+                else:
+                    try:
+                        turn = max(frame.queued, self._last_sent)
+                        _frame(writer, frame.header, frame.write, turn + frame.timeout)
+                    except BaseException as exc:
+                        self._broken = True
+                        error = exc
+                    self._last_sent = time.monotonic()
+                    sent += 1
+                with contextlib.suppress(RuntimeError):  # the event loop closed
+                    frame.loop.call_soon_threadsafe(_settle, frame.done, error)
+                del frame, error
+        except BaseException:
+            self._broken = True
+            self._fail_queued()
+            raise
+        try:  # more than a turn's frames: the rest after what else waits for a thread
+            assert self.sender is not None
+            self.sender.submit(self._drain, writer)
+        except RuntimeError:  # shutting down: what is left is not sent
+            self._broken = True
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """(A sending thread that stops.) The queued frames' tasks learn they were not
+        sent; the next frame starts a thread again (and is refused: `_broken`)."""
+        with self._frames_lock:
+            frames = list(self._frames)
+            self._frames.clear()
+            self._draining = False
+        for frame in frames:
+            with contextlib.suppress(RuntimeError):
+                frame.loop.call_soon_threadsafe(_settle, frame.done, _Unsent())
 
     def _close_writer(self) -> None:
         """Close the sending thread's socket once the lane ended and no frame is sent."""
@@ -698,6 +743,7 @@ class _Frame:
     header: bytes
     write: Callable[[socket.socket, float], None]
     timeout: float
+    queued: float  # (monotonic)
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future[BaseException | None]  # its outcome: None, or why it failed
 
