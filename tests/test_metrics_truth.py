@@ -221,6 +221,46 @@ async def test_bytes_sent_are_the_records_data_on_the_socket_and_in_a_lane(
     assert lane_bytes == socket_bytes == stats.bytes
 
 
+async def test_lanes_open_opened_and_their_chunks_per_kind(npz_root: Path) -> None:
+    """`shardstream_lanes_open`, `_lanes_opened` and `_lane_chunks`, per kind: a loader
+    with a same-host lane, then one from "another host" (a network lane), then one with
+    no lane: each lane counted open while its loader runs, the chunks it carried (the
+    gRPC stream's are not), and nothing open once the loaders are gone."""
+    kinds = {"same-host": {"same_host_lane": True}, "network": {"same_host_lane": False}}
+    runs = [*kinds.items(), ("none", {"same_host_lane": False, "network_lane": False})]
+
+    def value(m: dict[str, float], name: str, kind: str) -> float:
+        return m[f'shardstream_{name}{{kind="{kind}"}}']
+
+    async with Worker(worker_config(npz_root, processes=1, metrics_port=0)) as w:
+        assert w._lanes is not None and w._network_lanes is not None
+        lanes = (w._lanes, w._network_lanes)
+        before = {k: 0.0 for k in kinds}
+        for kind, options in runs:
+            async with Loader([w.address], dataset="train", batch_size=100, **options) as loader:
+                await collect_epoch(loader, 0)
+                m = await scrape(w)
+                for k in kinds:
+                    assert value(m, "lanes_open", k) == (k == kind), (kind, m)
+            after = await scrape(w)
+            for k in kinds:
+                chunks = value(after, "lane_chunks_total", k)
+                assert (chunks > before[k]) == (k == kind), (kind, k, chunks)
+                before[k] = chunks
+            await until(
+                lambda: sum(lane.open_lanes() for lane in lanes) == 0,
+                10, "the loader's lane closed on the worker",
+            )  # fmt: skip
+        m = await scrape(w)
+        for k in kinds:
+            assert value(m, "lanes_open", k) == 0
+            assert value(m, "lanes_opened_total", k) == 1
+        assert before == {
+            "same-host": w._lanes.chunks_sent(),
+            "network": w._network_lanes.chunks_sent(),
+        }
+
+
 # -- utilization window --------------------------------------------------------------------------
 
 

@@ -466,6 +466,8 @@ class Lanes:
         self._max = max_lanes
         self._total = max_lanes * self._budget  # the most bytes of all lanes, ended ones too
         self._ended = EndedLanes()  # ended lanes whose clients may still hold their memory
+        self.opened = 0  # lanes opened, all told
+        self._chunks_of_closed = 0  # chunks sent through lanes now closed
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes `_accept`
@@ -515,7 +517,7 @@ class Lanes:
         slots = max(1, min(slots or DEFAULT_SLOTS, self._slots, self._budget // size))
         now = time.monotonic()
         for old_id in [k for k, v in self._lanes.items() if not v.alive]:
-            del self._lanes[old_id]
+            self._chunks_of_closed += self._lanes.pop(old_id).chunks
         with self._lock:
             room = self._room(slots * size, now)
         if not room and now >= self._next_reclaim:  # ended lanes may have been let go of
@@ -707,10 +709,19 @@ class Lanes:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._attach, lane)
 
+    def open_lanes(self) -> int:
+        """Lanes open now (read from any thread)."""
+        return sum(1 for lane in list(self._lanes.values()) if lane.alive)
+
+    def chunks_sent(self) -> int:
+        """Chunks sent through lanes, all told (read from any thread)."""
+        return self._chunks_of_closed + sum(lane.chunks for lane in list(self._lanes.values()))
+
     def _forget(self, lane: Lane) -> None:
         """A closed lane: nothing here keeps it, so its memory goes with its last view; what
         its client may still hold of it stays counted (`EndedLanes`) until it is gone."""
-        self._lanes.pop(lane.id, None)
+        if self._lanes.pop(lane.id, None) is not None:
+            self._chunks_of_closed += lane.chunks
         loop = self._loop
         if loop is None or self._listener is None or lane.fd < 0:  # stopping: it all goes
             return
@@ -732,6 +743,7 @@ class Lanes:
             except OSError as exc:
                 lane.close(f"its connection failed: {exc}")
                 return
+        self.opened += 1
         log.info("%s lane %s open: %d slots of %d bytes", _kind(lane), tag(lane.id),
                  lane.slots, lane.slot_bytes)  # fmt: skip
 

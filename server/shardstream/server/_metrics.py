@@ -43,13 +43,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardstream._common.hosts import bare_host, url_host
 from shardstream._common.metricshttp import MetricsServer
 from shardstream.server._pool import DecodingPool
+
+if TYPE_CHECKING:
+    from shardstream.server._lanes import Lanes
 
 log = logging.getLogger("shardstream.worker")
 
@@ -163,6 +166,42 @@ class WorkerMetrics:
         """Serve what `collector.collect()` yields too (e.g. the shard cache's counts)."""
         if self._on:
             self._registry.register(collector)
+
+    def watch_lanes(self, lanes: Mapping[str, Lanes | None]) -> None:
+        """Serve the lanes' counts, per kind ("same-host", "network"; None: that kind off)."""
+        self.add_collector(_LaneCollector(lanes))
+
+
+class _LaneCollector:
+    """Lanes open, opened, and the chunks they carried (not the gRPC stream), read from
+    the worker's `Lanes` at each scrape."""
+
+    def __init__(self, lanes: Mapping[str, Lanes | None]) -> None:
+        self._lanes = dict(lanes)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        open_now = GaugeMetricFamily(
+            "shardstream_lanes_open", "lanes open now, per kind", labels=["kind"]
+        )
+        opened = CounterMetricFamily(
+            "shardstream_lanes_opened", "lanes opened, all told, per kind", labels=["kind"]
+        )
+        chunks = CounterMetricFamily(
+            "shardstream_lane_chunks",
+            "chunks sent through lanes instead of as bytes on the gRPC stream, per kind",
+            labels=["kind"],
+        )
+        for kind, lanes in self._lanes.items():
+            if lanes is None:
+                continue
+            open_now.add_metric([kind], lanes.open_lanes())
+            opened.add_metric([kind], lanes.opened)
+            chunks.add_metric([kind], lanes.chunks_sent())
+        yield open_now
+        yield opened
+        yield chunks
 
 
 class _DecodingCollector:

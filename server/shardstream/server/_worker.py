@@ -332,6 +332,7 @@ class Worker:
                 metrics.add_collector(self._shard_cache.collector())
         self._lanes = self._open_lanes()
         self._network_lanes = self._open_network_lanes()
+        metrics.watch_lanes({"same-host": self._lanes, "network": self._network_lanes})
         self._servicer = WorkerServicer(
             cfg, self._executor, metrics, self._buffers, self._lanes, self._network_lanes
         )
