@@ -468,6 +468,7 @@ class Lanes:
         self._ended = EndedLanes()  # ended lanes whose clients may still hold their memory
         self.opened = 0  # lanes opened, all told
         self._chunks_of_closed = 0  # chunks sent through lanes now closed
+        self._counting = threading.Lock()  # a closed lane's chunks move to the sum in one go
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes `_accept`
@@ -517,7 +518,7 @@ class Lanes:
         slots = max(1, min(slots or DEFAULT_SLOTS, self._slots, self._budget // size))
         now = time.monotonic()
         for old_id in [k for k, v in self._lanes.items() if not v.alive]:
-            self._chunks_of_closed += self._lanes.pop(old_id).chunks
+            self._drop(old_id)
         with self._lock:
             room = self._room(slots * size, now)
         if not room and now >= self._next_reclaim:  # ended lanes may have been let go of
@@ -714,14 +715,22 @@ class Lanes:
         return sum(1 for lane in list(self._lanes.values()) if lane.alive)
 
     def chunks_sent(self) -> int:
-        """Chunks sent through lanes, all told (read from any thread)."""
-        return self._chunks_of_closed + sum(lane.chunks for lane in list(self._lanes.values()))
+        """Chunks sent through lanes, all told (read from any thread: never a lane's
+        twice, nor none of them, as it closes)."""
+        with self._counting:
+            lanes = list(self._lanes.values())
+            return self._chunks_of_closed + sum(lane.chunks for lane in lanes)
+
+    def _drop(self, lane_id: str) -> None:
+        with self._counting:
+            lane = self._lanes.pop(lane_id, None)
+            if lane is not None:
+                self._chunks_of_closed += lane.chunks
 
     def _forget(self, lane: Lane) -> None:
         """A closed lane: nothing here keeps it, so its memory goes with its last view; what
         its client may still hold of it stays counted (`EndedLanes`) until it is gone."""
-        if self._lanes.pop(lane.id, None) is not None:
-            self._chunks_of_closed += lane.chunks
+        self._drop(lane.id)
         loop = self._loop
         if loop is None or self._listener is None or lane.fd < 0:  # stopping: it all goes
             return
@@ -733,7 +742,7 @@ class Lanes:
             lane.close("the worker is stopping")
             return
         for old_id in [k for k, v in self._lanes.items() if not v.alive]:
-            del self._lanes[old_id]
+            self._drop(old_id)
         self._lanes[lane.id] = lane
         lane.on_close.append(self._forget)
         asyncio.get_running_loop().add_reader(lane.sock.fileno(), lane.on_readable)
