@@ -908,7 +908,7 @@ async def test_lanes_sharing_a_sending_thread_take_turns() -> None:
     def frame(name: str) -> Any:
         def send(sock: socket.socket, deadline: float) -> None:
             if not order:
-                assert go.wait(10)  # until the other lane's frame is queued too
+                assert go.wait(10)  # until every frame is queued
             order.append(name)
             send_bytes(b"x" * 10, sock, deadline)
 
@@ -924,7 +924,10 @@ async def test_lanes_sharing_a_sending_thread_take_turns() -> None:
         other = asyncio.ensure_future(
             lanes[1].send_into(lanes[1].acquire(1) or 0, 1, 10, frame("b"), 10)
         )
-        await asyncio.sleep(0)  # (the frames queue as their tasks start)
+        await until(  # every frame queued; the thread holds the first, waiting for `go`
+            lambda: len(lanes[0]._frames) == 9 and len(lanes[1]._frames) == 1 and bool(order) is False,
+            10, "the frames queued",
+        )  # fmt: skip
         go.set()
         assert await asyncio.gather(*first, other) == [True] * 11
         assert order.index("b") == FRAMES_PER_TURN
