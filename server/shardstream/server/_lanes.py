@@ -214,9 +214,9 @@ class Lane:
             with self._frames_lock:
                 self._frames.append(frame)
                 start, self._draining = not self._draining, True
-            if start and not self._start_drain(self._writer):
-                return False
-            error = await done
+            if start:
+                self._start_drain(self._writer)
+            error = await done  # (settled by the thread that took the frame, or here)
         finally:
             self._in_flight -= 1
             self._close_writer()
@@ -233,11 +233,12 @@ class Lane:
         self.close(f"a chunk could not be sent whole: {error}")  # a frame cut short
         raise error
 
-    def _start_drain(self, writer: socket.socket) -> bool:
-        """(`_draining` just set.) Have a sending thread drain the frames; False, and the
-        lane ended, where none can be had (the lanes shutting down, no thread left): a
-        job the executor queued before failing to start a thread must find the lane
-        ended, so that it never sends beside another."""
+    def _start_drain(self, writer: socket.socket) -> None:
+        """(`_draining` just set.) Have a sending thread drain the frames. Where none can
+        be had (the lanes shutting down, no thread left) the lane ends: a job the
+        executor queued before failing to start a thread must find it ended, so that it
+        never sends beside another. The frames still queued are not sent; one that such
+        a job took already is its to send and settle (its writer stays open till then)."""
         assert self.sender is not None
         try:
             self.sender.submit(self._drain, writer)
@@ -248,8 +249,6 @@ class Lane:
                 self._frames.clear()
             for frame in frames:
                 _settle(frame.done, _Unsent())
-            return False
-        return True
 
     def _drain(self, writer: socket.socket) -> None:
         """(A sending thread.) Send the queued frames, one after another, until none is
