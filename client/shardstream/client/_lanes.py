@@ -538,7 +538,7 @@ class NetworkLane(_Releases):
                 if not self.alive:
                     return
                 slot = self._ready
-            start = _page_up(base + slot * self._slot_bytes)
+            start = _pages(base + slot * self._slot_bytes)
             end = _page_down(base + (slot + 1) * self._slot_bytes)
             for at in range(start, end, PREPARE_PIECE):
                 if self._ended():
@@ -570,10 +570,6 @@ class NetworkLane(_Releases):
 
 def _pages(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
-
-
-def _page_up(address: int) -> int:
-    return -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _page_down(address: int) -> int:
