@@ -244,11 +244,7 @@ class Lane:
             self.sender.submit(self._drain, writer)
         except RuntimeError as exc:
             self.close(f"no sending thread: {exc}")
-            with self._frames_lock:
-                frames = list(self._frames)
-                self._frames.clear()
-            for frame in frames:
-                _settle(frame.done, _Unsent())
+            self._fail_queued()
 
     def _drain(self, writer: socket.socket) -> None:
         """(A sending thread.) Send the queued frames, one after another, until none is
@@ -292,8 +288,8 @@ class Lane:
             self._fail_queued()
 
     def _fail_queued(self) -> None:
-        """(A sending thread that stops.) The queued frames' tasks learn they were not
-        sent; the next frame starts a thread again (and is refused: `_broken`)."""
+        """(Any thread, the lane broken or ended.) The queued frames' tasks learn they
+        were not sent; a next frame starts a thread again (and is refused)."""
         with self._frames_lock:
             frames = list(self._frames)
             self._frames.clear()
